@@ -1,0 +1,422 @@
+"""Vision Transformer (Dosovitskiy et al., 2020) as Flax Linen modules.
+
+The parameter tree keeps the names of the published checkpoints (`embedding`,
+`cls`, `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}`,
+`Transformer/encoder_norm`, `pre_logits`, `head`) so that they load by name.
+Every parameter carries logical axis names and the residual stream carries
+logical activation constraints: sharding is chosen by rules outside the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models.resnet import resnet_stem
+
+Dtype = Any
+
+POOLS = ("token", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
+ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _dense_init(axes: Sequence[str | None]):
+    return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> Dropout -> Dense -> Dropout."""
+
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        width = x.shape[-1]
+        # Tiny non-zero biases, as in the published models.
+        bias_init = nn.initializers.normal(stddev=1e-6)
+        x = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=_dense_init(("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(bias_init, ("mlp",)),
+            name="Dense_0",
+        )(x)
+        x = nn.with_logical_constraint(
+            x, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        x = nn.gelu(x)  # tanh approximation: Flax's default, what the published models use.
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=_dense_init(("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(bias_init, ("embed",)),
+            name="Dense_1",
+        )(x)
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Multi-head attention with the published `query/key/value/out` layout.
+
+    The fast path is `jax.nn.dot_product_attention` (`xla` or `cudnn`). The
+    explicit softmax path runs when attention dropout is active or when the
+    caller collects `intermediates`, since only it has the weights.
+    """
+
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, q_in: jnp.ndarray, kv_in: jnp.ndarray, train: bool) -> jnp.ndarray:
+        width = q_in.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
+        head_dim = width // self.num_heads
+
+        def project(name: str, x: jnp.ndarray) -> jnp.ndarray:
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                dtype=self.dtype,
+                kernel_init=_dense_init(("embed", "heads", "kv")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+                name=name,
+            )(x)
+
+        q, k, v = project("query", q_in), project("key", kv_in), project("value", kv_in)
+        heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
+        q, k, v = (nn.with_logical_constraint(t, heads_axes) for t in (q, k, v))
+
+        explicit = (train and self.dropout > 0.0) or self.is_mutable_collection("intermediates")
+        if explicit:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+            weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+            self.sow("intermediates", "attention_weights", weights)
+            weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=_dense_init(("heads", "kv", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per example, rescaling the rest."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, rate: float | jnp.ndarray, train: bool) -> jnp.ndarray:
+        if not train or (isinstance(rate, (int, float)) and rate == 0.0):
+            return x
+        keep_prob = 1.0 - rate
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, mask_shape)
+        return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, drop_path: float | jnp.ndarray, train: bool):
+        """Returns `(x, None)` so the same block serves `nn.scan` and a plain loop."""
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+        y = _layer_norm("LayerNorm_0", self.dtype)(x)
+        y = MultiHeadDotProductAttention(
+            self.num_heads,
+            self.attention_dropout,
+            self.dtype,
+            self.attention_impl,
+            name="MultiHeadDotProductAttention_0",
+        )(y, y, train)
+        y = nn.Dropout(self.dropout)(y, deterministic=not train)
+        x = x + DropPath()(y, drop_path, train)
+
+        y = _layer_norm("LayerNorm_1", self.dtype)(x)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, train)
+        x = x + DropPath()(y, drop_path, train)
+        x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+        self.sow("intermediates", "out", x)
+        return x, None
+
+
+def sincos2d_posemb(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2D sine-cosine position embedding of shape (1, height*width, dim)."""
+    if dim % 4:
+        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {dim}.")
+    y, x = np.mgrid[:height, :width]
+    omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    y = y.reshape(-1)[:, None] * omega[None, :]
+    x = x.reshape(-1)[:, None] * omega[None, :]
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return pe[None].astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds learned or sincos2d position embeddings; prefix tokens get their own (learned) or zero."""
+
+    posemb: str
+    grid: tuple[int, int]
+    num_prefix: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        length, width = x.shape[1], x.shape[2]
+        if self.posemb == "learn":
+            pe = self.param(
+                "pos_embedding",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=0.02), (None, None, "embed")
+                ),
+                (1, length, width),
+            )
+        else:
+            pe = jnp.asarray(sincos2d_posemb(*self.grid, width))
+            pe = jnp.pad(pe, ((0, 0), (self.num_prefix, 0), (0, 0)))
+        return x + pe.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+    """Position embedding, `depth` blocks (unrolled or scanned) and the final norm."""
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    posemb: str = "learn"
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    stochastic_depth: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    scan: bool = False
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, grid: tuple[int, int], num_prefix: int, train: bool):
+        x = AddPositionEmbs(self.posemb, grid, num_prefix, name="posembed_input")(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+        block = Encoder1DBlock
+        if self.remat_policy != "none":
+            # Arguments: self=0, x=1, drop_path=2, train=3.
+            block = nn.remat(
+                block,
+                prevent_cse=not self.scan,
+                static_argnums=(3,),
+                policy=REMAT_POLICIES[self.remat_policy],
+            )
+        block_kwargs = dict(
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+        )
+        # Stochastic depth grows linearly from 0 at the first block to its maximum at the last.
+        rates = np.linspace(0.0, self.stochastic_depth, self.depth)
+        if self.scan:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast),
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(name="encoderblock", **block_kwargs)(x, jnp.asarray(rates), train)
+        else:
+            for i in range(self.depth):
+                x, _ = block(name=f"encoderblock_{i}", **block_kwargs)(x, float(rates[i]), train)
+        return _layer_norm("encoder_norm", self.dtype)(x)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over all tokens."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        width = x.shape[-1]
+        probe = self.param("probe", _dense_init((None, None, "embed")), (1, 1, width))
+        probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(x.dtype)
+        y = MultiHeadDotProductAttention(
+            self.num_heads,
+            dtype=self.dtype,
+            implementation=self.attention_impl,
+            name="MultiHeadDotProductAttention_0",
+        )(probe, x, train)
+        z = _layer_norm("LayerNorm_0", self.dtype)(y)
+        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(z, train)
+        return y[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier; `create_model("B/16", num_classes=...)` builds the named variants.
+
+    Call with NHWC float images in [-1, 1]: `model.apply(variables, images, train=False)`.
+    With `num_classes=0` it returns the pooled (pre-logits) features instead of logits.
+    """
+
+    num_classes: int
+    patch_size: int
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    resnet_stages: tuple[int, ...] | None = None
+    pool: str = "token"
+    posemb: str = "learn"
+    representation_size: int | None = None
+    head_bias_init: float = 0.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    stochastic_depth: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    scan: bool = False
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        for field, value, choices in (
+            ("pool", self.pool, POOLS),
+            ("posemb", self.posemb, POSEMBS),
+            ("attention_impl", self.attention_impl, ATTENTION_IMPLS),
+            ("remat_policy", self.remat_policy, tuple(REMAT_POLICIES)),
+        ):
+            if value not in choices:
+                raise ValueError(f"{field}={value!r} is not supported: choose one of {choices}.")
+        if self.attention_impl == "cudnn" and jnp.dtype(self.dtype) not in (
+            jnp.bfloat16,
+            jnp.float16,
+        ):
+            raise ValueError(
+                "attention_impl='cudnn' needs dtype=bfloat16 or float16 "
+                f"(got {jnp.dtype(self.dtype).name}); use attention_impl='xla' for float32."
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        if images.ndim != 4:
+            raise ValueError(f"Expected NHWC images, got an array of shape {images.shape}.")
+        x = images.astype(self.dtype)
+        if self.resnet_stages is not None:
+            x = resnet_stem(x, self.resnet_stages, self.dtype)
+        x = nn.Conv(
+            self.width,
+            kernel_size=(self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="embedding",
+        )(x)
+        n, h, w, c = x.shape
+        x = jnp.reshape(x, (n, h * w, c))
+
+        num_prefix = 0
+        if self.pool == "token":
+            cls = self.param(
+                "cls",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+                (1, 1, c),
+            )
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+            num_prefix = 1
+
+        x = Encoder(
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            posemb=self.posemb,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            stochastic_depth=self.stochastic_depth,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            scan=self.scan,
+            remat_policy=self.remat_policy,
+            name="Transformer",
+        )(x, (h, w), num_prefix, train)
+
+        if self.pool == "token":
+            x = x[:, 0]
+        elif self.pool == "gap":
+            x = jnp.mean(x, axis=1)
+        else:
+            x = MAPHead(
+                self.mlp_dim, self.num_heads, self.dtype, self.attention_impl, name="MAPHead_0"
+            )(x, train)
+
+        if self.representation_size is not None:
+            x = nn.Dense(
+                self.representation_size,
+                dtype=self.dtype,
+                kernel_init=_dense_init(("embed", None)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                name="pre_logits",
+            )(x)
+            x = nn.tanh(x)
+        self.sow("intermediates", "pre_logits", x)
+        if not self.num_classes:
+            return x.astype(jnp.float32)
+
+        x = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "classes")),
+            bias_init=nn.with_logical_partitioning(
+                nn.initializers.constant(self.head_bias_init), ("classes",)
+            ),
+            name="head",
+        )(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,287 @@
+"""Model family: published parameter counts, options, scan layout, dtypes, dropout, gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax.models import create_model, parse_variant, stack_blocks, unstack_blocks
+
+TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
+
+
+def _count(model, size=224):
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def _init(model, size=32, batch=2, seed=0):
+    images = jax.random.uniform(
+        jax.random.key(seed + 1), (batch, size, size, 3), minval=-1, maxval=1
+    )
+    variables = nn.unbox(model.init(jax.random.key(seed), images, train=False))
+    return variables, images
+
+
+def _randomize(params, seed=0):
+    """Non-trivial weights everywhere (the head is zero-initialised)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+
+
+# The paper's models (Dosovitskiy et al. Table 1, AugReg hybrids) at 224 px, 1,000 classes.
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Ti/16", 5_717_416),
+        ("S/16", 22_050_664),
+        ("B/16", 86_567_656),
+        ("B/32", 88_224_232),
+        ("L/16", 304_326_632),
+        ("H/14", 632_045_800),
+        ("R50+B/16", 98_659_112),
+        ("R26+S/32", 36_431_912),
+    ],
+)
+def test_parameter_counts_match_the_published_models(name, expected):
+    assert _count(create_model(name, num_classes=1000)) == expected
+
+
+def test_variant_table_and_hybrid_patch_arithmetic():
+    assert parse_variant("L/14").patch_size == 14
+    g = parse_variant("g/14")
+    assert (g.width, g.depth, g.mlp_dim, g.num_heads) == (1408, 40, 6144, 16)
+    assert parse_variant("R50+B/16").patch_size == 1  # the R50 stem already strides 16
+    assert parse_variant("R26+S/32").patch_size == 1
+    assert parse_variant("R+Ti/16").patch_size == 8  # root conv alone strides 2
+
+
+@pytest.mark.parametrize("bad", ["X/16", "B16", "B/16/2", "R99+B/16", "R50+B/8", ""])
+def test_unknown_variant_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="model (name|size)|stem|multiple"):
+        parse_variant(bad)
+
+
+def test_unknown_override_is_a_clear_error():
+    with pytest.raises(TypeError, match="Unknown model option.*'pooling'"):
+        create_model("Ti/16", num_classes=10, pooling="gap")
+
+
+def test_published_parameter_names():
+    model = create_model("B/16", num_classes=1000, representation_size=768)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    )
+    params = nn.unbox(shapes["params"])
+    assert set(params) == {"embedding", "cls", "Transformer", "pre_logits", "head"}
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 768)
+    block = params["Transformer"]["encoderblock_11"]
+    assert set(block) == {
+        "LayerNorm_0",
+        "MultiHeadDotProductAttention_0",
+        "LayerNorm_1",
+        "MlpBlock_0",
+    }
+    attn = block["MultiHeadDotProductAttention_0"]
+    assert attn["query"]["kernel"].shape == (768, 12, 64)
+    assert attn["out"]["kernel"].shape == (12, 64, 768)
+    assert set(block["MlpBlock_0"]) == {"Dense_0", "Dense_1"}
+    assert "encoder_norm" in params["Transformer"]
+
+
+def test_hybrid_stem_names_and_feature_map():
+    model = create_model("R50+B/16", num_classes=10)
+    shapes = nn.unbox(
+        jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+        )["params"]
+    )
+    assert {"conv_root", "gn_root", "block1", "block2", "block3"} <= set(shapes)
+    assert set(shapes["block3"]) == {f"unit{i}" for i in range(1, 10)}
+    assert shapes["block1"]["unit1"]["conv_proj"]["kernel"].shape == (1, 1, 64, 256)
+    # 224 / 16 = 14x14 patches + cls; 1x1 patch embedding of the 1024-channel stage-3 map.
+    assert shapes["embedding"]["kernel"].shape == (1, 1, 1024, 768)
+    assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 768)
+    r_ti = create_model("R+Ti/16", num_classes=10)
+    shapes = nn.unbox(
+        jax.eval_shape(
+            lambda: r_ti.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+        )["params"]
+    )
+    assert shapes["embedding"]["kernel"].shape == (8, 8, 64, 192)
+    assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 192)
+
+
+@pytest.mark.parametrize("pool", ["token", "gap", "map"])
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
+def test_output_shapes_for_every_pool_and_posemb(pool, posemb):
+    model = create_model("Ti/8", num_classes=7, pool=pool, posemb=posemb, **TINY)
+    variables, images = _init(model, size=32, batch=3)
+    assert model.apply(variables, images, train=False).shape == (3, 7)
+    has_posemb_param = "posembed_input" in variables["params"]["Transformer"]
+    assert has_posemb_param == (posemb == "learn")
+    assert ("cls" in variables["params"]) == (pool == "token")
+    features = create_model("Ti/8", num_classes=0, pool=pool, posemb=posemb, **TINY)
+    assert features.apply(variables, images, train=False).shape == (3, 32)
+
+
+def test_non_square_images():
+    model = create_model("Ti/8", num_classes=5, **TINY)
+    images = jnp.zeros((2, 24, 40, 3))
+    variables = model.init(jax.random.key(0), images, train=False)
+    pe = nn.unbox(variables)["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+    assert pe.shape == (1, 1 + 3 * 5, 32)
+    assert model.apply(variables, images, train=False).shape == (2, 5)
+
+
+def test_head_is_zero_initialised_with_configurable_bias():
+    model = create_model("Ti/8", num_classes=4, head_bias_init=-6.9, **TINY)
+    variables, images = _init(model)
+    head = variables["params"]["head"]
+    np.testing.assert_array_equal(head["kernel"], 0.0)
+    np.testing.assert_array_equal(head["bias"], np.float32(-6.9))
+    np.testing.assert_allclose(model.apply(variables, images, train=False), -6.9, rtol=1e-6)
+
+
+def test_published_initialisers():
+    model = create_model("Ti/8", num_classes=4, **TINY)
+    params = nn.unbox(
+        model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)["params"]
+    )
+    mlp_bias = params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["bias"]
+    assert 0 < np.std(mlp_bias) < 1e-5  # normal(1e-6), not zeros
+    pe = params["Transformer"]["posembed_input"]["pos_embedding"]
+    assert abs(np.std(pe) - 0.02) < 0.002
+    q = params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
+    limit = np.sqrt(6 / (32 + 32))  # xavier-uniform over (fan_in=width, fan_out=heads*head_dim)
+    assert np.max(np.abs(q)) <= limit and np.max(np.abs(q)) > 0.9 * limit
+
+
+@pytest.mark.parametrize("pool", ["token", "map"])
+def test_scanned_and_unrolled_give_the_same_logits(pool):
+    unrolled = create_model("Ti/8", num_classes=5, pool=pool, **TINY)
+    scanned = create_model("Ti/8", num_classes=5, pool=pool, scan=True, remat_policy="dots", **TINY)
+    variables, images = _init(unrolled)
+    params = _randomize(variables["params"])
+    stacked = stack_blocks(params)
+    scanned_shapes = nn.unbox(scanned.init(jax.random.key(0), images, train=False))["params"]
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned_shapes)
+    expected = unrolled.apply({"params": params}, images, train=False)
+    got = scanned.apply({"params": stacked}, images, train=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    back = unstack_blocks(stacked)
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+
+
+def test_bfloat16_compute_is_finite_and_close_to_float32():
+    f32 = create_model("Ti/8", num_classes=5, **TINY)
+    bf16 = create_model("Ti/8", num_classes=5, dtype=jnp.bfloat16, **TINY)
+    variables, images = _init(f32)
+    params = _randomize(variables["params"])
+    ref = f32.apply({"params": params}, images, train=False)
+    out = bf16.apply({"params": params}, images, train=False)
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.max(jnp.abs(ref))))
+    bf16_params = bf16.init(jax.random.key(0), images, train=False)["params"]
+    assert {x.dtype for x in jax.tree.leaves(nn.unbox(bf16_params))} == {jnp.dtype(jnp.float32)}
+
+
+def test_dropout_is_off_in_eval_and_deterministic_given_rng():
+    model = create_model(
+        "Ti/8", num_classes=5, dropout=0.2, attention_dropout=0.2, stochastic_depth=0.3, **TINY
+    )
+    variables, images = _init(model)
+    params = {"params": _randomize(variables["params"])}
+    eval_a = model.apply(params, images, train=False)
+    eval_b = model.apply(params, images, train=False)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    plain = create_model("Ti/8", num_classes=5, **TINY).apply(params, images, train=False)
+    np.testing.assert_array_equal(eval_a, plain)
+
+    def train(seed):
+        return model.apply(params, images, train=True, rngs={"dropout": jax.random.key(seed)})
+
+    np.testing.assert_array_equal(train(1), train(1))
+    assert not np.allclose(train(1), train(2))
+    assert not np.allclose(train(1), eval_a)
+
+
+def test_stochastic_depth_rates_grow_linearly_with_scan_too():
+    for scan in (False, True):
+        model = create_model(
+            "Ti/8", num_classes=5, stochastic_depth=0.999, scan=scan, **(TINY | dict(depth=3))
+        )
+        variables, images = _init(model)
+        # With rate ~1 at the last block and 0 at the first, outputs still vary per rng
+        # (first block always on) and stay finite.
+        out = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(0)})
+        assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_gradients_reach_every_parameter():
+    model = create_model(
+        "Ti/8", num_classes=5, pool="map", representation_size=16, stochastic_depth=0.1, **TINY
+    )
+    variables, images = _init(model)
+    params = _randomize(variables["params"])
+    labels = jax.nn.one_hot(jnp.arange(images.shape[0]) % 5, 5)
+
+    def loss(p):
+        logits = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(0)})
+        return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+
+    grads = jax.grad(loss)(params)
+    zero = [
+        jax.tree_util.keystr(path)
+        for path, g in jax.tree_util.tree_leaves_with_path(grads)
+        if not np.any(np.asarray(g))
+    ]
+    assert not zero, f"parameters without gradient: {zero}"
+
+
+def test_hybrid_forward_and_gradients():
+    model = create_model("R+Ti/16", num_classes=3, **TINY)
+    variables, images = _init(model, size=32)
+    assert model.apply(variables, images, train=False).shape == (2, 3)
+    params = _randomize(variables["params"])
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images, train=False) ** 2))(
+        params
+    )
+    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+
+
+def test_intermediates_expose_block_outputs_and_attention_weights():
+    for scan in (False, True):
+        model = create_model("Ti/8", num_classes=5, scan=scan, **TINY)
+        variables, images = _init(model)
+        logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+        inter = state["intermediates"]["Transformer"]
+        if scan:
+            (weights,) = inter["encoderblock"]["MultiHeadDotProductAttention_0"][
+                "attention_weights"
+            ]
+            assert weights.shape == (2, 2, 4, 17, 17)  # layers, batch, heads, q, k
+        else:
+            (weights,) = inter["encoderblock_1"]["MultiHeadDotProductAttention_0"][
+                "attention_weights"
+            ]
+            assert weights.shape == (2, 4, 17, 17)
+            (out,) = inter["encoderblock_1"]["out"]
+            assert out.shape == (2, 17, 32)
+        np.testing.assert_allclose(np.sum(weights, axis=-1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(logits, model.apply(variables, images, train=False), atol=1e-6)
+
+
+def test_invalid_options_are_clear_errors():
+    with pytest.raises(ValueError, match="pool='avg'.*token"):
+        create_model("Ti/16", num_classes=5, pool="avg")
+    with pytest.raises(ValueError, match="cudnn.*bfloat16"):
+        create_model("Ti/16", num_classes=5, attention_impl="cudnn")
+    with pytest.raises(ValueError, match="remat_policy"):
+        create_model("Ti/16", num_classes=5, remat_policy="some")

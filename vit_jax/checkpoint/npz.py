@@ -1,0 +1,178 @@
+"""Reads and writes `.npz` parameter files in the published ViT layouts.
+
+Every layout stores one array per parameter under its '/'-joined path; they differ in
+names and conventions:
+
+- original ViT release and AugReg (Steiner et al.): written with Flax's pre-Linen
+  module names inside each block (`LayerNorm_0`, `MultiHeadDotProductAttention_1`,
+  `LayerNorm_2`, `MlpBlock_3`), the position embedding at
+  `Transformer/posembed_input/pos_embedding` including the class token's position,
+  hybrid GroupNorm parameters stored as (1, 1, 1, C); the original i21k files carry
+  a `pre_logits` representation layer, the AugReg ones none;
+- big_vision: Linen names, a top-level `pos_embedding` without a class-token position
+  (its class token is appended after the embedding is added), blocks often stacked
+  under a scanned `Transformer/encoderblock`, everything under a prefix such as
+  `params/` (`params/img/` for two-tower models) next to optimizer state, and
+  bfloat16 arrays stored as raw 2-byte void because numpy has no such type;
+- our own tree (Linen names, `posembed_input`), possibly under `opt/target/`.
+
+`canonicalize` maps any of them onto our unrolled parameter tree; `save_npz` writes the
+original layout, which the original code, the AugReg colabs and timm all read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from vit_jax.models import unstack_blocks
+
+POSEMB = "Transformer/posembed_input/pos_embedding"
+_BIG_VISION_POSEMB = "pos_embedding"
+_PATCH_EMBEDDING = "embedding/kernel"
+
+# Block modules whose names differ between the original release and our (Linen) tree.
+_LINEN_NAMES = {
+    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+    "LayerNorm_2": "LayerNorm_1",
+    "MlpBlock_3": "MlpBlock_0",
+}
+_PRE_LINEN_NAMES = {linen: old for old, linen in _LINEN_NAMES.items()}
+_BLOCK_MODULE = re.compile(r"^Transformer/encoderblock(?:_\d+)?/([^/]+)/")
+_GROUPNORM = re.compile(r"(?:^|/)gn(?:\d+|_root|_proj)/(?:scale|bias)$")
+_SCANNED = "Transformer/encoderblock/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The conventions `detect_layout` found in a file; `str()` names them in messages."""
+
+    prefix: str  # Path of the model's parameters inside the file: "", "params/", ...
+    pre_linen: bool  # Blocks use the original release's pre-Linen module names.
+    top_level_posemb: bool  # big_vision's `pos_embedding`, without class-token position.
+    scanned: bool  # Blocks stacked along a leading axis under `Transformer/encoderblock`.
+    bfloat16: bool  # Some arrays are bfloat16 stored as 2-byte void.
+    old_groupnorm: bool  # GroupNorm scale/bias stored as (1, 1, 1, C).
+
+    def __str__(self) -> str:
+        if self.pre_linen:
+            family = "original ViT/AugReg"
+        elif self.top_level_posemb or self.prefix.startswith("params/"):
+            family = "big_vision"
+        else:
+            family = "Linen"
+        traits = [f"prefix {self.prefix!r}"] if self.prefix else []
+        traits += [
+            name
+            for name, present in (
+                ("scanned", self.scanned),
+                ("bfloat16", self.bfloat16),
+                ("(1, 1, 1, C) GroupNorm", self.old_groupnorm),
+            )
+            if present
+        ]
+        return f"{family} layout" + (f" ({', '.join(traits)})" if traits else "")
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every array of an `.npz` file (local or `gs://`), never unpickling."""
+    with epath.Path(path).open("rb") as f:
+        loaded = np.load(f, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} holds a single array, not an .npz archive of parameters.")
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+
+
+def detect_layout(flat: dict[str, np.ndarray]) -> Layout:
+    """Recognises a file's layout from its keys, shapes and dtypes."""
+    prefixes = sorted(
+        key[: -len(_PATCH_EMBEDDING)]
+        for key in flat
+        if key == _PATCH_EMBEDDING or key.endswith("/" + _PATCH_EMBEDDING)
+    )
+    if len(prefixes) != 1:
+        found = f"under the prefixes {prefixes}" if prefixes else "none"
+        raise ValueError(
+            f"Expected one ViT patch embedding ('{_PATCH_EMBEDDING}') in the file, found "
+            f"{found}; the file's first keys are {sorted(flat)[:8]}."
+        )
+    prefix = prefixes[0]
+    keys = [key[len(prefix) :] for key in flat if key.startswith(prefix)]
+    return Layout(
+        prefix=prefix,
+        pre_linen=any((m := _BLOCK_MODULE.match(key)) and m[1] in _LINEN_NAMES for key in keys),
+        top_level_posemb=_BIG_VISION_POSEMB in keys,
+        scanned=any(key.startswith(_SCANNED) for key in keys),
+        bfloat16=any(_is_raw_bfloat16(value) for value in flat.values()),
+        old_groupnorm=any(_GROUPNORM.search(key) and flat[prefix + key].ndim == 4 for key in keys),
+    )
+
+
+def canonicalize(flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Layout]:
+    """Maps a file's arrays onto our unrolled tree ('/'-joined keys); returns them and the layout.
+
+    Everything outside the model's prefix (optimizer state, other towers) is left out.
+    """
+    layout = detect_layout(flat)
+    params = {}
+    for key, value in flat.items():
+        if not key.startswith(layout.prefix):
+            continue
+        key = key[len(layout.prefix) :]
+        if _is_raw_bfloat16(value):
+            value = value.view(jnp.bfloat16)
+        elif value.dtype.type is np.void:
+            raise ValueError(f"{key} has raw dtype {value.dtype} that no known layout writes.")
+        if _GROUPNORM.search(key) and value.ndim == 4:
+            value = value.reshape(-1)
+        params[_rename_block_module(key, _LINEN_NAMES)] = value
+
+    if layout.top_level_posemb:
+        posemb = params.pop(_BIG_VISION_POSEMB)
+        if "cls" in params:  # Our class token has a position: zero is what big_vision added.
+            posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+        params[POSEMB] = posemb
+    if layout.scanned:
+        nested = unstack_blocks(traverse_util.unflatten_dict(params, sep="/"))
+        params = traverse_util.flatten_dict(nested, sep="/")
+    return params, layout
+
+
+def save_npz(params: Any, path: str | os.PathLike) -> None:
+    """Writes parameters as an `.npz` in the original ViT release layout, in float32.
+
+    Scanned or unrolled, boxed or not, any float dtype: the file is what the original
+    code and timm's ViT loader read. A `posemb="sincos2d"` model has no stored position
+    embedding, so its file loads only into a sincos2d model.
+    """
+    tree = nn.unbox(params)
+    if "encoderblock" in tree.get("Transformer", {}):
+        tree = unstack_blocks(tree)
+    flat = {
+        _rename_block_module(key, _PRE_LINEN_NAMES): np.asarray(value, dtype=np.float32)
+        for key, value in traverse_util.flatten_dict(tree, sep="/").items()
+    }
+    # A file object keeps numpy from appending ".npz" to a path that lacks it.
+    with epath.Path(path).open("wb") as f:
+        np.savez(f, **flat)
+
+
+def _is_raw_bfloat16(value: np.ndarray) -> bool:
+    # Saving an ml_dtypes bfloat16 array leaves a typeless 2-byte void ("|V2") in the file.
+    return value.dtype.type is np.void and value.dtype.itemsize == 2
+
+
+def _rename_block_module(key: str, names: dict[str, str]) -> str:
+    match = _BLOCK_MODULE.match(key)
+    if match and match[1] in names:
+        return key[: match.start(1)] + names[match[1]] + key[match.end(1) :]
+    return key

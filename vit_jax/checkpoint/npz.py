@@ -38,6 +38,8 @@ from vit_jax.models import unstack_blocks
 POSEMB = "Transformer/posembed_input/pos_embedding"
 _BIG_VISION_POSEMB = "pos_embedding"
 _PATCH_EMBEDDING = "embedding/kernel"
+# Where the published files and training checkpoints keep the parameters, most common first.
+_PARAMETER_ROOTS = ("", "params/", "params/img/", "opt/target/")
 
 # Block modules whose names differ between the original release and our (Linen) tree.
 _LINEN_NAMES = {
@@ -94,26 +96,15 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def detect_layout(flat: dict[str, np.ndarray]) -> Layout:
     """Recognises a file's layout from its keys, shapes and dtypes."""
-    prefixes = sorted(
-        key[: -len(_PATCH_EMBEDDING)]
-        for key in flat
-        if key == _PATCH_EMBEDDING or key.endswith("/" + _PATCH_EMBEDDING)
-    )
-    if len(prefixes) != 1:
-        found = f"under the prefixes {prefixes}" if prefixes else "none"
-        raise ValueError(
-            f"Expected one ViT patch embedding ('{_PATCH_EMBEDDING}') in the file, found "
-            f"{found}; the file's first keys are {sorted(flat)[:8]}."
-        )
-    prefix = prefixes[0]
-    keys = [key[len(prefix) :] for key in flat if key.startswith(prefix)]
+    prefix = _model_prefix(flat)
+    params = {key[len(prefix) :]: value for key, value in flat.items() if key.startswith(prefix)}
     return Layout(
         prefix=prefix,
-        pre_linen=any((m := _BLOCK_MODULE.match(key)) and m[1] in _LINEN_NAMES for key in keys),
-        top_level_posemb=_BIG_VISION_POSEMB in keys,
-        scanned=any(key.startswith(_SCANNED) for key in keys),
-        bfloat16=any(_is_raw_bfloat16(value) for value in flat.values()),
-        old_groupnorm=any(_GROUPNORM.search(key) and flat[prefix + key].ndim == 4 for key in keys),
+        pre_linen=any((m := _BLOCK_MODULE.match(key)) and m[1] in _LINEN_NAMES for key in params),
+        top_level_posemb=_BIG_VISION_POSEMB in params,
+        scanned=any(key.startswith(_SCANNED) for key in params),
+        bfloat16=any(_is_raw_bfloat16(value) for value in params.values()),
+        old_groupnorm=any(_GROUPNORM.search(k) and v.ndim == 4 for k, v in params.items()),
     )
 
 
@@ -164,6 +155,27 @@ def save_npz(params: Any, path: str | os.PathLike) -> None:
     # A file object keeps numpy from appending ".npz" to a path that lacks it.
     with epath.Path(path).open("wb") as f:
         np.savez(f, **flat)
+
+
+def _model_prefix(flat: dict[str, np.ndarray]) -> str:
+    """Where the model's parameters are: the path in front of the patch embedding.
+
+    Training checkpoints also hold optimizer moments with the same paths, so the
+    known parameter roots win over any other candidate.
+    """
+    candidates = {
+        key[: -len(_PATCH_EMBEDDING)]
+        for key in flat
+        if key == _PATCH_EMBEDDING or key.endswith("/" + _PATCH_EMBEDDING)
+    }
+    known = [prefix for prefix in _PARAMETER_ROOTS if prefix in candidates]
+    if known or len(candidates) == 1:
+        return (known or list(candidates))[0]
+    found = f"under the prefixes {sorted(candidates)}" if candidates else "none"
+    raise ValueError(
+        f"Expected the ViT patch embedding '{_PATCH_EMBEDDING}' once in the file, found "
+        f"{found}; the file's first keys are {sorted(flat)[:8]}."
+    )
 
 
 def _is_raw_bfloat16(value: np.ndarray) -> bool:

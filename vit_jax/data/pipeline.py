@@ -1,0 +1,271 @@
+"""Training and evaluation streams: host-local numpy batches for every process.
+
+Datasets are named by `config.dataset`: a prepared tfds name (`data_dir` local, `gs://...`,
+or None for the tfds default), an embedded offline dataset ("digits", "mnist5k", prepared
+on first use), or an image folder "folder:/path/to/root" (see `folder.py`).
+
+Config fields read (an `ml_collections.ConfigDict`):
+
+    dataset, data_dir            where the data is (above)
+    train_split, eval_split      tfds split syntax, e.g. "train[:90%]", "test"
+    train_examples_per_class     int | None: few-shot, keep the first N examples of each class
+                                 of train_split in its stored order (deterministic)
+    image_size                   output images are image_size x image_size
+    batch_size, eval_batch_size  global batch sizes; each process yields batch // processes
+    shuffle_buffer, seed         train shuffling and all train randomness
+    pp.train_crop                "inception" (random resized crop, area pp.crop_area_min..1,
+                                 aspect 3/4..4/3) | "shift" (resize, pad pp.shift_pixels,
+                                 random crop back) | "resize"
+    pp.crop_area_min, pp.shift_pixels
+    pp.flip                      random horizontal flip
+    pp.randaugment_layers        0 = off; pp.randaugment_magnitude on the paper's 0..30 scale
+    pp.mixup_alpha               0 = off; else one Beta(alpha, alpha) ratio per local batch
+    pp.eval_crop_fraction        eval: shorter side to image_size / fraction, centre crop
+                                 (1.0 = plain resize to image_size x image_size)
+
+Batches: "image" float32 [B, H, W, 3] in [-1, 1] (grayscale becomes RGB), "labels" float32
+[B, num_classes] one-hot (soft under mixup); eval batches add "mask" float32 [B].
+
+Resumable training stream. Process p of P reads its own shard of the train split
+(`tfds.even_splits` semantics) and the stream is a pure function of (seed, p, P, step):
+  * epoch e is the shard shuffled with a seed derived from (seed, p, e), so position i of
+    the infinite stream is example i % n of epoch i // n (n = shard size);
+  * example i is augmented with stateless ops seeded by (seed, p, i);
+  * mixup of batch s is seeded by (seed, p, s).
+`train_batches(config, start_step=s)` therefore starts at epoch (s * B) // n and skips the
+rest of that epoch's offset as undecoded records: resuming costs at most one epoch of
+record reads, and yields exactly the batches an uninterrupted run would have.
+"""
+
+import functools
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax.data import preprocess
+from vit_jax.data.folder import FolderSource
+from vit_jax.data.randaugment import randaugment
+from vit_jax.data.source import DatasetInfo, Source
+from vit_jax.data.tfds_source import TfdsSource
+
+FOLDER_PREFIX = "folder:"
+TRAIN_CROPS = ("inception", "shift", "resize")
+Batch = dict[str, np.ndarray]
+
+
+@functools.cache
+def open_source(dataset: str, data_dir: str | None) -> Source:
+    """The dataset behind a config's `dataset`/`data_dir`, opened once per process.
+
+    Cached because opening lists folders or reads tfds metadata, possibly on GCS.
+    """
+    if dataset.startswith(FOLDER_PREFIX):
+        return FolderSource(dataset.removeprefix(FOLDER_PREFIX))
+    return TfdsSource(dataset, data_dir)
+
+
+def get_dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
+    """Class count, class names and split sizes, e.g. to size the model head."""
+    return open_source(dataset, data_dir).info
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, process_count={count})")
+    return index, count
+
+
+def _local_batch_size(global_batch: int, process_count: int, field: str) -> int:
+    if global_batch <= 0 or global_batch % process_count:
+        raise ValueError(
+            f"config.{field}={global_batch} must be a positive multiple of the number of "
+            f"processes ({process_count}): every process loads an equal share of each batch."
+        )
+    return global_batch // process_count
+
+
+def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
+
+
+def _first_per_class(source: Source, split: str, per_class: int) -> dict[str, np.ndarray]:
+    """Records of the first `per_class` examples of every class, in the split's order.
+
+    Reads undecoded records only, and stops as soon as every class is full.
+    """
+    counts = np.zeros(source.info.num_classes, np.int64)
+    kept = []
+    for record in source.records(split).as_numpy_iterator():
+        if counts[record["label"]] < per_class:
+            counts[record["label"]] += 1
+            kept.append(record)
+            if counts.min() == per_class:
+                break
+    if counts.min() < per_class:
+        short = [source.info.class_names[c] for c in np.flatnonzero(counts < per_class)]
+        raise ValueError(
+            f"config.train_examples_per_class={per_class}, but split {split!r} has fewer "
+            f"examples of classes {short}"
+        )
+    return {
+        "image": np.array([r["image"] for r in kept], dtype=object),
+        "label": np.array([r["label"] for r in kept], np.int64),
+    }
+
+
+def _train_shard(
+    source: Source, config: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> tuple[tf.data.Dataset, int]:
+    """This process's train records in their fixed order, and how many there are."""
+    per_class = config.train_examples_per_class
+    if per_class is None:
+        split = tfds.even_splits(config.train_split, process_count)[process_index]
+        records, size = source.records(split), source.num_examples(split)
+    else:
+        kept = _first_per_class(source, config.train_split, per_class)
+        mine = np.array_split(np.arange(len(kept["label"])), process_count)[process_index]
+        records = tf.data.Dataset.from_tensor_slices({k: v[mine] for k, v in kept.items()})
+        size = len(mine)
+    if size == 0:
+        raise ValueError(
+            f"Process {process_index} of {process_count} got no examples of train split "
+            f"{config.train_split!r}; use a larger split or fewer processes."
+        )
+    return records, size
+
+
+def _train_example_fn(
+    source: Source, config: ml_collections.ConfigDict
+) -> Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]:
+    pp, size = config.pp, config.image_size
+    if pp.train_crop not in TRAIN_CROPS:
+        raise ValueError(f"config.pp.train_crop={pp.train_crop!r}; expected one of {TRAIN_CROPS}")
+    crop, area_min, shift, flip = pp.train_crop, pp.crop_area_min, pp.shift_pixels, pp.flip
+    ra_layers, ra_magnitude = pp.randaugment_layers, pp.randaugment_magnitude
+    num_classes = source.info.num_classes
+
+    def example(record: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        image, label = source.decode(record)
+        crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        if crop == "inception":
+            image = preprocess.inception_crop(image, crop_seed, size, area_min)
+        elif crop == "shift":
+            image = preprocess.random_shift(image, crop_seed, size, shift)
+        else:
+            image = preprocess.resize(image, size, size)
+        if flip:
+            image = preprocess.random_flip(image, flip_seed)
+        if ra_layers:
+            image = randaugment(image, ra_seed, ra_layers, ra_magnitude)
+        return {"image": preprocess.normalize(image), "labels": tf.one_hot(label, num_classes)}
+
+    return example
+
+
+def train_batches(
+    config: ml_collections.ConfigDict,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """Endless augmented batches of this process's train shard, starting at `start_step`.
+
+    Yields {"image": [B, H, W, 3], "labels": [B, K]} with B = batch_size // process_count;
+    batch s is the same whatever `start_step` the stream began at (see module docstring).
+    Process index/count default to `jax.process_index()` / `jax.process_count()`.
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    alpha = config.pp.mixup_alpha
+    if alpha < 0:
+        raise ValueError(f"config.pp.mixup_alpha must be >= 0 (0 = off), got {alpha}")
+    source = open_source(config.dataset, config.data_dir)
+    records, size = _train_shard(source, config, process_index, process_count)
+    example = _train_example_fn(source, config)
+    base = tf.constant([config.seed, process_index], tf.int64)
+    shuffle_key, example_key, mixup_key = tf.unstack(
+        tf.random.experimental.stateless_split(base, 3)
+    )
+    fold_in = tf.random.experimental.stateless_fold_in
+    buffer = max(1, min(config.shuffle_buffer, size))
+
+    def epoch(index: tf.Tensor) -> tf.data.Dataset:
+        seed = tf.random.stateless_uniform(
+            [], fold_in(shuffle_key, index), minval=None, maxval=None, dtype=tf.int64
+        )
+        return records.shuffle(buffer, seed=seed)
+
+    first = start_step * local_batch
+    ds = tf.data.Dataset.counter(first // size).flat_map(epoch).skip(first % size)
+    ds = ds.enumerate(first).map(
+        lambda i, record: example(record, fold_in(example_key, i)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if alpha > 0:
+        ds = ds.enumerate(start_step).map(
+            lambda step, batch: preprocess.mixup(batch, fold_in(mixup_key, step), alpha),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return _as_numpy(ds)
+
+
+def num_eval_batches(config: ml_collections.ConfigDict, process_count: int | None = None) -> int:
+    """Batches every process yields from `eval_batches` (the same on all of them)."""
+    process_count = jax.process_count() if process_count is None else process_count
+    local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
+    source = open_source(config.dataset, config.data_dir)
+    shards = tfds.even_splits(config.eval_split, process_count)
+    largest = max(source.num_examples(s) for s in shards)
+    if largest == 0:
+        raise ValueError(f"Eval split {config.eval_split!r} of {config.dataset!r} is empty")
+    return -(-largest // local_batch)
+
+
+def eval_batches(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """This process's share of the eval split, once, padded to `num_eval_batches` batches.
+
+    Yields {"image", "labels", "mask"}; mask is 1 for real examples and 0 for padding. All
+    processes together cover the split exactly once, and each yields the same number of
+    batches, as building global arrays needs every process at every step.
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
+    num_batches = num_eval_batches(config, process_count)
+    source = open_source(config.dataset, config.data_dir)
+    split = tfds.even_splits(config.eval_split, process_count)[process_index]
+    size, fraction = config.image_size, config.pp.eval_crop_fraction
+    if not 0 < fraction <= 1:
+        raise ValueError(f"config.pp.eval_crop_fraction must be in (0, 1], got {fraction}")
+    num_classes = source.info.num_classes
+
+    def example(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image, label = source.decode(record)
+        image = preprocess.normalize(preprocess.central_crop(image, size, fraction))
+        return {"image": image, "labels": tf.one_hot(label, num_classes), "mask": 1.0}
+
+    padding = {
+        "image": tf.zeros([size, size, 3]),
+        "labels": tf.zeros([num_classes]),
+        "mask": tf.constant(0.0),
+    }
+    num_padding = num_batches * local_batch - source.num_examples(split)
+    ds = source.records(split).map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
+    return _as_numpy(ds.batch(local_batch))

@@ -1,0 +1,42 @@
+"""What the pipeline needs from a dataset, whatever stores it (tfds or an image folder).
+
+A source hands out *records*: small dicts `{"image": tf.string, "label": tf.int64}` in a fixed
+order, where "image" is still encoded bytes (tfds) or a file path (folders). Shuffling and
+resume-skipping happen on records, so they stay cheap; `decode` turns a record into pixels
+only for examples that are actually used.
+"""
+
+import dataclasses
+from typing import Protocol
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+Split = tfds.typing.SplitArg  # "train", "train[:90%]", tfds.even_splits(...)[i], ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a trainer must know before it sees data: head size, names, split sizes."""
+
+    num_classes: int
+    class_names: tuple[str, ...]
+    split_sizes: dict[str, int]
+
+
+class Source(Protocol):
+    """A dataset readable by split, in tfds split syntax ("train[:90%]", even_splits, ...)."""
+
+    info: DatasetInfo
+
+    def num_examples(self, split: Split) -> int:
+        """Number of examples `records(split)` yields."""
+        ...
+
+    def records(self, split: Split) -> tf.data.Dataset:
+        """The split's records in a fixed, deterministic order."""
+        ...
+
+    def decode(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """(uint8 [H, W, 3] image, int64 label) of one record; usable inside tf.data."""
+        ...

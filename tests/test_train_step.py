@@ -1,0 +1,183 @@
+"""Sharded train step: learning, gradient accumulation, DP and FSDP equivalence, schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import parallel
+from vit_jax.config import base_config
+from vit_jax.optim import make_schedule
+from vit_jax.train import Trainer, per_example_loss
+
+NUM_CLASSES = 4
+SGD = {"optim.name": "sgd", "optim.lr": 0.1}
+
+
+def tiny_config(**changes):
+    c = base_config()
+    c.image_size = 16
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.model.name = "Ti/4"
+    c.model.update(width=32, depth=2, mlp_dim=64, num_heads=4)
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 2
+    c.optim.decay = "cosine"
+    c.optim.weight_decay = 0.01
+    for key, value in changes.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def synthetic_batch(seed=0, batch=16, size=16):
+    """A learnable task: the label is the quadrant holding the brightest pixel block."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, batch)
+    images = rng.uniform(-1, -0.5, (batch, size, size, 3)).astype(np.float32)
+    half = size // 2
+    for i, label in enumerate(labels):
+        r, c = divmod(int(label), 2)
+        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] += 1.2
+    return {"image": images, "labels": np.eye(NUM_CLASSES, dtype=np.float32)[labels]}
+
+
+def run(config, steps=3, seeds=None, devices=None):
+    trainer = Trainer(config, NUM_CLASSES, total_steps=max(steps, 20), devices=devices)
+    state = trainer.init_state()
+    losses = []
+    for i in range(steps):
+        batch = synthetic_batch(seed=i if seeds is None else seeds[i], batch=config.batch_size)
+        state, metrics = trainer.train_step(
+            state, parallel.to_global(batch, trainer.batch_sharding)
+        )
+        losses.append(float(metrics["train/loss"]))
+    return trainer, state, losses
+
+
+def test_loss_decreases_on_a_tiny_model():
+    _, _, losses = run(tiny_config(**{"optim.decay": "constant"}), steps=80)
+    assert np.mean(losses[-5:]) < 0.4 * losses[0], losses
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    _, big, big_losses = run(tiny_config(), steps=2)
+    _, acc, acc_losses = run(tiny_config(accum_steps=2), steps=2)
+    np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), acc.params, big.params
+    )
+
+
+def test_eight_device_data_parallel_equals_one_device():
+    assert jax.device_count() == 8
+    # SGD: updates are linear in the gradients, so reduction-order noise stays tiny
+    # (Adam would turn a 1e-9 gradient's sign flip into a full-size step).
+    _, dp, dp_losses = run(tiny_config(**SGD), steps=3)
+    _, one, one_losses = run(tiny_config(**SGD), steps=3, devices=jax.devices()[:1])
+    np.testing.assert_allclose(dp_losses, one_losses, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), dp.params, one.params
+    )
+
+
+def test_fsdp_shards_parameters_and_matches_data_parallel():
+    fsdp_config = tiny_config(sharding_rules="fsdp", **SGD)
+    fsdp_config.mesh.update(data=1, fsdp=8)
+    trainer, fsdp, fsdp_losses = run(fsdp_config, steps=3)
+    _, dp, dp_losses = run(tiny_config(**SGD), steps=3)
+    np.testing.assert_allclose(fsdp_losses, dp_losses, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), fsdp.params, dp.params
+    )
+
+    def bytes_on_device0(tree):
+        return sum(
+            s.data.nbytes
+            for x in jax.tree.leaves(tree)
+            for s in x.addressable_shards
+            if s.device == jax.devices()[0]
+        )
+
+    total = sum(x.nbytes for x in jax.tree.leaves(fsdp.params))
+    assert bytes_on_device0(dp.params) == total  # replicated
+    # Everything with a width axis is split 8 ways; the small head and norms' leftovers are not.
+    assert bytes_on_device0(fsdp.params) < 0.15 * total
+    mu = fsdp.opt_state[1].trace  # Optimizer state follows its parameters.
+    assert bytes_on_device0(mu) < 0.15 * sum(x.nbytes for x in jax.tree.leaves(mu))
+    qkv = fsdp.params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]["query"][
+        "kernel"
+    ]
+    assert qkv.sharding.spec[0] == "fsdp"
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 batch shards"):
+        Trainer(tiny_config(batch_size=12), NUM_CLASSES, total_steps=10)
+    with pytest.raises(ValueError, match="accum_steps"):
+        Trainer(tiny_config(accum_steps=3), NUM_CLASSES, total_steps=10)
+
+
+def test_frozen_parameters_do_not_change():
+    config = tiny_config()
+    config.optim.frozen = "^(embedding|Transformer/encoderblock_0)/"
+    trainer, state, _ = run(config, steps=2)
+    fresh = trainer.init_state()
+    np.testing.assert_array_equal(
+        state.params["embedding"]["kernel"], fresh.params["embedding"]["kernel"]
+    )
+    block0 = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(
+        block0, fresh.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    )
+    moved = state.params["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert not np.allclose(
+        moved, fresh.params["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    )
+    config.optim.frozen = "no_such_param"
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Trainer(config, NUM_CLASSES, total_steps=10)
+
+
+def test_weight_decay_touches_kernels_only():
+    config = tiny_config(**{"optim.lr": 1e-2, "optim.weight_decay": 10.0, "optim.warmup_steps": 0})
+    trainer = Trainer(config, NUM_CLASSES, total_steps=20)
+    state = trainer.init_state()
+    # Zero gradients: only weight decay moves parameters.
+    zero = jax.tree.map(jnp.zeros_like, state.params)
+    updates, _ = trainer.tx.update(zero, state.opt_state, state.params)
+    ln = updates["Transformer"]["encoderblock_0"]["LayerNorm_0"]
+    np.testing.assert_array_equal(ln["scale"], 0.0)
+    np.testing.assert_array_equal(updates["Transformer"]["posembed_input"]["pos_embedding"], 0.0)
+    kernel = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    got = updates["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    np.testing.assert_allclose(got, -1e-2 * 10.0 * kernel, rtol=1e-5)  # decoupled: -lr * wd * w
+
+
+def test_schedules():
+    cosine = make_schedule(1.0, total_steps=110, warmup_steps=10, decay="cosine")
+    assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(0.5)
+    assert float(cosine(10)) == pytest.approx(1.0)
+    assert float(cosine(60)) == pytest.approx(0.5)
+    assert float(cosine(110)) == pytest.approx(0.0, abs=1e-7)
+    linear = make_schedule(1.0, total_steps=110, warmup_steps=10, decay="linear")
+    assert float(linear(85)) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="warmup_steps=200"):
+        make_schedule(1.0, total_steps=100, warmup_steps=200, decay="cosine")
+
+
+def test_losses_against_hand_computation():
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    labels = jnp.array([[0.0, 1.0, 0.0]])
+    log_z = np.log(np.exp(2.0) + 1.0 + np.exp(-1.0))
+    assert float(per_example_loss(logits, labels, "softmax_xent")[0]) == pytest.approx(log_z)
+    smoothed = per_example_loss(logits, labels, "softmax_xent", label_smoothing=0.3)[0]
+    target = np.array([0.1, 0.8, 0.1])
+    assert float(smoothed) == pytest.approx(-(target * (np.array([2.0, 0.0, -1.0]) - log_z)).sum())
+    sig = per_example_loss(logits, labels, "sigmoid_xent")[0]
+    expected = np.log1p(np.exp(-np.array([-2.0, 0.0, 1.0]))).sum()  # softplus(z) - z*y per class
+    assert float(sig) == pytest.approx(expected, rel=1e-6)

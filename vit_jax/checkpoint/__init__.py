@@ -1,0 +1,15 @@
+"""Train-state checkpoints (Orbax) and interchange with published `.npz` checkpoints."""
+
+from vit_jax.checkpoint.manager import Checkpointer, load_metadata, load_params
+from vit_jax.checkpoint.npz import save_npz
+from vit_jax.checkpoint.posemb import resample_posemb
+from vit_jax.checkpoint.pretrained import load_pretrained
+
+__all__ = [
+    "Checkpointer",
+    "load_metadata",
+    "load_params",
+    "load_pretrained",
+    "resample_posemb",
+    "save_npz",
+]

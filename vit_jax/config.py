@@ -1,0 +1,112 @@
+"""Every configuration field with its default, and the parser for recipe arguments.
+
+Recipes in `configs/` start from `base_config()` and change what their recipe needs;
+`--config configs/pretrain.py:variant=B/16,dataset=imagenet21k` passes the text after
+the colon to the recipe's `get_config`, which reads it with `parse_args`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # Data (see vit_jax/data): a tfds name, "digits", "mnist5k" or "folder:/path/to/root".
+    c.dataset = "imagenet2012"
+    c.data_dir = placeholder(str)  # tfds data_dir, local or gs://; None: tfds' default.
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.train_examples_per_class = placeholder(int)  # Few-shot: first N per class.
+    c.image_size = 224
+    c.batch_size = 4096  # Global, over all processes.
+    c.eval_batch_size = 1024
+    c.accum_steps = 1  # Gradient accumulation: same update as the full batch at once.
+    c.shuffle_buffer = 250_000
+    c.seed = 0
+    c.pp = ml_collections.ConfigDict()
+    c.pp.train_crop = "inception"  # "inception" | "shift" | "resize"
+    c.pp.crop_area_min = 0.05
+    c.pp.shift_pixels = 0
+    c.pp.flip = True
+    c.pp.randaugment_layers = 0  # 0 = off.
+    c.pp.randaugment_magnitude = 10
+    c.pp.mixup_alpha = 0.0  # 0 = off.
+    c.pp.eval_crop_fraction = 0.875  # Resize to size / fraction, centre-crop size.
+
+    # Model: `name` is parsed by vit_jax.models.create_model; the rest are its overrides.
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "B/16"
+    c.model.pool = "token"  # "token" | "gap" | "map"
+    c.model.posemb = "learn"  # "learn" | "sincos2d"
+    c.model.representation_size = placeholder(int)
+    c.model.dropout = 0.0
+    c.model.attention_dropout = 0.0
+    c.model.stochastic_depth = 0.0
+    c.model.head_bias_init = 0.0
+    c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+    c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16)
+    c.model.scan = False
+    c.model.remat_policy = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    c.model_init = placeholder(str)  # Pretrained .npz file or vit_jax workdir.
+
+    # Objective and optimizer (see vit_jax/optim.py).
+    c.loss = "softmax_xent"  # "softmax_xent" | "sigmoid_xent"
+    c.label_smoothing = 0.0
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # "adam" | "adamw" | "sgd"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 10_000
+    c.optim.decay = "linear"  # "cosine" | "linear" | "constant"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip_norm = 1.0
+    c.optim.frozen = ""  # Regex over "/"-joined parameter paths.
+    c.total_steps = placeholder(int)  # Or num_epochs over the train split.
+    c.num_epochs = placeholder(float)
+
+    # Parallelism (see vit_jax/parallel.py): one axis may be -1 (all remaining devices).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = "dp"  # "dp" | "fsdp" | "tp"
+
+    # Bookkeeping.
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    return c
+
+
+def parse_args(arg: str | None, defaults: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Parses "key=value,key=value" against `defaults`, casting each value to the default's type.
+
+    Unknown keys are errors, so a typo never silently falls back to a default.
+    """
+    args = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"Bad recipe argument {item!r}: expected key=value with key in {sorted(defaults)}."
+            )
+        default = defaults[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"Recipe argument {key}={value!r}: expected true or false.")
+            args[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                args[key] = type(default)(value)
+            except ValueError as e:
+                raise ValueError(
+                    f"Recipe argument {key}={value!r}: expected a {type(default).__name__}."
+                ) from e
+    return args

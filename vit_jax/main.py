@@ -1,0 +1,60 @@
+"""`vit-train`: train or fine-tune a ViT from a config file.
+
+    vit-train --config configs/local.py --workdir /tmp/vit_local
+    vit-train --config configs/pretrain.py:variant=B/16,dataset=imagenet21k \
+        --workdir gs://bucket/run --config.batch_size=1024
+
+Multi-process runs (TPU pods, multi-node GPU) pass --coordinator_address,
+--num_processes and --process_id, or --distributed to let JAX detect them (TPU, SLURM).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file[:args].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with auto-detection."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _main(argv: list[str]) -> None:
+    del argv
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    logging.basicConfig(
+        level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    logging.info(
+        "%d process(es), %d device(s): %s",
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+    from vit_jax.train import train_and_evaluate
+
+    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info("Final: %s", ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+
+
+def main() -> None:
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Where metrics go: `metrics.jsonl`, TensorBoard events and a console line; process 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import jax
+import tensorflow as tf
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
+
+    On a resumed run, lines for steps after the resumed step (written after the last
+    checkpoint by the interrupted run) are dropped, since they will be written again.
+    """
+
+    def __init__(self, workdir: str, *, resumed_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.path = os.path.join(workdir, METRICS_FILE)
+        if tf.io.gfile.exists(self.path):
+            with tf.io.gfile.GFile(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
+            with tf.io.gfile.GFile(self.path, "w") as f:
+                f.writelines(kept)
+        self.tensorboard = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with tf.io.gfile.GFile(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with self.tensorboard.as_default(step=int(step)):
+            for name, value in metrics.items():
+                tf.summary.scalar(name, float(value))
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def log_progress(step: int, total_steps: int, metrics: dict[str, float]) -> None:
+    """One readable line, e.g. `step 300/3000 | loss 0.412 | lr 9.0e-04 | 1234 img/s | ...`."""
+    parts = [f"step {step}/{total_steps}"]
+    if "train/loss" in metrics:
+        parts.append(f"loss {metrics['train/loss']:.4f}")
+    if "train/lr" in metrics:
+        parts.append(f"lr {metrics['train/lr']:.2e}")
+    if "train/img_per_s" in metrics:
+        parts.append(f"{metrics['train/img_per_s']:.0f} img/s")
+    if "train/step_time_s" in metrics:
+        parts.append(f"{metrics['train/step_time_s'] * 1000:.0f} ms/step")
+    if "train/eta_s" in metrics:
+        parts.append(f"ETA {_duration(metrics['train/eta_s'])}")
+    if "eval/top1" in metrics:
+        parts.append(f"eval top-1 {metrics['eval/top1']:.2%} loss {metrics['eval/loss']:.4f}")
+    logging.info(" | ".join(parts))

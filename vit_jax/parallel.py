@@ -1,0 +1,160 @@
+"""Device mesh, logical-axis rules and the shardings derived from them.
+
+The model names its axes logically ("embed", "mlp", "heads", "activation_batch",
+...). A config's `mesh` and `sharding_rules` map those names onto mesh axes, so
+data parallelism, FSDP and tensor parallelism differ only in configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# Data parallelism: every parameter replicated, the batch split over all devices.
+DATA_PARALLEL_RULES: tuple = (("activation_batch", ("data", "fsdp")),)
+# FSDP: additionally every parameter split along its width ("embed") or conv channels.
+FSDP_RULES: tuple = DATA_PARALLEL_RULES + (("embed", "fsdp"), ("conv_out", "fsdp"))
+# Megatron-style tensor parallelism on top: MLP and heads split over "tensor".
+TENSOR_PARALLEL_RULES: tuple = FSDP_RULES + (
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+)
+NAMED_RULES = {"dp": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES, "tp": TENSOR_PARALLEL_RULES}
+
+
+def resolve_rules(rules: str | Rules) -> tuple:
+    """Accepts a preset name ("dp", "fsdp", "tp") or an explicit list of (logical, mesh) pairs."""
+    if isinstance(rules, str):
+        if rules not in NAMED_RULES:
+            raise ValueError(
+                f"Unknown sharding_rules {rules!r}: use one of {sorted(NAMED_RULES)} or a list "
+                "of (logical_axis, mesh_axis) pairs."
+            )
+        return NAMED_RULES[rules]
+    return tuple((name, tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds a named mesh, e.g. `(("data", -1), ("fsdp", 1), ("tensor", 1))`.
+
+    One axis may be -1: it takes all devices the others leave.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    names = [name for name, _ in axes]
+    sizes = [int(size) for _, size in axes]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {list(axes)}: at most one axis may be -1.")
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"mesh {list(axes)}: {len(devices)} devices cannot be split into axes of "
+                f"sizes {[s for s in sizes if s != -1]}; make {len(devices)} divisible by {fixed}."
+            )
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(names, sizes, strict=True))} needs {int(np.prod(sizes))} devices "
+            f"but {len(devices)} are available; use -1 for one axis to take the rest."
+        )
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(sizes, names, axis_types=auto, devices=devices)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of a batch's leading axis: wherever the rules send "activation_batch"."""
+    spec = nn.logical_to_mesh_axes(("activation_batch",), rules)
+    return NamedSharding(mesh, spec)
+
+
+def batch_size_per_shard(global_batch: int, mesh: Mesh, rules: Rules) -> int:
+    """Checks that a global batch splits evenly over the batch-sharding mesh axes."""
+    axes = batch_sharding(mesh, rules).spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    if global_batch % shards:
+        raise ValueError(
+            f"batch size {global_batch} is not divisible by the {shards} batch shards of mesh "
+            f"axes {axes}; choose a multiple of {shards}."
+        )
+    return global_batch // shards
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Maps a tree of logically-annotated (boxed) abstract values onto mesh shardings.
+
+    A dimension that does not divide evenly over its mesh axes (a 10-class head over
+    8 devices) is replicated instead, so any model runs on any mesh.
+    """
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), rules)
+    values = nn.unbox(abstract_boxed)
+
+    def fit(spec: PartitionSpec, value: Any) -> NamedSharding:
+        dims = []
+        for size, axes in zip(value.shape, tuple(spec) + (None,) * value.ndim, strict=False):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            shards = int(np.prod([mesh.shape[a] for a in names]))
+            if size % shards:
+                logging.info("Replicating a dim of size %d not divisible by %s.", size, names)
+                axes = None
+            dims.append(axes)
+        return NamedSharding(mesh, PartitionSpec(*dims))
+
+    return jax.tree.map(fit, specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def optimizer_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Optimizer state follows its parameters' shardings; anything else is replicated.
+
+    A state leaf belongs to a parameter when the parameter's key path ends its own
+    path (Adam's `mu/Transformer/.../kernel`, momentum traces, masked or multi-transform
+    sub-states alike) and the shapes agree.
+    """
+    by_path = {
+        _keys(path): sharding
+        for path, sharding in jax.tree_util.tree_leaves_with_path(
+            param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+        )
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def follow(path, leaf):
+        keys = _keys(path)
+        for start in range(len(keys)):
+            sharding = by_path.get(keys[start:])
+            if sharding is not None and len(sharding.spec) <= len(leaf.shape):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(follow, abstract_opt_state)
+
+
+def _keys(path: tuple) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles every process's host-local batch into one global, sharded array per key."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """Calls `fn` (a jitted function) with the mesh and logical rules active, so that while
+    it traces, the model's `nn.with_logical_constraint` annotations become sharding
+    constraints."""
+
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+
+    return wrapped

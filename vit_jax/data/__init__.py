@@ -14,22 +14,21 @@ except RuntimeError as e:  # TF already initialised its devices: it may hold GPU
         "kept off the GPUs; import vit_jax.data before running any TensorFlow op."
     ) from e
 
-from vit_jax.data import embedded  # noqa: E402  (registers "digits" and "mnist5k" with tfds)
+# Importing `embedded` registers "digits" and "mnist5k" with tfds.
+from vit_jax.data.embedded import EMBEDDED_DATASETS  # noqa: E402
 from vit_jax.data.pipeline import (  # noqa: E402
     eval_batches,
     get_dataset_info,
     num_eval_batches,
-    open_source,
     train_batches,
 )
 from vit_jax.data.source import DatasetInfo  # noqa: E402
 
 __all__ = [
+    "EMBEDDED_DATASETS",
     "DatasetInfo",
-    "embedded",
     "eval_batches",
     "get_dataset_info",
     "num_eval_batches",
-    "open_source",
     "train_batches",
 ]

@@ -81,7 +81,13 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # Nothing to download: the arrays ship with an installed package.
-        images, labels = self.load_arrays()
+        try:
+            images, labels = self.load_arrays()
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"The embedded dataset {self.name!r} is built from arrays that {e.name} ships; "
+                "install the offline-data extra: pip install 'vit_jax[data]'"
+            ) from e
         return {
             name: self._generate_examples(images, labels, idx)
             for name, idx in stratified_split(labels).items()

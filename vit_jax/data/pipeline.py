@@ -32,9 +32,12 @@ Resumable training stream. Process p of P reads its own shard of the train split
     the infinite stream is example i % n of epoch i // n (n = shard size);
   * example i is augmented with stateless ops seeded by (seed, p, i);
   * mixup of batch s is seeded by (seed, p, s).
-`train_batches(config, start_step=s)` therefore starts at epoch (s * B) // n and skips the
-rest of that epoch's offset as undecoded records: resuming costs at most one epoch of
-record reads, and yields exactly the batches an uninterrupted run would have.
+`train_batches(config, start_step=s)` therefore starts at epoch (s * B) // n and drops the
+first (s * B) % n records of it before decoding: resuming costs at most one epoch of record
+reads and yields exactly the batches an uninterrupted run would have. Few-shot selection
+reads the split's records up to the point where every class is full, on every start.
+
+Mixup and RandAugment apply to the training stream only; evaluation is deterministic.
 """
 
 import functools

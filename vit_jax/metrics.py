@@ -29,7 +29,7 @@ class MetricWriter:
             with tf.io.gfile.GFile(self.path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
             with tf.io.gfile.GFile(self.path, "w") as f:
-                f.writelines(kept)
+                f.write("".join(kept))
         self.tensorboard = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

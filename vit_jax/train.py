@@ -10,7 +10,6 @@ would have seen.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -220,51 +219,76 @@ def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
     return math.ceil(config.num_epochs * train_examples / config.batch_size)
 
 
+def _initial_state(trainer: Trainer, checkpointer: Checkpointer, workdir: str) -> TrainState:
+    """The latest checkpoint in `workdir` if there is one, else `model_init` or a fresh init."""
+    config = trainer.config
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(trainer.abstract_state())
+        logging.info("Resumed from step %d in %s.", int(state.step), workdir)
+        return state
+    if config.model_init:
+        pretrained = checkpoint.load_pretrained(
+            config.model_init, init_params=trainer.abstract_state().params
+        )
+        logging.info("Initialised from %s.", config.model_init)
+        return trainer.init_state(pretrained)
+    return trainer.init_state()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) in `workdir` and returns the final eval metrics."""
+    """Trains (or resumes) in `workdir` and returns the final eval metrics.
+
+    On an exception or a preemption notice, the checkpoints already started are
+    completed before returning, and the metrics files are closed.
+    """
     info = data.get_dataset_info(config.dataset, config.data_dir)
-    train_examples = data.num_train_examples(config, info)
-    steps = total_steps(config, train_examples)
+    steps = total_steps(config, data.num_train_examples(config))
     trainer = Trainer(config, info.num_classes, steps)
-    checkpointer = Checkpointer(
-        workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints
-    )
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     metadata = {
         "class_names": list(info.class_names),
         "model": config.model.to_dict(),
+        "num_classes": info.num_classes,
         "image_size": config.image_size,
         "dataset": config.dataset,
     }
-
-    if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(trainer.abstract_state())
-        logging.info("Resumed from step %d in %s.", int(state.step), workdir)
-    else:
-        pretrained = None
-        if config.get("model_init"):
-            init = jax.tree.map(
-                np.asarray, nn.unbox(jax.eval_shape(trainer._init_params, jax.random.key(0)))
-            )
-            pretrained = checkpoint.load_pretrained(config.model_init, init_params=init)
-            logging.info("Initialised from %s.", config.model_init)
-        state = trainer.init_state(pretrained)
+    state = _initial_state(trainer, checkpointer, workdir)
     start = int(state.step)
-
     if jax.process_index() == 0:
         tf.io.gfile.makedirs(workdir)
         with tf.io.gfile.GFile(f"{workdir}/config.json", "w") as f:
-            f.write(json.dumps(config.to_dict(), indent=2, default=str))
+            f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, resumed_step=start)
+    try:
+        return _train_loop(trainer, state, steps, checkpointer, writer, metadata)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
 
+
+def _train_loop(
+    trainer: Trainer,
+    state: TrainState,
+    steps: int,
+    checkpointer: Checkpointer,
+    writer: MetricWriter,
+    metadata: dict,
+) -> dict[str, float]:
+    config, start = trainer.config, int(state.step)
     eval_metrics: dict[str, float] = {}
     batches = data.train_batches(config, start_step=start)
     logged_at, logged_time, pending = start, time.perf_counter(), []
     for step in range(start + 1, steps + 1):
-        state, metrics = trainer.train_step(
-            state, parallel.to_global(next(batches), trainer.batch_sharding)
-        )
+        batch = parallel.to_global(next(batches), trainer.batch_sharding)
+        state, metrics = trainer.train_step(state, batch)
         pending.append(metrics)
-        checkpointer.save(step, state, metadata, force=step == steps)
+        preempted = checkpointer.reached_preemption(step)
+        if step % config.checkpoint_every == 0 or step == steps or preempted:
+            checkpointer.save(step, state, metadata)
+        if preempted:
+            logging.warning("Preemption notice at step %d: checkpoint saved, stopping.", step)
+            break
         log_now = step % config.log_every == 0 or step == steps
         eval_now = step % config.eval_every == 0 or step == steps
         if not (log_now or eval_now):
@@ -288,9 +312,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log_progress(step, steps, summary)
         if log_now:
             logged_at, logged_time = step, time.perf_counter()
-    if start == steps and not eval_metrics:  # Already finished: report, do not retrain.
+    if not eval_metrics:  # Resumed a finished run (or preempted): report where it stands.
         eval_metrics = trainer.evaluate(state.params)
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
     return eval_metrics

@@ -24,39 +24,68 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with the state/metadata layout above."""
 
-    def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "metadata": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir), options=options, item_handlers=handlers
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, metadata: dict, *, force: bool = False) -> bool:
-        """Starts an (async) save if `step` is due, or always with `force`; returns whether it did."""
+    def save(self, step: int, state: Any, metadata: dict) -> None:
+        """Starts an async save; the next save or `wait` waits for it to be complete."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
         )
-        return self._manager.save(step, args=args, force=force)
+        self._manager.save(step, args=args, force=True)
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores into the shardings of `abstract_state` (a tree of `jax.ShapeDtypeStruct`)."""
+    def reached_preemption(self, step: int) -> bool:
+        """Whether a preemption notice arrived; every process answers the same at a step."""
+        return self._manager.reached_preemption(step)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+        """Restores into the shardings of `abstract_state` (a tree of `jax.ShapeDtypeStruct`).
+
+        A checkpoint of another model is refused with the differing parameters listed,
+        before any array is read.
+        """
         step = self.latest_step() if step is None else step
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()
-        )
-        restored = self._manager.restore(step, args=args)
-        return restored["state"], restored["metadata"]
+        saved = _flat_shapes(self._manager.item_metadata(step)["state"].tree["params"])
+        wanted = _flat_shapes(abstract_state.params)
+        if saved != wanted:
+            diff = sorted(
+                f"{k}: checkpoint {saved.get(k, 'missing')}, this run {wanted.get(k, 'missing')}"
+                for k in saved.keys() | wanted.keys()
+                if saved.get(k) != wanted.get(k)
+            )
+            raise ValueError(
+                f"The checkpoint at step {step} in {self._manager.directory} was written by a "
+                f"different model ({len(diff)} entries differ):\n  "
+                + "\n  ".join(diff[:20])
+                + "\nUse a new --workdir for a new configuration, or restore the original config."
+            )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self._manager.restore(step, args=args)["state"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _find_manager_dir(path: str) -> str:
@@ -66,7 +95,9 @@ def _find_manager_dir(path: str) -> str:
 
 
 def _latest(path: str) -> tuple[ocp.CheckpointManager, int]:
-    manager = ocp.CheckpointManager(_find_manager_dir(path))
+    # Naming the handlers lets a fresh process read item metadata before any restore.
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    manager = ocp.CheckpointManager(_find_manager_dir(path), item_handlers=handlers)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(
@@ -97,6 +128,5 @@ def load_params(path: str) -> dict:
 def load_metadata(path: str) -> dict:
     """The JSON metadata saved with the latest checkpoint (class names, model, image size)."""
     manager, step = _latest(path)
-    return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
-        "metadata"
-    ]
+    args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
+    return manager.restore(step, args=args)["metadata"]

@@ -20,6 +20,7 @@ from vit_jax.data.pipeline import (  # noqa: E402
     eval_batches,
     get_dataset_info,
     num_eval_batches,
+    num_train_examples,
     train_batches,
 )
 from vit_jax.data.source import DatasetInfo  # noqa: E402
@@ -30,5 +31,6 @@ __all__ = [
     "eval_batches",
     "get_dataset_info",
     "num_eval_batches",
+    "num_train_examples",
     "train_batches",
 ]

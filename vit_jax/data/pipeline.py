@@ -224,6 +224,14 @@ def train_batches(
     return _as_numpy(ds)
 
 
+def num_train_examples(config: ml_collections.ConfigDict) -> int:
+    """Examples in one epoch over all processes: the train split, or N per class (few-shot)."""
+    source = open_source(config.dataset, config.data_dir)
+    if config.train_examples_per_class is not None:
+        return config.train_examples_per_class * source.info.num_classes
+    return source.num_examples(config.train_split)
+
+
 def num_eval_batches(config: ml_collections.ConfigDict, process_count: int | None = None) -> int:
     """Batches every process yields from `eval_batches` (the same on all of them)."""
     process_count = jax.process_count() if process_count is None else process_count

@@ -1,0 +1,186 @@
+"""The main job end to end: configs, metrics files, checkpoints, exact resume, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax.checkpoint import load_params
+from vit_jax.config import parse_args
+from vit_jax.train import Trainer, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_recipe(name, arg=None):
+    from ml_collections import config_flags
+
+    path = os.path.join(REPO, "configs", name) + (f":{arg}" if arg else "")
+    return config_flags.config_flags._ConfigFileParser(name="config").parse(path)
+
+
+def small_local_config(tmp_path, **changes):
+    """The local recipe on `digits` at 8 px, shrunk to seconds."""
+    config = load_recipe("local.py", "steps=12,dataset=digits,batch=32")
+    config.data_dir = str(tmp_path / "tfds")
+    config.image_size = 8
+    config.model.name = "Ti/4"
+    config.model.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+    config.eval_batch_size = 128
+    config.log_every = 4
+    config.eval_every = 6
+    config.checkpoint_every = 6
+    config.update(changes)
+    return config
+
+
+def test_recipe_arguments():
+    args = parse_args(
+        "steps=10,dataset=digits,flag=true", {"steps": 1, "dataset": "x", "flag": False}
+    )
+    assert (args.steps, args.dataset, args.flag) == (10, "digits", True)
+    with pytest.raises(ValueError, match="Bad recipe argument 'stepz=3'"):
+        parse_args("stepz=3", {"steps": 1})
+    with pytest.raises(ValueError, match="steps='ten': expected a int"):
+        parse_args("steps=ten", {"steps": 1})
+
+
+@pytest.mark.parametrize(
+    "recipe, arg",
+    [
+        ("local.py", None),
+        ("pretrain.py", "variant=B/16,dataset=imagenet21k"),
+        ("pretrain.py", "variant=L/16,dataset=jft"),
+        ("pretrain.py", "variant=S/16,dataset=imagenet2012"),
+    ],
+)
+def test_recipes_build_a_trainer(recipe, arg):
+    config = load_recipe(recipe, arg)
+    # Construction resolves model, optimizer, mesh, rules and shardings (nothing compiles).
+    trainer = Trainer(config, num_classes=10, total_steps=config.optim.warmup_steps + 100)
+    assert trainer.model.num_classes == 10
+
+
+def test_pretrain_recipe_matches_the_paper():
+    i21k = load_recipe("pretrain.py", "variant=B/16,dataset=imagenet21k")
+    assert (i21k.optim.name, i21k.optim.b1, i21k.optim.b2) == ("adamw", 0.9, 0.999)
+    assert (i21k.batch_size, i21k.optim.warmup_steps, i21k.optim.grad_clip_norm) == (
+        4096,
+        10_000,
+        1.0,
+    )
+    assert (i21k.num_epochs, i21k.optim.lr, i21k.optim.decay) == (90, 1e-3, "linear")
+    assert (i21k.optim.weight_decay, i21k.model.dropout, i21k.image_size) == (0.03, 0.1, 224)
+    assert i21k.model.representation_size == 768
+    i1k = load_recipe("pretrain.py", "variant=B/16,dataset=imagenet2012")
+    assert (i1k.num_epochs, i1k.optim.lr, i1k.optim.decay, i1k.optim.weight_decay) == (
+        300,
+        3e-3,
+        "cosine",
+        0.3,
+    )
+    jft = load_recipe("pretrain.py", "variant=H/14,dataset=jft")
+    assert (jft.optim.lr, jft.optim.weight_decay, jft.model.dropout) == (3e-4, 0.1, 0.0)
+
+
+def test_main_job_writes_metrics_config_and_checkpoints(tmp_path):
+    workdir = str(tmp_path / "run")
+    final = train_and_evaluate(small_local_config(tmp_path), workdir)
+    assert 0.0 <= final["eval/top1"] <= 1.0
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [line["step"] for line in lines] == [4, 6, 8, 12]
+    train_keys = {"train/loss", "train/lr", "train/img_per_s", "train/grad_norm", "train/eta_s"}
+    assert train_keys <= set(lines[0]) and "eval/top1" not in lines[0]
+    assert {"eval/loss", "eval/top1"} <= set(lines[1]) and "train/loss" not in lines[1]
+    assert train_keys | {"eval/loss", "eval/top1"} <= set(lines[-1])
+    assert lines[-1]["eval/top1"] == pytest.approx(final["eval/top1"])
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["dataset"] == "digits" and config["model"]["width"] == 32
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+    assert any(
+        f.startswith("events.out.tfevents")
+        for f in os.listdir(os.path.join(workdir, "tensorboard"))
+    )
+
+
+def test_restart_resumes_bit_exactly(tmp_path, monkeypatch):
+    config = small_local_config(tmp_path, **{"eval_every": 100})
+    config.pp.mixup_alpha = 0.2  # The data stream's randomness must replay too.
+    config.model.dropout = 0.1
+    straight = str(tmp_path / "straight")
+    train_and_evaluate(config, straight)
+
+    resumed = str(tmp_path / "resumed")
+    original = Trainer.__init__
+
+    def preempt_after_step_8(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        step_fn = self.train_step
+
+        def train_step(state, batch):
+            if int(state.step) == 8:
+                raise KeyboardInterrupt("simulated preemption")
+            return step_fn(state, batch)
+
+        self.train_step = train_step
+
+    monkeypatch.setattr(Trainer, "__init__", preempt_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, resumed)
+    monkeypatch.setattr(Trainer, "__init__", original)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["6"]
+    train_and_evaluate(config, resumed)  # Restarts from step 6.
+
+    jax.tree.map(np.testing.assert_array_equal, load_params(resumed), load_params(straight))
+    steps = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert steps == [4, 8, 12]  # The interrupted run's step-8 line was replaced, not duplicated.
+    straight = {json.loads(x)["step"]: json.loads(x) for x in open(f"{straight}/metrics.jsonl")}
+    resumed = {json.loads(x)["step"]: json.loads(x) for x in open(f"{resumed}/metrics.jsonl")}
+    # Step 8's mean covers only steps 7-8 after the restart; the others are the same windows.
+    for step in (4, 12):
+        assert resumed[step]["train/loss"] == straight[step]["train/loss"]
+    assert resumed[12]["eval/top1"] == straight[12]["eval/top1"]
+
+
+def test_restart_with_another_model_is_refused(tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)
+    other = small_local_config(tmp_path, total_steps=6)
+    other.model.width = 48
+    with pytest.raises(
+        ValueError,
+        match="(?s)different model.*embedding/bias: checkpoint \\(32,\\), this run \\(48,\\)",
+    ):
+        train_and_evaluate(other, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]  # Nothing lost.
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    config = small_local_config(tmp_path, dataset="imagenet2012")
+    with pytest.raises(Exception, match="tfds build"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_command_line_rejects_unknown_keys(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vit_jax.main",
+            "--config",
+            "configs/local.py",
+            "--workdir",
+            str(tmp_path),
+            "--config.no_such_key=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr

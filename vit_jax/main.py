@@ -28,19 +28,20 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+log = logging.getLogger("vit_jax.main")
 
 
 def _main(argv: list[str]) -> None:
     del argv
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # Our progress lines on process 0; only warnings from libraries (Orbax, tfds, absl).
     logging.basicConfig(
-        level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
+        level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
     )
-    logging.info(
+    verbose = jax.process_index() == 0
+    logging.getLogger("vit_jax").setLevel(logging.INFO if verbose else logging.WARNING)
+    log.info(
         "%d process(es), %d device(s): %s",
         jax.process_count(),
         jax.device_count(),
@@ -49,7 +50,7 @@ def _main(argv: list[str]) -> None:
     from vit_jax.train import train_and_evaluate
 
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    logging.info("Final: %s", ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    log.info("Final: %s", ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ import os
 import jax
 import tensorflow as tf
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -71,4 +73,4 @@ def log_progress(step: int, total_steps: int, metrics: dict[str, float]) -> None
         parts.append(f"ETA {_duration(metrics['train/eta_s'])}")
     if "eval/top1" in metrics:
         parts.append(f"eval top-1 {metrics['eval/top1']:.2%} loss {metrics['eval/loss']:.4f}")
-    logging.info(" | ".join(parts))
+    log.info(" | ".join(parts))

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+log = logging.getLogger(__name__)
+
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # Data parallelism: every parameter replicated, the batch split over all devices.
@@ -105,7 +107,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
             names = (axes,) if isinstance(axes, str) else tuple(axes or ())
             shards = int(np.prod([mesh.shape[a] for a in names]))
             if size % shards:
-                logging.info("Replicating a dim of size %d not divisible by %s.", size, names)
+                log.info("Replicating a dim of size %d not divisible by %s.", size, names)
                 axes = None
             dims.append(axes)
         return NamedSharding(mesh, PartitionSpec(*dims))

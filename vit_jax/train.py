@@ -31,6 +31,8 @@ from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import VisionTransformer, create_model
 from vit_jax.optim import frozen_paths, make_optimizer
 
+log = logging.getLogger(__name__)
+
 LOSSES = ("softmax_xent", "sigmoid_xent")
 
 
@@ -224,13 +226,13 @@ def _initial_state(trainer: Trainer, checkpointer: Checkpointer, workdir: str) -
     config = trainer.config
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(trainer.abstract_state())
-        logging.info("Resumed from step %d in %s.", int(state.step), workdir)
+        log.info("Resumed from step %d in %s.", int(state.step), workdir)
         return state
     if config.model_init:
         pretrained = checkpoint.load_pretrained(
             config.model_init, init_params=trainer.abstract_state().params
         )
-        logging.info("Initialised from %s.", config.model_init)
+        log.info("Initialised from %s.", config.model_init)
         return trainer.init_state(pretrained)
     return trainer.init_state()
 
@@ -287,7 +289,7 @@ def _train_loop(
         if step % config.checkpoint_every == 0 or step == steps or preempted:
             checkpointer.save(step, state, metadata)
         if preempted:
-            logging.warning("Preemption notice at step %d: checkpoint saved, stopping.", step)
+            log.warning("Preemption notice at step %d: checkpoint saved, stopping.", step)
             break
         log_now = step % config.log_every == 0 or step == steps
         eval_now = step % config.eval_every == 0 or step == steps

@@ -1,4 +1,4 @@
-"""Converts parameters between the unrolled (`encoderblock_{i}`) and scanned (`encoderblock`) layouts.
+"""Converts parameters between unrolled (`encoderblock_{i}`) and scanned (`encoderblock`) layouts.
 
 Both layouts describe the same network: the scanned one stacks each block
 parameter along a new leading `layers` axis. Checkpoints may come in either.
@@ -16,7 +16,7 @@ _BLOCK = re.compile(r"^encoderblock_(\d+)$")
 
 
 def stack_blocks(params: dict[str, Any]) -> dict[str, Any]:
-    """Unrolled -> scanned: `Transformer/encoderblock_{i}/...` become `Transformer/encoderblock/...`."""
+    """Unrolled -> scanned: `Transformer/encoderblock_{i}/...` stack into `.../encoderblock/...`."""
     encoder = dict(params["Transformer"])
     indices = sorted(int(_BLOCK.match(k)[1]) for k in encoder if _BLOCK.match(k))
     if indices != list(range(len(indices))) or not indices:

@@ -226,7 +226,7 @@ def sincos2d_posemb(height: int, width: int, dim: int, temperature: float = 10_0
 
 
 class AddPositionEmbs(nn.Module):
-    """Adds learned or sincos2d position embeddings; prefix tokens get their own (learned) or zero."""
+    """Adds learned or sincos2d position embeddings (prefix tokens: learned, or zero for sincos)."""
 
     posemb: str
     grid: tuple[int, int]

@@ -184,3 +184,15 @@ def test_command_line_rejects_unknown_keys(tmp_path):
     )
     assert result.returncode != 0
     assert "no_such_key" in result.stderr
+
+
+def test_fsdp_run_has_the_same_loss_curve_as_data_parallel(tmp_path):
+    def curve(config, name):
+        train_and_evaluate(config, str(tmp_path / name))
+        return [json.loads(x)["train/loss"] for x in open(tmp_path / name / "metrics.jsonl")]
+
+    dp = small_local_config(tmp_path, total_steps=8, log_every=1, eval_every=8)
+    fsdp = small_local_config(tmp_path, total_steps=8, log_every=1, eval_every=8)
+    fsdp.sharding_rules = "fsdp"
+    fsdp.mesh.update(data=1, fsdp=-1)
+    np.testing.assert_allclose(curve(fsdp, "fsdp"), curve(dp, "dp"), rtol=1e-4)

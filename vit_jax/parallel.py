@@ -7,8 +7,9 @@ data parallelism, FSDP and tensor parallelism differ only in configuration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -150,13 +151,9 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
-    """Calls `fn` (a jitted function) with the mesh and logical rules active, so that while
-    it traces, the model's `nn.with_logical_constraint` annotations become sharding
-    constraints."""
-
-    def wrapped(*args, **kwargs):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return fn(*args, **kwargs)
-
-    return wrapped
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Makes `mesh` and `rules` current, so that a jitted function traced inside sees the
+    model's `nn.with_logical_constraint` annotations as sharding constraints."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

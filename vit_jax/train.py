@@ -108,19 +108,17 @@ class Trainer:
             params=self.param_shardings,
             opt_state=parallel.optimizer_shardings(abstract_opt, self.param_shardings, self.mesh),
         )
-        train_step = jax.jit(
+        self._jit_train_step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
-        eval_step = jax.jit(
+        self._jit_eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=replicated,
         )
-        self.train_step = parallel.with_rules(train_step, self.mesh, self.rules)
-        self.eval_step = parallel.with_rules(eval_step, self.mesh, self.rules)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -154,6 +152,21 @@ class Trainer:
         logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
         losses = per_example_loss(logits, labels, self.config.loss, self.config.label_smoothing)
         return jnp.mean(losses)
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch; `state` is donated (do not reuse it)."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_train_step(state, batch)
+
+    def compile_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
+        """The train step compiled ahead of time: its FLOPs and memory can be inspected."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_train_step.lower(state, batch).compile()
+
+    def eval_step(self, params: Any, batch: dict) -> dict:
+        """Masked loss and correct-prediction sums of a global eval batch."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_eval_step(params, batch)
 
     def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # Dropout noise is a function of (seed, step): resumed runs replay it exactly.

@@ -1,0 +1,167 @@
+"""vit-predict and vit-export on a tiny trained run: output, preprocessing, round trip."""
+
+import json
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+from test_main import small_local_config
+
+from vit_jax import checkpoint, data, export, predict
+from vit_jax.data.embedded import load_digits_arrays
+from vit_jax.models import create_model
+from vit_jax.train import build_model, train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 12-step digits run whose evaluation centre-crops (not plain resize)."""
+    root = tmp_path_factory.mktemp("cli")
+    config = small_local_config(root, eval_every=12)
+    config.pp.eval_crop_fraction = 0.75
+    workdir = str(root / "run")
+    train_and_evaluate(config, workdir)
+    return workdir, config
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Digits as non-square grayscale PNGs and RGB JPEGs in `test/<class>/` folders."""
+    root = tmp_path_factory.mktemp("images")
+    pixels, labels = load_digits_arrays()
+    for i in range(6):
+        folder = root / "test" / str(labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(pixels[i]).resize((12, 9) if i % 2 else (9, 14))
+        if i % 3 == 2:
+            image.convert("RGB").save(folder / f"{i}.jpg", quality=95)
+        else:
+            image.save(folder / f"{i}.png")
+    (root / "test" / "notes.txt").write_text("not an image, not listed")
+    return root
+
+
+def parse(stdout: str) -> dict[str, list[tuple[float, str]]]:
+    """{path: [(probability, label), ...]} from vit-predict's output."""
+    result, path = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("  "):
+            probability, label = line.split(maxsplit=1)
+            result[path].append((float(probability), label))
+        else:
+            path = line
+            result[path] = []
+    return result
+
+
+def softmax_of_eval_pipeline(config, folder, params) -> dict[str, np.ndarray]:
+    """Class probabilities of the folder's images as `vit-train` evaluation feeds them."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.dataset, config.eval_split = f"folder:{folder}", "test"
+    source = data.pipeline.open_source(config.dataset, None)
+    paths = [record["image"].decode() for record in source.records("test").as_numpy_iterator()]
+    model = build_model(config, num_classes=10)
+    batch = next(data.eval_batches(config))
+    probs = jax.nn.softmax(model.apply({"params": params}, batch["image"], train=False))
+    return dict(zip(paths, np.asarray(probs), strict=False))
+
+
+def test_predict_matches_evaluation_and_orders_top_k(run, images, capsys):
+    workdir, config = run
+    folder = str(images)
+    assert predict.main(["--checkpoint", workdir, "--top_k", "3", folder]) == 0
+    printed = parse(capsys.readouterr().out)
+
+    expected = softmax_of_eval_pipeline(config, folder, checkpoint.load_params(workdir))
+    assert sorted(printed) == sorted(expected) and len(printed) == 6
+    assert list(printed) == sorted(printed)  # Folders are walked in sorted order.
+    for path, top in printed.items():
+        probs = [p for p, _ in top]
+        assert len(top) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0
+        best = np.argsort(-expected[path], kind="stable")[:3]
+        assert [label for _, label in top] == [str(i) for i in best]
+        np.testing.assert_allclose(probs, expected[path][best], atol=1e-4)
+
+
+def test_predict_preprocessing_is_the_evaluation_pipeline(run, images):
+    _, config = run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.dataset, config.eval_split = f"folder:{images}", "test"
+    source = data.pipeline.open_source(config.dataset, None)
+    records = list(source.records("test").as_numpy_iterator())
+    expected = next(data.eval_batches(config))["image"]
+    assert len(records) == 6
+    for record, image in zip(records, expected, strict=False):
+        path = record["image"].decode()
+        np.testing.assert_array_equal(predict.load_image(path, config.image_size, 0.75), image)
+
+
+def test_predict_reports_unreadable_files_and_goes_on(run, images, tmp_path, capsys):
+    workdir, _ = run
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = str(images / "test" / "0" / "0.png")
+    missing = str(tmp_path / "missing.jpg")
+    args = ["--checkpoint", workdir, "--top_k", "20"]
+    assert predict.main([*args, str(broken), good, missing]) == 0
+    out, err = capsys.readouterr()
+    assert list(parse(out)) == [good] and len(parse(out)[good]) == 10  # top_k capped at 10.
+    assert f"cannot read {broken}" in err and f"cannot read {missing}" in err
+    assert "function_node" not in err  # TensorFlow's op names are stripped.
+
+    assert predict.main([*args, str(broken)]) == 1
+    assert "no image could be classified" in capsys.readouterr().err
+
+
+def test_export_round_trip(run, images, tmp_path, capsys):
+    workdir, config = run
+    out = tmp_path / "exported" / "run.npz"
+    assert export.main(["--workdir", workdir, "--out", str(out)]) == 0
+    params = checkpoint.load_params(workdir)
+    loaded = checkpoint.load_pretrained(out, init_params=params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    model = build_model(config, num_classes=10)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(
+        model.apply({"params": loaded}, x, train=False),
+        model.apply({"params": params}, x, train=False),
+    )
+    description = json.loads(out.with_suffix(".json").read_text())
+    assert description == checkpoint.load_metadata(workdir) | {
+        "eval_crop_fraction": 0.75,
+        "loss": "softmax_xent",
+    }
+
+    # The .npz and its description predict exactly what the workdir predicts.
+    capsys.readouterr()
+    folder = str(images)
+    predict.main(["--checkpoint", workdir, folder])
+    from_workdir = capsys.readouterr().out
+    predict.main(["--checkpoint", str(out), folder])
+    assert capsys.readouterr().out == from_workdir
+
+
+def test_bare_npz_needs_the_model_and_prints_class_indices(images, tmp_path, capsys):
+    model = create_model("Ti/8", num_classes=3)
+    params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 8, 8, 3)), train=False))["params"]
+    head = np.random.default_rng(0).normal(size=params["head"]["kernel"].shape)
+    params = {**params, "head": {**params["head"], "kernel": head}}
+    path = str(tmp_path / "bare.npz")
+    checkpoint.save_npz(params, path)
+    image = str(images / "test" / "1" / "1.png")
+
+    assert predict.main(["--checkpoint", path, image]) == 2
+    assert "pass --model --num_classes --image_size" in capsys.readouterr().err
+
+    flags = ["--checkpoint", path, "--model", "Ti/8", "--image_size", "8"]
+    assert predict.main([*flags, "--num_classes", "3", image]) == 0
+    top = parse(capsys.readouterr().out)[image]
+    assert sorted(label for _, label in top) == ["0", "1", "2"]
+    assert sum(p for p, _ in top) == pytest.approx(1.0, abs=1e-3)
+
+    # Another class count would reset the head: every image would get 1/5 per class.
+    assert predict.main([*flags, "--num_classes", "5", image]) == 2
+    assert "all zeros" in capsys.readouterr().err

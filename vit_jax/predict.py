@@ -1,0 +1,182 @@
+"""`vit-predict`: the top-k classes of image files under a trained ViT.
+
+    vit-predict --checkpoint /tmp/vit_local --top_k 3 digit.png more_digits/
+    vit-predict --checkpoint ViT-B_16.npz --model B/16 --num_classes 1000 --image_size 384 cat.jpg
+
+The checkpoint is a vit-train workdir (its latest step), or an `.npz` with the `.json`
+that vit-export writes next to it; for any other `.npz` pass --model, --num_classes and
+--image_size, and classes are printed as indices. These flags also override what the run
+says (e.g. --image_size, with the position embedding resampled). Images are preprocessed
+as evaluation does (vit_jax.data.preprocess: decode to RGB, resize / central crop by the
+run's `pp.eval_crop_fraction`, values in [-1, 1]). Folders are searched recursively for
+.jpg/.jpeg/.png files. A file that cannot be read is reported on stderr and the others
+are still classified; the exit code is non-zero only when no image could be classified.
+
+Output, per image: its path, then one line per class, most probable first:
+
+    digits/7.png
+      0.9912  7
+      0.0041  1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from etils import epath  # noqa: E402
+
+from vit_jax import checkpoint  # noqa: E402
+from vit_jax.data import preprocess  # noqa: E402
+from vit_jax.data.folder import IMAGE_EXTENSIONS  # noqa: E402
+from vit_jax.export import description_path, run_description  # noqa: E402
+from vit_jax.train import build_model  # noqa: E402
+
+_REQUIRED = ("model", "num_classes", "image_size")
+
+
+def load_run(path: str, **overrides: Any) -> dict[str, Any]:
+    """What the checkpoint at `path` says about itself, with `overrides` (None: keep) applied.
+
+    `model` is overridden by a name alone, as a bare `.npz` knows no other options.
+    """
+    if epath.Path(path).is_dir():
+        description = run_description(path)
+    elif (json_path := description_path(path)).exists():
+        description = json.loads(json_path.read_text())
+    else:
+        description = {}
+    if overrides.get("model"):
+        overrides["model"] = {"name": overrides["model"]}
+    description |= {key: value for key, value in overrides.items() if value is not None}
+    missing = [key for key in _REQUIRED if key not in description]
+    if missing:
+        raise ValueError(
+            f"{path} does not say its {', '.join(missing)}: pass "
+            + " ".join(f"--{key}" for key in missing)
+            + " (a vit-train workdir, or an .npz exported with vit-export, needs none)."
+        )
+    return description
+
+
+def load_classifier(path: str, run: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from a batch of preprocessed images to class probabilities.
+
+    Probabilities are softmax, or per-class sigmoids for runs trained with sigmoid_xent.
+    """
+    model = build_model(ml_collections.ConfigDict({"model": run["model"]}), run["num_classes"])
+    size = run["image_size"]
+    init = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )["params"]
+    params = checkpoint.load_pretrained(path, init_params=init)
+    if not np.any(params["head"]["kernel"]):
+        raise ValueError(
+            f"The head {path} gives this model is all zeros, so every image would get the same "
+            "probabilities: the checkpoint's head has another class count, or the model lacks "
+            "its representation layer. Check --model and --num_classes."
+        )
+    squash = jax.nn.sigmoid if run.get("loss") == "sigmoid_xent" else jax.nn.softmax
+    apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, x, train=False)))
+    return lambda images: np.asarray(apply(params, images))
+
+
+def find_images(paths: Sequence[str]) -> Iterator[str]:
+    """Files named directly, and every .jpg/.jpeg/.png under named folders, in sorted order."""
+    for path in paths:
+        if not tf.io.gfile.isdir(path):
+            yield path
+            continue
+        for root, dirs, files in tf.io.gfile.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    yield os.path.join(root, name)
+
+
+def load_image(path: str, size: int, crop_fraction: float) -> np.ndarray:
+    """One image file as the evaluation pipeline feeds it to the model: [size, size, 3]."""
+    image = preprocess.decode_image(tf.io.read_file(path))
+    return preprocess.normalize(preprocess.central_crop(image, size, crop_fraction)).numpy()
+
+
+def _reason(error: Exception) -> str:
+    """A TensorFlow error's message without the op and function names around it."""
+    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", getattr(error, "message", str(error)))
+
+
+def _batches(files: Iterator[str], batch_size: int) -> Iterator[list[str]]:
+    batch = []
+    for path in files:
+        batch.append(path)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vit-predict", description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="+", help="Image files or folders.")
+    parser.add_argument("--checkpoint", required=True, help="A vit-train workdir or an .npz.")
+    parser.add_argument("--top_k", type=int, default=5, help="Classes printed per image.")
+    parser.add_argument("--model", help="Model name, e.g. B/16 (bare .npz only).")
+    parser.add_argument("--num_classes", type=int, help="Head size (bare .npz only).")
+    parser.add_argument("--image_size", type=int, help="Input resolution in pixels.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass.")
+    args = parser.parse_args(argv)
+
+    try:
+        run = load_run(
+            args.checkpoint,
+            model=args.model,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+        )
+        classify = load_classifier(args.checkpoint, run)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vit-predict: {e}", file=sys.stderr)
+        return 2
+    names = run.get("class_names") or [str(i) for i in range(run["num_classes"])]
+    size, crop_fraction = run["image_size"], run.get("eval_crop_fraction", 1.0)
+    top_k = max(1, min(args.top_k, run["num_classes"]))
+    classified = 0
+    for batch in _batches(find_images(args.images), args.batch_size):
+        images = np.zeros((args.batch_size, size, size, 3), np.float32)  # One compiled shape.
+        readable = []
+        for path in batch:
+            try:
+                images[len(readable)] = load_image(path, size, crop_fraction)
+            except (OSError, tf.errors.OpError) as e:
+                print(f"vit-predict: cannot read {path}: {_reason(e)}", file=sys.stderr)
+                continue
+            readable.append(path)
+        if not readable:
+            continue
+        for path, probs in zip(readable, classify(images), strict=False):
+            print(path)
+            for i in np.argsort(-probs, kind="stable")[:top_k]:
+                print(f"  {probs[i]:.4f}  {names[i]}")
+        sys.stdout.flush()
+        classified += len(readable)
+    if not classified:
+        print("vit-predict: no image could be classified.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

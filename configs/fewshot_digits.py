@@ -5,14 +5,21 @@
     vit-train --config configs/fewshot_digits.py --workdir /tmp/scratch   # baseline
 
 Both runs train the main job's model (configs/local.py) on 10 images per class of the
-8x8 `digits` (100 images), upsampled to 42 px, and evaluate on its whole test split
+8x8 `digits` (100 images), upsampled to 35 px, and evaluate on its whole test split
 (364 images). The pretrained model saw 28 px MNIST, a 4x4 grid of 7x7 patches; here the
-grid is 6x6, so the position embedding is resampled when the checkpoint is loaded, as
+grid is 5x5, so the position embedding is resampled when the checkpoint is loaded, as
 when the paper fine-tunes at 384 px. With `init` the run fine-tunes with the fine-tune
 recipe's optimizer (configs/finetune.py: SGD momentum, cosine, clip 1, no weight decay);
 without, the same model trains from scratch on the same images for the same number of
 steps with Adam, the optimizer that trains ViTs from scratch best (the paper pretrains
 with it), so the baseline is not handicapped by an optimizer chosen for fine-tuning.
+The learning rates are the best of a small sweep for each mode (fine-tuning: 0.01, 0.03,
+0.1; scratch: 3e-4 to 1e-2). Both datasets have the same ten classes, so the pretrained
+head is kept (`load_pretrained` resets it only for another class count).
+
+Measured on a 2-core CPU (seed 0; seeds 1 and 2 in brackets): pretraining 96.8% on
+mnist5k test (5-8 min); fine-tuned 93.7% (94.2, 95.3) in 50 s; from scratch 87.9%
+(86.3, 85.4) in 95 s.
 
 Arguments: init (a vit_jax workdir or `.npz` of the main job's model; empty: from
 scratch), shots (training images per class), image_size, steps, batch, lr (0: the
@@ -59,7 +66,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train_examples_per_class = args.shots
     c.image_size = args.image_size
     c.batch_size = args.batch
-    c.pp.shift_pixels = round(2 * args.image_size / 28)  # local.py's +-2 px at 28 px.
     c.seed = args.seed
     c.model_init = args.init or None
     if args.init:

@@ -84,9 +84,9 @@ def load_classifier(path: str, run: dict[str, Any]) -> Callable[[np.ndarray], np
     params = checkpoint.load_pretrained(path, init_params=init)
     if not np.any(params["head"]["kernel"]):
         raise ValueError(
-            f"The head {path} gives this model is all zeros, so every image would get the same "
-            "probabilities: the checkpoint's head has another class count, or the model lacks "
-            "its representation layer. Check --model and --num_classes."
+            f"The classification head loaded from {path} is all zeros, so every image would get "
+            "the same probabilities: the checkpoint's head has another class count, or the "
+            "model lacks its representation layer. Check --model and --num_classes."
         )
     squash = jax.nn.sigmoid if run.get("loss") == "sigmoid_xent" else jax.nn.softmax
     apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, x, train=False)))

@@ -25,9 +25,10 @@ The paper sweeps lr over {0.001, 0.003, 0.01, 0.03} ({0.003, ..., 0.06} for Imag
 and reports the best on held-out training data. 0.03 for ImageNet and CIFAR is the
 released fine-tuning code's value, with which it reproduced the paper's B/16 numbers
 (CIFAR-10 99.0%, ImageNet 84.6%), on the same held-out splits as above. Pets and Flowers
-have 30-70 times fewer images and 20 times fewer steps; we take 0.01, the value the paper
-fixes for the equally small VTAB-1k tasks. Warmup is 500 steps (the released code's),
-or a tenth of the run when that is shorter (its 500-step schedules warm up for 50).
+have 2-4 thousand training images (CIFAR 50 thousand) and 20 times fewer steps; we take
+0.01, the value the paper fixes for the similarly small VTAB-1k tasks. Warmup is 500
+steps (the released code's), or a tenth of the run when that is shorter (its 500-step
+schedules warm up for 50).
 Training crops are Inception crops with flips; evaluation resizes the whole image.
 """
 

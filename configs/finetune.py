@@ -49,10 +49,11 @@ MAX_WARMUP_STEPS = 500
 
 
 def set_finetune_optim(c: ml_collections.ConfigDict, *, lr: float, steps: int) -> None:
-    """The paper's fine-tuning optimizer: SGD momentum, no weight decay, cosine, clip 1.
+    """The paper's fine-tuning: a zero head; SGD momentum, no weight decay, cosine, clip 1.
 
     Shared with the few-shot recipes, so a miniature run fine-tunes exactly like this one.
     """
+    c.model_init_reset_head = True  # "We remove the pre-trained prediction head."
     c.optim.name = "sgd"
     c.optim.momentum = 0.9
     c.optim.nesterov = False

@@ -301,6 +301,18 @@ def test_head_reset_for_another_class_count(tmp_path):
     assert_trees_equal(loaded, params)
 
 
+def test_head_reset_on_request_for_the_same_class_count(tmp_path):
+    params = random_params(tiny())
+    path = tmp_path / "ckpt.npz"
+    save_npz(params, path)
+    kept = load_pretrained(path, init_params=params)
+    assert_trees_equal(kept["head"], params["head"])
+    reset = load_pretrained(path, init_params=params, reset_head=True)
+    assert not reset["head"]["kernel"].any() and not reset["head"]["bias"].any()
+    del reset["head"], params["head"]
+    assert_trees_equal(reset, params)
+
+
 @pytest.mark.parametrize(
     "representation_size, num_classes, keeps_head",
     [(None, 10, False), (16, 10, True), (16, 5, False)],

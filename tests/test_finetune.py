@@ -31,6 +31,7 @@ def test_finetune_recipe_matches_the_paper(dataset, steps, lr, image_size, train
         min(500, steps // 10),
     )
     assert config.model.representation_size is None and config.model.pool == "token"
+    assert config.model_init_reset_head  # The paper always starts from a zero head.
     trainer = Trainer(config, num_classes=37, total_steps=config.total_steps)
     assert trainer.schedule(opt.warmup_steps) == pytest.approx(lr)
     assert trainer.schedule(steps) == pytest.approx(0.0)

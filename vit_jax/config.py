@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan = False
     c.model.remat_policy = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     c.model_init = placeholder(str)  # Pretrained .npz file or vit_jax workdir.
+    c.model_init_reset_head = False  # Zero head even when the class count matches.
 
     # Objective and optimizer (see vit_jax/optim.py).
     c.loss = "softmax_xent"  # "softmax_xent" | "sigmoid_xent"

@@ -243,7 +243,9 @@ def _initial_state(trainer: Trainer, checkpointer: Checkpointer, workdir: str) -
         return state
     if config.model_init:
         pretrained = checkpoint.load_pretrained(
-            config.model_init, init_params=trainer.abstract_state().params
+            config.model_init,
+            init_params=trainer.abstract_state().params,
+            reset_head=config.model_init_reset_head,
         )
         log.info("Initialised from %s.", config.model_init)
         return trainer.init_state(pretrained)

@@ -32,6 +32,7 @@ def load_pretrained(
     grid: tuple[int, int] | None = None,
     source_grid: tuple[int, int] | None = None,
     posemb_method: str = "bilinear",
+    reset_head: bool = False,
 ) -> Any:
     """Returns the checkpoint at `path` as parameters for the model of `init_params`.
 
@@ -44,6 +45,8 @@ def load_pretrained(
         patches is not a square, e.g. `(image_h // patch, image_w // patch)`.
       source_grid: the checkpoint's patch grid, when that one is not a square.
       posemb_method: "bilinear" (the original fine-tuning recipe) or "bicubic".
+      reset_head: always start from a zero-initialised head, as the paper's fine-tuning
+        does, even when the checkpoint's head has the target's shape.
 
     The head is replaced by a zero-initialised one, as our models initialise it, when
     its shape differs (another class count) or the representation layer it was
@@ -65,7 +68,7 @@ def load_pretrained(
         key: np.asarray(value, dtype=target[key].dtype) if key in target else value
         for key, value in params.items()
     }
-    params = _fit_head(params, target)
+    params = _fit_head(params, target, reset_head)
     if POSEMB in params and POSEMB in target:
         params[POSEMB] = _fit_posemb(
             params[POSEMB],
@@ -96,7 +99,9 @@ def _module(flat: dict[str, Any], name: str) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if key.startswith(name + "/")}
 
 
-def _fit_head(params: dict[str, np.ndarray], target: dict[str, Any]) -> dict[str, np.ndarray]:
+def _fit_head(
+    params: dict[str, np.ndarray], target: dict[str, Any], reset_head: bool
+) -> dict[str, np.ndarray]:
     """Drops `pre_logits`/`head` the target lacks; resets a head that cannot serve it."""
     params = dict(params)
     dropped_representation = bool(_module(params, "pre_logits")) and not _module(
@@ -108,8 +113,13 @@ def _fit_head(params: dict[str, np.ndarray], target: dict[str, Any]) -> dict[str
                 logger.info("Dropping %s %s: the target model has none.", key, params[key].shape)
                 del params[key]
     target_head = _module(target, "head")
-    reset = dropped_representation or any(
-        key not in params or params[key].shape != spec.shape for key, spec in target_head.items()
+    reset = (
+        reset_head
+        or dropped_representation
+        or any(
+            key not in params or params[key].shape != spec.shape
+            for key, spec in target_head.items()
+        )
     )
     if target_head and reset:
         logger.info(

@@ -87,10 +87,10 @@ class Trainer:
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
         for size in (config.batch_size, config.eval_batch_size):
             parallel.batch_size_per_shard(size, self.mesh, self.rules)
-        if config.batch_size % (config.accum_steps * jax.process_count()):
+        if config.batch_size % config.accum_steps:
             raise ValueError(
                 f"batch_size {config.batch_size} must be divisible by accum_steps "
-                f"({config.accum_steps}) x processes ({jax.process_count()})."
+                f"({config.accum_steps}): every micro-batch has the same size."
             )
         parallel.batch_size_per_shard(
             config.batch_size // config.accum_steps, self.mesh, self.rules
@@ -127,19 +127,20 @@ class Trainer:
             step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
         )
 
+    def _fresh_state(self, rng: jax.Array) -> TrainState:
+        return self._state_from_params(nn.unbox(self._init_params(rng)))
+
     def init_state(self, pretrained: Any | None = None) -> TrainState:
         """Fresh state, created directly in its shardings (never whole on one device)."""
         if pretrained is None:
-            init = lambda rng: self._state_from_params(nn.unbox(self._init_params(rng)))  # noqa: E731
-            fn = jax.jit(init, out_shardings=self.state_shardings)
+            fn = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
             return fn(jax.random.key(self.config.seed))
         params = jax.device_put(pretrained, self.param_shardings)
         return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring a checkpoint into."""
-        init = lambda rng: self._state_from_params(nn.unbox(self._init_params(rng)))  # noqa: E731
-        shapes = jax.eval_shape(init, jax.random.key(0))
+        shapes = jax.eval_shape(self._fresh_state, jax.random.key(0))
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             shapes,

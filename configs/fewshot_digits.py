@@ -17,7 +17,7 @@ The learning rates are the best of a small sweep for each mode (fine-tuning: 0.0
 0.1; scratch: 3e-4 to 1e-2). As in the paper, fine-tuning starts from a zero head.
 
 Measured on a 2-core CPU (seed 0; seeds 1 and 2 in brackets): pretraining 96.8% on
-mnist5k test (5.6 min); fine-tuned 94.8% (93.1, 93.4) in 55 s; from scratch 87.9%
+mnist5k test (4.7 min); fine-tuned 94.8% (93.1, 93.4) in 55 s; from scratch 87.9%
 (86.3, 85.4) in 55 s.
 
 Arguments: init (a vit_jax workdir or `.npz` of the main job's model; empty: from

@@ -11,6 +11,7 @@ import pytest
 
 from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
+from vit_jax.models import parse_variant
 from vit_jax.train import Trainer, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,11 @@ def test_recipes_build_a_trainer(recipe, arg):
     config = load_recipe(recipe, arg)
     # Construction resolves model, optimizer, mesh, rules and shardings (nothing compiles).
     trainer = Trainer(config, num_classes=10, total_steps=config.optim.warmup_steps + 100)
-    assert trainer.model.num_classes == 10
+    variant = parse_variant(config.model.name)
+    expected_width = config.model.get("width", variant.width)
+    assert (trainer.model.num_classes, trainer.model.width) == (10, expected_width)
+    assert float(trainer.schedule(config.optim.warmup_steps)) == pytest.approx(config.optim.lr)
+    assert trainer.mesh.devices.size == jax.device_count()
 
 
 def test_pretrain_recipe_matches_the_paper():

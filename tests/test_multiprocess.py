@@ -61,12 +61,7 @@ def test_two_processes_train_and_evaluate_the_whole_split_once(tmp_path):
     # The two processes' padded, masked eval shards add up to the whole split exactly once:
     # the same loss and top-1 as evaluating the saved parameters here, in one process.
     config = load_recipe(*RECIPE.split(":"))
-    for key, value in OVERRIDES.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(OVERRIDES)
     config.data_dir = str(tmp_path / "tfds0")
     trainer = Trainer(config, num_classes=10, total_steps=20)
     params = jax.device_put(load_params(workdir), trainer.param_shardings)

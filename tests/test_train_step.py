@@ -25,12 +25,7 @@ def tiny_config(**changes):
     c.optim.warmup_steps = 2
     c.optim.decay = "cosine"
     c.optim.weight_decay = 0.01
-    for key, value in changes.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 

@@ -58,19 +58,19 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+_PROGRESS = (
+    ("train/loss", lambda v: f"loss {v:.4f}"),
+    ("train/lr", lambda v: f"lr {v:.2e}"),
+    ("train/img_per_s", lambda v: f"{v:.0f} img/s"),
+    ("train/step_time_s", lambda v: f"{v * 1000:.0f} ms/step"),
+    ("train/eta_s", lambda v: f"ETA {_duration(v)}"),
+)
+
+
 def log_progress(step: int, total_steps: int, metrics: dict[str, float]) -> None:
     """One readable line, e.g. `step 300/3000 | loss 0.412 | lr 9.0e-04 | 1234 img/s | ...`."""
     parts = [f"step {step}/{total_steps}"]
-    if "train/loss" in metrics:
-        parts.append(f"loss {metrics['train/loss']:.4f}")
-    if "train/lr" in metrics:
-        parts.append(f"lr {metrics['train/lr']:.2e}")
-    if "train/img_per_s" in metrics:
-        parts.append(f"{metrics['train/img_per_s']:.0f} img/s")
-    if "train/step_time_s" in metrics:
-        parts.append(f"{metrics['train/step_time_s'] * 1000:.0f} ms/step")
-    if "train/eta_s" in metrics:
-        parts.append(f"ETA {_duration(metrics['train/eta_s'])}")
+    parts += [show(metrics[key]) for key, show in _PROGRESS if key in metrics]
     if "eval/top1" in metrics:
         parts.append(f"eval top-1 {metrics['eval/top1']:.2%} loss {metrics['eval/loss']:.4f}")
     log.info(" | ".join(parts))

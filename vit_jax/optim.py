@@ -45,7 +45,7 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int, decay: str) ->
 
 
 def _path(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _kernels(params: Any) -> Any:

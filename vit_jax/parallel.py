@@ -143,7 +143,7 @@ def optimizer_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mes
 
 
 def _keys(path: tuple) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -85,7 +85,10 @@ class Checkpointer:
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+        for path, leaf in leaves
+    }
 
 
 def _find_manager_dir(path: str) -> str:

@@ -46,7 +46,9 @@ def _decode_window_jpeg(encoded: tf.Tensor, window: tf.Tensor, min_size: int) ->
     """Decodes only `window` [y, x, h, w] of a JPEG, DCT-downscaled while it stays >= min_size.
 
     The largest ratio r in DCT_RATIOS with h / r >= min_size and w / r >= min_size is used, so
-    the final resize still downsamples (never upsamples) from what the decoder produced.
+    the final resize still downsamples (never upsamples) from what the decoder produced. The
+    window snaps to the r x r DCT grid (origin and size rounded down to multiples of r): a
+    shift and scale of the view by less than one output pixel.
     """
     shortest = tf.minimum(window[2], window[3])
 

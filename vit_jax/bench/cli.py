@@ -7,13 +7,11 @@ per figure, or with --json a single JSON object holding every figure.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 MODES = ("train", "infer", "input", "photos")
 
@@ -40,6 +38,7 @@ def _show(figures: dict) -> None:
 
 
 def _main(argv: list[str]) -> None:
+    logging.getLogger().setLevel(logging.WARNING)  # Figures only, no library INFO lines.
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"Usage: vit-bench {{{'|'.join(MODES)}}} --config RECIPE[:args] ...")
     mode = argv[1]

@@ -39,8 +39,15 @@ def _source_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "data")
 
 
-def make_photo_folder(root: str, count: int = 1000, num_classes: int = 10, seed: int = 0) -> str:
-    """Writes `count` JPEGs under `root/train/<class>/`; returns the `folder:` dataset name."""
+def make_photo_folder(
+    root: str,
+    count: int = 1000,
+    num_classes: int = 10,
+    seed: int = 0,
+    size: tuple[int, int] = SIZE,
+) -> str:
+    """Writes `count` JPEGs of `size` (width, height; a quarter of them turned to portrait)
+    under `root/train/<class>/`; returns the `folder:` dataset name."""
     if count < num_classes:
         raise ValueError(f"count={count} must be at least num_classes={num_classes}.")
     rng = np.random.default_rng(seed)
@@ -50,7 +57,7 @@ def make_photo_folder(root: str, count: int = 1000, num_classes: int = 10, seed:
     for i in range(count):
         photo = sources[i % len(sources)]
         portrait = rng.random() < 0.25
-        width, height = SIZE[::-1] if portrait else SIZE
+        width, height = size[::-1] if portrait else size
         # A random window of 50..100% of the photo's side at the output's aspect ratio.
         scale = rng.uniform(0.5, 1.0) * min(photo.width / width, photo.height / height)
         w, h = int(width * scale), int(height * scale)

@@ -56,7 +56,8 @@ def _decode_window_jpeg(encoded: tf.Tensor, window: tf.Tensor, min_size: int) ->
     """
     shortest = tf.minimum(window[2], window[3])
     # How many of the ratios 2, 4, 8 fit: the index of the ratio in (1, 2, 4, 8).
-    index = tf.reduce_sum(tf.cast(shortest >= tf.constant(DCT_RATIOS[1:]) * min_size, tf.int32))
+    larger = tf.constant(DCT_RATIOS[1:], tf.int32) * min_size
+    index = tf.reduce_sum(tf.cast(shortest >= larger, tf.int32))
 
     def decode_at(ratio: int):
         def fn() -> tf.Tensor:

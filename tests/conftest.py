@@ -8,7 +8,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
     + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
-    + " --xla_cpu_collective_call_warn_stuck_seconds=300"
+    + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -39,7 +39,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a `.safetensors` file (local or `gs://`) as numpy arrays, and its metadata."""
+    """Every tensor of a `.safetensors` file (local or `gs://`) as numpy arrays, and metadata."""
     with epath.Path(path).open("rb") as f:
         entries, metadata = _parse_header(f, path)
         data = f.read()
@@ -52,8 +52,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
             )
         begin, end = entry["data_offsets"]
         dtype = _DTYPES[entry["dtype"]]
-        arrays[name] = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-        arrays[name] = arrays[name].reshape(entry["shape"])
+        count = (end - begin) // dtype.itemsize
+        arrays[name] = np.frombuffer(data, dtype, count, begin).reshape(entry["shape"])
     return arrays, metadata
 
 

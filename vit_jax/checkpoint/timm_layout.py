@@ -45,11 +45,11 @@ def model_fields(state: dict[str, Any], architecture: str | None) -> dict[str, A
     `state` maps names to anything with a `.shape` (arrays or header entries).
     """
     _refuse_unsupported(state)
+    tanh = bool(architecture and _TANH_GELU_ARCHITECTURES.search(architecture))
+    pool = "map" if "attn_pool.latent" in state else "token" if "cls_token" in state else "gap"
     fields: dict[str, Any] = {
-        "activation": "gelu_tanh"
-        if architecture and _TANH_GELU_ARCHITECTURES.search(architecture)
-        else "gelu_exact",
-        "pool": "map" if "attn_pool.latent" in state else "token" if "cls_token" in state else "gap",
+        "activation": "gelu_tanh" if tanh else "gelu_exact",
+        "pool": pool,
         "fc_norm": "fc_norm.weight" in state,
     }
     if "reg_token" in state:

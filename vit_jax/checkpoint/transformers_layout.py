@@ -21,10 +21,28 @@ def is_transformers(keys: Any) -> bool:
     return any(k == _PATCH or k == "vit." + _PATCH for k in keys)
 
 
-def model_fields(state: dict[str, Any]) -> dict[str, Any]:
-    """The `VisionTransformer` fields that compute what transformers computes on these weights."""
+# transformers' `hidden_act` names -> ours. "gelu" is PyTorch's exact GELU (the default).
+_ACTIVATIONS = {
+    "gelu": "gelu_exact",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
+
+
+def model_fields(state: dict[str, Any], hidden_act: str | None) -> dict[str, Any]:
+    """The `VisionTransformer` fields that compute what transformers computes on these weights.
+
+    `hidden_act` is the `config.json` entry saved beside the weights (None: the default).
+    """
     _refuse_unsupported(state)
-    return {"activation": "gelu_exact", "pool": "token", "fc_norm": False}
+    activation = _ACTIVATIONS.get(hidden_act or "gelu")
+    if activation is None:
+        raise ValueError(
+            f"This transformers ViT uses hidden_act={hidden_act!r}; vit_jax's ViT computes "
+            f"only {', '.join(sorted(_ACTIVATIONS))}."
+        )
+    return {"activation": activation, "pool": "token", "fc_norm": False}
 
 
 def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
@@ -39,7 +57,8 @@ def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str,
 
     def linear(name: str, ours: str, kernel_shape: tuple[int, ...] | None = None) -> None:
         kernel = take(f"{name}.weight").T
-        bias = take(f"{name}.bias")
+        # qkv_bias=False computes as a zero bias.
+        bias = take(f"{name}.bias") if prefix + f"{name}.bias" in state else kernel[0] * 0
         out[f"{ours}/kernel"] = kernel if kernel_shape is None else kernel.reshape(kernel_shape)
         out[f"{ours}/bias"] = bias if kernel_shape is None else bias.reshape(kernel_shape[1:])
 
@@ -65,8 +84,8 @@ def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str,
                 f"{attention}/{name}",
                 (width, num_heads, head_dim),
             )
-        out[f"{attention}/out/kernel"] = (
-            take(f"{layer}.attention.output.dense.weight").T.reshape(num_heads, head_dim, width)
+        out[f"{attention}/out/kernel"] = take(f"{layer}.attention.output.dense.weight").T.reshape(
+            num_heads, head_dim, width
         )
         out[f"{attention}/out/bias"] = take(f"{layer}.attention.output.dense.bias")
         norm(f"{layer}.layernorm_after", f"{ours}/LayerNorm_1")

@@ -342,7 +342,7 @@ class MAPHead(nn.Module):
             name="MultiHeadDotProductAttention_0",
         )(probe, x, train)
         z = _layer_norm("LayerNorm_0", self.dtype)(y)
-        mlp = MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation, name="MlpBlock_0")
+        mlp = MlpBlock(self.mlp_dim, 0.0, self.dtype, self.activation, name="MlpBlock_0")
         y = y + mlp(z, train)
         return y[:, 0]
 

@@ -52,7 +52,7 @@ def model_fields(path: str | os.PathLike) -> dict[str, Any]:
         _refuse_registers(entries)
         return timm_layout.model_fields(entries, _hub_config(path).get("architecture"))
     if transformers_layout.is_transformers(entries):
-        return transformers_layout.model_fields(entries, _hub_config(path).get("hidden_act"))
+        return transformers_layout.model_fields(_hub_config(path).get("hidden_act"))
     raise ValueError(_unknown_layout(path, entries))
 
 

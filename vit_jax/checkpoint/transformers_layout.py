@@ -30,12 +30,11 @@ _ACTIVATIONS = {
 }
 
 
-def model_fields(state: dict[str, Any], hidden_act: str | None) -> dict[str, Any]:
+def model_fields(hidden_act: str | None) -> dict[str, Any]:
     """The `VisionTransformer` fields that compute what transformers computes on these weights.
 
     `hidden_act` is the `config.json` entry saved beside the weights (None: the default).
     """
-    _refuse_unsupported(state)
     activation = _ACTIVATIONS.get(hidden_act or "gelu")
     if activation is None:
         raise ValueError(
@@ -47,7 +46,6 @@ def model_fields(state: dict[str, Any], hidden_act: str | None) -> dict[str, Any
 
 def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
     """Maps a transformers ViT state dict onto our unrolled tree."""
-    _refuse_unsupported(state)
     prefix = "vit." if "vit." + _PATCH in state else ""
     state = dict(state)
     out: dict[str, np.ndarray] = {}
@@ -103,11 +101,3 @@ def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str,
             + ", ".join(sorted(state)[:10])
         )
     return out
-
-
-def _refuse_unsupported(state: Any) -> None:
-    if any(k.endswith("distillation_token") for k in state):
-        raise ValueError(
-            "This transformers checkpoint has a distillation token (DeiT distilled), which "
-            "vit_jax's ViT does not have."
-        )

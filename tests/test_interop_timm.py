@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -29,6 +30,7 @@ from test_checkpoint_npz import random_params
 from test_cli import parse
 
 from vit_jax import checkpoint, export, predict
+from vit_jax.checkpoint.safetensors_file import read_safetensors
 from vit_jax.models import create_model
 
 
@@ -197,3 +199,15 @@ def test_exports_timm_would_misread_are_refused(fields, file_format, message, in
     assert export.main(["--workdir", workdir, "--out", str(tmp_path / "ours.npz")]) == 0
     loaded = checkpoint.load_pretrained(tmp_path / "ours.npz", init_params=params)
     np.testing.assert_array_equal(our_logits(model, loaded), our_logits(model, params))
+
+
+def test_bfloat16_hub_files_read_exactly(tmp_path):
+    """Hub files are often bfloat16, which `safetensors.numpy` cannot read; ours can."""
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in timm_vit().state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    arrays, _ = read_safetensors(path)
+    assert sorted(arrays) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert arrays[name].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(arrays[name].astype(np.float32), tensor.float().numpy())

@@ -8,7 +8,11 @@ Equations (Dosovitskiy et al., 2020, eqs. 1-4):
     z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos
     z'_l = MSA(LN(z_{l-1})) + z_{l-1}
     z_l = MLP(LN(z'_l)) + z'_l
-    y = LN(z_L^0)             (or the mean over tokens without a class token)
+    y = LN(z_L^0)             (or the mean over patch tokens without a class token)
+
+Registers (Darcet et al., 2023), when the file has `registers`, are learned tokens
+placed after the class token once the position embedding is added (they have no
+position), attended to by every block and left out of the pooling.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ def vit_logits(weights: Mapping[str, np.ndarray], images: np.ndarray) -> np.ndar
     if "cls" in w:
         z = np.concatenate([np.broadcast_to(w["cls"], (n, 1, z.shape[-1])), z], axis=1)
     z = z + w["Transformer/posembed_input/pos_embedding"]
+    num_prefix = int("cls" in w)
+    num_registers = w["registers"].shape[1] if "registers" in w else 0
+    if num_registers:
+        registers = np.broadcast_to(w["registers"], (n, num_registers, z.shape[-1]))
+        z = np.concatenate([z[:, :num_prefix], registers, z[:, num_prefix:]], axis=1)
 
     depth = len({key.split("/")[1] for key in w if key.startswith("Transformer/encoderblock_")})
     for i in range(depth):
@@ -67,7 +76,7 @@ def vit_logits(weights: Mapping[str, np.ndarray], images: np.ndarray) -> np.ndar
         z = z + _mlp(_layer_norm(z, w, f"{block}/LayerNorm_2"), w, f"{block}/MlpBlock_3")
     z = _layer_norm(z, w, "Transformer/encoder_norm")
 
-    y = z[:, 0] if "cls" in w else z.mean(axis=1)
+    y = z[:, 0] if "cls" in w else z[:, num_registers:].mean(axis=1)
     if "pre_logits/kernel" in w:
         y = np.tanh(y @ w["pre_logits/kernel"] + w["pre_logits/bias"])
     return y @ w["head/kernel"] + w["head/bias"]

@@ -53,6 +53,19 @@ IMPORTABLE = {
     "gap_fc_norm": (dict(class_token=False, global_pool="avg"), dict(pool="gap", fc_norm=True)),
     "map": (dict(class_token=False, global_pool="map"), dict(pool="map", fc_norm=False)),
     "no_qkv_bias": (dict(qkv_bias=False), dict(pool="token")),
+    "registers_token": (
+        dict(reg_tokens=4, no_embed_class=True),
+        dict(pool="token", num_registers=4),
+    ),
+    "registers_gap": (
+        dict(class_token=False, global_pool="avg", fc_norm=False, reg_tokens=4)
+        | dict(no_embed_class=True),
+        dict(pool="gap", num_registers=4),
+    ),
+    "registers_map": (
+        dict(class_token=False, global_pool="map", reg_tokens=2, no_embed_class=True),
+        dict(pool="map", num_registers=2),
+    ),
 }
 
 
@@ -107,7 +120,7 @@ UNSUPPORTED = {
         "SwiGLU",
     ),
     "pre_norm": (dict(pre_norm=True), "LayerNorm before the blocks"),
-    "registers": (dict(reg_tokens=4, no_embed_class=True), "register tokens"),
+    "register_positions": (dict(reg_tokens=4), "register tokens position embeddings"),
 }
 
 
@@ -149,6 +162,11 @@ EXPORTABLE = {
     ),
     "map_npz": (dict(pool="map"), "timm_npz"),
     "map_safetensors": (dict(pool="map", activation="gelu_exact"), "timm_safetensors"),
+    "registers_token_safetensors": (dict(num_registers=2), "timm_safetensors"),
+    "registers_gap_safetensors": (
+        dict(pool="gap", fc_norm=True, num_registers=3, activation="gelu_exact"),
+        "timm_safetensors",
+    ),
 }
 
 
@@ -182,6 +200,7 @@ def test_exports_load_into_timm_with_our_logits(case, tmp_path):
         (dict(representation_size=16), "timm_npz", "representation layer", "--format npz"),
         (dict(representation_size=16), "timm_safetensors", "representation layer", "--format npz"),
         (dict(pool="gap", fc_norm=True), "timm_npz", "fc_norm", "--format timm_safetensors"),
+        (dict(num_registers=2), "timm_npz", "register tokens", "--format timm_safetensors"),
         (dict(posemb="sincos2d"), "timm_safetensors", "sincos2d", "--format npz"),
     ],
 )

@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_vit import vit_logits
 
+from vit_jax.checkpoint.npz import read_npz, save_npz
 from vit_jax.models import create_model, parse_variant, stack_blocks, unstack_blocks
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
@@ -285,3 +287,82 @@ def test_invalid_options_are_clear_errors():
         create_model("Ti/16", num_classes=5, attention_impl="cudnn")
     with pytest.raises(ValueError, match="remat_policy"):
         create_model("Ti/16", num_classes=5, remat_policy="some")
+
+
+def _with_registers(params, registers):
+    return {**params, "registers": registers}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
+def test_registers_sit_after_the_class_token_without_a_position(scan, posemb):
+    plain = create_model("Ti/8", num_classes=5, posemb=posemb, scan=scan, **TINY)
+    model = create_model("Ti/8", num_classes=5, num_registers=3, posemb=posemb, scan=scan, **TINY)
+    variables, images = _init(model)
+    params = _randomize(variables["params"])
+    assert params["registers"].shape == (1, 3, 32)
+    # Everything else (the position embedding included) is what the plain model has.
+    without = {k: v for k, v in params.items() if k != "registers"}
+    plain_shapes = nn.unbox(plain.init(jax.random.key(0), images, train=False))["params"]
+    assert jax.tree.map(jnp.shape, without) == jax.tree.map(jnp.shape, plain_shapes)
+    _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
+    (out,) = state["intermediates"]["Transformer"]["encoderblock" if scan else "encoderblock_1"][
+        "out"
+    ]
+    assert out.shape[-2:] == (1 + 3 + 16, 32)  # [cls, 3 registers, 4x4 patches]
+
+    logits = model.apply({"params": params}, images, train=False)
+    # No position: permuting the registers leaves the output unchanged ...
+    permuted = _with_registers(params, params["registers"][:, ::-1])
+    np.testing.assert_allclose(
+        model.apply({"params": permuted}, images, train=False), logits, rtol=1e-5, atol=1e-6
+    )
+    # ... yet attention uses them.
+    changed = _with_registers(params, params["registers"] + 1.0)
+    assert not np.allclose(model.apply({"params": changed}, images, train=False), logits)
+
+
+@pytest.mark.parametrize("pool", ["token", "gap", "map"])
+def test_pooling_ignores_the_registers(pool):
+    # Without blocks no token mixes with another, so only pooling could read a register.
+    model = create_model(
+        "Ti/8", num_classes=5, pool=pool, num_registers=2, **(TINY | dict(depth=0))
+    )
+    variables, images = _init(model)
+    params = _randomize(variables["params"])
+    logits = model.apply({"params": params}, images, train=False)
+    assert np.abs(logits).max() > 0.01
+    changed = _with_registers(params, 10.0 * jax.random.normal(jax.random.key(5), (1, 2, 32)))
+    np.testing.assert_array_equal(model.apply({"params": changed}, images, train=False), logits)
+
+
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_registers_match_the_reference(tmp_path, pool):
+    model = create_model("Ti/8", num_classes=5, pool=pool, num_registers=4, **TINY)
+    variables, images = _init(model)
+    params = _randomize(variables["params"], seed=2)
+    path = tmp_path / "registers.npz"
+    save_npz(params, path)
+    expected = vit_logits(read_npz(path), np.asarray(images))
+    assert np.abs(expected).max() > 0.1
+    got = model.apply({"params": params}, images, train=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_registers_start_distinct_and_learn():
+    model = create_model("Ti/8", num_classes=5, num_registers=4, pool="gap", **TINY)
+    variables, images = _init(model)
+    registers = variables["params"]["registers"]
+    # Identical registers would get identical updates forever: the init must break symmetry.
+    assert abs(float(np.std(registers)) - 0.02) < 0.006
+    params = _randomize(variables["params"])
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images, train=False) ** 2))(
+        params
+    )["registers"][0]
+    assert np.all(np.abs(grads).max(axis=-1) > 0)
+    assert not np.allclose(grads[0], grads[1])
+
+
+def test_negative_registers_are_a_clear_error():
+    with pytest.raises(ValueError, match="num_registers=-1"):
+        create_model("Ti/16", num_classes=5, num_registers=-1)

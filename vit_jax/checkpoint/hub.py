@@ -33,7 +33,6 @@ def read_params(path: str | os.PathLike, num_heads: int) -> tuple[dict[str, np.n
     """The file's weights as our unrolled tree ('/'-joined), and the name of its layout."""
     arrays, _ = read_safetensors(path)
     if timm_layout.is_timm(arrays):
-        _refuse_registers(arrays)
         return timm_layout.from_timm(arrays, num_heads), "timm ViT layout"
     if transformers_layout.is_transformers(arrays):
         return transformers_layout.from_transformers(arrays, num_heads), "transformers ViT layout"
@@ -49,7 +48,6 @@ def model_fields(path: str | os.PathLike) -> dict[str, Any]:
     if MODEL_METADATA in metadata:
         return json.loads(metadata[MODEL_METADATA])
     if timm_layout.is_timm(entries):
-        _refuse_registers(entries)
         return timm_layout.model_fields(entries, _hub_config(path).get("architecture"))
     if transformers_layout.is_transformers(entries):
         return transformers_layout.model_fields(_hub_config(path).get("hidden_act"))
@@ -59,14 +57,6 @@ def model_fields(path: str | os.PathLike) -> dict[str, Any]:
 def _hub_config(path: str | os.PathLike) -> dict[str, Any]:
     config = epath.Path(path).parent / _HUB_CONFIG
     return json.loads(config.read_text()) if config.exists() else {}
-
-
-def _refuse_registers(state: Any) -> None:
-    if "reg_token" in state:
-        raise ValueError(
-            "This timm ViT has register tokens (reg_token), which vit_jax's ViT does not have "
-            "yet; it would compute something else without them."
-        )
 
 
 def _unknown_layout(path: str | os.PathLike, keys: Any) -> str:

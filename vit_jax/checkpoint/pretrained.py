@@ -129,6 +129,7 @@ def describe_checkpoint(path: str | os.PathLike) -> CheckpointDescription:
     model = dict(_stated_fields(path))
     model.setdefault("pool", _pool(params))
     model.setdefault("fc_norm", "fc_norm/scale" in params)
+    model.setdefault("num_registers", params["registers"].shape[1] if "registers" in params else 0)
     representation = params.get("pre_logits/bias")
     model["representation_size"] = None if representation is None else representation.shape[-1]
     image_size = None

@@ -78,6 +78,8 @@ def test_timm_models_import_with_timm_logits(family, tmp_path):
     described = checkpoint.describe_checkpoint(path)
     assert described.model | fields == described.model
     assert described.model["activation"] == "gelu_exact"
+    bound = checkpoint.weight_bound_fields(path)  # What fine-tuning from it builds with.
+    assert bound == {k: described.model[k] for k in checkpoint.WEIGHT_BOUND_FIELDS}
     assert (described.num_classes, described.image_size) == (10, 32)
     model, params = import_model(path)
     assert_same_logits(our_logits(model, params), torch_forward(source))

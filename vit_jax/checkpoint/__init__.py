@@ -8,6 +8,7 @@ from vit_jax.checkpoint.pretrained import (
     CheckpointDescription,
     describe_checkpoint,
     load_pretrained,
+    weight_bound_fields,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "load_pretrained",
     "resample_posemb",
     "save_npz",
+    "weight_bound_fields",
 ]

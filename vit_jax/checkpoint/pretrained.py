@@ -31,7 +31,7 @@ from vit_jax.models import stack_blocks
 from vit_jax.models.variants import SIZES
 
 # Model fields that must follow the checkpoint for its weights to mean what they meant:
-# fine-tuning (`model_init`) takes them from `describe_checkpoint(...).model`.
+# fine-tuning (`model_init`) takes them from `weight_bound_fields`.
 WEIGHT_BOUND_FIELDS = ("activation", "pool", "fc_norm", "num_registers")
 _ATTENTION_OUT = re.compile(r"MultiHeadDotProductAttention_0/out/kernel$")
 
@@ -154,6 +154,18 @@ def describe_checkpoint(path: str | os.PathLike) -> CheckpointDescription:
         num_classes=0 if head is None else head.shape[-1],
         image_size=image_size,
     )
+
+
+def weight_bound_fields(path: str | os.PathLike) -> dict[str, Any]:
+    """The `WEIGHT_BOUND_FIELDS` a checkpoint states, without reading its arrays.
+
+    What a fine-tuning run starting from `path` (`config.model_init`) must build its model
+    with: hub files state them (header and `config.json`), workdirs in their metadata. An
+    `.npz` states none: its structure is checked when loading, and its activation is the
+    config's (Google's files use the default "gelu_tanh").
+    """
+    stated = _stated_fields(path)
+    return {key: stated[key] for key in WEIGHT_BOUND_FIELDS if key in stated}
 
 
 def _stated_fields(path: str | os.PathLike) -> dict[str, Any]:

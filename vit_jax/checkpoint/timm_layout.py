@@ -51,9 +51,8 @@ def model_fields(state: dict[str, Any], architecture: str | None) -> dict[str, A
         "activation": "gelu_tanh" if tanh else "gelu_exact",
         "pool": pool,
         "fc_norm": "fc_norm.weight" in state,
+        "num_registers": int(_shape(state["reg_token"])[1]) if "reg_token" in state else 0,
     }
-    if "reg_token" in state:
-        fields["num_registers"] = int(_shape(state["reg_token"])[1])
     if "cls_token" in state and fields["pool"] != "token":
         raise ValueError(
             "This timm ViT has a class token but pools by attention: our model has no "

@@ -41,7 +41,7 @@ def model_fields(hidden_act: str | None) -> dict[str, Any]:
             f"This transformers ViT uses hidden_act={hidden_act!r}; vit_jax's ViT computes "
             f"only {', '.join(sorted(_ACTIVATIONS))}."
         )
-    return {"activation": activation, "pool": "token", "fc_norm": False}
+    return {"activation": activation, "pool": "token", "fc_norm": False, "num_registers": 0}
 
 
 def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:

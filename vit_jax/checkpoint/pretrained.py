@@ -7,7 +7,8 @@ a silently partial load trains a model that is quietly worse.
 
 Weights alone do not say how a model computes with them: `describe_checkpoint` tells the
 caller the model fields a checkpoint implies (`WEIGHT_BOUND_FIELDS`: activation, pooling,
-where the final norm sits), so the model built for it computes what the source computed.
+where the final norm sits, registers), so the model built for it computes what the source
+computed.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
 Formats (--format):
   npz               the original ViT release layout: vit_jax, the original code and the
                     AugReg colabs load it; any of our models.
-  timm_npz          the same file, for timm's `load_pretrained(..., ".npz")`: refused for models
-                    that loader cannot rebuild (representation layer, fc_norm, registers, ...).
+  timm_npz          the same file, for timm's `VisionTransformer.load_pretrained(path)`: refused
+                    for models that loader cannot rebuild (representation layer, fc_norm,
+                    registers, ...).
   timm_safetensors  timm's ViT state dict, for `timm.create_model(...,
                     pretrained_cfg_overlay=dict(file=...))` or `load_state_dict`; refused for
                     models timm's ViT cannot compute (representation layer, ResNet stem, ...).

@@ -232,3 +232,14 @@ def test_bfloat16_hub_files_read_exactly(tmp_path):
     for name, tensor in tensors.items():
         assert arrays[name].dtype == jnp.bfloat16
         np.testing.assert_array_equal(arrays[name].astype(np.float32), tensor.float().numpy())
+
+
+def test_siglip_hub_config_selects_the_tanh_gelu(tmp_path):
+    """SigLIP's timm definitions use `act_layer="gelu_tanh"`; the hub config.json names them."""
+    source = timm_vit(class_token=False, global_pool="map", act_layer="gelu_tanh")
+    path = save_timm(source, tmp_path / "model.safetensors")
+    hub_config = {"architecture": "vit_base_patch16_siglip_224"}
+    (tmp_path / "config.json").write_text(json.dumps(hub_config))
+    assert checkpoint.weight_bound_fields(path)["activation"] == "gelu_tanh"
+    model, params = import_model(path)
+    assert_same_logits(our_logits(model, params), torch_forward(source))

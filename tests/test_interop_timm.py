@@ -28,6 +28,7 @@ from interop_support import (
 from PIL import Image
 from test_checkpoint_npz import random_params
 from test_cli import parse
+from timm.models import save_for_hf
 
 from vit_jax import checkpoint, export, predict
 from vit_jax.checkpoint.safetensors_file import read_safetensors
@@ -234,12 +235,24 @@ def test_bfloat16_hub_files_read_exactly(tmp_path):
         np.testing.assert_array_equal(arrays[name].astype(np.float32), tensor.float().numpy())
 
 
-def test_siglip_hub_config_selects_the_tanh_gelu(tmp_path):
-    """SigLIP's timm definitions use `act_layer="gelu_tanh"`; the hub config.json names them."""
-    source = timm_vit(class_token=False, global_pool="map", act_layer="gelu_tanh")
-    path = save_timm(source, tmp_path / "model.safetensors")
-    hub_config = {"architecture": "vit_base_patch16_siglip_224"}
-    (tmp_path / "config.json").write_text(json.dumps(hub_config))
-    assert checkpoint.weight_bound_fields(path)["activation"] == "gelu_tanh"
+@pytest.mark.parametrize(
+    ("architecture", "activation"),
+    [("vit_base_patch32_siglip_256", "gelu_tanh"), ("vit_base_patch16_siglip_224", "gelu_exact")],
+)
+def test_saved_architecture_selects_the_activation(architecture, activation, tmp_path):
+    """Some SigLIP definitions use `act_layer="gelu_tanh"`, others not: config.json says which."""
+    source = timm_vit(architecture, num_heads=2)
+    save_for_hf(source, str(tmp_path), safe_serialization=True)
+    path = str(tmp_path / "model.safetensors")
+    assert checkpoint.weight_bound_fields(path) == dict(
+        activation=activation, pool="map", fc_norm=False, num_registers=0
+    )
     model, params = import_model(path)
     assert_same_logits(our_logits(model, params), torch_forward(source))
+
+
+def test_average_pooling_beside_a_class_token_is_refused(tmp_path):
+    """Only the saved config.json tells this model from a token-pooled one: it is read."""
+    save_for_hf(timm_vit(global_pool="avg"), str(tmp_path), safe_serialization=True)
+    with pytest.raises(ValueError, match="global_pool='avg' beside a class token"):
+        checkpoint.describe_checkpoint(tmp_path / "model.safetensors")

@@ -48,7 +48,7 @@ def model_fields(path: str | os.PathLike) -> dict[str, Any]:
     if MODEL_METADATA in metadata:
         return json.loads(metadata[MODEL_METADATA])
     if timm_layout.is_timm(entries):
-        return timm_layout.model_fields(entries, _hub_config(path).get("architecture"))
+        return timm_layout.model_fields(entries, _hub_config(path))
     if transformers_layout.is_transformers(entries):
         return transformers_layout.model_fields(_hub_config(path).get("hidden_act"))
     raise ValueError(_unknown_layout(path, entries))

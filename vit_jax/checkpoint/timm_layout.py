@@ -30,35 +30,57 @@ _UNSUPPORTED = (
     (r"\.attn\.(q_bias|v_bias|relative_position)", "BEiT-style attention biases"),
     (r"^attn_pool\.(q_norm|k_norm|pos_embed)", "a MAP head with extra norms or positions"),
 )
-# SigLIP's timm definitions build the ViT with `act_layer='gelu_tanh'`; every other family we
-# can express uses PyTorch's exact `nn.GELU`. The weights cannot tell, the hub config can.
-_TANH_GELU_ARCHITECTURES = re.compile(r"siglip")
+# The timm ViT definitions (timm 1.0.31) built with `act_layer="gelu_tanh"`, all SigLIP (2)
+# models; every other ViT we can express uses PyTorch's exact `nn.GELU`, SigLIP's
+# `vit_base_patch16_siglip_224` included. Weights cannot tell; the saved `architecture` can.
+_GELU_TANH_ARCHITECTURES = frozenset(
+    (
+        "vit_base_patch32_siglip_256",
+        "vit_large_patch16_siglip_512",
+        "vit_so400m_patch16_siglip_256",
+        "vit_so400m_patch16_siglip_384",
+        "vit_so400m_patch16_siglip_512",
+        "vit_giantopt_patch16_siglip_256",
+        "vit_giantopt_patch16_siglip_384",
+        "vit_base_patch32_siglip_gap_256",
+        "vit_large_patch16_siglip_gap_512",
+        "vit_so400m_patch16_siglip_gap_256",
+        "vit_so400m_patch16_siglip_gap_384",
+        "vit_so400m_patch16_siglip_gap_512",
+        "vit_giantopt_patch16_siglip_gap_256",
+        "vit_giantopt_patch16_siglip_gap_384",
+    )
+)
 
 
 def is_timm(keys: Any) -> bool:
     return "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys)
 
 
-def model_fields(state: dict[str, Any], architecture: str | None) -> dict[str, Any]:
+def model_fields(state: dict[str, Any], hub_config: dict[str, Any]) -> dict[str, Any]:
     """The `VisionTransformer` fields that compute what timm computes on these weights.
 
-    `state` maps names to anything with a `.shape` (arrays or header entries).
+    `state` maps names to anything with a `.shape` (arrays or header entries);
+    `hub_config` is the `config.json` timm saves beside them ({} when there is none): its
+    `global_pool` and `architecture` say what the weights cannot.
     """
     _refuse_unsupported(state)
-    tanh = bool(architecture and _TANH_GELU_ARCHITECTURES.search(architecture))
     pool = "map" if "attn_pool.latent" in state else "token" if "cls_token" in state else "gap"
-    fields: dict[str, Any] = {
+    global_pool = hub_config.get("global_pool", {"gap": "avg"}.get(pool, pool))
+    if global_pool != {"gap": "avg"}.get(pool, pool):
+        raise ValueError(
+            f"This timm ViT pools with global_pool={global_pool!r}"
+            + (" beside a class token" if "cls_token" in state else "")
+            + ": vit_jax's ViT pools by class token, by average without a class token, or by "
+            "a MAP head without one."
+        )
+    tanh = hub_config.get("architecture") in _GELU_TANH_ARCHITECTURES
+    return {
         "activation": "gelu_tanh" if tanh else "gelu_exact",
         "pool": pool,
         "fc_norm": "fc_norm.weight" in state,
         "num_registers": int(_shape(state["reg_token"])[1]) if "reg_token" in state else 0,
     }
-    if "cls_token" in state and fields["pool"] != "token":
-        raise ValueError(
-            "This timm ViT has a class token but pools by attention: our model has no "
-            "class token beside a MAP head."
-        )
-    return fields
 
 
 def from_timm(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Every test sees 8 simulated CPU devices; TensorFlow never sees an accelerator."""
 
 import os
+import sys
 
 # Simulated devices share the host's cores: on a loaded machine one of them can reach a
 # collective long after the others, past XLA's 40 s CPU default that aborts the process.
@@ -12,3 +13,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The interop extra's torch build brings triton (a GPU kernel compiler), which crashes the
+# process when loaded after TensorFlow; torch on CPU never needs it, so it is kept out.
+sys.modules.setdefault("triton", None)

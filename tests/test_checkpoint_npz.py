@@ -19,7 +19,7 @@ from reference_vit import vit_logits
 
 from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
 from vit_jax.checkpoint.posemb import resample_posemb
-from vit_jax.checkpoint.pretrained import load_pretrained
+from vit_jax.checkpoint.pretrained import describe_checkpoint, load_pretrained
 from vit_jax.models import create_model, stack_blocks, unstack_blocks
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
@@ -434,3 +434,23 @@ def test_flax_model_matches_the_reference_on_the_exported_file(tmp_path, overrid
     expected = vit_logits(read_npz(path), IMAGES)
     assert np.abs(expected).max() > 0.1  # Non-trivial logits.
     np.testing.assert_allclose(logits(model, params), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(pool="token", fc_norm=False, num_registers=0, representation_size=None),
+        dict(pool="gap", fc_norm=True, num_registers=0, representation_size=None),
+        dict(pool="map", fc_norm=False, num_registers=2, representation_size=None),
+        dict(pool="token", fc_norm=False, num_registers=1, representation_size=16),
+    ],
+)
+def test_describe_reads_the_architecture_from_an_npz(tmp_path, overrides):
+    """What vit-predict builds a bare file's model from; an .npz states no activation."""
+    model = tiny(**overrides)
+    path = tmp_path / "model.npz"
+    save_npz(random_params(model), path)
+    described = describe_checkpoint(path)
+    assert described.model == overrides  # No `name`: width 32 is no named size.
+    assert (described.num_classes, described.image_size) == (10, 32)
+    assert "original ViT/AugReg layout" in described.source

@@ -2,12 +2,12 @@
 
 import json
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from test_checkpoint_npz import random_params
 from test_main import small_local_config
 
 from vit_jax import checkpoint, data, export, predict
@@ -146,24 +146,29 @@ def test_export_round_trip(run, images, tmp_path, capsys):
     assert capsys.readouterr().out == from_workdir
 
 
-def test_bare_npz_needs_the_model_and_prints_class_indices(images, tmp_path, capsys):
-    model = create_model("Ti/8", num_classes=3)
-    params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 8, 8, 3)), train=False))["params"]
-    head = np.random.default_rng(0).normal(size=params["head"]["kernel"].shape)
-    params = {**params, "head": {**params["head"], "kernel": head}}
+def test_bare_i21k_style_npz_is_described_by_its_weights(images, tmp_path, capsys):
+    """A published file with a representation layer: no flags, nothing silently dropped."""
+    model = create_model("Ti/8", num_classes=3, representation_size=16)
+    params = random_params(model, image_shape=(8, 8))
     path = str(tmp_path / "bare.npz")
     checkpoint.save_npz(params, path)
     image = str(images / "test" / "1" / "1.png")
 
-    assert predict.main(["--checkpoint", path, image]) == 2
-    assert "pass --model --num_classes --image_size" in capsys.readouterr().err
-
-    flags = ["--checkpoint", path, "--model", "Ti/8", "--image_size", "8"]
-    assert predict.main([*flags, "--num_classes", "3", image]) == 0
+    assert predict.main(["--checkpoint", path, image]) == 0
     top = parse(capsys.readouterr().out)[image]
-    assert sorted(label for _, label in top) == ["0", "1", "2"]
-    assert sum(p for p, _ in top) == pytest.approx(1.0, abs=1e-3)
+    logits = model.apply({"params": params}, predict.load_image(image, 8, 1.0)[None], train=False)
+    expected = np.asarray(jax.nn.softmax(logits))[0]
+    assert [label for _, label in top] == [str(i) for i in np.argsort(-expected)]
+    np.testing.assert_allclose([p for p, _ in top], np.sort(expected)[::-1], atol=1e-4)
 
     # Another class count would reset the head: every image would get 1/5 per class.
-    assert predict.main([*flags, "--num_classes", "5", image]) == 2
+    assert predict.main(["--checkpoint", path, "--num_classes", "5", image]) == 2
     assert "all zeros" in capsys.readouterr().err
+
+
+def test_bare_npz_of_an_unnamed_size_asks_for_the_model(images, tmp_path, capsys):
+    model = create_model("Ti/8", num_classes=3, width=32, depth=2, mlp_dim=64, num_heads=2)
+    path = str(tmp_path / "bare.npz")
+    checkpoint.save_npz(random_params(model, image_shape=(8, 8)), path)
+    assert predict.main(["--checkpoint", path, str(images / "test" / "1" / "1.png")]) == 2
+    assert "does not say its model: pass --model" in capsys.readouterr().err

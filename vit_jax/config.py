@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16)
     c.model.scan = False
     c.model.remat_policy = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    c.model.activation = "gelu_tanh"  # "gelu_tanh" (Google checkpoints) | "gelu_exact" (timm, HF)
+    c.model.fc_norm = False  # LayerNorm after pooling instead of before it (timm gap models).
     c.model_init = placeholder(str)  # Pretrained .npz file or vit_jax workdir.
     c.model_init_reset_head = False  # Zero head even when the class count matches.
 

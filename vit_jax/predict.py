@@ -3,10 +3,14 @@
     vit-predict --checkpoint /tmp/vit_local --top_k 3 digit.png more_digits/
     vit-predict --checkpoint ViT-B_16.npz --model B/16 --num_classes 1000 --image_size 384 cat.jpg
 
-The checkpoint is a vit-train workdir (its latest step), or an `.npz` with the `.json`
-that vit-export writes next to it; for any other `.npz` pass --model, --num_classes and
---image_size, and classes are printed as indices. These flags also override what the run
-says (e.g. --image_size, with the position embedding resampled). Images are preprocessed
+The checkpoint is a vit-train workdir (its latest step), a file with the `.json` that
+vit-export writes next to it, or a bare published file: an `.npz` in any Google layout
+(the i21k ones with their representation layer too) or a `.safetensors` in timm's or
+transformers' ViT layout. A bare file's class count, pooling, representation layer,
+activation and, for plain ViTs, size and resolution are read from its weights; pass
+--model (hybrids), --image_size (hybrids) when it cannot tell, and classes are printed as
+indices. These flags also override what the run says (e.g. --image_size, with the
+position embedding resampled). Images are preprocessed
 as evaluation does (vit_jax.data.preprocess: decode to RGB, resize / central crop by the
 run's `pp.eval_crop_fraction`, values in [-1, 1]). Folders are searched recursively for
 .jpg/.jpeg/.png files. A file that cannot be read is reported on stderr and the others
@@ -44,29 +48,38 @@ from vit_jax.data.folder import IMAGE_EXTENSIONS  # noqa: E402
 from vit_jax.export import description_path, run_description  # noqa: E402
 from vit_jax.trainer import build_model, scale_images  # noqa: E402
 
-_REQUIRED = ("model", "num_classes", "image_size")
+_REQUIRED = ("num_classes", "image_size")
 
 
 def load_run(path: str, **overrides: Any) -> dict[str, Any]:
     """What the checkpoint at `path` says about itself, with `overrides` (None: keep) applied.
 
-    `model` is overridden by a name alone, as a bare `.npz` knows no other options.
+    A workdir or an exported file's `.json` describes the run. A bare file is described by
+    what its weights imply (`checkpoint.describe_checkpoint`: pooling, representation
+    layer, activation of hub layouts, class count, and for plain ViTs size and resolution);
+    `model` overrides the model's name only, keeping those implied fields.
     """
     if epath.Path(path).is_dir():
         description = run_description(path)
     elif (json_path := description_path(path)).exists():
         description = json.loads(json_path.read_text())
     else:
-        description = {}
+        implied = checkpoint.describe_checkpoint(path)
+        description = {"model": implied.model}
+        if implied.num_classes:
+            description["num_classes"] = implied.num_classes
+        if implied.image_size:
+            description["image_size"] = implied.image_size
     if overrides.get("model"):
-        overrides["model"] = {"name": overrides["model"]}
+        overrides["model"] = description.get("model", {}) | {"name": overrides["model"]}
     description |= {key: value for key, value in overrides.items() if value is not None}
-    missing = [key for key in _REQUIRED if key not in description]
+    missing = [] if "name" in description.get("model", {}) else ["model"]
+    missing += [key for key in _REQUIRED if key not in description]
     if missing:
         raise ValueError(
             f"{path} does not say its {', '.join(missing)}: pass "
             + " ".join(f"--{key}" for key in missing)
-            + " (a vit-train workdir, or an .npz exported with vit-export, needs none)."
+            + " (a vit-train workdir, or a file exported with vit-export, needs none)."
         )
     return description
 
@@ -131,10 +144,12 @@ def _batches(files: Iterator[str], batch_size: int) -> Iterator[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vit-predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="Image files or folders.")
-    parser.add_argument("--checkpoint", required=True, help="A vit-train workdir or an .npz.")
+    parser.add_argument(
+        "--checkpoint", required=True, help="A vit-train workdir, an .npz or a .safetensors."
+    )
     parser.add_argument("--top_k", type=int, default=5, help="Classes printed per image.")
-    parser.add_argument("--model", help="Model name, e.g. B/16 (bare .npz only).")
-    parser.add_argument("--num_classes", type=int, help="Head size (bare .npz only).")
+    parser.add_argument("--model", help="Model name, e.g. B/16 (bare files only).")
+    parser.add_argument("--num_classes", type=int, help="Head size (bare files only).")
     parser.add_argument("--image_size", type=int, help="Input resolution in pixels.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass.")
     args = parser.parse_args(argv)

@@ -145,16 +145,24 @@ def save_npz(params: Any, path: str | os.PathLike) -> None:
     code and timm's ViT loader read. A `posemb="sincos2d"` model has no stored position
     embedding, so its file loads only into a sincos2d model.
     """
-    tree = nn.unbox(params)
-    if "encoderblock" in tree.get("Transformer", {}):
-        tree = unstack_blocks(tree)
     flat = {
-        _rename_block_module(key, _PRE_LINEN_NAMES): np.asarray(value, dtype=np.float32)
-        for key, value in traverse_util.flatten_dict(tree, sep="/").items()
+        _rename_block_module(key, _PRE_LINEN_NAMES): value
+        for key, value in unrolled_float32(params).items()
     }
     # A file object keeps numpy from appending ".npz" to a path that lacks it.
     with epath.Path(path).open("wb") as f:
         np.savez(f, **flat)
+
+
+def unrolled_float32(params: Any) -> dict[str, np.ndarray]:
+    """Our tree ('/'-joined, Linen names) unrolled and float32, from any boxed/scanned tree."""
+    tree = nn.unbox(params)
+    if "encoderblock" in tree.get("Transformer", {}):
+        tree = unstack_blocks(tree)
+    return {
+        key: np.asarray(value, dtype=np.float32)
+        for key, value in traverse_util.flatten_dict(tree, sep="/").items()
+    }
 
 
 def _model_prefix(flat: dict[str, np.ndarray]) -> str:

@@ -4,12 +4,19 @@ The target decides: what fits is loaded, the classification head is reset when i
 cannot serve the target, the position embedding follows the target's patch grid,
 and anything else that differs is an error naming every offending parameter, since
 a silently partial load trains a model that is quietly worse.
+
+Weights alone do not say how a model computes with them: `describe_checkpoint` tells the
+caller the model fields a checkpoint implies (`WEIGHT_BOUND_FIELDS`: activation, pooling,
+where the final norm sits, registers), so the model built for it computes what the source
+computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -18,9 +25,16 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from vit_jax.checkpoint.npz import POSEMB, Layout, canonicalize, read_npz
+from vit_jax.checkpoint import hub
+from vit_jax.checkpoint.npz import POSEMB, canonicalize, read_npz
 from vit_jax.checkpoint.posemb import infer_grid, resample_posemb
 from vit_jax.models import stack_blocks
+from vit_jax.models.variants import SIZES
+
+# Model fields that must follow the checkpoint for its weights to mean what they meant:
+# fine-tuning (`model_init`) takes them from `weight_bound_fields`.
+WEIGHT_BOUND_FIELDS = ("activation", "pool", "fc_norm", "num_registers")
+_ATTENTION_OUT = re.compile(r"MultiHeadDotProductAttention_0/out/kernel$")
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +51,11 @@ def load_pretrained(
     """Returns the checkpoint at `path` as parameters for the model of `init_params`.
 
     Args:
-      path: an `.npz` file in any published layout (see `vit_jax.checkpoint.npz`), local
-        or `gs://`, or an Orbax checkpoint directory of our own training runs.
+      path: an `.npz` file in any published layout (see `vit_jax.checkpoint.npz`), a
+        `.safetensors` file in timm's or transformers' ViT layout (see
+        `vit_jax.checkpoint.hub`), local or `gs://`, or an Orbax checkpoint directory of
+        our own training runs. Build the target with `describe_checkpoint(path).model`'s
+        fields, or it may compute something else with the same weights.
       init_params: `model.init(...)["params"]` of the target model, boxed or not, or its
         `jax.eval_shape`: only its structure, shapes and dtypes are used.
       grid: the target's patch grid (height, width); needed only when its number of
@@ -56,7 +73,8 @@ def load_pretrained(
     """
     target_tree = nn.unbox(init_params)
     target = traverse_util.flatten_dict(target_tree, sep="/")
-    params, layout = canonicalize(_read(path))
+    heads = [spec.shape[-3] for key, spec in target.items() if _ATTENTION_OUT.search(key)]
+    params, layout = _read(path, num_heads=heads[0] if heads else 1)
     logger.info("Loading %s (%s).", path, layout)
 
     if "encoderblock" in target_tree.get("Transformer", {}) and any(
@@ -86,13 +104,103 @@ def load_pretrained(
     )
 
 
-def _read(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Flat '/'-joined arrays of an `.npz` file or of an Orbax directory."""
+@dataclasses.dataclass(frozen=True)
+class CheckpointDescription:
+    """What a checkpoint's own files say about the model that computes with its weights.
+
+    `model` holds `VisionTransformer` fields: those of `WEIGHT_BOUND_FIELDS` the source
+    states, `representation_size`, and `name` when the sizes match a named plain ViT.
+    `num_classes` is 0 for a checkpoint without a head; `image_size` is the pretraining
+    resolution of a plain ViT's position embedding, None when it cannot be told.
+    """
+
+    source: str
+    model: dict[str, Any]
+    num_classes: int
+    image_size: int | None
+
+
+def describe_checkpoint(path: str | os.PathLike) -> CheckpointDescription:
+    """Reads `path` (any format `load_pretrained` takes) and describes its model.
+
+    An `.npz` does not record its activation: `model` then has none, and the Google
+    releases' "gelu_tanh" (our default) applies unless a run description says otherwise.
+    """
+    params, source = _read(path, num_heads=1)
+    model = dict(_stated_fields(path))
+    model.setdefault("pool", _pool(params))
+    model.setdefault("fc_norm", "fc_norm/scale" in params)
+    model.setdefault("num_registers", params["registers"].shape[1] if "registers" in params else 0)
+    representation = params.get("pre_logits/bias")
+    model["representation_size"] = None if representation is None else representation.shape[-1]
+    image_size = None
+    if "conv_root/kernel" not in params and POSEMB in params:
+        patch, width = params["embedding/kernel"].shape[0], params["embedding/kernel"].shape[-1]
+        num_prefix = int(model["pool"] == "token")
+        side = int(np.sqrt(params[POSEMB].shape[1] - num_prefix))
+        if side * side == params[POSEMB].shape[1] - num_prefix:
+            image_size = side * patch
+        sizes = {
+            "width": width,
+            "depth": sum(k.endswith("/LayerNorm_0/scale") and "encoderblock" in k for k in params),
+            "mlp_dim": params["Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias"].shape[-1],
+        }
+        names = [n for n, s in SIZES.items() if {k: s[k] for k in sizes} == sizes]
+        if len(names) == 1:
+            model.setdefault("name", f"{names[0]}/{patch}")
+    head = params.get("head/bias")
+    return CheckpointDescription(
+        source=str(source),
+        model=model,
+        num_classes=0 if head is None else head.shape[-1],
+        image_size=image_size,
+    )
+
+
+def weight_bound_fields(path: str | os.PathLike) -> dict[str, Any]:
+    """The `WEIGHT_BOUND_FIELDS` a checkpoint states, without reading its arrays.
+
+    What a fine-tuning run starting from `path` (`config.model_init`) must build its model
+    with: hub files state them (header and `config.json`), workdirs in their metadata. An
+    `.npz` states none: its structure is checked when loading, and its activation is the
+    config's (Google's files use the default "gelu_tanh").
+    """
+    stated = _stated_fields(path)
+    return {key: stated[key] for key in WEIGHT_BOUND_FIELDS if key in stated}
+
+
+def _stated_fields(path: str | os.PathLike) -> dict[str, Any]:
+    """Model fields the file states outright: hub layouts and our training runs do."""
+    if hub.is_safetensors(path):
+        return hub.model_fields(path)
     if epath.Path(path).is_dir():
         from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
 
-        return traverse_util.flatten_dict(manager.load_params(path), sep="/")
-    return read_npz(path)
+        saved = manager.load_metadata(path).get("model", {})
+        return {key: saved[key] for key in (*WEIGHT_BOUND_FIELDS, "name") if key in saved}
+    return {}
+
+
+def _pool(params: dict[str, np.ndarray]) -> str:
+    if "cls" in params:
+        return "token"
+    return "map" if "MAPHead_0/probe" in params else "gap"
+
+
+def _read(path: str | os.PathLike, num_heads: int) -> tuple[dict[str, np.ndarray], Any]:
+    """Flat '/'-joined arrays of our unrolled tree from any format, and a name of the layout.
+
+    `num_heads` shapes the attention kernels of formats that fuse the heads (hub layouts).
+    """
+    if hub.is_safetensors(path):
+        return hub.read_params(path, num_heads)
+    if epath.Path(path).is_dir():
+        from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
+
+        flat = traverse_util.flatten_dict(manager.load_params(path), sep="/")
+        params, _ = canonicalize(flat)
+        return params, "vit_jax training run"
+    return canonicalize(read_npz(path))
 
 
 def _module(flat: dict[str, Any], name: str) -> dict[str, Any]:
@@ -157,7 +265,7 @@ def _fit_posemb(
 
 
 def _check_fits(
-    params: dict[str, np.ndarray], target: dict[str, Any], path: Any, layout: Layout
+    params: dict[str, np.ndarray], target: dict[str, Any], path: Any, layout: Any
 ) -> None:
     """Raises, listing every parameter that is missing, unexpected or of another shape."""
     problems = [
@@ -180,5 +288,6 @@ def _check_fits(
             f"The checkpoint {path} ({layout}) does not fit the model:\n"
             + "\n".join(problems)
             + "\nBuild the model with the checkpoint's architecture (size, patch size, "
-            "pool, posemb, representation_size, hybrid stem)."
+            "pool, posemb, representation_size, fc_norm, hybrid stem): "
+            "vit_jax.checkpoint.describe_checkpoint tells what the file implies."
         )

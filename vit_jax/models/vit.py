@@ -9,6 +9,7 @@ logical activation constraints: sharding is chosen by rules outside the model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,12 @@ from vit_jax.models.resnet import resnet_stem
 Dtype = Any
 
 POOLS = ("token", "gap", "map")
+# Google's checkpoints were trained with Flax's tanh approximation of GELU; timm's and
+# transformers' with the exact (erf) GELU of PyTorch's `nn.GELU`.
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),
+}
 POSEMBS = ("learn", "sincos2d")
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = {
@@ -54,6 +61,7 @@ class MlpBlock(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -70,7 +78,7 @@ class MlpBlock(nn.Module):
         x = nn.with_logical_constraint(
             x, ("activation_batch", "activation_length", "activation_mlp")
         )
-        x = nn.gelu(x)  # tanh approximation: Flax's default, what the published models use.
+        x = ACTIVATIONS[self.activation](x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = nn.Dense(
             width,
@@ -189,6 +197,7 @@ class Encoder1DBlock(nn.Module):
     attention_dropout: float = 0.0
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, drop_path: float | jnp.ndarray, train: bool):
@@ -206,7 +215,9 @@ class Encoder1DBlock(nn.Module):
         x = x + DropPath()(y, drop_path, train)
 
         y = _layer_norm("LayerNorm_1", self.dtype)(x)
-        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, train)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="MlpBlock_0")(
+            y, train
+        )
         x = x + DropPath()(y, drop_path, train)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         self.sow("intermediates", "out", x)
@@ -250,7 +261,10 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embedding, `depth` blocks (unrolled or scanned) and the final norm."""
+    """Position embedding, `depth` blocks (unrolled or scanned) and the final norm.
+
+    `final_norm=False` leaves the norm to the model, which applies it after pooling (`fc_norm`).
+    """
 
     depth: int
     mlp_dim: int
@@ -263,6 +277,8 @@ class Encoder(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    activation: str = "gelu_tanh"
+    final_norm: bool = True
 
     @nn.compact
     def __call__(
@@ -295,6 +311,7 @@ class Encoder(nn.Module):
             attention_dropout=self.attention_dropout,
             dtype=self.dtype,
             attention_impl=self.attention_impl,
+            activation=self.activation,
         )
         # Stochastic depth grows linearly from 0 at the first block to its maximum at the last.
         rates = np.linspace(0.0, self.stochastic_depth, self.depth)
@@ -311,7 +328,7 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block(name=f"encoderblock_{i}", **block_kwargs)(x, float(rates[i]), train)
-        return _layer_norm("encoder_norm", self.dtype)(x)
+        return _layer_norm("encoder_norm", self.dtype)(x) if self.final_norm else x
 
 
 class MAPHead(nn.Module):
@@ -321,6 +338,7 @@ class MAPHead(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -334,7 +352,8 @@ class MAPHead(nn.Module):
             name="MultiHeadDotProductAttention_0",
         )(probe, x, train)
         z = _layer_norm("LayerNorm_0", self.dtype)(y)
-        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(z, train)
+        mlp = MlpBlock(self.mlp_dim, 0.0, self.dtype, self.activation, name="MlpBlock_0")
+        y = y + mlp(z, train)
         return y[:, 0]
 
 
@@ -343,6 +362,9 @@ class VisionTransformer(nn.Module):
 
     Call with NHWC float images in [-1, 1]: `model.apply(variables, images, train=False)`.
     With `num_classes=0` it returns the pooled (pre-logits) features instead of logits.
+    `activation` and `fc_norm` let the model compute what timm's and transformers'
+    ViTs compute: `fc_norm=True` moves the final LayerNorm after the pooling (parameter
+    `fc_norm` instead of `Transformer/encoder_norm`), as timm's average-pooled models do.
     """
 
     num_classes: int
@@ -364,6 +386,8 @@ class VisionTransformer(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    activation: str = "gelu_tanh"
+    fc_norm: bool = False
 
     def __post_init__(self):
         for field, value, choices in (
@@ -371,6 +395,7 @@ class VisionTransformer(nn.Module):
             ("posemb", self.posemb, POSEMBS),
             ("attention_impl", self.attention_impl, ATTENTION_IMPLS),
             ("remat_policy", self.remat_policy, tuple(REMAT_POLICIES)),
+            ("activation", self.activation, tuple(ACTIVATIONS)),
         ):
             if value not in choices:
                 raise ValueError(f"{field}={value!r} is not supported: choose one of {choices}.")
@@ -446,6 +471,8 @@ class VisionTransformer(nn.Module):
             attention_impl=self.attention_impl,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            activation=self.activation,
+            final_norm=not self.fc_norm,
             name="Transformer",
         )(x, (h, w), num_prefix, train, registers)
 
@@ -457,8 +484,15 @@ class VisionTransformer(nn.Module):
             x = jnp.mean(patches, axis=1)
         else:
             x = MAPHead(
-                self.mlp_dim, self.num_heads, self.dtype, self.attention_impl, name="MAPHead_0"
+                self.mlp_dim,
+                self.num_heads,
+                self.dtype,
+                self.attention_impl,
+                self.activation,
+                name="MAPHead_0",
             )(patches, train)
+        if self.fc_norm:
+            x = _layer_norm("fc_norm", self.dtype)(x)
 
         if self.representation_size is not None:
             x = nn.Dense(

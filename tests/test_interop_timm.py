@@ -1,0 +1,258 @@
+"""timm <-> vit_jax, against the real timm: imports compute timm's logits, exports load into timm.
+
+Random timm models are saved as timm saves them (safetensors of the state dict), imported
+through `describe_checkpoint` + `load_pretrained`, and compared logit for logit; our
+random models are exported with `vit-export` and loaded by timm's own loaders.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from interop_support import (
+    TIMM_TINY,
+    TINY,
+    assert_same_logits,
+    import_model,
+    our_logits,
+    randomize,
+    torch_forward,
+    write_run,
+)
+from PIL import Image
+from test_checkpoint_npz import random_params
+from test_cli import parse
+from timm.models import save_for_hf
+
+from vit_jax import checkpoint, export, predict
+from vit_jax.checkpoint.safetensors_file import read_safetensors
+from vit_jax.models import create_model
+
+
+def save_timm(module: torch.nn.Module, path) -> str:
+    tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(path))
+    return str(path)
+
+
+def timm_vit(architecture: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
+    options = TIMM_TINY | dict(num_heads=2, num_classes=10) | kwargs
+    return randomize(timm.create_model(architecture, pretrained=False, **options))
+
+
+# Each family timm builds that our model can express, and the fields it must map to.
+IMPORTABLE = {
+    "augreg_token": ({}, dict(pool="token", fc_norm=False)),
+    "deit": ({"architecture": "deit_tiny_patch16_224"}, dict(pool="token", fc_norm=False)),
+    "gap": (dict(class_token=False, global_pool="avg", fc_norm=False), dict(pool="gap")),
+    "gap_fc_norm": (dict(class_token=False, global_pool="avg"), dict(pool="gap", fc_norm=True)),
+    "map": (dict(class_token=False, global_pool="map"), dict(pool="map", fc_norm=False)),
+    "no_qkv_bias": (dict(qkv_bias=False), dict(pool="token")),
+    "registers_token": (
+        dict(reg_tokens=4, no_embed_class=True),
+        dict(pool="token", num_registers=4),
+    ),
+    "registers_gap": (
+        dict(class_token=False, global_pool="avg", fc_norm=False, reg_tokens=4)
+        | dict(no_embed_class=True),
+        dict(pool="gap", num_registers=4),
+    ),
+    "registers_map": (
+        dict(class_token=False, global_pool="map", reg_tokens=2, no_embed_class=True),
+        dict(pool="map", num_registers=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", IMPORTABLE)
+def test_timm_models_import_with_timm_logits(family, tmp_path):
+    kwargs, fields = IMPORTABLE[family]
+    source = timm_vit(**kwargs)
+    path = save_timm(source, tmp_path / "model.safetensors")
+
+    described = checkpoint.describe_checkpoint(path)
+    assert described.model | fields == described.model
+    assert described.model["activation"] == "gelu_exact"
+    bound = checkpoint.weight_bound_fields(path)  # What fine-tuning from it builds with.
+    assert bound == {k: described.model[k] for k in checkpoint.WEIGHT_BOUND_FIELDS}
+    assert (described.num_classes, described.image_size) == (10, 32)
+    model, params = import_model(path)
+    assert_same_logits(our_logits(model, params), torch_forward(source))
+
+    # The activation matters: with the Google checkpoints' tanh GELU this comparison fails.
+    tanh_model, _ = import_model(path, activation="gelu_tanh")
+    with pytest.raises(AssertionError):
+        assert_same_logits(our_logits(tanh_model, params), torch_forward(source))
+
+
+def test_timm_import_follows_the_target_grid_head_and_scan(tmp_path):
+    """The .npz rules: posemb resampled to the target grid, head reset for another class count."""
+    path = save_timm(timm_vit(), tmp_path / "model.safetensors")
+    _, params = import_model(path)
+    wide, wide_params = import_model(path, num_classes=5, image_size=48)
+    expected = checkpoint.resample_posemb(
+        params["Transformer"]["posembed_input"]["pos_embedding"], (6, 6), num_prefix=1
+    )
+    np.testing.assert_array_equal(
+        wide_params["Transformer"]["posembed_input"]["pos_embedding"], expected
+    )
+    assert not np.any(wide_params["head"]["kernel"]) and wide_params["head"]["kernel"].shape[1] == 5
+
+    scanned, scanned_params = import_model(path, scan=True)
+    model, params = import_model(path)
+    np.testing.assert_allclose(
+        our_logits(scanned, scanned_params), our_logits(model, params), atol=1e-5
+    )
+
+
+UNSUPPORTED = {
+    "distilled": (
+        dict(architecture="deit_tiny_distilled_patch16_224"),
+        "distillation token",
+    ),
+    "layer_scale": (dict(init_values=1e-5), "LayerScale"),
+    "qk_norm": (dict(qk_norm=True), "query/key normalisation"),
+    "swiglu": (
+        dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=8.0),
+        "SwiGLU",
+    ),
+    "pre_norm": (dict(pre_norm=True), "LayerNorm before the blocks"),
+    "register_positions": (dict(reg_tokens=4), "register tokens position embeddings"),
+}
+
+
+@pytest.mark.parametrize("feature", UNSUPPORTED)
+def test_timm_models_our_vit_cannot_express_are_refused(feature, tmp_path):
+    kwargs, message = UNSUPPORTED[feature]
+    path = save_timm(timm_vit(**kwargs), tmp_path / "model.safetensors")
+    for read in (checkpoint.describe_checkpoint, lambda p: import_model(p, pool="token")):
+        with pytest.raises(ValueError, match=message):
+            read(path)
+
+
+def test_predict_runs_a_bare_timm_checkpoint(tmp_path, capsys):
+    """No flags: size, classes, resolution and activation all come from the file."""
+    source = randomize(
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=4)
+    )
+    path = save_timm(source, tmp_path / "model.safetensors")
+    image_path = tmp_path / "image.png"
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image_path)
+
+    assert predict.main(["--checkpoint", path, "--top_k", "4", str(image_path)]) == 0
+    printed = parse(capsys.readouterr().out)[str(image_path)]
+    image = predict.load_image(str(image_path), 32, 1.0)[None]
+    expected = torch.softmax(torch_forward(source, image), -1).numpy()[0]
+    assert [label for _, label in printed] == [str(i) for i in np.argsort(-expected)]
+    np.testing.assert_allclose([p for p, _ in printed], np.sort(expected)[::-1], atol=1e-4)
+
+
+# Our models exported for timm: (model fields, --format).
+EXPORTABLE = {
+    "token_tanh_npz": (dict(pool="token"), "timm_npz"),
+    "token_exact_safetensors": (dict(pool="token", activation="gelu_exact"), "timm_safetensors"),
+    "gap_npz": (dict(pool="gap"), "timm_npz"),
+    "gap_fc_norm_safetensors": (
+        dict(pool="gap", fc_norm=True, activation="gelu_exact"),
+        "timm_safetensors",
+    ),
+    "map_npz": (dict(pool="map"), "timm_npz"),
+    "map_safetensors": (dict(pool="map", activation="gelu_exact"), "timm_safetensors"),
+    "registers_token_safetensors": (dict(num_registers=2), "timm_safetensors"),
+    "registers_gap_safetensors": (
+        dict(pool="gap", fc_norm=True, num_registers=3, activation="gelu_exact"),
+        "timm_safetensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EXPORTABLE)
+def test_exports_load_into_timm_with_our_logits(case, tmp_path):
+    fields, file_format = EXPORTABLE[case]
+    model = create_model("Ti/8", num_classes=10, **TINY, **fields)
+    params = random_params(model)
+    workdir = write_run(tmp_path / "run", fields, params, num_classes=10)
+    suffix = ".npz" if file_format == "timm_npz" else ".safetensors"
+    out = tmp_path / f"export{suffix}"
+    assert export.main(["--workdir", workdir, "--out", str(out), "--format", file_format]) == 0
+
+    args = json.loads(out.with_suffix(".json").read_text())["timm_model_args"]
+    options = TIMM_TINY | dict(num_classes=10) | args
+    target = timm.create_model("vit_tiny_patch16_224", pretrained=False, **options).eval()
+    if file_format == "timm_npz":
+        target.load_pretrained(str(out))
+    else:
+        target.load_state_dict(safetensors.torch.load_file(str(out)), strict=True)
+    assert_same_logits(our_logits(model, params), torch_forward(target))
+
+    # And back: the file and its description rebuild the same model here.
+    reimported, reloaded = import_model(out, **fields)
+    assert_same_logits(our_logits(reimported, reloaded), our_logits(model, params))
+
+
+@pytest.mark.parametrize(
+    ("fields", "file_format", "message", "instead"),
+    [
+        (dict(representation_size=16), "timm_npz", "representation layer", "--format npz"),
+        (dict(representation_size=16), "timm_safetensors", "representation layer", "--format npz"),
+        (dict(pool="gap", fc_norm=True), "timm_npz", "fc_norm", "--format timm_safetensors"),
+        (dict(num_registers=2), "timm_npz", "register tokens", "--format timm_safetensors"),
+        (dict(posemb="sincos2d"), "timm_safetensors", "sincos2d", "--format npz"),
+    ],
+)
+def test_exports_timm_would_misread_are_refused(fields, file_format, message, instead, tmp_path):
+    model = create_model("Ti/8", num_classes=10, **TINY, **fields)
+    params = random_params(model)
+    workdir = write_run(tmp_path / "run", fields, params, num_classes=10)
+    out = tmp_path / "export.bin"
+    assert export.main(["--workdir", workdir, "--out", str(out), "--format", file_format]) == 1
+    assert not out.exists() and not (tmp_path / "export.bin.json").exists()
+    with pytest.raises(ValueError, match=message) as refused:
+        export.export(workdir, out, file_format)
+    assert instead in str(refused.value)
+    # The original layout keeps every model of ours.
+    assert export.main(["--workdir", workdir, "--out", str(tmp_path / "ours.npz")]) == 0
+    loaded = checkpoint.load_pretrained(tmp_path / "ours.npz", init_params=params)
+    np.testing.assert_array_equal(our_logits(model, loaded), our_logits(model, params))
+
+
+def test_bfloat16_hub_files_read_exactly(tmp_path):
+    """Hub files are often bfloat16, which `safetensors.numpy` cannot read; ours can."""
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in timm_vit().state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    arrays, _ = read_safetensors(path)
+    assert sorted(arrays) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert arrays[name].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(arrays[name].astype(np.float32), tensor.float().numpy())
+
+
+@pytest.mark.parametrize(
+    ("architecture", "activation"),
+    [("vit_base_patch32_siglip_256", "gelu_tanh"), ("vit_base_patch16_siglip_224", "gelu_exact")],
+)
+def test_saved_architecture_selects_the_activation(architecture, activation, tmp_path):
+    """Some SigLIP definitions use `act_layer="gelu_tanh"`, others not: config.json says which."""
+    source = timm_vit(architecture, num_heads=2)
+    save_for_hf(source, str(tmp_path), safe_serialization=True)
+    path = str(tmp_path / "model.safetensors")
+    assert checkpoint.weight_bound_fields(path) == dict(
+        activation=activation, pool="map", fc_norm=False, num_registers=0
+    )
+    model, params = import_model(path)
+    assert_same_logits(our_logits(model, params), torch_forward(source))
+
+
+def test_average_pooling_beside_a_class_token_is_refused(tmp_path):
+    """Only the saved config.json tells this model from a token-pooled one: it is read."""
+    save_for_hf(timm_vit(global_pool="avg"), str(tmp_path), safe_serialization=True)
+    with pytest.raises(ValueError, match="global_pool='avg' beside a class token"):
+        checkpoint.describe_checkpoint(tmp_path / "model.safetensors")

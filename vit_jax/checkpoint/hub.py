@@ -1,0 +1,67 @@
+"""Hugging Face hub weights (`.safetensors`) in timm's or transformers' ViT layout.
+
+The layout is recognised from the tensor names. Besides the weights, a hub checkpoint
+implies how the model computes (timm and transformers use PyTorch's exact GELU, timm's
+average-pooled models normalise after pooling, ...): `model_fields` says so in our
+model's terms. Files that vit-export wrote carry those fields in their metadata, which
+then wins, so a re-import is exact whatever the activation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from vit_jax.checkpoint import timm_layout, transformers_layout
+from vit_jax.checkpoint.safetensors_file import read_header, read_safetensors
+
+SUFFIX = ".safetensors"
+# Metadata key under which vit-export records the model fields of the exported model.
+MODEL_METADATA = "vit_jax.model"
+_HUB_CONFIG = "config.json"  # Saved beside the weights by timm and transformers.
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return str(path).endswith(SUFFIX)
+
+
+def read_params(path: str | os.PathLike, num_heads: int) -> tuple[dict[str, np.ndarray], str]:
+    """The file's weights as our unrolled tree ('/'-joined), and the name of its layout."""
+    arrays, _ = read_safetensors(path)
+    if timm_layout.is_timm(arrays):
+        return timm_layout.from_timm(arrays, num_heads), "timm ViT layout"
+    if transformers_layout.is_transformers(arrays):
+        return transformers_layout.from_transformers(arrays, num_heads), "transformers ViT layout"
+    raise ValueError(_unknown_layout(path, arrays))
+
+
+def model_fields(path: str | os.PathLike) -> dict[str, Any]:
+    """The `VisionTransformer` fields with which our model computes what the source did.
+
+    Reads only the file's header (and the hub `config.json` beside it, if any).
+    """
+    entries, metadata = read_header(path)
+    if MODEL_METADATA in metadata:
+        return json.loads(metadata[MODEL_METADATA])
+    if timm_layout.is_timm(entries):
+        return timm_layout.model_fields(entries, _hub_config(path))
+    if transformers_layout.is_transformers(entries):
+        return transformers_layout.model_fields(_hub_config(path).get("hidden_act"))
+    raise ValueError(_unknown_layout(path, entries))
+
+
+def _hub_config(path: str | os.PathLike) -> dict[str, Any]:
+    config = epath.Path(path).parent / _HUB_CONFIG
+    return json.loads(config.read_text()) if config.exists() else {}
+
+
+def _unknown_layout(path: str | os.PathLike, keys: Any) -> str:
+    return (
+        f"{path} is neither in timm's ViT layout (patch_embed.proj, blocks.N...) nor in "
+        f"transformers' (vit.embeddings..., vit.encoder.layer.N...); its first tensors are "
+        f"{sorted(keys)[:8]}."
+    )

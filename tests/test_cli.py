@@ -156,7 +156,8 @@ def test_bare_i21k_style_npz_is_described_by_its_weights(images, tmp_path, capsy
 
     assert predict.main(["--checkpoint", path, image]) == 0
     top = parse(capsys.readouterr().out)[image]
-    logits = model.apply({"params": params}, predict.load_image(image, 8, 1.0)[None], train=False)
+    pixels = scale_images(predict.load_image(image, 8, 1.0)[None])
+    logits = model.apply({"params": params}, pixels, train=False)
     expected = np.asarray(jax.nn.softmax(logits))[0]
     assert [label for _, label in top] == [str(i) for i in np.argsort(-expected)]
     np.testing.assert_allclose([p for p, _ in top], np.sort(expected)[::-1], atol=1e-4)

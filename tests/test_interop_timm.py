@@ -148,7 +148,7 @@ def test_predict_runs_a_bare_timm_checkpoint(tmp_path, capsys):
 
     assert predict.main(["--checkpoint", path, "--top_k", "4", str(image_path)]) == 0
     printed = parse(capsys.readouterr().out)[str(image_path)]
-    image = predict.load_image(str(image_path), 32, 1.0)[None]
+    image = predict.load_image(str(image_path), 32, 1.0)[None] / np.float32(127.5) - 1
     expected = torch.softmax(torch_forward(source, image), -1).numpy()[0]
     assert [label for _, label in printed] == [str(i) for i in np.argsort(-expected)]
     np.testing.assert_allclose([p for p, _ in printed], np.sort(expected)[::-1], atol=1e-4)

@@ -363,6 +363,11 @@ class VisionTransformer(nn.Module):
         ):
             if value not in choices:
                 raise ValueError(f"{field}={value!r} is not supported: choose one of {choices}.")
+        if not 0.0 <= self.stochastic_depth < 1.0:
+            raise ValueError(
+                f"stochastic_depth={self.stochastic_depth}: must be in [0, 1) (at 1, "
+                "the last block is always dropped and rescaled by 1/0: NaN)."
+            )
         if self.attention_impl == "cudnn" and jnp.dtype(self.dtype) not in (
             jnp.bfloat16,
             jnp.float16,

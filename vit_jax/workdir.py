@@ -32,7 +32,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 from tensorboard.compat.proto import event_pb2
 
-from vit_jax.checkpoint.manager import CheckpointMismatchError, Checkpointer
+from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError
 from vit_jax.metrics import METRICS_FILE, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)

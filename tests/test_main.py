@@ -14,6 +14,7 @@ from vit_jax.config import parse_args
 from vit_jax.models import parse_variant
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
+from vit_jax.workdir import ConfigChangedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,6 +158,10 @@ def test_restart_with_another_model_is_refused(tmp_path):
     train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)
     other = small_local_config(tmp_path, total_steps=6)
     other.model.width = 48
+    with pytest.raises(ConfigChangedError, match="model.width: 32 -> 48"):
+        train_and_evaluate(other, workdir)
+    # Accepting the change deliberately still cannot load parameters of another shape.
+    other.allow_config_change = "model.width"
     with pytest.raises(
         ValueError,
         match="(?s)different model.*embedding/bias: checkpoint \\(32,\\), this run \\(48,\\)",

@@ -107,13 +107,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.close()
 
 
-def _check_finite(metrics: list[dict], first_step: int, checkpointer: Checkpointer) -> None:
-    """Stops the run at the first step whose loss or gradients were not finite.
+def _fetch_checked(
+    pending: list[dict],
+    first_step: int,
+    config: ml_collections.ConfigDict,
+    checkpointer: Checkpointer,
+) -> list[dict]:
+    """The window's per-step metrics on the host, after stopping at a non-finite step.
 
-    Called before every checkpoint, so a non-finite state is never saved and the last
-    finite checkpoint can never be rotated out.
+    Called before every checkpoint and log, the only places that wait for the device
+    anyway, so a non-finite state is never saved and the last finite checkpoint can never
+    be rotated out. With `skip_nonfinite_updates` such steps changed nothing: no stop.
     """
-    for step, m in enumerate(metrics, first_step):
+    fetched = jax.device_get(pending)
+    if config.skip_nonfinite_updates:
+        return fetched
+    for step, m in enumerate(fetched, first_step):
         if m[NONFINITE]:
             name = "train/loss" if not np.isfinite(m["train/loss"]) else "train/grad_norm"
             raise FloatingPointError(
@@ -122,6 +131,7 @@ def _check_finite(metrics: list[dict], first_step: int, checkpointer: Checkpoint
                 "optim.lr, check the data, or set --config.skip_nonfinite_updates=true to "
                 "skip such updates (counted as train/nonfinite_updates)."
             )
+    return fetched
 
 
 def _summarize(metrics: list[dict]) -> dict[str, float]:
@@ -157,23 +167,13 @@ def _train_loop(
         pending.append(metrics)
         stop = stop_requests.reached(step)
         if step % config.checkpoint_every == 0 or step == steps or stop:
-            pending = jax.device_get(pending)  # Steps that save nothing never wait here.
-            if not config.skip_nonfinite_updates:
-                _check_finite(pending, logged_at + 1, checkpointer)
+            pending = _fetch_checked(pending, logged_at + 1, config, checkpointer)
             checkpointer.save(step, state, metadata)
-        if stop:
-            checkpointer.wait()
-            raise Preempted(step)
         log_now = step % config.log_every == 0 or step == steps
-        eval_now = step % config.eval_every == 0 or step == steps
-        if not (log_now or eval_now):
-            continue
+        eval_now = (step % config.eval_every == 0 or step == steps) and not stop
         summary = {}
         if log_now:
-            pending = jax.device_get(pending)
-            if not config.skip_nonfinite_updates:
-                _check_finite(pending, logged_at + 1, checkpointer)
-            summary = _summarize(pending)
+            summary = _summarize(_fetch_checked(pending, logged_at + 1, config, checkpointer))
             elapsed = time.perf_counter() - logged_time
             step_time = elapsed / (step - logged_at)
             summary |= {
@@ -186,10 +186,14 @@ def _train_loop(
         if eval_now:
             eval_metrics = evaluate(trainer, state.params)
             summary |= eval_metrics
-        writer.write(step, summary)
-        log_progress(step, steps, summary)
+        if summary:
+            writer.write(step, summary)
+            log_progress(step, steps, summary)
         if log_now:
             logged_at, logged_time = step, time.perf_counter()
+        if stop:  # Evaluation skipped: the grace period is for the checkpoint.
+            checkpointer.wait()
+            raise Preempted(step)
     if not eval_metrics:  # Resumed a finished run: report where it stands.
         eval_metrics = evaluate(trainer, state.params)
     return eval_metrics

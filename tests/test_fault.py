@@ -1,0 +1,199 @@
+"""Fault tolerance with real processes and real signals: preemption, kills, non-finite
+steps and damaged checkpoints, each ending where an uninterrupted run ends."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_main import REPO, TINY, load_recipe, small_local_config
+
+from vit_jax.checkpoint import load_params
+from vit_jax.preemption import PREEMPTED_EXIT_STATUS
+from vit_jax.train import train_and_evaluate
+from vit_jax.trainer import NONFINITE, Trainer
+from vit_jax.workdir import UnreadableCheckpointsError
+
+RECIPE_ARG = "steps=120,dataset=digits,batch=32"
+# Every step logged, so each step's loss can be compared with the uninterrupted run's.
+SETTINGS = TINY | {"log_every": 1, "eval_every": 1000, "checkpoint_every": 50}
+
+
+def _config(tmp_path):
+    config = load_recipe("local.py", RECIPE_ARG)
+    config.data_dir = str(tmp_path / "tfds")
+    config.update_from_flattened_dict(SETTINGS)
+    return config
+
+
+def _start(tmp_path, workdir) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "vit_jax.main", "--config", f"configs/local.py:{RECIPE_ARG}",
+        f"--config.data_dir={tmp_path / 'tfds'}", "--workdir", str(workdir),
+        *(f"--config.{key}={value}" for key, value in SETTINGS.items()),
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_at(run: subprocess.Popen, step: int, signum: int) -> tuple[str, float]:
+    """Sends `signum` once `run` has logged `step`; its stderr and seconds from signal to exit."""
+    lines = []
+    for line in run.stderr:
+        lines.append(line)
+        if f"step {step}/" in line:
+            break
+    run.send_signal(signum)
+    sent = time.perf_counter()
+    lines.append(run.stderr.read())
+    run.wait(timeout=300)
+    return "".join(lines), time.perf_counter() - sent
+
+
+def _metrics(workdir) -> dict[int, dict]:
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [x["step"] for x in lines]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {x["step"]: x for x in lines}
+
+
+def _checkpoints(workdir) -> list[str]:
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=lambda n: (len(n), n))
+
+
+@pytest.mark.slow
+def test_signals_and_kills_resume_bit_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    train_and_evaluate(_config(tmp_path), str(straight))
+
+    workdir = tmp_path / "interrupted"
+    stops = []
+    for signum, at_step in ((signal.SIGTERM, 10), (signal.SIGINT, 30)):
+        run = _start(tmp_path, workdir)
+        stderr, seconds = _signal_at(run, at_step, signum)
+        assert run.returncode == PREEMPTED_EXIT_STATUS, f"{signum.name}: {stderr[-3000:]}"
+        stop = int(re.search(r"Stopped at step (\d+)", stderr).group(1))
+        assert at_step <= stop < 50 and str(stop) in _checkpoints(workdir)  # Not periodic.
+        stops.append(stop)
+        print(f"{signum.name} at step {at_step}: saved step {stop}, exit {seconds:.1f} s later")
+    # The second run resumed from the first one's step and stopped at its own.
+    assert stops[0] < stops[1]
+
+    run = _start(tmp_path, workdir)
+    stderr, _ = _signal_at(run, 60, signal.SIGKILL)  # After the periodic checkpoint at 50.
+    assert run.returncode == -signal.SIGKILL, stderr[-3000:]
+    run = _start(tmp_path, workdir)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode == 0, stderr[-3000:]
+    assert re.search(r"Resumed from step (50|6\d)\.", stderr), stderr[-3000:]
+
+    jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(straight))
+    resumed, reference = _metrics(workdir), _metrics(straight)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 121))
+    assert [resumed[s]["train/loss"] for s in resumed] == [
+        reference[s]["train/loss"] for s in resumed
+    ]
+    # TensorBoard (its own reader) shows every step once, the replayed ones included.
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Tensors("train/loss")] == list(range(1, 121))
+
+
+def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path):
+    # Adam's first steps move every weight by ~lr: at 1e30 the logits overflow a few steps in.
+    config = small_local_config(tmp_path, checkpoint_every=1, keep_checkpoints=1, eval_every=100)
+    config.optim.lr = 1e30
+    with pytest.raises(
+        FloatingPointError, match=r"Step \d+: train/(loss|grad_norm) is (nan|inf)"
+    ) as e:
+        train_and_evaluate(config, str(tmp_path / "run"))
+    bad_step = int(re.search(r"Step (\d+)", str(e.value)).group(1))
+    # keep_checkpoints=1, a checkpoint every step: the one left is the step before the bad one.
+    assert _checkpoints(tmp_path / "run") == [str(bad_step - 1)]
+    assert f"newest checkpoint (step {bad_step - 1}) is finite" in str(e.value)
+    params = load_params(str(tmp_path / "run"))
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+    config.skip_nonfinite_updates = True
+    config.log_every = 12
+    train_and_evaluate(config, str(tmp_path / "skipping"))
+    counted = _metrics(tmp_path / "skipping")[12][NONFINITE]
+    assert 0 < counted <= 12 - (bad_step - 1)
+    params = load_params(str(tmp_path / "skipping"))
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_skipped_update_leaves_the_state_unchanged(tmp_path):
+    config = small_local_config(tmp_path, skip_nonfinite_updates=True)
+    trainer = Trainer(config, num_classes=10, total_steps=12)
+    state = trainer.init_state()
+    # A NaN head bias makes this step's loss NaN, deterministically.
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x.at[0].set(jnp.nan) if "head" in jax.tree_util.keystr(path) and x.ndim == 1 else x
+        ),
+        state.params,
+    )
+    state = state.replace(params=jax.device_put(poisoned, trainer.param_shardings))
+    before = jax.device_get(state)
+    batch = {
+        "image": np.zeros((32, 8, 8, 3), np.uint8),
+        "label": np.arange(32, dtype=np.int32) % 10,
+    }
+    after, metrics = trainer.train_step(state, batch)
+    assert int(metrics[NONFINITE]) == 1 and not np.isfinite(float(metrics["train/loss"]))
+    assert int(after.step) == int(before.step) + 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params), before.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.opt_state), before.opt_state)
+
+
+def _truncate_largest_array_file(step_dir):
+    files = [
+        os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
+    ]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+def _delete_state_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest_array_file, _delete_state_metadata])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
+    config = small_local_config(tmp_path, eval_every=100)  # Checkpoints at 6 and 12.
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir))
+    finished = load_params(str(workdir))
+    damage(str(workdir / "checkpoints" / "12"))
+
+    with caplog.at_level("INFO", logger="vit_jax"):
+        train_and_evaluate(config, str(workdir))
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert re.search(rf"Cannot read checkpoint {workdir}/checkpoints/12 \(\w+: .+\)", messages)
+    assert "Resumed from step 6." in messages
+    names = _checkpoints(workdir)
+    assert names[:2] == ["6", "12"] and re.fullmatch(r"12\.unreadable-\d{8}T\d{6}", names[2])
+    # Steps 7-12 were trained again, exactly as before.
+    jax.tree.map(np.testing.assert_array_equal, load_params(str(workdir)), finished)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    config = small_local_config(tmp_path, eval_every=100)
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir))
+    _truncate_largest_array_file(str(workdir / "checkpoints" / "12"))
+    _delete_state_metadata(str(workdir / "checkpoints" / "6"))
+    with pytest.raises(UnreadableCheckpointsError) as e:
+        train_and_evaluate(config, str(workdir))
+    message = str(e.value)
+    assert f"{workdir}/checkpoints/12: " in message and f"{workdir}/checkpoints/6: " in message
+    assert "does not start afresh" in message and "new --workdir" in message
+    assert _checkpoints(workdir) == ["6", "12"]  # Nothing renamed, nothing overwritten.

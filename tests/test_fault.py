@@ -93,7 +93,8 @@ def test_signals_and_kills_resume_bit_exactly(tmp_path):
     stderr = run.communicate(timeout=300)[1]
     assert run.returncode == 0, stderr[-3000:]
     resumed_from = int(re.search(r"Resumed from step (\d+)\.", stderr).group(1))
-    assert resumed_from >= 100 and resumed_from % 50 == 0  # The kill's steps were replayed.
+    # A periodic checkpoint (100, or 50 when the kill beat 100's async write): steps replayed.
+    assert resumed_from in (50, 100)
 
     jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(straight))
     resumed, reference = _metrics(workdir), _metrics(straight)

@@ -101,7 +101,8 @@ def test_inception_crop_with_full_area_is_a_resize(fmt):
     want = full_decode_crop_resize(photo, (0, 0, 40, 40), 8)
     for i in range(5):
         crop = preprocess.decode_and_inception_crop(encoded, seed(i), size=8, area_min=1.0)
-        assert crop.dtype == tf.uint8 and crop.shape == (8, 8, 3)
+        assert crop.dtype == tf.float32 and crop.shape == (8, 8, 3)
+        crop = preprocess.to_uint8(crop)
         # PNG is lossless: exact. JPEG: its compression error only.
         assert np.abs(crop.numpy().astype(int) - want).max() <= (0 if fmt == "png" else 3)
     crops = {

@@ -187,6 +187,11 @@ class Trainer:
         with parallel.activate(self.mesh, self.rules):
             return self._jit_train_step.lower(state, batch).compile()
 
+    def compile_eval_step(self, params: Any, batch: dict) -> jax.stages.Compiled:
+        """The eval step (the forward pass) compiled ahead of time."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_eval_step.lower(params, batch).compile()
+
     def eval_step(self, params: Any, batch: dict) -> dict:
         """Masked loss and correct-prediction sums of a global eval batch."""
         with parallel.activate(self.mesh, self.rules):

@@ -185,6 +185,7 @@ def _train_example_fn(
                 image = preprocess.random_shift(image, crop_seed, size, shift)
         if flip:
             image = preprocess.random_flip(image, flip_seed)
+        image = preprocess.to_uint8(image)  # Once, after the float ops; a no-op on uint8.
         if ra_layers:
             image = randaugment(image, ra_seed, ra_layers, ra_magnitude)
         return {"image": image, "label": tf.cast(label, tf.int32)}

@@ -39,18 +39,18 @@ def _launch(tmp_path, workdir, *flags) -> list[subprocess.Popen]:
     port = _free_port()
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    return [
-        subprocess.Popen(
-            [
-                sys.executable, "-m", "vit_jax.main", "--config", f"configs/{RECIPE}",
-                f"--config.data_dir={tmp_path}/tfds{i}", "--workdir", workdir,
-                "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-                "--process_id", str(i), *overrides, *flags,
-            ],
-            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    procs = []
+    for i in range(2):
+        command = [
+            sys.executable, "-m", "vit_jax.main", "--config", f"configs/{RECIPE}",
+            f"--config.data_dir={tmp_path}/tfds{i}", "--workdir", workdir,
+            "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+            "--process_id", str(i), *overrides, *flags,
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
 
 
 def _wait_for_line(process: subprocess.Popen, text: str) -> str:

@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding_rules = "dp"  # "dp" | "fsdp" | "tp"
 
     # Non-finite loss or gradients stop the run with an error (no bad state is ever saved);
-    # True skips such updates on the device instead and counts them (train/skipped_updates).
+    # True skips such updates on the device instead and counts them (train/nonfinite_updates).
     c.skip_nonfinite_updates = False
 
     # Bookkeeping: free to change between restarts (vit_jax/workdir.py BOOKKEEPING).

@@ -81,17 +81,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics files closed and the workdir's lock released.
     """
     check_intervals(config)
-    info = data.get_dataset_info(config.dataset, config.data_dir)
-    steps = total_steps(config, data.num_train_examples(config))
-    trainer = Trainer(config, info.num_classes, steps)
-    metadata = {
-        "class_names": list(info.class_names),
-        "model": config.model.to_dict(),
-        "num_classes": info.num_classes,
-        "image_size": config.image_size,
-        "dataset": config.dataset,
-    }
-    with claim(workdir), StopRequests() as stop_requests:
+    # Stop requests count from the start, so a SIGTERM during start-up still ends in a
+    # checkpoint and status 75 (after one step) rather than a kill a scheduler won't requeue.
+    with StopRequests() as stop_requests, claim(workdir):
+        info = data.get_dataset_info(config.dataset, config.data_dir)
+        steps = total_steps(config, data.num_train_examples(config))
+        trainer = Trainer(config, info.num_classes, steps)
+        metadata = {
+            "class_names": list(info.class_names),
+            "model": config.model.to_dict(),
+            "num_classes": info.num_classes,
+            "image_size": config.image_size,
+            "dataset": config.dataset,
+        }
         checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
         writer = None
         try:

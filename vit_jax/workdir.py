@@ -177,8 +177,11 @@ def _is_bookkeeping(field: str) -> bool:
     return any(field == b or field.startswith(b + ".") for b in BOOKKEEPING)
 
 
-def _contract(config_json: dict, run: dict) -> dict[str, Any]:
-    fields = _flatten(config_json) | {"process_count": run.get("process_count")}
+def _contract(config_json: dict, process_count: int | None) -> dict[str, Any]:
+    """The fields a resume must keep; the process count only when it is known."""
+    fields = _flatten(config_json)
+    if process_count is not None:
+        fields["process_count"] = process_count
     return {k: v for k, v in fields.items() if not _is_bookkeeping(k)}
 
 
@@ -207,8 +210,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool
     if resuming and saved_config is None:
         log.warning("%s has checkpoints but no %s: resuming unchecked.", workdir, CONFIG_FILE)
     elif resuming:
-        saved = _contract(saved_config, run)
-        now = _contract(now_config, {"process_count": jax.process_count()})
+        saved = _contract(saved_config, run.get("process_count"))
+        now = _contract(now_config, jax.process_count() if "process_count" in run else None)
         absent = "(absent)"
         changed = {
             k: (saved.get(k, absent), now.get(k, absent))

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_main import REPO, TINY, load_recipe, small_local_config
 
 from vit_jax.checkpoint import load_params
-from vit_jax.preemption import PREEMPTED_EXIT_STATUS
+from vit_jax.preemption import PREEMPTED_EXIT_STATUS, StopRequests
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import NONFINITE, Trainer
 from vit_jax.workdir import UnreadableCheckpointsError
@@ -27,24 +27,30 @@ RECIPE_ARG = "steps=300,dataset=digits,batch=32"
 SETTINGS = TINY | {"log_every": 1, "eval_every": 1000, "checkpoint_every": 50}
 
 
-def _config(tmp_path):
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Where this file's runs share one prepared copy of the digits dataset (`tfds/`)."""
+    return tmp_path_factory.mktemp("digits")
+
+
+def _config(digits):
     config = load_recipe("local.py", RECIPE_ARG)
-    config.data_dir = str(tmp_path / "tfds")
+    config.data_dir = str(digits / "tfds")
     config.update_from_flattened_dict(SETTINGS)
     return config
 
 
-def _start(tmp_path, workdir) -> subprocess.Popen:
+def _start(digits, workdir) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "vit_jax.main", "--config", f"configs/local.py:{RECIPE_ARG}",
-        f"--config.data_dir={tmp_path / 'tfds'}", "--workdir", str(workdir),
+        f"--config.data_dir={digits / 'tfds'}", "--workdir", str(workdir),
         *(f"--config.{key}={value}" for key, value in SETTINGS.items()),
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
 
 
 def _signal_at(run: subprocess.Popen, step: int, signum: int) -> tuple[str, float]:
-    """Sends `signum` once `run` has logged `step`; its stderr and seconds from signal to exit."""
+    """Sends `signum` once `run` has logged `step`; its stderr, seconds from signal to exit."""
     lines = []
     for line in run.stderr:
         lines.append(line)
@@ -69,27 +75,22 @@ def _checkpoints(workdir) -> list[str]:
 
 
 @pytest.mark.slow
-def test_signals_and_kills_resume_bit_exactly(tmp_path):
+def test_sigterm_and_sigkill_resume_bit_exactly(tmp_path, digits):
     straight = tmp_path / "straight"
-    train_and_evaluate(_config(tmp_path), str(straight))
+    train_and_evaluate(_config(digits), str(straight))
 
     workdir = tmp_path / "interrupted"
-    stops = []
-    for signum, at_step in ((signal.SIGTERM, 5), (signal.SIGINT, 20)):
-        run = _start(tmp_path, workdir)
-        stderr, seconds = _signal_at(run, at_step, signum)
-        assert run.returncode == PREEMPTED_EXIT_STATUS, f"{signum.name}: {stderr[-3000:]}"
-        stop = int(re.search(r"Stopped at step (\d+)", stderr).group(1))
-        assert at_step <= stop < 50 and str(stop) in _checkpoints(workdir)  # Not periodic.
-        stops.append(stop)
-        print(f"{signum.name} at step {at_step}: saved step {stop}, exit {seconds:.1f} s later")
-    # The second run resumed from the first one's step and stopped at its own.
-    assert stops[0] < stops[1]
+    run = _start(digits, workdir)
+    stderr, seconds = _signal_at(run, 5, signal.SIGTERM)
+    assert run.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    stop = int(re.search(r"Stopped at step (\d+)", stderr).group(1))
+    assert 5 <= stop < 50 and _checkpoints(workdir) == [str(stop)]  # Saved where it stopped.
+    print(f"SIGTERM at step >= 5: saved step {stop}, exited {seconds:.1f} s after the signal")
 
-    run = _start(tmp_path, workdir)
+    run = _start(digits, workdir)
     stderr, _ = _signal_at(run, 120, signal.SIGKILL)  # After the periodic checkpoint at 100.
     assert run.returncode == -signal.SIGKILL, stderr[-3000:]
-    run = _start(tmp_path, workdir)
+    run = _start(digits, workdir)
     stderr = run.communicate(timeout=300)[1]
     assert run.returncode == 0, stderr[-3000:]
     resumed_from = int(re.search(r"Resumed from step (\d+)\.", stderr).group(1))
@@ -108,9 +109,23 @@ def test_signals_and_kills_resume_bit_exactly(tmp_path):
     assert [e.step for e in events.Tensors("train/loss")] == list(range(1, 301))
 
 
-def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path):
+def test_stop_requests_wait_for_the_step_and_a_second_ctrl_c_interrupts():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StopRequests() as requests:
+        assert not requests.reached(1)
+        signal.raise_signal(signal.SIGTERM)
+        assert requests.reached(2)
+    with StopRequests() as requests:
+        signal.raise_signal(signal.SIGINT)
+        assert requests.reached(1)
+        with pytest.raises(KeyboardInterrupt):  # The user insists: out at once.
+            signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path, digits):
     # Adam's first steps move every weight by ~lr: at 1e30 the logits overflow a few steps in.
-    config = small_local_config(tmp_path, checkpoint_every=1, keep_checkpoints=1, eval_every=100)
+    config = small_local_config(digits, checkpoint_every=1, keep_checkpoints=1, eval_every=100)
     config.optim.lr = 1e30
     with pytest.raises(
         FloatingPointError, match=r"Step \d+: train/(loss|grad_norm) is (nan|inf)"
@@ -119,7 +134,7 @@ def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path):
     bad_step = int(re.search(r"Step (\d+)", str(e.value)).group(1))
     # keep_checkpoints=1, a checkpoint every step: the one left is the step before the bad one.
     assert _checkpoints(tmp_path / "run") == [str(bad_step - 1)]
-    assert f"newest checkpoint (step {bad_step - 1}) is finite" in str(e.value)
+    assert f"newest checkpoint: step {bad_step - 1} is finite" in str(e.value)
     params = load_params(str(tmp_path / "run"))
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
@@ -132,8 +147,8 @@ def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path):
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
 
-def test_skipped_update_leaves_the_state_unchanged(tmp_path):
-    config = small_local_config(tmp_path, skip_nonfinite_updates=True)
+def test_skipped_update_leaves_the_state_unchanged(digits):
+    config = small_local_config(digits, skip_nonfinite_updates=True)
     trainer = Trainer(config, num_classes=10, total_steps=12)
     state = trainer.init_state()
     # A NaN head bias makes this step's loss NaN, deterministically.
@@ -168,13 +183,12 @@ def _delete_state_metadata(step_dir):
     os.remove(os.path.join(step_dir, "state", "_METADATA"))
 
 
-@pytest.mark.parametrize("damage", [_truncate_largest_array_file, _delete_state_metadata])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
-    config = small_local_config(tmp_path, eval_every=100)  # Checkpoints at 6 and 12.
+def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digits, caplog):
+    config = small_local_config(digits, eval_every=100)  # Checkpoints at 6 and 12.
     workdir = tmp_path / "run"
     train_and_evaluate(config, str(workdir))
     finished = load_params(str(workdir))
-    damage(str(workdir / "checkpoints" / "12"))
+    _truncate_largest_array_file(str(workdir / "checkpoints" / "12"))
 
     with caplog.at_level("INFO", logger="vit_jax"):
         train_and_evaluate(config, str(workdir))
@@ -186,16 +200,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, dama
     # Steps 7-12 were trained again, exactly as before.
     jax.tree.map(np.testing.assert_array_equal, load_params(str(workdir)), finished)
 
-
-def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
-    config = small_local_config(tmp_path, eval_every=100)
-    workdir = tmp_path / "run"
-    train_and_evaluate(config, str(workdir))
-    _truncate_largest_array_file(str(workdir / "checkpoints" / "12"))
-    _delete_state_metadata(str(workdir / "checkpoints" / "6"))
+    # Now nothing is readable: an error naming each checkpoint, and nothing touched.
+    _delete_state_metadata(str(workdir / "checkpoints" / "12"))
+    _truncate_largest_array_file(str(workdir / "checkpoints" / "6"))
     with pytest.raises(UnreadableCheckpointsError) as e:
         train_and_evaluate(config, str(workdir))
     message = str(e.value)
     assert f"{workdir}/checkpoints/12: " in message and f"{workdir}/checkpoints/6: " in message
     assert "does not start afresh" in message and "new --workdir" in message
-    assert _checkpoints(workdir) == ["6", "12"]  # Nothing renamed, nothing overwritten.
+    assert _checkpoints(workdir) == names

@@ -127,11 +127,13 @@ def _fetch_checked(
     for step, m in enumerate(fetched, first_step):
         if m[NONFINITE]:
             name = "train/loss" if not np.isfinite(m["train/loss"]) else "train/grad_norm"
+            latest = checkpointer.latest_step()
+            kept = "none was written" if latest is None else f"step {latest} is finite"
             raise FloatingPointError(
-                f"Step {step}: {name} is {m[name]}. Stopped before saving any later state; "
-                f"the newest checkpoint (step {checkpointer.latest_step()}) is finite. Lower "
-                "optim.lr, check the data, or set --config.skip_nonfinite_updates=true to "
-                "skip such updates (counted as train/nonfinite_updates)."
+                f"Step {step}: {name} is {m[name]}. Stopped before saving any later state "
+                f"(newest checkpoint: {kept}). Lower optim.lr, check the data, or set "
+                "--config.skip_nonfinite_updates=true to skip such updates (counted as "
+                "train/nonfinite_updates)."
             )
     return fetched
 

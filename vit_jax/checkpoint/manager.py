@@ -133,7 +133,7 @@ def _latest(path: str) -> tuple[ocp.CheckpointManager, int]:
         raise FileNotFoundError(f"{path!r} is not a directory: {expected}.")
     # Naming the handlers lets a fresh process read item metadata before any restore.
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    options = ocp.CheckpointManagerOptions(create=False)
     directory = _find_manager_dir(path)
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     steps = [

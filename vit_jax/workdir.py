@@ -231,6 +231,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool
         for k, (old, new) in changed.items():
             log.warning("Resuming with a deliberate change: %s: %r -> %r.", k, old, new)
         accepted = changed
+    if jax.process_count() > 1:  # Every process has read the saved files before they change.
+        multihost_utils.sync_global_devices("vit_jax config checked")
     if jax.process_index() == 0:
         if accepted:
             when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -263,12 +265,14 @@ def restore_newest_readable(checkpointer: Checkpointer, abstract_state: Any) -> 
             state = checkpointer.restore(abstract_state, step)
         except CheckpointMismatchError:
             raise
-        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types here.
+        except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
             reason = _reason(e)
         if _all_processes_agree(not reason):
             for bad, _ in unreadable:
-                log.warning("Set aside unreadable %s as %s.", checkpointer.step_path(bad),
-                            checkpointer.set_aside(bad).name)  # fmt: skip
+                path = checkpointer.step_path(bad)
+                log.warning(
+                    "Set aside unreadable %s as %s.", path, checkpointer.set_aside(bad).name
+                )
             return state
         reason = reason or "unreadable on another process"
         log.warning("Cannot read checkpoint %s (%s).", checkpointer.step_path(step), reason)

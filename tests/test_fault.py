@@ -171,12 +171,13 @@ def test_skipped_update_leaves_the_state_unchanged(digits):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.opt_state), before.opt_state)
 
 
-def _truncate_largest_array_file(step_dir):
-    files = [
-        os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
-    ]
-    largest = max(files, key=os.path.getsize)
-    os.truncate(largest, os.path.getsize(largest) // 2)
+def _truncate_array_files(step_dir):
+    """Cuts every array data file (TensorStore's `d/` chunks) to half its size."""
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(root) == "d":
+            for name in files:
+                path = os.path.join(root, name)
+                os.truncate(path, os.path.getsize(path) // 2)
 
 
 def _delete_state_metadata(step_dir):
@@ -188,7 +189,7 @@ def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digit
     workdir = tmp_path / "run"
     train_and_evaluate(config, str(workdir))
     finished = load_params(str(workdir))
-    _truncate_largest_array_file(str(workdir / "checkpoints" / "12"))
+    _truncate_array_files(str(workdir / "checkpoints" / "12"))
 
     with caplog.at_level("INFO", logger="vit_jax"):
         train_and_evaluate(config, str(workdir))
@@ -202,7 +203,7 @@ def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digit
 
     # Now nothing is readable: an error naming each checkpoint, and nothing touched.
     _delete_state_metadata(str(workdir / "checkpoints" / "12"))
-    _truncate_largest_array_file(str(workdir / "checkpoints" / "6"))
+    _truncate_array_files(str(workdir / "checkpoints" / "6"))
     with pytest.raises(UnreadableCheckpointsError) as e:
         train_and_evaluate(config, str(workdir))
     message = str(e.value)

@@ -51,6 +51,21 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
     assert "no longer running" in caplog.text
 
 
+def test_lock_of_an_earlier_run_of_a_requeued_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    # The node of restart 0 died (no pid to check there); SLURM requeued the job elsewhere.
+    earlier = {"host": "node-7", "pid": 1234, "started": "2026-01-01T00:00:00",
+               "slurm_job": "42", "slurm_restart": 0}  # fmt: skip
+    (tmp_path / LOCK_FILE).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # Another task of the same run: refused.
+    with pytest.raises(WorkdirLockedError, match="process 1234 on node-7"):
+        with claim(str(tmp_path)):
+            pass
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with claim(str(tmp_path)):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["slurm_restart"] == 1
+
+
 def test_lock_held_on_another_host_is_respected(tmp_path):
     other = {"host": "another-host", "pid": _dead_pid(), "started": "2026-01-01T00:00:00"}
     (tmp_path / LOCK_FILE).write_text(json.dumps(other))

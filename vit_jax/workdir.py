@@ -2,7 +2,7 @@
 
 - `claim`: a lock file held by process 0 (holder host, pid, start time). A second run in
   the same workdir is refused and told who holds it; a lock left by a dead process on this
-  host is taken over with a warning.
+  host, or by an earlier run of the same requeued SLURM job, is taken over with a warning.
 - `check_config`: on resume, the fields that decide the run's trajectory are compared with
   those saved in `config.json` (and the process count, in `run.json`); a difference is an
   error listing `field: saved -> now` unless `config.allow_config_change` names the field.
@@ -116,6 +116,9 @@ def _take_lock(path: str) -> dict[str, Any]:
         "pid": os.getpid(),
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+    if "SLURM_JOB_ID" in os.environ:  # A requeued job keeps its id and counts its restarts.
+        me["slurm_job"] = os.environ["SLURM_JOB_ID"]
+        me["slurm_restart"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     text = json.dumps(me)
     if _create_exclusively(path, text):
         return me
@@ -125,8 +128,14 @@ def _take_lock(path: str) -> dict[str, Any]:
         who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
     except (json.JSONDecodeError, KeyError, tf.errors.NotFoundError):
         holder, who = {}, "an unknown holder (the lock file is unreadable)"
-    stale = holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))
-    if stale:
+    dead_here = holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))
+    # An earlier run of this SLURM job, killed on a node that may be gone (node failure).
+    requeued = (
+        "slurm_job" in me
+        and holder.get("slurm_job") == me["slurm_job"]
+        and holder.get("slurm_restart", 0) < me["slurm_restart"]
+    )
+    if dead_here or requeued:
         log.warning("Taking over %s: its holder, %s, is no longer running.", path, who)
         tf.io.gfile.remove(path)
         if _create_exclusively(path, text):

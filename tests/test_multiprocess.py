@@ -38,7 +38,8 @@ def _launch(tmp_path, workdir, *flags) -> list[subprocess.Popen]:
     """Two processes of one run, 4 simulated devices each."""
     port = _free_port()
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags)
     procs = []
     for i in range(2):
         command = [

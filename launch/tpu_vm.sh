@@ -1,21 +1,90 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice (v4/v5e/v5p pods included): the same command on every worker.
+# Train on a Cloud TPU VM slice (v4/v5e/v5p, any size): create the slice with a queued
+# resource, install vit_jax on every worker, run the same vit-train on all of them with
+# their logs streamed here, then delete the slice. If the slice is preempted (vit-train
+# exits 75 after saving, or the slice is gone), a new one is created and the run resumes.
 #
-#   launch/tpu_vm.sh TPU_NAME ZONE "--config configs/pretrain.py:variant=B/16 --workdir gs://BUCKET/run"
+#   export TPU_NAME=vit ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 \
+#          RUNTIME_VERSION=tpu-ubuntu2204-base REPO=https://github.com/you/vit_jax.git
+#   launch/tpu_vm.sh configs/pretrain.py:variant=B/16 gs://bucket/runs/b16 [--config.k=v ...]
+#   launch/tpu_vm.sh --dry-run configs/local.py gs://bucket/runs/smoke      # print, don't run
 #
-# Every host reads its own shard of the data; jax.distributed detects the slice by itself.
-# Data and workdir should live on GCS (data_dir=gs://..., --workdir gs://...).
+# Optional: BRANCH (default main), SPOT=1 (spot capacity), MAX_ATTEMPTS (default 10).
+# The workdir and any data_dir must be on GCS: every worker writes there and a new slice
+# starts with empty disks. jax.distributed detects the slice by itself (--distributed).
 set -euo pipefail
-TPU_NAME=${1:?TPU VM name}
-ZONE=${2:?zone}
-ARGS=${3:?vit-train arguments in one quoted string}
-REPO=${REPO:?set REPO to the git URL of your vit_jax clone}
+cd "$(dirname "$0")/.."
+# shellcheck source=launch/common.sh
+. launch/common.sh
+parse_args "$@"
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${ACCELERATOR_TYPE:?set ACCELERATOR_TYPE}"
+: "${RUNTIME_VERSION:?set RUNTIME_VERSION}" "${REPO:?set REPO to the git URL of vit_jax}"
+BRANCH=${BRANCH:-main}
+QUEUED=${TPU_NAME}-queued
+TPUS=(gcloud compute tpus)
+SPOT_FLAG=()
+[ "${SPOT:-0}" = 0 ] || SPOT_FLAG=(--spot)
 
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
-  set -e
-  [ -d vit_jax ] || git clone $REPO vit_jax
-  cd vit_jax && git pull --ff-only
-  python3 -m venv .venv && . .venv/bin/activate
-  pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  vit-train --distributed $ARGS
-"
+INSTALL="set -e; [ -d vit_jax ] || git clone -q $(quote "$REPO") vit_jax; cd vit_jax; \
+git fetch -q origin $(quote "$BRANCH"); git checkout -q FETCH_HEAD; \
+python3 -m venv .venv; . .venv/bin/activate; pip install -q -e . 'jax[tpu]' \
+-f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+# Each worker keeps vit-train's exit status, read back from worker 0 afterwards.
+TRAIN="cd vit_jax && . .venv/bin/activate && $(quote "${TRAIN_COMMAND[@]}") --distributed; \
+echo \$? > ~/vit_train_status"
+
+on_workers() {
+  run "${TPUS[@]}" tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker="$1" --command "$2"
+}
+
+wait_until_active() {
+  local describe=("${TPUS[@]}" queued-resources describe "$QUEUED" --zone "$ZONE"
+    --format='value(state.state)')
+  if [ "$DRY_RUN" = 1 ]; then
+    run "${describe[@]}"
+    return
+  fi
+  local state
+  while state=$("${describe[@]}") && [ "$state" != ACTIVE ]; do
+    case $state in
+      FAILED | SUSPENDED) echo "$0: queued resource $QUEUED is $state" >&2 && return 1 ;;
+    esac
+    sleep 30
+  done
+}
+
+# vit-train's exit status on worker 0; none (the slice is gone) counts as preempted.
+read_status() {
+  if [ "$DRY_RUN" = 1 ]; then
+    on_workers 0 "cat ~/vit_train_status"
+  else
+    STATUS=$(on_workers 0 "cat ~/vit_train_status" 2>/dev/null) || STATUS=$PREEMPTED
+  fi
+}
+
+delete_slice() {
+  run "${TPUS[@]}" queued-resources delete "$QUEUED" --zone "$ZONE" --force --quiet --async
+}
+
+trap 'if [ "$DRY_RUN" = 0 ]; then delete_slice; fi' EXIT # Never leave a slice billing.
+for attempt in $(seq "${MAX_ATTEMPTS:-10}"); do
+  run "${TPUS[@]}" queued-resources create "$QUEUED" --node-id "$TPU_NAME" --zone "$ZONE" \
+    --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" "${SPOT_FLAG[@]}"
+  wait_until_active
+  on_workers all "$INSTALL"
+  on_workers all "$TRAIN" || true # The status that matters is vit-train's, read next.
+  read_status
+  delete_slice
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "# when vit-train exits $PREEMPTED or the slice is gone: the commands above again"
+    exit 0
+  fi
+  case $STATUS in
+    0) trap - EXIT && exit 0 ;;
+    "$PREEMPTED") echo "$0: attempt $attempt preempted; creating a new slice to resume" >&2 ;;
+    *) echo "$0: vit-train failed with status $STATUS" >&2 && trap - EXIT && exit "$STATUS" ;;
+  esac
+  sleep 60 # Let the deletion finish before reusing the names.
+done
+echo "$0: still preempted after ${MAX_ATTEMPTS:-10} attempts" >&2
+exit "$PREEMPTED"

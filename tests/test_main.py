@@ -14,6 +14,7 @@ from vit_jax.config import parse_args
 from vit_jax.models import parse_variant
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
+from vit_jax.workdir import ConfigChangedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,14 +26,23 @@ def load_recipe(name, arg=None):
     return config_flags.config_flags._ConfigFileParser(name="config").parse(path)
 
 
+# A 1-block, 32-wide ViT on 8 px digits: the main job's code path in seconds.
+TINY = {
+    "image_size": 8,
+    "model.name": "Ti/4",
+    "model.width": 32,
+    "model.depth": 1,
+    "model.mlp_dim": 64,
+    "model.num_heads": 2,
+    "eval_batch_size": 128,
+}
+
+
 def small_local_config(tmp_path, **changes):
     """The local recipe on `digits` at 8 px, shrunk to seconds."""
     config = load_recipe("local.py", "steps=12,dataset=digits,batch=32")
     config.data_dir = str(tmp_path / "tfds")
-    config.image_size = 8
-    config.model.name = "Ti/4"
-    config.model.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    config.eval_batch_size = 128
+    config.update_from_flattened_dict(TINY)
     config.log_every = 4
     config.eval_every = 6
     config.checkpoint_every = 6
@@ -159,6 +169,10 @@ def test_restart_with_another_model_is_refused(tmp_path):
     train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)
     other = small_local_config(tmp_path, total_steps=6)
     other.model.width = 48
+    with pytest.raises(ConfigChangedError, match="model.width: 32 -> 48"):
+        train_and_evaluate(other, workdir)
+    # Accepting the change deliberately still cannot load parameters of another shape.
+    other.allow_config_change = "model.width"
     with pytest.raises(
         ValueError,
         match="(?s)different model.*embedding/bias: checkpoint \\(32,\\), this run \\(48,\\)",

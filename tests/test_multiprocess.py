@@ -1,30 +1,29 @@
-"""A real two-process run on one machine: jax.distributed, per-process data, one checkpoint."""
+"""Real two-process runs on one machine: jax.distributed, per-process data, one checkpoint,
+a preemption notice that every process obeys at the same step, and a process that dies."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
-from test_main import REPO, load_recipe
+from test_main import REPO, TINY, load_recipe
 
 from vit_jax.checkpoint import load_params
+from vit_jax.preemption import PREEMPTED_EXIT_STATUS
 from vit_jax.train import evaluate
 from vit_jax.trainer import Trainer
 
-RECIPE = "local.py:steps=20,dataset=digits,batch=32"
-OVERRIDES = {
-    "image_size": 8,
-    "model.name": "Ti/4",
-    "model.width": 32,
-    "model.depth": 1,
-    "model.mlp_dim": 64,
-    "model.num_heads": 2,
+RECIPE = "local.py:steps=30,dataset=digits,batch=32"
+OVERRIDES = TINY | {
     "eval_batch_size": 64,
     "log_every": 10,
-    "eval_every": 20,
+    "eval_every": 30,
     "checkpoint_every": 10,
 }
 
@@ -35,37 +34,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_and_evaluate_the_whole_split_once(tmp_path):
-    workdir, port = str(tmp_path / "run"), _free_port()
-    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+def _launch(tmp_path, workdir, *flags) -> list[subprocess.Popen]:
+    """Two processes of one run, 4 simulated devices each."""
+    port = _free_port()
+    overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags)
     procs = []
     for i in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
         command = [
             sys.executable, "-m", "vit_jax.main", "--config", f"configs/{RECIPE}",
             f"--config.data_dir={tmp_path}/tfds{i}", "--workdir", workdir,
             "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-            "--process_id", str(i), *flags,
+            "--process_id", str(i), *overrides, *flags,
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         )
+    return procs
+
+
+def _wait_for_line(process: subprocess.Popen, text: str) -> str:
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if text in line:
+            break
+    return "".join(seen)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tmp_path):
+    workdir = str(tmp_path / "run")
+    procs = _launch(tmp_path, workdir)
+    # SIGTERM to process 1 only (one VM of a slice being preempted): JAX's preemption sync
+    # tells process 0, and both save the same step and exit "resume me".
+    head = _wait_for_line(procs[0], "step 10/30")
+    procs[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    errors[0] = head + errors[0]
+    assert [p.returncode for p in procs] == [PREEMPTED_EXIT_STATUS] * 2, errors[1][-3000:]
+    stops = [int(re.search(r"Stopped at step (\d+)", e).group(1)) for e in errors]
+    assert stops[0] == stops[1] and 10 < stops[0] < 30, stops
+    assert str(stops[0]) in os.listdir(os.path.join(workdir, "checkpoints"))
+
+    procs = _launch(tmp_path, workdir)
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
-    assert "step 20/20" in errors[0] and "step 20/20" not in errors[1]  # Process 0 reports.
+    assert "step 30/30" in errors[0] and "step 30/30" not in errors[1]  # Process 0 reports.
 
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert [x["step"] for x in lines] == [10, 20]
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert [x["step"] for x in lines] == [10, 20, 30]
+    assert "30" in os.listdir(os.path.join(workdir, "checkpoints"))
 
     # The two processes' padded, masked eval shards add up to the whole split exactly once:
     # the same loss and top-1 as evaluating the saved parameters here, in one process.
     config = load_recipe(*RECIPE.split(":"))
     config.update_from_flattened_dict(OVERRIDES)
     config.data_dir = str(tmp_path / "tfds0")
-    trainer = Trainer(config, num_classes=10, total_steps=20)
+    trainer = Trainer(config, num_classes=10, total_steps=30)
     params = jax.device_put(load_params(workdir), trainer.param_shardings)
     local = evaluate(trainer, params)
     assert local["eval/top1"] == pytest.approx(lines[-1]["eval/top1"], abs=1e-6)
     assert local["eval/loss"] == pytest.approx(lines[-1]["eval/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_other_with_a_clear_error(tmp_path):
+    workdir = str(tmp_path / "run")
+    procs = _launch(tmp_path, workdir, "--config.total_steps=100000", "--heartbeat_timeout=5")
+    _wait_for_line(procs[0], "step 10/")
+    procs[1].kill()  # SIGKILL: no chance to say goodbye.
+    killed = time.perf_counter()
+    stderr = procs[0].communicate(timeout=300)[1]  # Bounded by the heartbeat timeout.
+    print(f"survivor exited {time.perf_counter() - killed:.1f} s after the kill")
+    assert procs[0].returncode not in (0, PREEMPTED_EXIT_STATUS)
+    assert "another task died" in stderr and "stopped sending heartbeats" in stderr

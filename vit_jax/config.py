@@ -81,12 +81,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = "dp"  # "dp" | "fsdp" | "tp"
 
-    # Bookkeeping.
+    # Non-finite loss or gradients stop the run with an error (no bad state is ever saved);
+    # True skips such updates on the device instead and counts them (train/nonfinite_updates).
+    c.skip_nonfinite_updates = False
+
+    # Bookkeeping: free to change between restarts (vit_jax/workdir.py BOOKKEEPING).
     c.log_every = 50
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    # Resuming checks that the fields deciding the trajectory are unchanged; name the ones
+    # you change deliberately, e.g. "batch_size,optim.lr" ("process_count" too).
+    c.allow_config_change = ""
     return c
+
+
+def check_intervals(config: ml_collections.ConfigDict) -> None:
+    """Every step interval and the checkpoint count must be positive integers."""
+    for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"config.{field}={value!r}: must be a whole number >= 1 (a step interval or "
+                "a count); to do something rarely, use a large value such as total_steps."
+            )
 
 
 def parse_args(arg: str | None, defaults: dict[str, Any]) -> ml_collections.ConfigDict:

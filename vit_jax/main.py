@@ -6,6 +6,11 @@
 
 Multi-process runs (TPU pods, multi-node GPU) pass --coordinator_address,
 --num_processes and --process_id, or --distributed to let JAX detect them (TPU, SLURM).
+
+Exit status: 0 when the run is complete; 75 (EX_TEMPFAIL) when it stopped on SIGTERM,
+SIGINT or a preemption notice after saving a checkpoint, so rerunning the same command
+resumes it (launch scripts requeue on 75); anything else is an error that a rerun would
+repeat (bad config, non-finite loss, unreadable checkpoints, a process of the run died).
 """
 
 from __future__ import annotations
@@ -27,14 +32,25 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    100,
+    "Multi-process runs: seconds without a heartbeat after which a process counts as dead "
+    "and the others stop with an error instead of waiting in a collective.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 log = logging.getLogger("vit_jax.main")
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str]) -> int:
     del argv
     if _DISTRIBUTED.value or _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+        )
     # Our progress lines on process 0; only warnings from libraries (Orbax, tfds, absl).
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
@@ -47,10 +63,16 @@ def _main(argv: list[str]) -> None:
         jax.device_count(),
         jax.devices()[0].device_kind,
     )
+    from vit_jax.preemption import PREEMPTED_EXIT_STATUS, Preempted
     from vit_jax.train import train_and_evaluate
 
-    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except Preempted as e:
+        log.warning("%s Exit status %d.", e, PREEMPTED_EXIT_STATUS)
+        return PREEMPTED_EXIT_STATUS
     log.info("Final: %s", ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    return 0
 
 
 def main() -> None:

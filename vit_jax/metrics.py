@@ -13,26 +13,22 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricWriter:
     """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
 
-    On a resumed run, lines for steps after the resumed step (written after the last
-    checkpoint by the interrupted run) are dropped, since they will be written again.
+    On a resumed run, `vit_jax.workdir.repair_metrics` first drops what the interrupted
+    run wrote after its last checkpoint, since those steps are written again.
     """
 
-    def __init__(self, workdir: str, *, resumed_step: int = 0):
+    def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         self.path = os.path.join(workdir, METRICS_FILE)
-        if tf.io.gfile.exists(self.path):
-            with tf.io.gfile.GFile(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
-            with tf.io.gfile.GFile(self.path, "w") as f:
-                f.write("".join(kept))
-        self.tensorboard = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        self.tensorboard = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

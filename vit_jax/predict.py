@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, help="Input resolution in pixels.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass.")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size {args.batch_size}: must be at least 1.")
 
     try:
         run = load_run(

@@ -3,8 +3,8 @@
 config -> `Trainer` (mesh, rules, model and optimizer in their shardings) -> host-local
 uint8 batches -> global arrays (the next one transferred while the current step runs)
 -> jitted `train_step` (state donated) -> metrics (process 0) -> Orbax async checkpoints.
-Restarting in the same workdir resumes from the latest checkpoint and sees exactly the
-batches an uninterrupted run would have seen.
+Restarting in the same workdir resumes from the newest readable checkpoint and sees exactly
+the batches an uninterrupted run would have seen (vit_jax/workdir.py: what a restart checks).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from vit_jax import checkpoint, data, parallel
 from vit_jax.checkpoint.manager import Checkpointer
+from vit_jax.config import check_intervals
 from vit_jax.metrics import MetricWriter, log_progress
-from vit_jax.trainer import Trainer, TrainState
+from vit_jax.preemption import Preempted, StopRequests
+from vit_jax.trainer import NONFINITE, Trainer, TrainState
+from vit_jax.workdir import check_config, claim, repair_metrics, restore_newest_readable
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,12 @@ def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
     return math.ceil(config.num_epochs * train_examples / config.batch_size)
 
 
-def _initial_state(trainer: Trainer, checkpointer: Checkpointer, workdir: str) -> TrainState:
-    """The latest checkpoint in `workdir` if there is one, else `model_init` or a fresh init."""
+def _initial_state(trainer: Trainer, checkpointer: Checkpointer) -> TrainState:
+    """The newest readable checkpoint if there is one, else `model_init` or a fresh init."""
     config = trainer.config
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(trainer.abstract_state())
-        log.info("Resumed from step %d in %s.", int(state.step), workdir)
+    state = restore_newest_readable(checkpointer, trainer.abstract_state())
+    if state is not None:
+        log.info("Resumed from step %d.", int(state.step))
         return state
     if config.model_init:
         pretrained = checkpoint.load_pretrained(
@@ -74,33 +76,75 @@ def _initial_state(trainer: Trainer, checkpointer: Checkpointer, workdir: str) -
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir` and returns the final eval metrics.
 
-    On an exception or a preemption notice, the checkpoints already started are
-    completed before returning, and the metrics files are closed.
+    Raises `Preempted` after saving a checkpoint when SIGTERM, SIGINT or a preemption
+    notice arrives. On any exit the checkpoints already started are completed, the
+    metrics files closed and the workdir's lock released.
     """
-    info = data.get_dataset_info(config.dataset, config.data_dir)
-    steps = total_steps(config, data.num_train_examples(config))
-    trainer = Trainer(config, info.num_classes, steps)
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    metadata = {
-        "class_names": list(info.class_names),
-        "model": config.model.to_dict(),
-        "num_classes": info.num_classes,
-        "image_size": config.image_size,
-        "dataset": config.dataset,
-    }
-    state = _initial_state(trainer, checkpointer, workdir)
-    start = int(state.step)
-    if jax.process_index() == 0:
-        tf.io.gfile.makedirs(workdir)
-        with tf.io.gfile.GFile(f"{workdir}/config.json", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    writer = MetricWriter(workdir, resumed_step=start)
-    try:
-        return _train_loop(trainer, state, steps, checkpointer, writer, metadata)
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+    check_intervals(config)
+    # Stop requests count from the start, so a SIGTERM during start-up still ends in a
+    # checkpoint and status 75 (after one step) rather than a kill a scheduler won't requeue.
+    with StopRequests() as stop_requests, claim(workdir):
+        info = data.get_dataset_info(config.dataset, config.data_dir)
+        steps = total_steps(config, data.num_train_examples(config))
+        trainer = Trainer(config, info.num_classes, steps)
+        metadata = {
+            "class_names": list(info.class_names),
+            "model": config.model.to_dict(),
+            "num_classes": info.num_classes,
+            "image_size": config.image_size,
+            "dataset": config.dataset,
+        }
+        checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+        writer = None
+        try:
+            check_config(workdir, config, resuming=bool(checkpointer.steps()))
+            state = _initial_state(trainer, checkpointer)
+            repair_metrics(workdir, int(state.step))
+            writer = MetricWriter(workdir)
+            return _train_loop(trainer, state, steps, checkpointer, writer, metadata, stop_requests)
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            if writer is not None:
+                writer.close()
+
+
+def _fetch_checked(
+    pending: list[dict],
+    first_step: int,
+    config: ml_collections.ConfigDict,
+    checkpointer: Checkpointer,
+) -> list[dict]:
+    """The window's per-step metrics on the host, after stopping at a non-finite step.
+
+    Called before every checkpoint and log, the only places that wait for the device
+    anyway, so a non-finite state is never saved and the last finite checkpoint can never
+    be rotated out. With `skip_nonfinite_updates` such steps changed nothing: no stop.
+    """
+    fetched = jax.device_get(pending)
+    if config.skip_nonfinite_updates:
+        return fetched
+    for step, m in enumerate(fetched, first_step):
+        if m[NONFINITE]:
+            name = "train/loss" if not np.isfinite(m["train/loss"]) else "train/grad_norm"
+            latest = checkpointer.latest_step()
+            kept = "none was written" if latest is None else f"step {latest} is finite"
+            raise FloatingPointError(
+                f"Step {step}: {name} is {m[name]}. Stopped before saving any later state "
+                f"(newest checkpoint: {kept}). Lower optim.lr, check the data, or set "
+                "--config.skip_nonfinite_updates=true to skip such updates (counted as "
+                "train/nonfinite_updates)."
+            )
+    return fetched
+
+
+def _summarize(metrics: list[dict]) -> dict[str, float]:
+    """Means over the window of finite steps; the learning rate at its end; skips counted."""
+    finite = [m for m in metrics if not m[NONFINITE]] or metrics
+    summary = {k: float(np.mean([m[k] for m in finite])) for k in metrics[0]}
+    summary["train/lr"] = float(metrics[-1]["train/lr"])
+    summary[NONFINITE] = float(sum(m[NONFINITE] for m in metrics))
+    return summary
 
 
 def _train_loop(
@@ -110,6 +154,7 @@ def _train_loop(
     checkpointer: Checkpointer,
     writer: MetricWriter,
     metadata: dict,
+    stop_requests: StopRequests,
 ) -> dict[str, float]:
     config, start = trainer.config, int(state.step)
     eval_metrics: dict[str, float] = {}
@@ -124,21 +169,15 @@ def _train_loop(
         input_wait += time.perf_counter() - wait_start
         state, metrics = trainer.train_step(state, batch)
         pending.append(metrics)
-        preempted = checkpointer.reached_preemption(step)
-        if step % config.checkpoint_every == 0 or step == steps or preempted:
+        stop = stop_requests.reached(step)
+        if step % config.checkpoint_every == 0 or step == steps or stop:
+            pending = _fetch_checked(pending, logged_at + 1, config, checkpointer)
             checkpointer.save(step, state, metadata)
-        if preempted:
-            log.warning("Preemption notice at step %d: checkpoint saved, stopping.", step)
-            break
         log_now = step % config.log_every == 0 or step == steps
-        eval_now = step % config.eval_every == 0 or step == steps
-        if not (log_now or eval_now):
-            continue
+        eval_now = (step % config.eval_every == 0 or step == steps) and not stop
         summary = {}
         if log_now:
-            fetched = jax.device_get(pending)
-            summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            summary["train/lr"] = float(fetched[-1]["train/lr"])
+            summary = _summarize(_fetch_checked(pending, logged_at + 1, config, checkpointer))
             elapsed = time.perf_counter() - logged_time
             step_time = elapsed / (step - logged_at)
             summary |= {
@@ -151,10 +190,14 @@ def _train_loop(
         if eval_now:
             eval_metrics = evaluate(trainer, state.params)
             summary |= eval_metrics
-        writer.write(step, summary)
-        log_progress(step, steps, summary)
+        if summary:
+            writer.write(step, summary)
+            log_progress(step, steps, summary)
         if log_now:
             logged_at, logged_time = step, time.perf_counter()
-    if not eval_metrics:  # Resumed a finished run (or preempted): report where it stands.
+        if stop:  # Evaluation skipped: the grace period is for the checkpoint.
+            checkpointer.wait()
+            raise Preempted(step)
+    if not eval_metrics:  # Resumed a finished run: report where it stands.
         eval_metrics = evaluate(trainer, state.params)
     return eval_metrics

@@ -83,6 +83,11 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
 
+# Per-step metric: 1 when the step's loss or gradients were not finite (the loop stops
+# there, or counts it when `config.skip_nonfinite_updates` kept the state unchanged).
+NONFINITE = "train/nonfinite_updates"
+
+
 class Trainer:
     """Holds what the steps need: model, optimizer, mesh, rules and shardings."""
 
@@ -229,15 +234,21 @@ class Trainer:
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
             loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-        )
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)  # Not finite if any gradient is not.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if self.config.skip_nonfinite_updates:  # Keep the old state; the step still counts.
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "train/loss": loss,
-            "train/grad_norm": optax.tree.norm(grads),
+            "train/grad_norm": grad_norm,
             "train/lr": self.schedule(state.step),
+            NONFINITE: jnp.logical_not(finite).astype(jnp.int32),
         }
         return new_state, metrics
 

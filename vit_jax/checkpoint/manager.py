@@ -8,13 +8,21 @@ The data stream is a pure function of seed and step, so the step is all it needs
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint is readable but was written by a different model."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -41,6 +49,26 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """Every step directory, oldest first (readable or not)."""
+        return sorted(self._manager.all_steps())
+
+    def step_path(self, step: int) -> epath.Path:
+        return epath.Path(self._manager.directory) / str(step)
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Renames an unreadable step's directory so that Orbax no longer counts it as a step.
+
+        Nothing is deleted: the files stay for inspection under `<step>.unreadable-<time>`.
+        """
+        source = self.step_path(step)
+        target = source.parent / f"{step}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        multihost_utils.sync_global_devices(f"vit_jax set aside checkpoint {step}")
+        self._manager.reload()
+        return target
+
     def save(self, step: int, state: Any, metadata: dict) -> None:
         """Starts an async save; the next save or `wait` waits for it to be complete."""
         args = ocp.args.Composite(
@@ -48,17 +76,15 @@ class Checkpointer:
         )
         self._manager.save(step, args=args, force=True)
 
-    def reached_preemption(self, step: int) -> bool:
-        """Whether a preemption notice arrived; every process answers the same at a step."""
-        return self._manager.reached_preemption(step)
-
-    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    def restore(self, abstract_state: Any, step: int) -> Any:
         """Restores into the shardings of `abstract_state` (a tree of `jax.ShapeDtypeStruct`).
 
-        A checkpoint of another model is refused with the differing parameters listed,
-        before any array is read.
+        A checkpoint of another model is refused (`CheckpointMismatchError`) with the
+        differing parameters listed, before any array is read. A damaged checkpoint raises
+        whatever Orbax or TensorStore raise for it.
         """
-        step = self.latest_step() if step is None else step
+        if not (self.step_path(step) / STATE_ITEM).exists():
+            raise FileNotFoundError(f"{self.step_path(step)} has no '{STATE_ITEM}' item")
         saved = _flat_shapes(self._manager.item_metadata(step)["state"].tree["params"])
         wanted = _flat_shapes(abstract_state.params)
         if saved != wanted:
@@ -67,7 +93,7 @@ class Checkpointer:
                 for k in saved.keys() | wanted.keys()
                 if saved.get(k) != wanted.get(k)
             )
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"The checkpoint at step {step} in {self._manager.directory} was written by a "
                 f"different model ({len(diff)} entries differ):\n  "
                 + "\n  ".join(diff[:20])
@@ -98,16 +124,26 @@ def _find_manager_dir(path: str) -> str:
 
 
 def _latest(path: str) -> tuple[ocp.CheckpointManager, int]:
+    """The newest step holding a train state; never creates `path` (a typo stays a typo)."""
+    expected = (
+        f"expected a vit_jax workdir (with '{CHECKPOINT_DIR}/<step>/{STATE_ITEM}/') "
+        f"or its '{CHECKPOINT_DIR}' directory"
+    )
+    if not epath.Path(path).is_dir():
+        raise FileNotFoundError(f"{path!r} is not a directory: {expected}.")
     # Naming the handlers lets a fresh process read item metadata before any restore.
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
-    manager = ocp.CheckpointManager(_find_manager_dir(path), item_handlers=handlers)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"No checkpoint found in {path!r}: expected a vit_jax workdir (with "
-            f"'{CHECKPOINT_DIR}/<step>/') or its '{CHECKPOINT_DIR}' directory."
-        )
-    return manager, step
+    options = ocp.CheckpointManagerOptions(create=False)
+    directory = _find_manager_dir(path)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    steps = [
+        s for s in manager.all_steps() if (epath.Path(directory) / str(s) / STATE_ITEM).exists()
+    ]
+    if not steps:
+        found = sorted(manager.all_steps())
+        numeric = f" (its numeric folders {found[:5]} hold no '{STATE_ITEM}')" if found else ""
+        raise FileNotFoundError(f"No checkpoint found in {path!r}{numeric}: {expected}.")
+    return manager, max(steps)
 
 
 def load_params(path: str) -> dict:

@@ -8,10 +8,13 @@ every split. The root may be local or on `gs://` (listed with `tf.io.gfile`).
 Within a split, examples are ordered by a hash of their `class/file` path: a fixed,
 listing-independent order that is not sorted by class, like the shuffled order tfds writes.
 So `train[:10%]` is a random-looking 10% and a small shuffle buffer still mixes classes.
-The listing is read once per process when the source is opened.
+The listing is read once per process when the source is opened; files that cannot be read,
+are empty or are not JPEG/PNG inside are skipped then, with a warning naming each.
 """
 
+import concurrent.futures
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -21,6 +24,25 @@ import tensorflow_datasets as tfds
 from vit_jax.data.source import DatasetInfo, Split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: how each file starts.
+
+log = logging.getLogger(__name__)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why `path` cannot be an image (unreadable, empty, not JPEG/PNG), or None.
+
+    Reads 8 bytes: cheap enough for every file at start-up, and it catches the files that
+    would otherwise stop training hours later with a decode error.
+    """
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, tf.errors.OpError) as e:
+        return str(getattr(e, "message", e)).splitlines()[0]
+    if not head.startswith(_SIGNATURES):
+        return "empty file" if not head else "not a JPEG or PNG file"
+    return None
 
 
 def _subdirs(path: str) -> list[str]:
@@ -71,17 +93,29 @@ class FolderSource:
             raise FileNotFoundError(f"Split directory {self.root}/{split} has no class folders")
         relative = []
         for name in classes:
-            images = [
+            relative += [
                 f"{name}/{f}"
                 for f in tf.io.gfile.listdir(f"{self.root}/{split}/{name}")
                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
             ]
-            if not images:
-                raise FileNotFoundError(
-                    f"Class directory {self.root}/{split}/{name} holds no "
-                    f"{'/'.join(IMAGE_EXTENSIONS)} images"
-                )
-            relative.extend(images)
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            reasons = list(pool.map(_unreadable, (f"{self.root}/{split}/{p}" for p in relative)))
+        skipped = [(p, why) for p, why in zip(relative, reasons, strict=True) if why]
+        if skipped:
+            log.warning(
+                "Skipping %d unreadable file(s) of %s/%s: %s",
+                len(skipped),
+                self.root,
+                split,
+                "; ".join(f"{p} ({why})" for p, why in skipped[:20]),
+            )
+        relative = [p for p, why in zip(relative, reasons, strict=True) if not why]
+        empty = sorted(set(classes) - {p.split("/", 1)[0] for p in relative})
+        if empty:
+            raise FileNotFoundError(
+                f"Class directory {self.root}/{split}/{empty[0]} holds no "
+                f"{'/'.join(IMAGE_EXTENSIONS)} images (unreadable files are skipped)"
+            )
         ordered = _hash_order(relative)
         label_of = {name: i for i, name in enumerate(classes)}
         paths = np.array([f"{self.root}/{split}/{p}" for p in ordered])

@@ -1,0 +1,175 @@
+"""Mistakes a user can make, each refused with an error that says what to do, and leaving
+no trace: one table, one row per mistake.
+
+Elsewhere: a second run in a locked workdir and changed trajectory fields
+(test_fault_workdir.py), half-written metrics lines and replayed TensorBoard steps
+(test_fault_workdir.py), damaged checkpoints (test_fault.py).
+"""
+
+import contextlib
+import io
+import os
+
+import pytest
+from test_data import make_config, make_folder
+from test_main import load_recipe, small_local_config
+
+from vit_jax import data, export, predict
+from vit_jax.train import train_and_evaluate
+from vit_jax.trainer import Trainer
+
+
+class CommandFailed(Exception):
+    """A command-line entry point returned non-zero; the message is its stderr."""
+
+
+def _command(main, *argv: str) -> None:
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            status = main(list(argv))
+        except SystemExit as e:  # argparse errors.
+            status = e.code
+    if status:
+        raise CommandFailed(f"status {status}: {stderr.getvalue()}")
+
+
+def _train(tmp_path, **changes) -> None:
+    train_and_evaluate(small_local_config(tmp_path, **changes), str(tmp_path / "run"))
+
+
+def _trainer(tmp_path, **flat_changes) -> None:
+    config = small_local_config(tmp_path)
+    config.update_from_flattened_dict(flat_changes)
+    Trainer(config, num_classes=10, total_steps=12)
+
+
+def _numeric_folders(tmp_path) -> None:
+    for name in ("0", "1", "7"):  # e.g. class folders of an image dataset.
+        os.makedirs(tmp_path / "images" / name)
+
+
+CASES = {
+    # Step intervals and counts.
+    "log_every=0": (
+        None,
+        lambda p: _train(p, log_every=0),
+        ValueError,
+        r"config.log_every=0: must be a whole number >= 1",
+    ),
+    "eval_every=0": (
+        None,
+        lambda p: _train(p, eval_every=0),
+        ValueError,
+        r"config.eval_every=0: must be",
+    ),
+    "checkpoint_every=0": (
+        None,
+        lambda p: _train(p, checkpoint_every=0),
+        ValueError,
+        r"config.checkpoint_every=0: must be",
+    ),
+    "keep_checkpoints=0": (
+        None,
+        lambda p: _train(p, keep_checkpoints=0),
+        ValueError,
+        r"config.keep_checkpoints=0: must be",
+    ),
+    # Commands.
+    "vit-predict --batch_size 0": (
+        None,
+        lambda p: _command(predict.main, "--checkpoint", str(p), "--batch_size", "0", "a.png"),
+        CommandFailed,
+        r"(?s)status 2: .*--batch_size 0: must be at least 1",
+    ),
+    "vit-export --workdir typo": (
+        None,
+        lambda p: _command(export.main, "--workdir", str(p / "typo"), "--out", str(p / "o.npz")),
+        CommandFailed,
+        r"status 1: vit-export: '.*/typo' is not a directory: expected a vit_jax workdir",
+    ),
+    "vit-export of numeric non-checkpoint folders": (
+        _numeric_folders,
+        lambda p: _command(export.main, "--workdir", str(p / "images"), "--out", str(p / "o.npz")),
+        CommandFailed,
+        r"No checkpoint found in '.*/images' \(its numeric folders \[0, 1, 7\] hold no 'state'\)",
+    ),
+    # Parallelism.
+    "mesh larger than the devices": (
+        None,
+        lambda p: _trainer(p, **{"mesh.data": 16}),
+        ValueError,
+        r"needs 16 devices but 8 are available",
+    ),
+    "mesh axes not dividing the devices": (
+        None,
+        lambda p: _trainer(p, **{"mesh.data": -1, "mesh.fsdp": 3}),
+        ValueError,
+        r"8 devices cannot be split into axes of sizes \[3, 1\]",
+    ),
+    "batch not divisible by the devices": (
+        None,
+        lambda p: _trainer(p, batch_size=36),
+        ValueError,
+        r"batch size 36 is not divisible by the 8 batch shards.*choose a multiple of 8",
+    ),
+    "batch not divisible by accum_steps": (
+        None,
+        lambda p: _trainer(p, accum_steps=3),
+        ValueError,
+        r"batch_size 32 must be divisible by accum_steps \(3\)",
+    ),
+    "micro-batch smaller than the devices": (
+        None,
+        lambda p: _trainer(p, accum_steps=8),
+        ValueError,
+        r"batch size 4 is not divisible by the 8 batch shards",
+    ),
+    # Recipes and model options.
+    "unknown recipe argument": (
+        None,
+        lambda p: load_recipe("local.py", "stepz=3"),
+        ValueError,
+        r"Bad recipe argument 'stepz=3': expected key=value with key in \['batch', 'dataset'",
+    ),
+    "recipe argument of the wrong type": (
+        None,
+        lambda p: load_recipe("local.py", "steps=many"),
+        ValueError,
+        r"steps='many': expected a int",
+    ),
+    "stochastic_depth=1 (always NaN)": (
+        None,
+        lambda p: _trainer(p, **{"model.stochastic_depth": 1.0}),
+        ValueError,
+        r"stochastic_depth=1.0: must be in \[0, 1\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_a_clear_error_and_leaves_no_trace(tmp_path, case):
+    setup, action, error, message = CASES[case]
+    if setup:
+        setup(tmp_path)
+    before = sorted(os.walk(tmp_path))
+    with pytest.raises(error, match=message):
+        action(tmp_path)
+    assert sorted(os.walk(tmp_path)) == before  # e.g. `vit-export --workdir typo` made no dir.
+
+
+def test_unreadable_images_in_a_folder_are_skipped_and_reported(tmp_path, caplog):
+    make_folder(tmp_path, {"train": {"cat": 3, "dog": 2}, "test": {"cat": 1, "dog": 1}})
+    (tmp_path / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "train" / "dog" / "page.png").write_text("<html>Not found</html>")
+    dataset = f"folder:{tmp_path}"
+    with caplog.at_level("WARNING", logger="vit_jax"):
+        info = data.get_dataset_info(dataset, None)
+    assert info.split_sizes == {"train": 5, "test": 2}  # The readable ones, all of them.
+    assert "Skipping 2 unreadable file(s)" in caplog.text
+    assert "cat/empty.jpg (empty file)" in caplog.text
+    assert "dog/page.png (not a JPEG or PNG file)" in caplog.text
+    # The rest decode: the whole split passes through the pipeline.
+    config = make_config(None, dataset=dataset, eval_split="train", image_size=7, eval_batch_size=4)
+    batches = list(data.eval_batches(config, process_index=0, process_count=1))
+    assert sum(int(b["mask"].sum()) for b in batches) == 5

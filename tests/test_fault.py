@@ -1,0 +1,212 @@
+"""Fault tolerance with real processes and real signals: preemption, kills, non-finite
+steps and damaged checkpoints, each ending where an uninterrupted run ends."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_main import REPO, TINY, load_recipe, small_local_config
+
+from vit_jax.checkpoint import load_params
+from vit_jax.preemption import PREEMPTED_EXIT_STATUS, StopRequests
+from vit_jax.train import train_and_evaluate
+from vit_jax.trainer import NONFINITE, Trainer
+from vit_jax.workdir import UnreadableCheckpointsError
+
+RECIPE_ARG = "steps=300,dataset=digits,batch=32"
+# Every step logged, so each step's loss can be compared with the uninterrupted run's.
+SETTINGS = TINY | {"log_every": 1, "eval_every": 1000, "checkpoint_every": 50}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Where this file's runs share one prepared copy of the digits dataset (`tfds/`)."""
+    return tmp_path_factory.mktemp("digits")
+
+
+def _config(digits):
+    config = load_recipe("local.py", RECIPE_ARG)
+    config.data_dir = str(digits / "tfds")
+    config.update_from_flattened_dict(SETTINGS)
+    return config
+
+
+def _start(digits, workdir) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "vit_jax.main", "--config", f"configs/local.py:{RECIPE_ARG}",
+        f"--config.data_dir={digits / 'tfds'}", "--workdir", str(workdir),
+        *(f"--config.{key}={value}" for key, value in SETTINGS.items()),
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_at(run: subprocess.Popen, step: int, signum: int) -> tuple[str, float]:
+    """Sends `signum` once `run` has logged `step`; its stderr, seconds from signal to exit."""
+    lines = []
+    for line in run.stderr:
+        lines.append(line)
+        if f"step {step}/" in line:
+            break
+    run.send_signal(signum)
+    sent = time.perf_counter()
+    lines.append(run.stderr.read())
+    run.wait(timeout=300)
+    return "".join(lines), time.perf_counter() - sent
+
+
+def _metrics(workdir) -> dict[int, dict]:
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [x["step"] for x in lines]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {x["step"]: x for x in lines}
+
+
+def _checkpoints(workdir) -> list[str]:
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=lambda n: (len(n), n))
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_resume_bit_exactly(tmp_path, digits):
+    straight = tmp_path / "straight"
+    train_and_evaluate(_config(digits), str(straight))
+
+    workdir = tmp_path / "interrupted"
+    run = _start(digits, workdir)
+    stderr, seconds = _signal_at(run, 5, signal.SIGTERM)
+    assert run.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    stop = int(re.search(r"Stopped at step (\d+)", stderr).group(1))
+    assert 5 <= stop < 50 and _checkpoints(workdir) == [str(stop)]  # Saved where it stopped.
+    print(f"SIGTERM at step >= 5: saved step {stop}, exited {seconds:.1f} s after the signal")
+
+    run = _start(digits, workdir)
+    stderr, _ = _signal_at(run, 120, signal.SIGKILL)  # After the periodic checkpoint at 100.
+    assert run.returncode == -signal.SIGKILL, stderr[-3000:]
+    run = _start(digits, workdir)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode == 0, stderr[-3000:]
+    resumed_from = int(re.search(r"Resumed from step (\d+)\.", stderr).group(1))
+    # A periodic checkpoint (100, or 50 when the kill beat 100's async write): steps replayed.
+    assert resumed_from in (50, 100)
+
+    jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(straight))
+    resumed, reference = _metrics(workdir), _metrics(straight)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 301))
+    assert [resumed[s]["train/loss"] for s in resumed] == [
+        reference[s]["train/loss"] for s in resumed
+    ]
+    # TensorBoard (its own reader) shows every step once, the replayed ones included.
+    events = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"tensors": 0})  # All.
+    events.Reload()
+    assert [e.step for e in events.Tensors("train/loss")] == list(range(1, 301))
+
+
+def test_stop_requests_wait_for_the_step_and_a_second_ctrl_c_interrupts():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StopRequests() as requests:
+        assert not requests.reached(1)
+        signal.raise_signal(signal.SIGTERM)
+        assert requests.reached(2)
+    with StopRequests() as requests:
+        signal.raise_signal(signal.SIGINT)
+        assert requests.reached(1)
+        with pytest.raises(KeyboardInterrupt):  # The user insists: out at once.
+            signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path, digits):
+    # Adam's first steps move every weight by ~lr: at 1e30 the logits overflow a few steps in.
+    config = small_local_config(digits, checkpoint_every=1, keep_checkpoints=1, eval_every=100)
+    config.optim.lr = 1e30
+    with pytest.raises(
+        FloatingPointError, match=r"Step \d+: train/(loss|grad_norm) is (nan|inf)"
+    ) as e:
+        train_and_evaluate(config, str(tmp_path / "run"))
+    bad_step = int(re.search(r"Step (\d+)", str(e.value)).group(1))
+    # keep_checkpoints=1, a checkpoint every step: the one left is the step before the bad one.
+    assert _checkpoints(tmp_path / "run") == [str(bad_step - 1)]
+    assert f"newest checkpoint: step {bad_step - 1} is finite" in str(e.value)
+    params = load_params(str(tmp_path / "run"))
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+    config.skip_nonfinite_updates = True
+    config.log_every = 12
+    train_and_evaluate(config, str(tmp_path / "skipping"))
+    counted = _metrics(tmp_path / "skipping")[12][NONFINITE]
+    assert 0 < counted <= 12 - (bad_step - 1)
+    params = load_params(str(tmp_path / "skipping"))
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_skipped_update_leaves_the_state_unchanged(digits):
+    config = small_local_config(digits, skip_nonfinite_updates=True)
+    trainer = Trainer(config, num_classes=10, total_steps=12)
+    state = trainer.init_state()
+    # A NaN head bias makes this step's loss NaN, deterministically.
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x.at[0].set(jnp.nan) if "head" in jax.tree_util.keystr(path) and x.ndim == 1 else x
+        ),
+        state.params,
+    )
+    state = state.replace(params=jax.device_put(poisoned, trainer.param_shardings))
+    before = jax.device_get(state)
+    batch = {
+        "image": np.zeros((32, 8, 8, 3), np.uint8),
+        "label": np.arange(32, dtype=np.int32) % 10,
+    }
+    after, metrics = trainer.train_step(state, batch)
+    assert int(metrics[NONFINITE]) == 1 and not np.isfinite(float(metrics["train/loss"]))
+    assert int(after.step) == int(before.step) + 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.params), before.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after.opt_state), before.opt_state)
+
+
+def _truncate_array_files(step_dir):
+    """Cuts every array data file (TensorStore's `d/` chunks) to half its size."""
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(root) == "d":
+            for name in files:
+                path = os.path.join(root, name)
+                os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete_state_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digits, caplog):
+    config = small_local_config(digits, eval_every=100)  # Checkpoints at 6 and 12.
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir))
+    finished = load_params(str(workdir))
+    _truncate_array_files(str(workdir / "checkpoints" / "12"))
+
+    with caplog.at_level("INFO", logger="vit_jax"):
+        train_and_evaluate(config, str(workdir))
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert re.search(rf"Cannot read checkpoint {workdir}/checkpoints/12 \(\w+: .+\)", messages)
+    assert "Resumed from step 6." in messages
+    names = _checkpoints(workdir)
+    assert names[:2] == ["6", "12"] and re.fullmatch(r"12\.unreadable-\d{8}T\d{6}", names[2])
+    # Steps 7-12 were trained again, exactly as before.
+    jax.tree.map(np.testing.assert_array_equal, load_params(str(workdir)), finished)
+
+    # Now nothing is readable: an error naming each checkpoint, and nothing touched.
+    _delete_state_metadata(str(workdir / "checkpoints" / "12"))
+    _truncate_array_files(str(workdir / "checkpoints" / "6"))
+    with pytest.raises(UnreadableCheckpointsError) as e:
+        train_and_evaluate(config, str(workdir))
+    message = str(e.value)
+    assert f"{workdir}/checkpoints/12: " in message and f"{workdir}/checkpoints/6: " in message
+    assert "does not start afresh" in message and "new --workdir" in message
+    assert _checkpoints(workdir) == names

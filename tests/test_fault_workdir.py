@@ -1,0 +1,144 @@
+"""The workdir's contract, checked directly: one run per workdir, the same run on resume,
+metrics written once per step."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_main import small_local_config
+
+from vit_jax.metrics import MetricWriter
+from vit_jax.workdir import (
+    LOCK_FILE,
+    ConfigChangedError,
+    WorkdirLockedError,
+    check_config,
+    claim,
+    repair_metrics,
+)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_second_run_is_refused_and_named(tmp_path):
+    with claim(str(tmp_path)):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
+        assert holder["started"].endswith("+00:00")
+        message = f"in use by process {os.getpid()} on {socket.gethostname()}, started"
+        with pytest.raises(WorkdirLockedError, match=message):
+            with claim(str(tmp_path)):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()  # Released at the end of the run.
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "started": "2026-01-01T00:00:00"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))
+    with caplog.at_level("WARNING", logger="vit_jax"), claim(str(tmp_path)):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"process {stale['pid']} on {stale['host']}" in caplog.text
+    assert "no longer running" in caplog.text
+
+
+def test_lock_of_an_earlier_run_of_a_requeued_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    # The node of restart 0 died (no pid to check there); SLURM requeued the job elsewhere.
+    earlier = {"host": "node-7", "pid": 1234, "started": "2026-01-01T00:00:00",
+               "slurm_job": "42", "slurm_restart": 0}  # fmt: skip
+    (tmp_path / LOCK_FILE).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # Another task of the same run: refused.
+    with pytest.raises(WorkdirLockedError, match="process 1234 on node-7"):
+        with claim(str(tmp_path)):
+            pass
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with claim(str(tmp_path)):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["slurm_restart"] == 1
+
+
+def test_lock_held_on_another_host_is_respected(tmp_path):
+    other = {"host": "another-host", "pid": _dead_pid(), "started": "2026-01-01T00:00:00"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(other))
+    with pytest.raises(WorkdirLockedError, match=f"delete {tmp_path / LOCK_FILE}"):
+        with claim(str(tmp_path)):
+            pass
+    assert json.loads((tmp_path / LOCK_FILE).read_text()) == other
+
+
+def test_resume_refuses_trajectory_changes_and_lists_them(tmp_path):
+    workdir = str(tmp_path)
+    config = small_local_config(tmp_path)
+    check_config(workdir, config, resuming=False)
+    saved = (tmp_path / "config.json").read_text()
+
+    changed = small_local_config(tmp_path, batch_size=64, seed=3)
+    changed.optim.name = "sgd"
+    with pytest.raises(ConfigChangedError) as e:
+        check_config(workdir, changed, resuming=True)
+    for line in ("batch_size: 32 -> 64", "seed: 0 -> 3", "optim.name: 'adamw' -> 'sgd'"):
+        assert line in str(e.value)
+    assert "--config.allow_config_change=batch_size,optim.name,seed" in str(e.value)
+    assert (tmp_path / "config.json").read_text() == saved  # Not overwritten by a refused run.
+
+    # Bookkeeping changes freely.
+    free = small_local_config(tmp_path, log_every=1, checkpoint_every=3, eval_batch_size=64)
+    free.mesh.data, free.mesh.fsdp, free.sharding_rules = 2, -1, "fsdp"
+    check_config(workdir, free, resuming=True)
+
+
+def test_deliberate_change_is_accepted_and_recorded(tmp_path):
+    workdir = str(tmp_path)
+    check_config(workdir, small_local_config(tmp_path), resuming=False)
+    changed = small_local_config(tmp_path, batch_size=64, allow_config_change="batch_size")
+    check_config(workdir, changed, resuming=True)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["changes"][0]["fields"] == {"batch_size": [32, 64]}
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 64
+    check_config(workdir, small_local_config(tmp_path, batch_size=64), resuming=True)  # New normal.
+
+
+def test_process_count_is_part_of_the_contract(tmp_path):
+    workdir = str(tmp_path)
+    check_config(workdir, small_local_config(tmp_path), resuming=False)
+    run = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps(run | {"process_count": 4}))
+    with pytest.raises(ConfigChangedError, match="process_count: 4 -> 1"):
+        check_config(workdir, small_local_config(tmp_path), resuming=True)
+
+
+def test_metrics_after_the_resumed_step_are_dropped_once(tmp_path):
+    workdir = str(tmp_path)
+    writer = MetricWriter(workdir)
+    for step in range(1, 7):
+        writer.write(step, {"train/loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train/lo')  # Cut short by SIGKILL.
+    # An events file whose last record was cut short too.
+    events = tf.io.gfile.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))[0]
+    with open(events, "ab") as f:
+        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00\x01\x02")
+
+    repair_metrics(workdir, resumed_step=4)
+    writer = MetricWriter(workdir)
+    for step in range(5, 9):
+        writer.write(step, {"train/loss": 10.0 * step})
+    writer.close()
+
+    expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0), (8, 80.0)]
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [(x["step"], x["train/loss"]) for x in lines] == expected
+    reader = EventAccumulator(str(tmp_path / "tensorboard"))
+    reader.Reload()
+    shown = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in reader.Tensors("train/loss")]
+    assert shown == expected

@@ -1,0 +1,345 @@
+"""The run's contract with its workdir: one run at a time, and every restart the same run.
+
+- `claim`: a lock file held by process 0 (holder host, pid, start time). A second run in
+  the same workdir is refused and told who holds it; a lock left by a dead process on this
+  host, or by an earlier run of the same requeued SLURM job, is taken over with a warning.
+- `check_config`: on resume, the fields that decide the run's trajectory are compared with
+  those saved in `config.json` (and the process count, in `run.json`); a difference is an
+  error listing `field: saved -> now` unless `config.allow_config_change` names the field.
+  Bookkeeping fields (`BOOKKEEPING`) change freely.
+- `restore_newest_readable`: the newest checkpoint that can be read; damaged newer ones
+  are reported (path and reason) and set aside. A workdir holding checkpoints never
+  silently starts afresh.
+- `repair_metrics`: `metrics.jsonl` and TensorBoard events after the resumed step (and a
+  line half-written when the process was killed) are dropped, since they are replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from jax.experimental import multihost_utils
+from tensorboard.compat.proto import event_pb2
+
+from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError
+from vit_jax.metrics import METRICS_FILE, TENSORBOARD_DIR
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "lock.json"
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"  # What the config cannot say: process count, accepted changes.
+
+# Fields that say how the run is computed or reported, not what it computes: they may
+# change between restarts. A field not listed here (including any added later) is part
+# of the resume contract. Dotted prefixes cover a whole section.
+BOOKKEEPING = (
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "data_dir",  # The same dataset read from another place.
+    "eval_batch_size",  # Evaluation sums are exact at any batch size.
+    "mesh",
+    "sharding_rules",
+    "model.remat_policy",
+    "model.attention_impl",
+    "skip_nonfinite_updates",  # Turning the guard on after a non-finite stop is its purpose.
+    "allow_config_change",
+)
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another run holds the workdir."""
+
+
+class ConfigChangedError(ValueError):
+    """A resume-contract field differs from the one the run was started with."""
+
+
+class UnreadableCheckpointsError(RuntimeError):
+    """The workdir holds checkpoints but none of them can be read."""
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when `ok` holds on every process: one tiny all-gather, used only at start-up."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+# ---- lock ----------------------------------------------------------------------------------
+
+
+def _create_exclusively(path: str, text: str) -> bool:
+    """Writes `path` unless it exists. Atomic on local filesystems; GCS has no such create
+    through gfile, so there the check and the write are two operations."""
+    if "://" in path:
+        if tf.io.gfile.exists(path):
+            return False
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+        return True
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Alive, owned by another user.
+        return True
+    return True
+
+
+def _take_lock(path: str) -> dict[str, Any]:
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if "SLURM_JOB_ID" in os.environ:  # A requeued job keeps its id and counts its restarts.
+        me["slurm_job"] = os.environ["SLURM_JOB_ID"]
+        me["slurm_restart"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    text = json.dumps(me)
+    if _create_exclusively(path, text):
+        return me
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            holder = json.loads(f.read())
+        who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (json.JSONDecodeError, KeyError, tf.errors.NotFoundError):
+        holder, who = {}, "an unknown holder (the lock file is unreadable)"
+    dead_here = holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))
+    # An earlier run of this SLURM job, killed on a node that may be gone (node failure).
+    requeued = (
+        "slurm_job" in me
+        and holder.get("slurm_job") == me["slurm_job"]
+        and holder.get("slurm_restart", 0) < me["slurm_restart"]
+    )
+    if dead_here or requeued:
+        log.warning("Taking over %s: its holder, %s, is no longer running.", path, who)
+        tf.io.gfile.remove(path)
+        if _create_exclusively(path, text):
+            return me
+    raise WorkdirLockedError(
+        f"{os.path.dirname(path)} is in use by {who} (lock file {path}). Two runs in one "
+        "workdir would overwrite each other's checkpoints and metrics: wait for that run, "
+        "stop it, or use another --workdir. Multi-process runs need --distributed (or "
+        "--coordinator_address ...) so that their processes form one run. If you are sure "
+        f"no run uses this workdir (its machine is gone), delete {path}."
+    )
+
+
+@contextlib.contextmanager
+def claim(workdir: str) -> Iterator[None]:
+    """Holds the workdir's lock (taken by process 0) while the run lasts."""
+    path = os.path.join(workdir, LOCK_FILE)
+    mine, error = None, None
+    if jax.process_index() == 0:
+        tf.io.gfile.makedirs(workdir)
+        try:
+            mine = _take_lock(path)
+        except WorkdirLockedError as e:
+            error = e
+    if not _all_processes_agree(error is None):
+        raise error or WorkdirLockedError(f"Process 0 could not lock {workdir}; see its log.")
+    try:
+        yield
+    finally:
+        if mine is not None:
+            tf.io.gfile.remove(path)
+
+
+# ---- config contract -----------------------------------------------------------------------
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _is_bookkeeping(field: str) -> bool:
+    return any(field == b or field.startswith(b + ".") for b in BOOKKEEPING)
+
+
+def _contract(config_json: dict, process_count: int | None) -> dict[str, Any]:
+    """The fields a resume must keep; the process count only when it is known."""
+    fields = _flatten(config_json)
+    if process_count is not None:
+        fields["process_count"] = process_count
+    return {k: v for k, v in fields.items() if not _is_bookkeeping(k)}
+
+
+def _read_json(path: str) -> dict | None:
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.loads(f.read())
+
+
+def _write_json(path: str, value: dict) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps(value, indent=2))
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> None:
+    """Refuses to resume with changed trajectory fields, then records this run's config.
+
+    `config.allow_config_change` ("field,field", dotted names; "process_count" too)
+    accepts the named differences: they are logged and appended to `run.json`.
+    """
+    now_config = json.loads(config.to_json_best_effort())
+    saved_config = _read_json(os.path.join(workdir, CONFIG_FILE))
+    run = _read_json(os.path.join(workdir, RUN_FILE)) or {"changes": []}
+    accepted = {}
+    if resuming and saved_config is None:
+        log.warning("%s has checkpoints but no %s: resuming unchecked.", workdir, CONFIG_FILE)
+    elif resuming:
+        saved = _contract(saved_config, run.get("process_count"))
+        now = _contract(now_config, jax.process_count() if "process_count" in run else None)
+        absent = "(absent)"
+        changed = {
+            k: (saved.get(k, absent), now.get(k, absent))
+            for k in sorted(saved.keys() | now.keys())
+            if saved.get(k, absent) != now.get(k, absent)
+        }
+        allowed = {f.strip() for f in config.allow_config_change.split(",") if f.strip()}
+        refused = [k for k in changed if k not in allowed]
+        if refused:
+            listing = "\n  ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+            raise ConfigChangedError(
+                f"This run would resume {workdir} with settings that change its trajectory "
+                f"(saved in {CONFIG_FILE} -> now):\n  {listing}\nRestore the saved values, use "
+                "a new --workdir, or accept the change deliberately with "
+                f"--config.allow_config_change={','.join(refused)}"
+            )
+        for k, (old, new) in changed.items():
+            log.warning("Resuming with a deliberate change: %s: %r -> %r.", k, old, new)
+        accepted = changed
+    if jax.process_count() > 1:  # Every process has read the saved files before they change.
+        multihost_utils.sync_global_devices("vit_jax config checked")
+    if jax.process_index() == 0:
+        if accepted:
+            when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            run["changes"].append({"time": when, "fields": accepted})
+        run["process_count"] = jax.process_count()
+        _write_json(os.path.join(workdir, CONFIG_FILE), now_config)
+        _write_json(os.path.join(workdir, RUN_FILE), run)
+
+
+# ---- which checkpoint ----------------------------------------------------------------------
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an error, short: TensorStore errors carry pages of spec."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def restore_newest_readable(checkpointer: Checkpointer, abstract_state: Any) -> Any | None:
+    """The newest readable checkpoint's state, or None when the workdir holds none.
+
+    Unreadable newer checkpoints are reported and set aside (renamed, not deleted), so the
+    run continues from the newest good one and can write those steps again. A checkpoint
+    of another model is an error, never skipped.
+    """
+    unreadable: list[tuple[int, str]] = []
+    for step in reversed(checkpointer.steps()):
+        reason = ""
+        try:
+            state = checkpointer.restore(abstract_state, step)
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
+            reason = _reason(e)
+        if _all_processes_agree(not reason):
+            for bad, _ in unreadable:
+                path = checkpointer.step_path(bad)
+                log.warning(
+                    "Set aside unreadable %s as %s.", path, checkpointer.set_aside(bad).name
+                )
+            return state
+        reason = reason or "unreadable on another process"
+        log.warning("Cannot read checkpoint %s (%s).", checkpointer.step_path(step), reason)
+        unreadable.append((step, reason))
+    if unreadable:
+        listing = "\n  ".join(f"{checkpointer.step_path(s)}: {r}" for s, r in unreadable)
+        raise UnreadableCheckpointsError(
+            f"None of the checkpoints in this workdir can be read:\n  {listing}\nThe run does "
+            "not start afresh over them. Restore the files (e.g. from a copy), or move the "
+            "damaged step directories away to start this workdir from scratch, or train in a "
+            "new --workdir."
+        )
+    return None
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+
+def repair_metrics(workdir: str, resumed_step: int) -> None:
+    """Drops what the interrupted run logged after `resumed_step` (process 0).
+
+    `metrics.jsonl` loses its later lines and a line half-written by a killed process;
+    TensorBoard event files lose their later events (and a truncated last record), so
+    replayed steps appear once: TensorBoard's own purge needs an event TF2 never writes.
+    """
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, METRICS_FILE)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("Dropped line %d of %s: not complete JSON (%r).", number, path, line)
+                continue
+            if record["step"] <= resumed_step:
+                kept.append(line + "\n")
+        if len(kept) != len(lines):
+            with tf.io.gfile.GFile(path, "w") as f:
+                f.write("".join(kept))
+    for events in tf.io.gfile.glob(os.path.join(workdir, TENSORBOARD_DIR, "events.out.tfevents.*")):
+        _drop_events_after(events, resumed_step)
+
+
+def _drop_events_after(path: str, step: int) -> None:
+    records, complete = [], True
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            records.append(record.numpy())
+    except tf.errors.DataLossError:  # A record cut short by a kill.
+        complete = False
+    kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+    if complete and len(kept) == len(records):
+        return
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+        for record in kept:
+            writer.write(record)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)

@@ -55,6 +55,20 @@ def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
     return math.ceil(config.num_epochs * train_examples / config.batch_size)
 
 
+def match_model_init(config: ml_collections.ConfigDict) -> None:
+    """Sets the model fields `config.model_init`'s weights fix (activation, pooling, ...).
+
+    A timm or transformers checkpoint was trained with the exact GELU, a Google one with
+    the tanh approximation: the fine-tuned model must compute what it computed there.
+    """
+    if not config.model_init:
+        return
+    for key, value in checkpoint.weight_bound_fields(config.model_init).items():
+        if config.model.get(key) != value:
+            log.info("model.%s=%r, as %s states.", key, value, config.model_init)
+            config.model[key] = value
+
+
 def _initial_state(trainer: Trainer, checkpointer: Checkpointer) -> TrainState:
     """The newest readable checkpoint if there is one, else `model_init` or a fresh init."""
     config = trainer.config
@@ -84,6 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Stop requests count from the start, so a SIGTERM during start-up still ends in a
     # checkpoint and status 75 (after one step) rather than a kill a scheduler won't requeue.
     with StopRequests() as stop_requests, claim(workdir):
+        match_model_init(config)
         info = data.get_dataset_info(config.dataset, config.data_dir)
         steps = total_steps(config, data.num_train_examples(config))
         trainer = Trainer(config, info.num_classes, steps)

@@ -9,6 +9,7 @@ the batches an uninterrupted run would have seen (vit_jax/workdir.py: what a res
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -28,6 +29,10 @@ from vit_jax.trainer import NONFINITE, Trainer, TrainState
 from vit_jax.workdir import check_config, claim, repair_metrics, restore_newest_readable
 
 log = logging.getLogger(__name__)
+
+# Steps the host may dispatch before the oldest of them has finished on the devices: enough
+# to keep an accelerator's queue full, few enough to bound what waits in it.
+STEPS_AHEAD = 2
 
 
 def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
@@ -178,12 +183,17 @@ def _train_loop(
     )
     logged_at, logged_time, pending = start, time.perf_counter(), []
     input_wait = 0.0  # Seconds the loop spent waiting for data since the last log.
+    in_flight: collections.deque = collections.deque()
     for step in range(start + 1, steps + 1):
         wait_start = time.perf_counter()
         batch = next(batches)
         input_wait += time.perf_counter() - wait_start
         state, metrics = trainer.train_step(state, batch)
         pending.append(metrics)
+        # Back-pressure: the host stays at most STEPS_AHEAD steps ahead of the devices.
+        in_flight.append(metrics["train/loss"])
+        if len(in_flight) > STEPS_AHEAD:
+            jax.block_until_ready(in_flight.popleft())
         stop = stop_requests.reached(step)
         if step % config.checkpoint_every == 0 or step == steps or stop:
             pending = _fetch_checked(pending, logged_at + 1, config, checkpointer)

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vit_jax import checkpoint, data, parallel
 from vit_jax.checkpoint.manager import Checkpointer
+from vit_jax.insight.fewshot import FewShotEvaluator
 from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import VisionTransformer, create_model
 from vit_jax.optim import frozen_paths, make_optimizer
@@ -295,6 +296,11 @@ def _train_loop(
 ) -> dict[str, float]:
     config, start = trainer.config, int(state.step)
     eval_metrics: dict[str, float] = {}
+    fewshot = None
+    if config.fewshot.datasets:
+        fewshot = FewShotEvaluator(
+            config, trainer.model, trainer.mesh, trainer.rules, trainer.param_shardings
+        )
     batches = data.train_batches(config, start_step=start)
     logged_at, logged_time, pending = start, time.perf_counter(), []
     for step in range(start + 1, steps + 1):
@@ -309,7 +315,8 @@ def _train_loop(
             break
         log_now = step % config.log_every == 0 or step == steps
         eval_now = step % config.eval_every == 0 or step == steps
-        if not (log_now or eval_now):
+        fewshot_now = fewshot is not None and (step % config.fewshot.every == 0 or step == steps)
+        if not (log_now or eval_now or fewshot_now):
             continue
         summary = {}
         if log_now:
@@ -326,6 +333,8 @@ def _train_loop(
         if eval_now:
             eval_metrics = trainer.evaluate(state.params)
             summary |= eval_metrics
+        if fewshot_now:
+            summary |= fewshot.evaluate(state.params)
         writer.write(step, summary)
         log_progress(step, steps, summary)
         if log_now:

@@ -13,7 +13,8 @@ from test_main import small_local_config
 from vit_jax import checkpoint, data, export, predict
 from vit_jax.data.embedded import load_digits_arrays
 from vit_jax.models import create_model
-from vit_jax.train import build_model, train_and_evaluate
+from vit_jax.train import train_and_evaluate
+from vit_jax.trainer import build_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 import pytest
 from test_main import load_recipe
 
-from vit_jax.train import Trainer, train_and_evaluate
+from vit_jax.train import train_and_evaluate
+from vit_jax.trainer import Trainer
 
 # A smaller model than the main job's, so that pretraining plus two few-shot runs fit in CI.
 SMALL_MODEL = dict(width=32, depth=2, mlp_dim=128, num_heads=2)

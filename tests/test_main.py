@@ -12,7 +12,8 @@ import pytest
 from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
 from vit_jax.models import parse_variant
-from vit_jax.train import Trainer, train_and_evaluate
+from vit_jax.train import train_and_evaluate
+from vit_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

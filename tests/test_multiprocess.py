@@ -11,7 +11,7 @@ import pytest
 from test_main import REPO, load_recipe
 
 from vit_jax.checkpoint import load_params
-from vit_jax.train import Trainer
+from vit_jax.trainer import Trainer
 
 RECIPE = "local.py:steps=20,dataset=digits,batch=32"
 OVERRIDES = {

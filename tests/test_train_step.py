@@ -8,7 +8,7 @@ import pytest
 from vit_jax import parallel
 from vit_jax.config import base_config
 from vit_jax.optim import make_schedule
-from vit_jax.train import Trainer, per_example_loss
+from vit_jax.trainer import Trainer, per_example_loss
 
 NUM_CLASSES = 4
 SGD = {"optim.name": "sgd", "optim.lr": 0.1}
@@ -33,12 +33,12 @@ def synthetic_batch(seed=0, batch=16, size=16):
     """A learnable task: the label is the quadrant holding the brightest pixel block."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_CLASSES, batch)
-    images = rng.uniform(-1, -0.5, (batch, size, size, 3)).astype(np.float32)
+    images = rng.integers(0, 64, (batch, size, size, 3), dtype=np.uint8)
     half = size // 2
     for i, label in enumerate(labels):
         r, c = divmod(int(label), 2)
-        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] += 1.2
-    return {"image": images, "labels": np.eye(NUM_CLASSES, dtype=np.float32)[labels]}
+        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] += 150
+    return {"image": images, "label": labels.astype(np.int32)}
 
 
 def run(config, steps=3, seeds=None, devices=None):

@@ -18,7 +18,7 @@ from absl import app, flags
 
 from vit_jax import parallel
 from vit_jax.config import base_config
-from vit_jax.train import Trainer
+from vit_jax.trainer import Trainer
 
 # Dense bf16 peak TFLOP/s per device, for MFU.
 PEAK_TFLOPS = {

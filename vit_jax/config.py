@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.pp.flip = True
     c.pp.randaugment_layers = 0  # 0 = off.
     c.pp.randaugment_magnitude = 10
-    c.pp.mixup_alpha = 0.0  # 0 = off.
-    c.pp.eval_crop_fraction = 0.875  # Resize to size / fraction, centre-crop size.
+    c.pp.mixup_alpha = 0.0  # 0 = off; applied on the device, one Beta(a, a) ratio per step.
+    c.pp.eval_crop_fraction = 0.875  # Central square of this fraction of the shorter side.
+    c.pp.antialias = False  # Antialiased resizing: slower, off as in the original ViT code.
 
     # Model: `name` is parsed by vit_jax.models.create_model; the rest are its overrides.
     c.model = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ data parallelism, FSDP and tensor parallelism differ only in configuration.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -149,6 +150,22 @@ def _keys(path: tuple) -> tuple:
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles every process's host-local batch into one global, sharded array per key."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def prefetch_to_devices(
+    batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Global arrays of `batches`, `size` of them already on their way to the devices.
+
+    Transfers are asynchronous, so the next batch crosses to the devices while the
+    current step runs instead of between steps.
+    """
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(to_global(batch, sharding))
+        if len(queue) == size:
+            yield queue.popleft()
+    yield from queue
 
 
 @contextlib.contextmanager

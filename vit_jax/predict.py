@@ -42,7 +42,7 @@ from vit_jax import checkpoint  # noqa: E402
 from vit_jax.data import preprocess  # noqa: E402
 from vit_jax.data.folder import IMAGE_EXTENSIONS  # noqa: E402
 from vit_jax.export import description_path, run_description  # noqa: E402
-from vit_jax.train import build_model  # noqa: E402
+from vit_jax.trainer import build_model, scale_images  # noqa: E402
 
 _REQUIRED = ("model", "num_classes", "image_size")
 
@@ -89,7 +89,7 @@ def load_classifier(path: str, run: dict[str, Any]) -> Callable[[np.ndarray], np
             "model lacks its representation layer. Check --model and --num_classes."
         )
     squash = jax.nn.sigmoid if run.get("loss") == "sigmoid_xent" else jax.nn.softmax
-    apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, x, train=False)))
+    apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, scale_images(x), train=False)))
     return lambda images: np.asarray(apply(params, images))
 
 
@@ -107,9 +107,9 @@ def find_images(paths: Sequence[str]) -> Iterator[str]:
 
 
 def load_image(path: str, size: int, crop_fraction: float) -> np.ndarray:
-    """One image file as the evaluation pipeline feeds it to the model: [size, size, 3]."""
-    image = preprocess.decode_image(tf.io.read_file(path))
-    return preprocess.normalize(preprocess.central_crop(image, size, crop_fraction)).numpy()
+    """One image file as the evaluation pipeline feeds it to the model: uint8 [size, size, 3]."""
+    encoded = tf.io.read_file(path)
+    return preprocess.decode_and_central_crop(encoded, size, crop_fraction).numpy()
 
 
 def _reason(error: Exception) -> str:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     top_k = max(1, min(args.top_k, run["num_classes"]))
     classified = 0
     for batch in _batches(find_images(args.images), args.batch_size):
-        images = np.zeros((args.batch_size, size, size, 3), np.float32)  # One compiled shape.
+        images = np.zeros((args.batch_size, size, size, 3), np.uint8)  # One compiled shape.
         readable = []
         for path in batch:
             try:

@@ -18,7 +18,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax.data import preprocess
 from vit_jax.data.source import DatasetInfo, Split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -119,5 +118,5 @@ class FolderSource:
             {"image": np.concatenate(paths), "label": np.concatenate(labels)}
         )
 
-    def decode(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        return preprocess.decode_image(tf.io.read_file(record["image"])), record["label"]
+    def read(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.io.read_file(record["image"]), record["label"]

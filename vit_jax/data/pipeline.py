@@ -19,28 +19,35 @@ Config fields read (an `ml_collections.ConfigDict`):
     pp.crop_area_min, pp.shift_pixels
     pp.flip                      random horizontal flip
     pp.randaugment_layers        0 = off; pp.randaugment_magnitude on the paper's 0..30 scale
-    pp.mixup_alpha               0 = off; else one Beta(alpha, alpha) ratio per local batch
-    pp.eval_crop_fraction        eval: shorter side to image_size / fraction, centre crop
+    pp.eval_crop_fraction        eval: the central square of this fraction of the shorter side
                                  (1.0 = plain resize to image_size x image_size)
+    pp.antialias                 antialiased resizing (slower; off as in the original code)
 
-Batches: "image" float32 [B, H, W, 3] in [-1, 1] (grayscale becomes RGB), "labels" float32
-[B, num_classes] one-hot (soft under mixup); eval batches add "mask" float32 [B].
+Batches: "image" uint8 [B, H, W, 3] (grayscale becomes RGB), "label" int32 [B]; eval batches
+add "mask" float32 [B]. Scaling to [-1, 1], one-hot targets and mixup (`pp.mixup_alpha`) run
+on the device, inside the jitted step (`vit_jax.trainer`): a uint8 image is a quarter of the
+bytes of a float32 one to move from host to device.
+
+Host throughput: tf.data runs on a private thread pool sized to the host's cores with
+intra-op parallelism 1 (parallelism comes from processing many examples at once, not from
+splitting one), under a RAM budget for autotuning; see `_as_numpy`.
 
 Resumable training stream. Process p of P reads its own shard of the train split
 (`tfds.even_splits` semantics) and the stream is a pure function of (seed, p, P, step):
   * epoch e is the shard shuffled with a seed derived from (seed, p, e), so position i of
     the infinite stream is example i % n of epoch i // n (n = shard size);
   * example i is augmented with stateless ops seeded by (seed, p, i);
-  * mixup of batch s is seeded by (seed, p, s).
+  * mixup of step s is seeded on the device by (seed, s).
 `train_batches(config, start_step=s)` therefore starts at epoch (s * B) // n and drops the
 first (s * B) % n records of it before decoding: resuming costs at most one epoch of record
 reads and yields exactly the batches an uninterrupted run would have. Few-shot selection
 reads the split's records up to the point where every class is full, on every start.
 
-Mixup and RandAugment apply to the training stream only; evaluation is deterministic.
+RandAugment applies to the training stream only; evaluation is deterministic.
 """
 
 import functools
+import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -93,9 +100,16 @@ def _local_batch_size(global_batch: int, process_count: int, field: str) -> int:
     return global_batch // process_count
 
 
+# Autotuning may use this much host RAM for buffers (prefetch, parallel map outputs).
+AUTOTUNE_RAM_BUDGET_BYTES = 4 * 2**30
+
+
 def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
     options = tf.data.Options()
-    options.deterministic = True
+    options.deterministic = True  # Needed for the bit-exact resume.
+    options.threading.private_threadpool_size = os.cpu_count() or 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.ram_budget = AUTOTUNE_RAM_BUDGET_BYTES
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
 
 
@@ -152,23 +166,28 @@ def _train_example_fn(
     if pp.train_crop not in TRAIN_CROPS:
         raise ValueError(f"config.pp.train_crop={pp.train_crop!r}; expected one of {TRAIN_CROPS}")
     crop, area_min, shift, flip = pp.train_crop, pp.crop_area_min, pp.shift_pixels, pp.flip
-    ra_layers, ra_magnitude = pp.randaugment_layers, pp.randaugment_magnitude
-    num_classes = source.info.num_classes
+    ra_layers, ra_magnitude, antialias = (
+        pp.randaugment_layers,
+        pp.randaugment_magnitude,
+        pp.antialias,
+    )
 
     def example(record: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        image, label = source.decode(record)
+        encoded, label = source.read(record)
         crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         if crop == "inception":
-            image = preprocess.inception_crop(image, crop_seed, size, area_min)
-        elif crop == "shift":
-            image = preprocess.random_shift(image, crop_seed, size, shift)
+            image = preprocess.decode_and_inception_crop(
+                encoded, crop_seed, size, area_min, antialias
+            )
         else:
-            image = preprocess.resize(image, size, size)
+            image = preprocess.decode_and_resize(encoded, size, antialias)
+            if crop == "shift":
+                image = preprocess.random_shift(image, crop_seed, size, shift)
         if flip:
             image = preprocess.random_flip(image, flip_seed)
         if ra_layers:
             image = randaugment(image, ra_seed, ra_layers, ra_magnitude)
-        return {"image": preprocess.normalize(image), "labels": tf.one_hot(label, num_classes)}
+        return {"image": image, "label": tf.cast(label, tf.int32)}
 
     return example
 
@@ -182,7 +201,7 @@ def train_batches(
 ) -> Iterator[Batch]:
     """Endless augmented batches of this process's train shard, starting at `start_step`.
 
-    Yields {"image": [B, H, W, 3], "labels": [B, K]} with B = batch_size // process_count;
+    Yields {"image": uint8 [B, H, W, 3], "label": int32 [B]} with B = batch_size // process_count;
     batch s is the same whatever `start_step` the stream began at (see module docstring).
     Process index/count default to `jax.process_index()` / `jax.process_count()`.
     """
@@ -190,16 +209,11 @@ def train_batches(
     local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
-    alpha = config.pp.mixup_alpha
-    if alpha < 0:
-        raise ValueError(f"config.pp.mixup_alpha must be >= 0 (0 = off), got {alpha}")
     source = open_source(config.dataset, config.data_dir)
     records, size = _train_shard(source, config, process_index, process_count)
     example = _train_example_fn(source, config)
     base = tf.constant([config.seed, process_index], tf.int64)
-    shuffle_key, example_key, mixup_key = tf.unstack(
-        tf.random.experimental.stateless_split(base, 3)
-    )
+    shuffle_key, example_key = tf.unstack(tf.random.experimental.stateless_split(base, 2))
     fold_in = tf.random.experimental.stateless_fold_in
     buffer = max(1, min(config.shuffle_buffer, size))
 
@@ -215,13 +229,7 @@ def train_batches(
         lambda i, record: example(record, fold_in(example_key, i)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    ds = ds.batch(local_batch, drop_remainder=True)
-    if alpha > 0:
-        ds = ds.enumerate(start_step).map(
-            lambda step, batch: preprocess.mixup(batch, fold_in(mixup_key, step), alpha),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    return _as_numpy(ds)
+    return _as_numpy(ds.batch(local_batch, drop_remainder=True))
 
 
 def num_train_examples(config: ml_collections.ConfigDict) -> int:
@@ -252,7 +260,7 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """This process's share of the eval split, once, padded to `num_eval_batches` batches.
 
-    Yields {"image", "labels", "mask"}; mask is 1 for real examples and 0 for padding. All
+    Yields {"image", "label", "mask"}; mask is 1 for real examples and 0 for padding. All
     processes together cover the split exactly once, and each yields the same number of
     batches, as building global arrays needs every process at every step.
     """
@@ -264,16 +272,16 @@ def eval_batches(
     size, fraction = config.image_size, config.pp.eval_crop_fraction
     if not 0 < fraction <= 1:
         raise ValueError(f"config.pp.eval_crop_fraction must be in (0, 1], got {fraction}")
-    num_classes = source.info.num_classes
+    antialias = config.pp.antialias
 
     def example(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image, label = source.decode(record)
-        image = preprocess.normalize(preprocess.central_crop(image, size, fraction))
-        return {"image": image, "labels": tf.one_hot(label, num_classes), "mask": 1.0}
+        encoded, label = source.read(record)
+        image = preprocess.decode_and_central_crop(encoded, size, fraction, antialias)
+        return {"image": image, "label": tf.cast(label, tf.int32), "mask": 1.0}
 
     padding = {
-        "image": tf.zeros([size, size, 3]),
-        "labels": tf.zeros([num_classes]),
+        "image": tf.zeros([size, size, 3], tf.uint8),
+        "label": tf.constant(0, tf.int32),
         "mask": tf.constant(0.0),
     }
     num_padding = num_batches * local_batch - source.num_examples(split)

@@ -2,8 +2,9 @@
 
 A source hands out *records*: small dicts `{"image": tf.string, "label": tf.int64}` in a fixed
 order, where "image" is still encoded bytes (tfds) or a file path (folders). Shuffling and
-resume-skipping happen on records, so they stay cheap; `decode` turns a record into pixels
-only for examples that are actually used.
+resume-skipping happen on records, so they stay cheap; `read` turns a record into encoded
+bytes, which the pipeline decodes only for examples that are actually used (and, for JPEGs,
+only the part of the image that is kept).
 """
 
 import dataclasses
@@ -37,6 +38,9 @@ class Source(Protocol):
         """The split's records in a fixed, deterministic order."""
         ...
 
-    def decode(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        """(uint8 [H, W, 3] image, int64 label) of one record; usable inside tf.data."""
+    def read(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """(encoded image bytes, int64 label) of one record; usable inside tf.data.
+
+        Images stay encoded so the pipeline can decode only the crop it keeps.
+        """
         ...

@@ -9,7 +9,7 @@ dataset other than the embedded ones must already be prepared in `data_dir` (loc
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax.data import embedded, preprocess
+from vit_jax.data import embedded
 from vit_jax.data.source import DatasetInfo, Split
 
 
@@ -62,5 +62,5 @@ class TfdsSource:
         )
         return self._builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 
-    def decode(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        return preprocess.decode_image(record["image"]), record["label"]
+    def read(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        return record["image"], record["label"]

@@ -28,12 +28,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import data, parallel
+from vit_jax.trainer import scale_images
 
 # L2 strengths tried, relative to the mean squared norm of the centred train features, so
 # one grid serves features of any scale.
@@ -183,9 +183,9 @@ class FewShotEvaluator:
         )
 
     def _embed_batch(self, params: Any, batch: dict) -> dict:
-        features = self.features_model.apply({"params": params}, batch["image"], train=False)
-        label = jnp.argmax(batch["labels"], axis=-1)
-        return {"features": features, "label": label, "mask": batch["mask"], "index": batch["index"]}
+        images = scale_images(batch["image"])
+        features = self.features_model.apply({"params": params}, images, train=False)
+        return {"features": features} | {k: batch[k] for k in ("label", "mask", "index")}
 
     def split_config(self, dataset: str, split: str) -> ml_collections.ConfigDict:
         """The evaluation config that reads `split` of `dataset` at this model's resolution."""
@@ -201,9 +201,8 @@ class FewShotEvaluator:
         )
         gathered = []
         with parallel.activate(self.mesh, self.rules):
-            for batch in batches:
-                out = self._embed(params, parallel.to_global(batch, self.batch_sharding))
-                gathered.append(jax.device_get(out))
+            for batch in parallel.prefetch_to_devices(batches, self.batch_sharding):
+                gathered.append(jax.device_get(self._embed(params, batch)))
         rows = {key: np.concatenate([g[key] for g in gathered]) for key in gathered[0]}
         order = split_order(rows["index"], rows["mask"])
         return rows["features"][order].astype(np.float64), rows["label"][order].astype(np.int64)

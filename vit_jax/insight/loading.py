@@ -19,7 +19,7 @@ from vit_jax import checkpoint, data
 from vit_jax.config import base_config
 from vit_jax.models import VisionTransformer
 from vit_jax.predict import load_run
-from vit_jax.train import build_model
+from vit_jax.trainer import build_model
 
 
 def load_features_model(
@@ -58,7 +58,7 @@ def eval_config(
 def dataset_images(
     run: dict[str, Any], dataset: str, split: str, count: int, data_dir: str | None = None
 ) -> np.ndarray:
-    """The first `count` images of a split, preprocessed as evaluation: [count, H, W, 3]."""
+    """The first `count` images of a split, preprocessed as evaluation: uint8 [count, H, W, 3]."""
     if count < 1:
         raise ValueError(f"Asked for {count} images; ask for at least one.")
     config = eval_config(run, dataset, f"{split}[:{count}]", count, data_dir)

@@ -1,0 +1,243 @@
+"""Train state and the sharded, jitted train and eval steps: no input pipeline, no TensorFlow.
+
+The model and its steps run wherever JAX runs (a GPU node without TensorFlow included):
+`Trainer` owns the model, the optimizer, the mesh and rules and the shardings derived
+from them. The loop that feeds it real data lives in `vit_jax.train`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vit_jax import parallel
+from vit_jax.models import VisionTransformer, create_model
+from vit_jax.optim import frozen_paths, make_optimizer
+
+LOSSES = ("softmax_xent", "sigmoid_xent")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> VisionTransformer:
+    """`config.model.name` plus every other `config.model` field as an override."""
+    overrides = dict(config.model)
+    name = overrides.pop("name")
+    overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
+    return create_model(name, num_classes=num_classes, **overrides)
+
+
+def per_example_loss(
+    logits: jax.Array, labels: jax.Array, kind: str, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Cross-entropy against (possibly soft) one-hot labels; smoothing mixes in uniform."""
+    if label_smoothing:
+        labels = labels * (1.0 - label_smoothing) + label_smoothing / labels.shape[-1]
+    if kind == "softmax_xent":
+        return -jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1)
+    if kind == "sigmoid_xent":
+        return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
+    raise ValueError(f"loss={kind!r}: choose one of {LOSSES}.")
+
+
+def scale_images(images: jax.Array) -> jax.Array:
+    """uint8 0..255 -> float32 -1..1, the range the ViT checkpoints were trained on.
+
+    Runs on the device: images cross the host-device link as uint8, a quarter of the bytes.
+    """
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def mixup(
+    rng: jax.Array, images: jax.Array, targets: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """Mixes the global batch with itself rolled by one, images and targets with one ratio.
+
+    As in the mixup paper (Zhang et al., 2018): the ratio ~ Beta(alpha, alpha) is drawn once
+    per batch from `rng`, so a step's mixing is a pure function of seed and step.
+    """
+    ratio = jax.random.beta(rng, alpha, alpha)
+
+    def mix(x: jax.Array) -> jax.Array:
+        return ratio * x + (1.0 - ratio) * jnp.roll(x, 1, axis=0)
+
+    return mix(images), mix(targets)
+
+
+def _microbatches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] taking every k-th row, so each device keeps its own rows."""
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
+class Trainer:
+    """Holds what the steps need: model, optimizer, mesh, rules and shardings."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        num_classes: int,
+        total_steps: int,
+        devices: list | None = None,
+    ):
+        self.config = config
+        self.model = build_model(config, num_classes)
+        self.tx, self.schedule = make_optimizer(config, total_steps)
+        self.mesh = parallel.make_mesh(tuple(config.mesh.items()), devices)
+        self.rules = parallel.resolve_rules(config.sharding_rules)
+        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
+        for size in (config.batch_size, config.eval_batch_size):
+            parallel.batch_size_per_shard(size, self.mesh, self.rules)
+        if config.batch_size % config.accum_steps:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by accum_steps "
+                f"({config.accum_steps}): every micro-batch has the same size."
+            )
+        parallel.batch_size_per_shard(
+            config.batch_size // config.accum_steps, self.mesh, self.rules
+        )
+        if config.pp.mixup_alpha < 0:
+            raise ValueError(
+                f"config.pp.mixup_alpha must be >= 0 (0 = off), got {config.pp.mixup_alpha}."
+            )
+
+        image = jnp.zeros((1, config.image_size, config.image_size, 3))
+        self._init_params = lambda rng: self.model.init(rng, image, train=False)["params"]
+        boxed = jax.eval_shape(self._init_params, jax.random.key(0))
+        self.param_shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
+        frozen_paths(config, nn.unbox(boxed))  # Fails early on a pattern matching nothing.
+        abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(boxed))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.state_shardings = TrainState(
+            step=replicated,
+            params=self.param_shardings,
+            opt_state=parallel.optimizer_shardings(abstract_opt, self.param_shardings, self.mesh),
+        )
+        self._jit_train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self._jit_eval_step = jax.jit(
+            self._eval_step,
+            in_shardings=(self.param_shardings, self.batch_sharding),
+            out_shardings=replicated,
+        )
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def _state_from_params(self, params: Any) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
+        )
+
+    def _fresh_state(self, rng: jax.Array) -> TrainState:
+        return self._state_from_params(nn.unbox(self._init_params(rng)))
+
+    def init_state(self, pretrained: Any | None = None) -> TrainState:
+        """Fresh state, created directly in its shardings (never whole on one device)."""
+        if pretrained is None:
+            fn = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
+            return fn(jax.random.key(self.config.seed))
+        params = jax.device_put(pretrained, self.param_shardings)
+        return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, for restoring a checkpoint into."""
+        shapes = jax.eval_shape(self._fresh_state, jax.random.key(0))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes,
+            self.state_shardings,
+        )
+
+    # ---- steps ---------------------------------------------------------------------------
+
+    def _loss(self, params, images, labels, rng):
+        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        losses = per_example_loss(logits, labels, self.config.loss, self.config.label_smoothing)
+        return jnp.mean(losses)
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch; `state` is donated (do not reuse it)."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_train_step(state, batch)
+
+    def compile_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
+        """The train step compiled ahead of time: its FLOPs and memory can be inspected."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_train_step.lower(state, batch).compile()
+
+    def eval_step(self, params: Any, batch: dict) -> dict:
+        """Masked loss and correct-prediction sums of a global eval batch."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_eval_step(params, batch)
+
+    def _prepare(self, batch: dict, mixup_rng: jax.Array) -> dict:
+        """Host batch (uint8 images, integer labels) -> float images in [-1, 1], (mixed) targets."""
+        images = scale_images(batch["image"])
+        targets = jax.nn.one_hot(batch["label"], self.model.num_classes)
+        if self.config.pp.mixup_alpha > 0:
+            images, targets = mixup(mixup_rng, images, targets, self.config.pp.mixup_alpha)
+        return {"image": images, "labels": targets}
+
+    def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # Dropout and mixup noise are functions of (seed, step): resumed runs replay them.
+        step_rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+        rng, mixup_rng = jax.random.split(step_rng)
+        batch = self._prepare(batch, mixup_rng)
+        grad_fn = jax.value_and_grad(self._loss)
+        k = self.config.accum_steps
+        if k == 1:
+            loss, grads = grad_fn(state.params, batch["image"], batch["labels"], rng)
+        else:
+            micro = jax.tree.map(functools.partial(_microbatches, k=k), batch)
+
+            def accumulate(carry, inputs):
+                i, mb = inputs
+                loss, grads = grad_fn(
+                    state.params, mb["image"], mb["labels"], jax.random.fold_in(rng, i)
+                )
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+            loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/lr": self.schedule(state.step),
+        }
+        return new_state, metrics
+
+    def _eval_step(self, params: Any, batch: dict) -> dict:
+        images = scale_images(batch["image"])
+        logits = self.model.apply({"params": params}, images, train=False)
+        targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
+        losses = per_example_loss(logits, targets, self.config.loss)
+        correct = jnp.argmax(logits, -1) == batch["label"]
+        mask = batch["mask"]
+        return {
+            "loss": jnp.sum(losses * mask),
+            "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+        }

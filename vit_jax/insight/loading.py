@@ -32,11 +32,14 @@ def load_features_model(
     """
     run = load_run(path, model=model, image_size=image_size, num_classes=0)
     vit = build_model(ml_collections.ConfigDict({"model": run["model"]}), 0)
-    size = run["image_size"]
-    init = jax.eval_shape(
-        lambda: vit.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )["params"]
+    init = abstract_params(vit, run["image_size"])
     return vit, checkpoint.load_pretrained(path, init_params=init), run
+
+
+def abstract_params(model: VisionTransformer, image_size: int) -> Any:
+    """Shapes, dtypes and logical axes (boxed) of `model`'s parameters; nothing computed."""
+    images = jnp.zeros((1, image_size, image_size, 3))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
 
 
 def eval_config(

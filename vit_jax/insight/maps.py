@@ -7,7 +7,8 @@ patch tokens are always the last `h * w` tokens of the sequence; whatever preced
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 from vit_jax.models import VisionTransformer
 from vit_jax.models.variants import resnet_stride
 from vit_jax.models.vit import sincos2d_posemb
+from vit_jax.trainer import scale_images
 
 
 class Attention(NamedTuple):
@@ -46,7 +48,7 @@ def patch_grid(model: VisionTransformer, image_size: int) -> tuple[int, int]:
 
 
 def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attention]:
-    """A jitted `(params, images) -> Attention` for `model`, scanned or not, plain or hybrid.
+    """A jitted `(params, uint8 images) -> Attention` for `model`: scanned or not, plain or hybrid.
 
     The weights are what the model sows into `intermediates` (the explicit attention path).
     Rematerialisation is switched off: it only matters for training.
@@ -54,7 +56,9 @@ def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attenti
     model = model.clone(num_classes=0, remat_policy="none")
 
     def collect(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
+        _, state = model.apply(
+            {"params": params}, scale_images(images), train=False, mutable=["intermediates"]
+        )
         encoder = state["intermediates"]["Transformer"]
         if model.scan:
             layers = encoder["encoderblock"]["MultiHeadDotProductAttention_0"]
@@ -180,3 +184,18 @@ def principal_components(filters: np.ndarray, count: int) -> tuple[np.ndarray, n
     explained = singular**2 / max(float(np.sum(singular**2)), 1e-30)
     count = min(count, vt.shape[0])
     return vt[:count].reshape(count, k1, k2, channels), explained[:count]
+
+
+def metric_series(lines: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """metrics.jsonl lines -> {metric: (steps, values)}, each metric where it was logged."""
+    series: dict[str, tuple[list, list]] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        for name, value in record.items():
+            if name != "step":
+                steps, values = series.setdefault(name, ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    return {name: (np.asarray(s), np.asarray(v)) for name, (s, v) in series.items()}

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # Files only: no display is needed, on any machine.
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 DPI = 100
@@ -80,7 +81,7 @@ def plot_posemb_similarity(similarity: np.ndarray, grid: tuple[int, int], path) 
     """
     rows, cols = grid
     fig = plt.figure(figsize=POSEMB_INCHES)
-    outer = fig.add_gridspec(1, 2, width_ratios=[20, 1], left=0.1, right=0.9, top=0.9)
+    outer = fig.add_gridspec(1, 2, width_ratios=[20, 1], left=0.1, right=0.86, top=0.9)
     cells = outer[0, 0].subgridspec(rows, cols, wspace=0.08, hspace=0.08)
     shown = None
     for i in range(rows * cols):
@@ -105,8 +106,10 @@ def plot_attention_distance(distance: np.ndarray, image_size: int, path) -> None
     fig, ax = plt.subplots(figsize=DISTANCE_INCHES)
     layer = np.repeat(np.arange(1, depth + 1), heads)
     head = np.tile(np.arange(heads), depth)
-    dots = ax.scatter(layer, distance.reshape(-1), c=head, cmap="tab20", s=24)
-    fig.colorbar(dots, ax=ax, label="Head")
+    norm = BoundaryNorm(np.arange(heads + 1) - 0.5, heads)
+    dots = ax.scatter(layer, distance.reshape(-1), c=head, cmap="tab20", norm=norm, s=24)
+    bar = fig.colorbar(dots, ax=ax, label="Head", ticks=np.arange(heads))
+    bar.set_ticklabels([str(h + 1) for h in range(heads)])
     ax.set_xlabel("Network depth (layer)")
     ax.set_ylabel("Mean attention distance (pixels)")
     ax.set_xticks(np.arange(1, depth + 1))
@@ -155,7 +158,7 @@ def plot_training_curves(
     """Loss, accuracy, learning rate and few-shot accuracy against step, one panel each."""
     fig, axes = plt.subplots(2, 2, figsize=CURVES_INCHES)
     for ax, (panel, wanted, ylabel, scale) in zip(axes.flat, _PANELS, strict=True):
-        names = sorted(name for name in series if wanted(name))
+        names = sorted((n for n in series if wanted(n)), key=lambda n: (len(n), n))
         for name in names:
             steps, values = series[name]
             ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=name)

@@ -90,9 +90,7 @@ def test_too_few_images_per_class_is_a_clear_error():
 
 def eval_config(data_dir, split, batch_size):
     config = base_config()
-    config.update(
-        dataset="digits", data_dir=data_dir, eval_split=split, eval_batch_size=batch_size
-    )
+    config.update(dataset="digits", data_dir=data_dir, eval_split=split, eval_batch_size=batch_size)
     config.image_size = 8
     config.pp.eval_crop_fraction = 1.0
     return config

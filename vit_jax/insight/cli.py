@@ -36,6 +36,7 @@ from vit_jax.insight.loading import (  # noqa: E402
 from vit_jax.metrics import METRICS_FILE  # noqa: E402
 from vit_jax.predict import find_images, load_image  # noqa: E402
 
+
 def _add_checkpoint_flags(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
     if multiple:
         parser.add_argument(
@@ -61,7 +62,7 @@ def _parse_shots(text: str) -> tuple[int, ...]:
     except ValueError:
         shots = ()
     if not shots or min(shots) < 1:
-        raise argparse.ArgumentTypeError(f"--shots {text!r}: expected positive integers, e.g. 1,5,10")
+        raise argparse.ArgumentTypeError(f"--shots {text!r}: expected positive integers: 1,5,10")
     return shots
 
 

@@ -67,4 +67,3 @@ def dataset_images(
     config = eval_config(run, dataset, f"{split}[:{count}]", count, data_dir)
     batch = next(data.eval_batches(config, process_index=0, process_count=1))
     return batch["image"][batch["mask"] > 0]
-

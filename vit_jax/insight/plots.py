@@ -119,9 +119,7 @@ def plot_attention_distance(distance: np.ndarray, image_size: int, path) -> None
     _save(fig, path)
 
 
-def plot_filter_components(
-    components: np.ndarray, explained: np.ndarray, what: str, path
-) -> None:
+def plot_filter_components(components: np.ndarray, explained: np.ndarray, what: str, path) -> None:
     """Principal components of the pixel filters as RGB tiles (paper Fig. 7, left).
 
     Each component is shown min-max scaled to [0, 1]; its title is the variance share.

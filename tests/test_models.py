@@ -5,7 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
+from reference_vit import vit_logits
 
+from vit_jax.checkpoint.npz import read_npz, save_npz
 from vit_jax.models import create_model, parse_variant, stack_blocks, unstack_blocks
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
@@ -53,13 +56,29 @@ def test_parameter_counts_match_the_published_models(name, expected):
     assert _count(create_model(name, num_classes=1000)) == expected
 
 
+# timm's tables give the published R+Ti/16 (vit_tiny_r_s16_p8_224) 6.34M parameters, which
+# needs its 7x7-token position embedding, and R50+L/32 (vit_large_r50_s32_224) 328.99M,
+# which needs four R50 stages (3, 4, 6, 3).
+@pytest.mark.parametrize("name, millions", [("R+Ti/16", 6.34), ("R50+L/32", 328.99)])
+def test_parameter_counts_match_timms_tables(name, millions):
+    assert round(_count(create_model(name, num_classes=1000)) / 1e6, 2) == millions
+
+
 def test_variant_table_and_hybrid_patch_arithmetic():
     assert parse_variant("L/14").patch_size == 14
     g = parse_variant("g/14")
     assert (g.width, g.depth, g.mlp_dim, g.num_heads) == (1408, 40, 6144, 16)
     assert parse_variant("R50+B/16").patch_size == 1  # the R50 stem already strides 16
     assert parse_variant("R26+S/32").patch_size == 1
-    assert parse_variant("R+Ti/16").patch_size == 8  # root conv alone strides 2
+    # The published hybrids (original vit_jax configs/models.py).
+    r50_b16, r50_l32 = parse_variant("R50+B/16"), parse_variant("R50+L/32")
+    assert (r50_b16.resnet_stages, r50_b16.patch_size) == ((3, 4, 9), 1)
+    assert (r50_l32.resnet_stages, r50_l32.patch_size) == ((3, 4, 6, 3), 1)
+    r26_s32 = parse_variant("R26+S/32")
+    assert (r26_s32.resnet_stages, r26_s32.patch_size, r26_s32.width) == ((2, 2, 2, 2), 1, 384)
+    # R+Ti/16 embeds 8x8 patches: its name counts the root conv's stride only.
+    assert (parse_variant("R+Ti/16").resnet_stages, parse_variant("R+Ti/16").patch_size) == ((), 8)
+    assert parse_variant("R50+B/64").patch_size == 2
 
 
 @pytest.mark.parametrize("bad", ["X/16", "B16", "B/16/2", "R99+B/16", "R50+B/8", ""])
@@ -114,8 +133,32 @@ def test_hybrid_stem_names_and_feature_map():
             lambda: r_ti.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
         )["params"]
     )
+    # Root conv and max-pool stride 4, 8x8 patches: 7x7 tokens at 224 px, as published.
     assert shapes["embedding"]["kernel"].shape == (8, 8, 64, 192)
-    assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 192)
+    assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 50, 192)
+
+
+def test_hybrid_stem_keys_are_the_published_npz_names():
+    model = create_model("R50+B/16", num_classes=10)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    )
+    keys = {
+        "/".join(path)
+        for path in flatten_dict(nn.unbox(shapes["params"]))
+        if path[0] not in ("embedding", "cls", "Transformer", "head")
+    }
+    # The names of the released R50+ViT-B_16.npz (what timm's loader also reads).
+    expected = {"conv_root/kernel", "gn_root/scale", "gn_root/bias"}
+    for block, units in enumerate((3, 4, 9), 1):
+        for unit in range(1, units + 1):
+            prefix = f"block{block}/unit{unit}"
+            expected |= {f"{prefix}/conv{i}/kernel" for i in (1, 2, 3)}
+            expected |= {f"{prefix}/gn{i}/{p}" for i in (1, 2, 3) for p in ("scale", "bias")}
+            if unit == 1:
+                expected |= {f"{prefix}/conv_proj/kernel", f"{prefix}/gn_proj/scale"}
+                expected |= {f"{prefix}/gn_proj/bias"}
+    assert keys == expected
 
 
 @pytest.mark.parametrize("pool", ["token", "gap", "map"])
@@ -246,7 +289,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_hybrid_forward_and_gradients():
-    model = create_model("R+Ti/16", num_classes=3, **TINY)
+    model = create_model("R+Ti/8", num_classes=3, **TINY)
     variables, images = _init(model, size=32)
     assert model.apply(variables, images, train=False).shape == (2, 3)
     params = _randomize(variables["params"])
@@ -285,3 +328,117 @@ def test_invalid_options_are_clear_errors():
         create_model("Ti/16", num_classes=5, attention_impl="cudnn")
     with pytest.raises(ValueError, match="remat_policy"):
         create_model("Ti/16", num_classes=5, remat_policy="some")
+
+
+def _with_registers(params, registers):
+    return {**params, "registers": registers}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
+def test_registers_sit_after_the_class_token_without_a_position(scan, posemb):
+    plain = create_model("Ti/8", num_classes=5, posemb=posemb, scan=scan, **TINY)
+    model = create_model("Ti/8", num_classes=5, num_registers=3, posemb=posemb, scan=scan, **TINY)
+    variables, images = _init(model)
+    params = _randomize(variables["params"])
+    assert params["registers"].shape == (1, 3, 32)
+    # Everything else (the position embedding included) is what the plain model has.
+    without = {k: v for k, v in params.items() if k != "registers"}
+    plain_shapes = nn.unbox(plain.init(jax.random.key(0), images, train=False))["params"]
+    assert jax.tree.map(jnp.shape, without) == jax.tree.map(jnp.shape, plain_shapes)
+    _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
+    (out,) = state["intermediates"]["Transformer"]["encoderblock" if scan else "encoderblock_1"][
+        "out"
+    ]
+    assert out.shape[-2:] == (1 + 3 + 16, 32)  # [cls, 3 registers, 4x4 patches]
+
+    logits = model.apply({"params": params}, images, train=False)
+    # No position: permuting the registers leaves the output unchanged ...
+    permuted = _with_registers(params, params["registers"][:, ::-1])
+    np.testing.assert_allclose(
+        model.apply({"params": permuted}, images, train=False), logits, rtol=1e-5, atol=1e-6
+    )
+    # ... yet attention uses them.
+    changed = _with_registers(params, params["registers"] + 1.0)
+    assert not np.allclose(model.apply({"params": changed}, images, train=False), logits)
+
+
+@pytest.mark.parametrize("pool", ["token", "gap", "map"])
+def test_pooling_ignores_the_registers(pool):
+    # Without blocks no token mixes with another, so only pooling could read a register.
+    model = create_model(
+        "Ti/8", num_classes=5, pool=pool, num_registers=2, **(TINY | dict(depth=0))
+    )
+    variables, images = _init(model)
+    params = _randomize(variables["params"])
+    logits = model.apply({"params": params}, images, train=False)
+    assert np.abs(logits).max() > 0.01
+    changed = _with_registers(params, 10.0 * jax.random.normal(jax.random.key(5), (1, 2, 32)))
+    np.testing.assert_array_equal(model.apply({"params": changed}, images, train=False), logits)
+
+
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_registers_match_the_reference(tmp_path, pool):
+    model = create_model("Ti/8", num_classes=5, pool=pool, num_registers=4, **TINY)
+    variables, images = _init(model)
+    params = _randomize(variables["params"], seed=2)
+    path = tmp_path / "registers.npz"
+    save_npz(params, path)
+    expected = vit_logits(read_npz(path), np.asarray(images))
+    assert np.abs(expected).max() > 0.1
+    got = model.apply({"params": params}, images, train=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_registers_start_distinct_and_learn():
+    model = create_model("Ti/8", num_classes=5, num_registers=4, pool="gap", **TINY)
+    variables, images = _init(model)
+    registers = variables["params"]["registers"]
+    # Identical registers would get identical updates forever: the init must break symmetry.
+    assert abs(float(np.std(registers)) - 0.02) < 0.006
+    params = _randomize(variables["params"])
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images, train=False) ** 2))(
+        params
+    )["registers"][0]
+    assert np.all(np.abs(grads).max(axis=-1) > 0)
+    assert not np.allclose(grads[0], grads[1])
+
+
+def test_negative_registers_are_a_clear_error():
+    with pytest.raises(ValueError, match="num_registers=-1"):
+        create_model("Ti/16", num_classes=5, num_registers=-1)
+
+
+# Small instances of every family, sized so that the token grid is whole: (model, image size).
+FAMILIES = {
+    "plain": (dict(name="Ti/8"), 32),
+    # R50's three stages (3, 4, 9) shortened: stride 16, a unit without projection.
+    "R50+": (dict(name="R50+Ti/16", resnet_stages=(2, 1, 1)), 32),
+    # R26's four stages (2, 2, 2, 2) shortened: stride 32.
+    "R26+": (dict(name="R26+Ti/32", resnet_stages=(1, 1, 1, 1)), 64),
+    # Root only, 3x3 patches: 36 px pads the root conv (2, 3) and the max-pool (0, 1).
+    "R+": (dict(name="R+Ti/16", patch_size=3), 36),
+}
+
+
+@pytest.mark.parametrize("pool, representation_size", [("token", None), ("gap", 16)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_the_float64_reference(tmp_path, family, pool, representation_size):
+    """Every family against the independent numpy model on the same exported weights."""
+    options, size = FAMILIES[family]
+    model = create_model(
+        options["name"],
+        num_classes=5,
+        pool=pool,
+        representation_size=representation_size,
+        **(TINY | {k: v for k, v in options.items() if k != "name"}),
+    )
+    variables, images = _init(model, size=size)
+    params = _randomize(variables["params"], seed=4)
+    path = tmp_path / "model.npz"
+    save_npz(params, path)
+
+    expected = vit_logits(read_npz(path), np.asarray(images))
+    assert np.abs(expected).max() > 0.1  # Non-trivial logits.
+    got = np.asarray(model.apply({"params": params}, images, train=False), np.float64)
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()

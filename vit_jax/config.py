@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "B/16"
     c.model.pool = "token"  # "token" | "gap" | "map"
     c.model.posemb = "learn"  # "learn" | "sincos2d"
+    c.model.num_registers = 0  # Learned register tokens (Darcet et al., 2023); 0: none.
     c.model.representation_size = placeholder(int)
     c.model.dropout = 0.0
     c.model.attention_dropout = 0.0

@@ -97,24 +97,46 @@ def batch_size_per_shard(global_batch: int, mesh: Mesh, rules: Rules) -> int:
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     """Maps a tree of logically-annotated (boxed) abstract values onto mesh shardings.
 
-    A dimension that does not divide evenly over its mesh axes (a 10-class head over
-    8 devices) is replicated instead, so any model runs on any mesh.
+    A dimension that does not divide evenly over its mesh axes (B/16's 12 heads over
+    tensor=8) is replicated instead, so any model runs on any mesh; a WARNING names
+    every parameter this happens to, once, with the mesh axes and the sizes.
     """
-    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), rules)
+    logical = nn.get_partition_spec(abstract_boxed)
+    specs = nn.logical_to_mesh(logical, rules)
     values = nn.unbox(abstract_boxed)
+    replicated: dict[tuple, list[str]] = collections.defaultdict(list)
 
-    def fit(spec: PartitionSpec, value: Any) -> NamedSharding:
+    def fit(path, logical_spec: PartitionSpec, spec: PartitionSpec, value: Any) -> NamedSharding:
         dims = []
-        for size, axes in zip(value.shape, tuple(spec) + (None,) * value.ndim, strict=False):
+        padded = tuple(spec) + (None,) * (value.ndim - len(spec))
+        logical_names = tuple(logical_spec) + (None,) * (value.ndim - len(logical_spec))
+        for size, axes, name in zip(value.shape, padded, logical_names, strict=True):
             names = (axes,) if isinstance(axes, str) else tuple(axes or ())
             shards = int(np.prod([mesh.shape[a] for a in names]))
             if size % shards:
-                log.info("Replicating a dim of size %d not divisible by %s.", size, names)
+                replicated[(name, names, shards, size)].append(_path(path))
                 axes = None
             dims.append(axes)
         return NamedSharding(mesh, PartitionSpec(*dims))
 
-    return jax.tree.map(fit, specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    shardings = jax.tree_util.tree_map_with_path(
+        fit, logical, specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    for (name, axes, shards, size), paths in replicated.items():
+        log.warning(
+            "Not sharding the %r dimension (size %d) over mesh axis %s (%d devices): %d is not "
+            "divisible by %d, so it is replicated on every device in %s. Choose a mesh axis "
+            "size that divides %d to shard it.",
+            name,
+            size,
+            "x".join(axes),
+            shards,
+            size,
+            shards,
+            ", ".join(paths),
+            size,
+        )
+    return shardings
 
 
 def optimizer_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -141,6 +163,10 @@ def optimizer_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mes
         return replicated
 
     return jax.tree_util.tree_map_with_path(follow, abstract_opt_state)
+
+
+def _path(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _keys(path: tuple) -> tuple:

@@ -18,11 +18,18 @@ SIZES: dict[str, dict[str, int]] = {
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
 }
 
-# ResNetV2 stages of the hybrid stems. "R" alone is the root convolution only.
-RESNET_STAGES: dict[str, tuple[int, ...]] = {
-    "R": (),
-    "R26": (2, 2, 2, 2),
-    "R50": (3, 4, 9),
+# ResNetV2 stage layouts of the hybrid stems, each with the stride its names count.
+# The published configurations (original vit_jax `configs/models.py`):
+#   R+Ti/16   stages ()            patch 8 (the name counts the root conv's 2x only)
+#   R26+S/32  stages (2, 2, 2, 2)  patch 1
+#   R50+B/16  stages (3, 4, 9)     patch 1
+#   R50+L/32  stages (3, 4, 6, 3)  patch 1
+# "R50" is 16 bottleneck units: three stages (stride 16) for /16 names, four (stride
+# 32) for /32 names; the layout with the largest stride dividing the name's patch wins.
+HYBRID_STEMS: dict[str, tuple[tuple[tuple[int, ...], int], ...]] = {
+    "R": (((), 2),),
+    "R26": (((2, 2, 2, 2), 32),),
+    "R50": (((3, 4, 6, 3), 32), ((3, 4, 9), 16)),
 }
 
 _NAME = re.compile(r"^(?:(?P<resnet>R\d*)\+)?(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
@@ -43,17 +50,18 @@ class Variant:
 def parse_variant(name: str) -> Variant:
     """Decodes "B/16", "L/14", "R50+B/16", "R26+S/32" or "R+Ti/16".
 
-    For hybrids the name's patch size is the total stride of the stem plus the
-    patch embedding, as in the published models: the ResNet root halves the image,
-    its max-pool and each further stage halve it again, and the remaining factor is
-    the patch size applied on the feature map.
+    A hybrid's name gives the published model (see `HYBRID_STEMS`): its patch size
+    divided by the stem's named stride is the patch applied on the feature map. That
+    makes the name the total stride for R26 and R50 stems; for the root-only "R"
+    stem the published names count only the root conv, while its max-pool strides
+    2 more: "R+Ti/16" embeds 8x8 patches of a 4x downsampled map, 7x7 tokens at 224.
     """
     match = _NAME.match(name.strip())
     if not match:
         raise ValueError(
             f"Unknown model name {name!r}: expected 'SIZE/PATCH' such as 'B/16' or a "
             f"hybrid 'R50+B/16'; sizes are {', '.join(SIZES)}; stems are "
-            f"{', '.join(RESNET_STAGES)}."
+            f"{', '.join(HYBRID_STEMS)}."
         )
     size, patch = match["size"], int(match["patch"])
     if size not in SIZES:
@@ -63,26 +71,22 @@ def parse_variant(name: str) -> Variant:
         )
     stages = None
     if match["resnet"] is not None:
-        if match["resnet"] not in RESNET_STAGES:
+        stem = match["resnet"]
+        if stem not in HYBRID_STEMS:
             raise ValueError(
-                f"Unknown hybrid stem {match['resnet']!r} in {name!r}: "
-                f"choose one of {', '.join(RESNET_STAGES)}."
+                f"Unknown hybrid stem {stem!r} in {name!r}: "
+                f"choose one of {', '.join(HYBRID_STEMS)}."
             )
-        stages = RESNET_STAGES[match["resnet"]]
-        stride = resnet_stride(stages)
-        if patch % stride:
+        fitting = [(s, stride) for s, stride in HYBRID_STEMS[stem] if patch % stride == 0]
+        if not fitting:
+            strides = sorted(stride for _, stride in HYBRID_STEMS[stem])
             raise ValueError(
-                f"{name!r}: the {match['resnet']} stem already downsamples by {stride}, "
-                f"so the total patch size must be a multiple of {stride}."
+                f"{name!r}: {stem} stem names count a stride of "
+                f"{' or '.join(map(str, strides))}, so the patch size in the name must be "
+                f"a multiple of {strides[0]}."
             )
-        patch //= stride
+        stages, named_stride = max(fitting, key=lambda layout: layout[1])
+        patch //= named_stride
     if patch < 1:
         raise ValueError(f"{name!r}: the patch size must be a positive integer.")
     return Variant(patch_size=patch, resnet_stages=stages, **SIZES[size])
-
-
-def resnet_stride(stages: tuple[int, ...]) -> int:
-    """Total downsampling of a ResNetV2 stem with these stage depths."""
-    if not stages:
-        return 2  # Root convolution only.
-    return 4 * 2 ** (len(stages) - 1)  # Root conv + max-pool, then stride 2 per later stage.

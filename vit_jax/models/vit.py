@@ -265,8 +265,18 @@ class Encoder(nn.Module):
     remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, grid: tuple[int, int], num_prefix: int, train: bool):
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        grid: tuple[int, int],
+        num_prefix: int,
+        train: bool,
+        registers: jnp.ndarray | None = None,
+    ):
+        """`x` is [cls?, patches]; `registers` (n, R, D) go after the class token, unembedded."""
         x = AddPositionEmbs(self.posemb, grid, num_prefix, name="posembed_input")(x)
+        if registers is not None:
+            x = jnp.concatenate([x[:, :num_prefix], registers, x[:, num_prefix:]], axis=1)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         block = Encoder1DBlock
@@ -342,6 +352,7 @@ class VisionTransformer(nn.Module):
     mlp_dim: int
     num_heads: int
     resnet_stages: tuple[int, ...] | None = None
+    num_registers: int = 0
     pool: str = "token"
     posemb: str = "learn"
     representation_size: int | None = None
@@ -363,6 +374,11 @@ class VisionTransformer(nn.Module):
         ):
             if value not in choices:
                 raise ValueError(f"{field}={value!r} is not supported: choose one of {choices}.")
+        if not isinstance(self.num_registers, int) or self.num_registers < 0:
+            raise ValueError(
+                f"num_registers={self.num_registers!r} must be a non-negative integer "
+                "(0 turns registers off)."
+            )
         if self.attention_impl == "cudnn" and jnp.dtype(self.dtype) not in (
             jnp.bfloat16,
             jnp.float16,
@@ -404,6 +420,19 @@ class VisionTransformer(nn.Module):
             )
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
             num_prefix = 1
+        registers = None
+        if self.num_registers:
+            # Registers (Darcet et al., 2023): scratch tokens without a position. Unlike
+            # the zero-initialised class token they need random init: identical registers
+            # would receive identical updates and never become different from each other.
+            registers = self.param(
+                "registers",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=0.02), (None, None, "embed")
+                ),
+                (1, self.num_registers, c),
+            )
+            registers = jnp.tile(registers.astype(x.dtype), (n, 1, 1))
 
         x = Encoder(
             depth=self.depth,
@@ -418,16 +447,18 @@ class VisionTransformer(nn.Module):
             scan=self.scan,
             remat_policy=self.remat_policy,
             name="Transformer",
-        )(x, (h, w), num_prefix, train)
+        )(x, (h, w), num_prefix, train, registers)
 
+        # Pooling sees the class token or the patch tokens, never the registers.
+        patches = x[:, num_prefix + self.num_registers :]
         if self.pool == "token":
             x = x[:, 0]
         elif self.pool == "gap":
-            x = jnp.mean(x, axis=1)
+            x = jnp.mean(patches, axis=1)
         else:
             x = MAPHead(
                 self.mlp_dim, self.num_heads, self.dtype, self.attention_impl, name="MAPHead_0"
-            )(x, train)
+            )(patches, train)
 
         if self.representation_size is not None:
             x = nn.Dense(
@@ -445,7 +476,9 @@ class VisionTransformer(nn.Module):
         x = nn.Dense(
             self.num_classes,
             dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "classes")),
+            # The input axis is "embed" (also after `pre_logits`) so that FSDP splits the
+            # head like every other width: an i21k head is 16.8M parameters.
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "classes")),
             bias_init=nn.with_logical_partitioning(
                 nn.initializers.constant(self.head_bias_init), ("classes",)
             ),

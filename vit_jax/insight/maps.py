@@ -8,6 +8,7 @@ patch tokens are always the last `h * w` tokens of the sequence; whatever preced
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -16,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import VisionTransformer
-from vit_jax.models.variants import resnet_stride
 from vit_jax.models.vit import sincos2d_posemb
 from vit_jax.trainer import scale_images
 
@@ -34,17 +34,24 @@ class Attention(NamedTuple):
     pooled: np.ndarray
 
 
-def pixels_per_patch(model: VisionTransformer) -> int:
-    """Side of one patch in input pixels, including a hybrid stem's downsampling."""
-    if model.resnet_stages is None:
-        return model.patch_size
-    return model.patch_size * resnet_stride(model.resnet_stages)
-
-
 def patch_grid(model: VisionTransformer, image_size: int) -> tuple[int, int]:
-    """(rows, columns) of patch tokens for square images of `image_size` pixels."""
-    side = image_size // pixels_per_patch(model)
+    """(rows, columns) of patch tokens for square images of `image_size` pixels.
+
+    Read from the token count the model computes (shapes only, nothing is run), so any
+    stem and any prefix (class token, registers) is accounted for as the model does.
+    """
+    images = jnp.zeros((1, image_size, image_size, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    encoder = shapes["intermediates"]["Transformer"]
+    block = encoder["encoderblock"] if model.scan else encoder["encoderblock_0"]
+    tokens = block["out"][0].shape[-2]
+    side = math.isqrt(tokens - int(model.pool == "token") - model.num_registers)
     return side, side
+
+
+def pixels_per_patch(model: VisionTransformer, image_size: int) -> int:
+    """Side of one patch in input pixels, including a hybrid stem's downsampling."""
+    return image_size // patch_grid(model, image_size)[0]
 
 
 def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attention]:
@@ -76,12 +83,12 @@ def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attenti
         batch, tokens = layers.shape[1], layers.shape[-1]
         if model.pool == "token":
             pooled = jnp.zeros((batch, tokens)).at[:, 0].set(1.0)
-        elif model.pool == "map":
+        elif model.pool == "map":  # The probe attends over the patch tokens only.
             probe = state["intermediates"]["MAPHead_0"]["MultiHeadDotProductAttention_0"]
-            pooled = probe["attention_weights"][0].astype(jnp.float32).mean(axis=1)[:, 0]
+            probe = probe["attention_weights"][0].astype(jnp.float32).mean(axis=1)[:, 0]
+            pooled = jnp.zeros((batch, tokens)).at[:, tokens - probe.shape[-1] :].set(probe)
         else:
-            side = pixels_per_patch(model)
-            patches = (images.shape[1] // side) * (images.shape[2] // side)
+            patches = tokens - model.num_registers
             pooled = jnp.zeros((batch, tokens)).at[:, tokens - patches :].set(1.0 / patches)
         return layers, pooled
 
@@ -162,14 +169,13 @@ def pixel_filters(model: VisionTransformer, params: Any) -> tuple[np.ndarray, st
     """The first filters that see RGB pixels, [k, k, 3, filters], and what they are.
 
     A plain ViT's patch embedding; for a hybrid, the ResNet root convolution, standardised
-    per filter as the model applies it.
+    per filter as the model applies it (`vit_jax.models.resnet.StdConv`).
     """
     if model.resnet_stages is None:
         return np.asarray(params["embedding"]["kernel"], np.float64), "patch-embedding filters"
     kernel = np.asarray(params["conv_root"]["kernel"], np.float64)
-    mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
-    std = np.sqrt(kernel.var(axis=(0, 1, 2), keepdims=True) + 1e-5)
-    return (kernel - mean) / std, "ResNet root-convolution filters"
+    centred = kernel - kernel.mean(axis=(0, 1, 2), keepdims=True)
+    return centred / (centred.std(axis=(0, 1, 2), keepdims=True) + 1e-5), "ResNet root filters"
 
 
 def principal_components(filters: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

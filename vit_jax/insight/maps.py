@@ -41,8 +41,12 @@ def patch_grid(model: VisionTransformer, image_size: int) -> tuple[int, int]:
     stem and any prefix (class token, registers) is accounted for as the model does.
     """
     images = jnp.zeros((1, image_size, image_size, 3))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
-    encoder = shapes["intermediates"]["Transformer"]
+
+    def intermediates():
+        variables = model.init(jax.random.key(0), images, train=False)
+        return model.apply(variables, images, train=False, mutable=["intermediates"])[1]
+
+    encoder = jax.eval_shape(intermediates)["intermediates"]["Transformer"]
     block = encoder["encoderblock"] if model.scan else encoder["encoderblock_0"]
     tokens = block["out"][0].shape[-2]
     side = math.isqrt(tokens - int(model.pool == "token") - model.num_registers)

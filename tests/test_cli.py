@@ -14,7 +14,7 @@ from vit_jax import checkpoint, data, export, predict
 from vit_jax.data.embedded import load_digits_arrays
 from vit_jax.models import create_model
 from vit_jax.train import train_and_evaluate
-from vit_jax.trainer import build_model
+from vit_jax.trainer import build_model, scale_images
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,8 @@ def softmax_of_eval_pipeline(config, folder, params) -> dict[str, np.ndarray]:
     paths = [record["image"].decode() for record in source.records("test").as_numpy_iterator()]
     model = build_model(config, num_classes=10)
     batch = next(data.eval_batches(config))
-    probs = jax.nn.softmax(model.apply({"params": params}, batch["image"], train=False))
+    images = scale_images(batch["image"])
+    probs = jax.nn.softmax(model.apply({"params": params}, images, train=False))
     return dict(zip(paths, np.asarray(probs), strict=False))
 
 

@@ -29,8 +29,8 @@ def make_config(data_dir: str | None, **overrides) -> ml_collections.ConfigDict:
         flip=False,
         randaugment_layers=0,
         randaugment_magnitude=10,
-        mixup_alpha=0.0,
         eval_crop_fraction=1.0,
+        antialias=False,
     )
     config = dict(
         dataset="digits",
@@ -52,32 +52,28 @@ def make_config(data_dir: str | None, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**config, "pp": pp})
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return np.round((images + 1.0) * 127.5).astype(np.uint8)
-
-
 def keys(images: np.ndarray, labels: np.ndarray) -> collections.Counter:
     """Multiset of (label, pixels): compares example sets even with duplicate images."""
     return collections.Counter(
-        (int(label), image.tobytes()) for image, label in zip(to_uint8(images), labels, strict=True)
+        (int(label), image.tobytes()) for image, label in zip(images, labels, strict=True)
     )
 
 
 def stored_split(name: str, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A split read straight from tfds, in stored order, as RGB images in [-1, 1]."""
+    """A split read straight from tfds, in stored order, as uint8 RGB images."""
     ds = tfds.builder(name, data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
     examples = list(tfds.as_numpy(ds))
     images = np.stack([np.repeat(e["image"], 3, axis=-1) for e in examples])
-    return images.astype(np.float32) / 127.5 - 1.0, np.array([e["label"] for e in examples])
+    return images, np.array([e["label"] for e in examples])
 
 
 def take_examples(batches, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` examples of a batch stream, labels as class indices."""
+    """The first `count` examples of a batch stream."""
     images, labels = [], []
     while sum(len(x) for x in images) < count:
         batch = next(batches)
         images.append(batch["image"])
-        labels.append(batch["labels"].argmax(-1))
+        labels.append(batch["label"])
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
@@ -133,17 +129,15 @@ def test_embedded_builders_prepare_offline_with_documented_splits(data_dir, name
 
 
 @pytest.mark.parametrize("crop", ["inception", "shift", "resize"])
-def test_train_batches_shapes_range_and_one_hot(data_dir, crop):
+def test_train_batches_are_uint8_images_and_integer_labels(data_dir, crop):
     config = make_config(data_dir, image_size=12, pp_train_crop=crop, pp_flip=True)
     batch = next(data.train_batches(config, process_index=0, process_count=1))
-    assert batch["image"].shape == (6, 12, 12, 3) and batch["image"].dtype == np.float32
-    assert batch["labels"].shape == (6, 10) and batch["labels"].dtype == np.float32
-    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
-    assert batch["image"].min() == -1.0  # Digit backgrounds are black.
+    assert batch["image"].shape == (6, 12, 12, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
+    assert batch["image"].min() == 0 and batch["image"].max() > 200  # Black background, ink.
     # Grayscale sources come out as RGB with three equal channels.
     np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
-    assert np.array_equal(np.sort(batch["labels"], axis=1)[:, -1], np.ones(6))
-    assert batch["labels"].sum() == 6
+    assert set(batch["label"]) <= set(range(10))
 
 
 @pytest.mark.parametrize("process_count", [2, 3])
@@ -181,7 +175,6 @@ def test_resume_is_bit_exact_with_all_augmentations(data_dir):
         pp_flip=True,
         pp_randaugment_layers=2,
         pp_randaugment_magnitude=15,
-        pp_mixup_alpha=0.4,
     )
     config = make_config(data_dir, **settings)
     stream = data.train_batches(config, process_index=1, process_count=2)  # 25 examples, B=4
@@ -191,40 +184,15 @@ def test_resume_is_bit_exact_with_all_augmentations(data_dir):
         resumed = data.train_batches(config, start_step=start, process_index=1, process_count=2)
         for step in range(start, start + 3):
             batch = next(resumed)
-            for key in ("image", "labels"):
+            for key in ("image", "label"):
                 np.testing.assert_array_equal(batch[key], reference[step][key], f"step {step}")
     # The stream is really random: epochs differ, and so do other seeds and processes.
     assert not np.array_equal(reference[0]["image"], reference[7]["image"])
     other_seed = make_config(data_dir, **{**settings, "seed": 8})
     batch = next(data.train_batches(other_seed, process_index=1, process_count=2))
-    assert not np.allclose(batch["image"], reference[0]["image"])
+    assert not np.array_equal(batch["image"], reference[0]["image"])
     batch = next(data.train_batches(config, process_index=0, process_count=2))
-    assert not np.allclose(batch["image"], reference[0]["image"])
-
-
-def test_mixup_labels_are_convex_combinations_of_the_unmixed_batch(data_dir):
-    settings = dict(image_size=12, pp_train_crop="inception", pp_flip=True)
-    plain = data.train_batches(make_config(data_dir, **settings), process_index=0, process_count=1)
-    mixed = data.train_batches(
-        make_config(data_dir, **settings, pp_mixup_alpha=1.0), process_index=0, process_count=1
-    )
-    ratios = []
-    for _ in range(4):
-        x, m = next(plain), next(mixed)
-        labels = m["labels"]
-        assert labels.min() >= 0.0 and labels.max() <= 1.0
-        np.testing.assert_allclose(labels.sum(axis=1), 1.0, rtol=1e-6)
-        assert ((labels > 0).sum(axis=1) <= 2).all()
-        # Every example is ratio * itself + (1 - ratio) * its neighbour, one ratio per batch.
-        y, y_prev = x["labels"], np.roll(x["labels"], 1, axis=0)
-        row = np.flatnonzero(y.argmax(1) != y_prev.argmax(1))[0]
-        ratio = labels[row, y[row].argmax()]
-        np.testing.assert_allclose(labels, ratio * y + (1 - ratio) * y_prev, atol=1e-6)
-        np.testing.assert_allclose(
-            m["image"], ratio * x["image"] + (1 - ratio) * np.roll(x["image"], 1, 0), atol=1e-5
-        )
-        ratios.append(ratio)
-    assert len(set(np.round(ratios, 6))) > 1  # A new ratio for every batch.
+    assert not np.array_equal(batch["image"], reference[0]["image"])
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])
@@ -238,12 +206,12 @@ def test_eval_covers_the_split_exactly_once_with_equal_batch_counts(data_dir, pr
         batches = list(data.eval_batches(config, process_index=index, process_count=process_count))
         assert len(batches) == num_batches
         image = np.concatenate([b["image"] for b in batches])
-        labels = np.concatenate([b["labels"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches])
         mask = np.concatenate([b["mask"] for b in batches])
         assert all(b["image"].shape == (12 // process_count, 8, 8, 3) for b in batches)
         assert set(np.unique(mask)) <= {0.0, 1.0} and mask.dtype == np.float32
-        assert not labels[mask == 0].any() and (labels[mask == 1].sum(1) == 1).all()
-        union += keys(image[mask == 1], labels[mask == 1].argmax(1))
+        assert not labels[mask == 0].any() and not image[mask == 0].any()
+        union += keys(image[mask == 1], labels[mask == 1])
     assert sum(union.values()) == 364
     assert union == keys(*stored_split("digits", data_dir, "test"))
 
@@ -323,7 +291,7 @@ def test_image_folder_round_trip(tmp_path):
     config.pp.train_crop = "resize"
 
     def check(images, labels, split):
-        levels = to_uint8(images).reshape(len(images), -1)
+        levels = images.reshape(len(images), -1).astype(np.int64)
         # JPEG is lossy: constant images come back within a couple of grey levels.
         assert np.ptp(levels, axis=1).max() <= 2
         found = [min(where, key=lambda lv: abs(lv - int(np.median(px)))) for px in levels]
@@ -334,7 +302,7 @@ def test_image_folder_round_trip(tmp_path):
     assert len(batches) == 2
     mask = np.concatenate([b["mask"] for b in batches]) == 1
     images = np.concatenate([b["image"] for b in batches])[mask]
-    labels = np.concatenate([b["labels"] for b in batches])[mask].argmax(1)
+    labels = np.concatenate([b["label"] for b in batches])[mask]
     assert check(images, labels, "test") == sorted(lv for lv, w in where.items() if w[0] == "test")
     stream = data.train_batches(config, process_index=0, process_count=1)
     train = check(*take_examples(stream, 7), "train")
@@ -390,8 +358,8 @@ def test_mocked_tfds_dataset_flows_through_both_streams(tmp_path):
             "test": 20,
         }
         batch = next(data.train_batches(config, process_index=0, process_count=1))
-        assert batch["image"].shape == (8, 16, 16, 3) and batch["labels"].shape == (8, 10)
-        assert batch["image"].std() > 0.1  # Random colour pixels, not a constant.
+        assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
+        assert batch["image"].std() > 10  # Random colour pixels, not a constant.
         batches = list(data.eval_batches(config, process_index=0, process_count=1))
     assert len(batches) == data.num_eval_batches(config, 1) == 4
     assert all(b["image"].shape == (6, 16, 16, 3) for b in batches)

@@ -74,15 +74,66 @@ def test_randaugment_is_a_pure_function_of_the_seed():
         randaugment.randaugment(x, seed(0), 2, 31)
 
 
-def test_inception_crop_with_full_area_is_a_resize():
-    square = tf.constant(IMAGE[:16, :16])
+def smooth_photo(height: int, width: int) -> np.ndarray:
+    """A smooth colour gradient: JPEG keeps it within a few grey levels."""
+    y, x = np.mgrid[:height, :width]
+    channels = [x / width, y / height, (x + y) / (width + height)]
+    return np.round(np.stack(channels, -1) * 200 + 20).astype(np.uint8)
+
+
+def encode(image: np.ndarray, fmt: str) -> tf.Tensor:
+    if fmt == "jpeg":
+        return tf.io.encode_jpeg(tf.constant(image), quality=95)
+    return tf.io.encode_png(tf.constant(image))
+
+
+def full_decode_crop_resize(image: np.ndarray, window: tuple, size: int) -> np.ndarray:
+    """Reference: the whole image decoded, then sliced, then one float bilinear resize."""
+    y, x, h, w = window
+    crop = tf.constant(image[y : y + h, x : x + w])
+    return preprocess.resize(crop, size, size).numpy()
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_inception_crop_with_full_area_is_a_resize(fmt):
+    photo = smooth_photo(40, 40)
+    encoded = encode(photo, fmt)
+    want = full_decode_crop_resize(photo, (0, 0, 40, 40), 8)
     for i in range(5):
-        crop = preprocess.inception_crop(square, seed(i), size=8, area_min=1.0)
-        np.testing.assert_array_equal(crop.numpy(), preprocess.resize(square, 8, 8).numpy())
+        crop = preprocess.decode_and_inception_crop(encoded, seed(i), size=8, area_min=1.0)
+        assert crop.dtype == tf.float32 and crop.shape == (8, 8, 3)
+        crop = preprocess.to_uint8(crop)
+        # PNG is lossless: exact. JPEG: its compression error only.
+        assert np.abs(crop.numpy().astype(int) - want).max() <= (0 if fmt == "png" else 3)
     crops = {
-        preprocess.inception_crop(square, seed(i), 8, 0.05).numpy().tobytes() for i in range(5)
+        preprocess.decode_and_inception_crop(encoded, seed(i), 8, 0.05).numpy().tobytes()
+        for i in range(5)
     }
     assert len(crops) == 5
+
+
+@pytest.mark.parametrize(
+    "window, ratio", [((0, 0, 120, 160), 4), ((10, 30, 64, 70), 4), ((50, 60, 33, 40), 2)]
+)
+def test_jpeg_window_decode_matches_full_decode(window, ratio):
+    """Decoding only the window, DCT-downscaled by the largest ratio that keeps it >= 2x the
+    output, gives the view of the window snapped to that ratio's grid."""
+    photo = smooth_photo(120, 160)
+    size = 16
+    decoded = preprocess.decode_and_crop(encode(photo, "jpeg"), lambda _: tf.constant(window), size)
+    assert decoded.shape[:2] == (window[2] // ratio, window[3] // ratio)
+    got = preprocess.resize(decoded, size, size).numpy().astype(int)
+    snapped = tuple(v // ratio * ratio for v in window)
+    want = full_decode_crop_resize(photo, snapped, size)
+    assert np.abs(got - want).mean() < 1.0 and np.abs(got - want).max() <= 3
+
+
+def test_central_crop_decodes_the_central_square():
+    photo = RNG.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    view = preprocess.decode_and_central_crop(encode(photo, "png"), 6, crop_fraction=0.5)
+    np.testing.assert_array_equal(view.numpy(), photo[3:9, 5:11])  # side 12 * 0.5 = 6, centred
+    whole = preprocess.decode_and_central_crop(encode(photo, "png"), 6, crop_fraction=1.0)
+    np.testing.assert_array_equal(whole.numpy(), preprocess.resize(tf.constant(photo), 6, 6))
 
 
 def test_random_shift_is_a_shifted_window_of_the_zero_padded_image():

@@ -99,8 +99,10 @@ def test_main_job_writes_metrics_config_and_checkpoints(tmp_path):
     assert 0.0 <= final["eval/top1"] <= 1.0
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [line["step"] for line in lines] == [4, 6, 8, 12]
-    train_keys = {"train/loss", "train/lr", "train/img_per_s", "train/grad_norm", "train/eta_s"}
+    train_keys = {"train/loss", "train/lr", "train/img_per_s", "train/grad_norm", "train/eta_s",
+                  "train/input_wait_frac"}  # fmt: skip
     assert train_keys <= set(lines[0]) and "eval/top1" not in lines[0]
+    assert all(0.0 <= line.get("train/input_wait_frac", 0.0) <= 1.0 for line in lines)
     assert {"eval/loss", "eval/top1"} <= set(lines[1]) and "train/loss" not in lines[1]
     assert train_keys | {"eval/loss", "eval/top1"} <= set(lines[-1])
     assert lines[-1]["eval/top1"] == pytest.approx(final["eval/top1"])
@@ -202,3 +204,13 @@ def test_fsdp_run_has_the_same_loss_curve_as_data_parallel(tmp_path):
     fsdp.sharding_rules = "fsdp"
     fsdp.mesh.update(data=1, fsdp=-1)
     np.testing.assert_allclose(curve(fsdp, "fsdp"), curve(dp, "dp"), rtol=1e-4)
+
+
+def test_progress_line_shows_the_input_wait_only_when_it_matters(caplog):
+    from vit_jax.metrics import log_progress
+
+    with caplog.at_level("INFO", logger="vit_jax.metrics"):
+        log_progress(10, 100, {"train/loss": 1.0, "train/input_wait_frac": 0.42})
+        log_progress(20, 100, {"train/loss": 1.0, "train/input_wait_frac": 0.02})
+    busy, fed = caplog.messages
+    assert "waiting for data 42%" in busy and "waiting" not in fed

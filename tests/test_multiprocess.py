@@ -11,6 +11,7 @@ import pytest
 from test_main import REPO, load_recipe
 
 from vit_jax.checkpoint import load_params
+from vit_jax.train import evaluate
 from vit_jax.trainer import Trainer
 
 RECIPE = "local.py:steps=20,dataset=digits,batch=32"
@@ -65,6 +66,6 @@ def test_two_processes_train_and_evaluate_the_whole_split_once(tmp_path):
     config.data_dir = str(tmp_path / "tfds0")
     trainer = Trainer(config, num_classes=10, total_steps=20)
     params = jax.device_put(load_params(workdir), trainer.param_shardings)
-    local = trainer.evaluate(params)
+    local = evaluate(trainer, params)
     assert local["eval/top1"] == pytest.approx(lines[-1]["eval/top1"], abs=1e-6)
     assert local["eval/loss"] == pytest.approx(lines[-1]["eval/loss"], rel=1e-5)

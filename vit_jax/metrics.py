@@ -58,6 +58,9 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+# The progress line shows the input wait once it is this large: the data is the bottleneck.
+INPUT_WAIT_SHOWN = 0.1
+
 _PROGRESS = (
     ("train/loss", lambda v: f"loss {v:.4f}"),
     ("train/lr", lambda v: f"lr {v:.2e}"),
@@ -71,6 +74,9 @@ def log_progress(step: int, total_steps: int, metrics: dict[str, float]) -> None
     """One readable line, e.g. `step 300/3000 | loss 0.412 | lr 9.0e-04 | 1234 img/s | ...`."""
     parts = [f"step {step}/{total_steps}"]
     parts += [show(metrics[key]) for key, show in _PROGRESS if key in metrics]
+    wait = metrics.get("train/input_wait_frac", 0.0)
+    if wait >= INPUT_WAIT_SHOWN:
+        parts.append(f"waiting for data {wait:.0%}")
     if "eval/top1" in metrics:
         parts.append(f"eval top-1 {metrics['eval/top1']:.2%} loss {metrics['eval/loss']:.4f}")
     log.info(" | ".join(parts))

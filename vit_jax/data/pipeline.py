@@ -28,9 +28,10 @@ add "mask" float32 [B]. Scaling to [-1, 1], one-hot targets and mixup (`pp.mixup
 on the device, inside the jitted step (`vit_jax.trainer`): a uint8 image is a quarter of the
 bytes of a float32 one to move from host to device.
 
-Host throughput: tf.data runs on a private thread pool sized to the host's cores with
-intra-op parallelism 1 (parallelism comes from processing many examples at once, not from
-splitting one), under a RAM budget for autotuning; see `_as_numpy`.
+Host throughput: tf.data runs on a private thread pool sized to the host's cores, under a
+RAM budget for autotuning; see `_as_numpy`. (Intra-op parallelism 1, often advised for
+tf.data, is not set: in a process that also runs XLA's CPU collectives, as the tests with
+simulated devices do, it stalls those collectives until XLA aborts.)
 
 Resumable training stream. Process p of P reads its own shard of the train split
 (`tfds.even_splits` semantics) and the stream is a pure function of (seed, p, P, step):
@@ -108,7 +109,6 @@ def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
     options = tf.data.Options()
     options.deterministic = True  # Needed for the bit-exact resume.
     options.threading.private_threadpool_size = os.cpu_count() or 1
-    options.threading.max_intra_op_parallelism = 1
     options.autotune.ram_budget = AUTOTUNE_RAM_BUDGET_BYTES
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
 
@@ -185,6 +185,7 @@ def _train_example_fn(
                 image = preprocess.random_shift(image, crop_seed, size, shift)
         if flip:
             image = preprocess.random_flip(image, flip_seed)
+        image = preprocess.to_uint8(image)  # Once, after the float ops; a no-op on uint8.
         if ra_layers:
             image = randaugment(image, ra_seed, ra_layers, ra_magnitude)
         return {"image": image, "label": tf.cast(label, tf.int32)}

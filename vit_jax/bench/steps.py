@@ -1,0 +1,126 @@
+"""Times the real sharded train step and the forward pass of a recipe on synthetic data.
+
+Synthetic batches have the shapes and dtypes the input pipeline produces (uint8 images,
+integer labels), so the timed program is exactly the one training runs, scaling and
+one-hot on the device included. No TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vit_jax import parallel
+from vit_jax.bench.peaks import peak_tflops
+from vit_jax.trainer import Trainer
+
+NUM_CLASSES = 1000
+
+
+def _synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, eval_mask: bool) -> dict:
+    rng = np.random.default_rng(0)
+    size = config.image_size
+    batch = {
+        "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+    }
+    if eval_mask:
+        batch["mask"] = np.ones(batch_size, np.float32)
+    return batch
+
+
+def _time(run: Callable[[], Any], steps: int) -> float:
+    """Seconds per call after one warm-up call, waiting for the device each time round."""
+    jax.block_until_ready(run())
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = run()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
+
+
+def _peak_bytes(compiled: jax.stages.Compiled) -> float:
+    """Bytes the compiled program needs on one device: arguments, outputs and temporaries."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return float("nan")
+    return float(
+        memory.temp_size_in_bytes
+        + memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+
+
+def benchmark_steps(
+    config: ml_collections.ConfigDict, mode: str, steps: int, peak: float | None = None
+) -> dict[str, Any]:
+    """Figures of `mode` "train" (one optimizer step) or "infer" (forward at eval batch)."""
+    # A schedule long enough for the recipe's warmup; the timed steps don't depend on it.
+    total_steps = config.optim.warmup_steps + steps + 10
+    trainer = Trainer(config, num_classes=NUM_CLASSES, total_steps=total_steps)
+    state = trainer.init_state()
+    if mode == "train":
+        batch_size = config.batch_size
+        batch = parallel.to_global(
+            _synthetic_batch(config, batch_size, False), trainer.batch_sharding
+        )
+        start = time.perf_counter()
+        compiled = trainer.compile_train_step(state, batch)
+        compile_s = time.perf_counter() - start
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return metrics
+    elif mode == "infer":
+        batch_size = config.eval_batch_size
+        batch = parallel.to_global(
+            _synthetic_batch(config, batch_size, True), trainer.batch_sharding
+        )
+        start = time.perf_counter()
+        compiled = trainer.compile_eval_step(state.params, batch)
+        compile_s = time.perf_counter() - start
+
+        def run():
+            return compiled(state.params, batch)
+    else:
+        raise ValueError(f"mode={mode!r}: choose 'train' or 'infer'.")
+
+    flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+    step_s = _time(run, steps)
+    device = jax.devices()[0]
+    dtype = str(config.model.dtype)
+    peak = peak or peak_tflops(device.device_kind, dtype)
+    tflops = flops / step_s / 1e12  # cost_analysis counts one device's share of the program.
+    figures = {
+        "mode": mode,
+        "model": config.model.name,
+        "image_size": config.image_size,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "attention_impl": config.model.attention_impl,
+        "scan": bool(config.model.scan),
+        "remat_policy": config.model.remat_policy,
+        "mesh": dict(trainer.mesh.shape),
+        "sharding_rules": config.sharding_rules,
+        "device_kind": device.device_kind,
+        "num_devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "img_per_s": batch_size / step_s,
+        "tflops_per_device": tflops,
+        "peak_tflops_per_device": peak,
+        "mfu": tflops / peak if peak else None,
+        "peak_bytes_per_device": _peak_bytes(compiled),
+    }
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        figures["device_peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+    return figures

@@ -81,6 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = "dp"  # "dp" | "fsdp" | "tp"
 
+    # Few-shot linear evaluation during training (see vit_jax/insight/fewshot.py): metric
+    # name -> (dataset, train_split, test_split), e.g. {"digits": ("digits", "train", "test")};
+    # metrics `fewshot/<name>_<n>shot`. Empty: off.
+    c.fewshot = ml_collections.ConfigDict()
+    c.fewshot.datasets = ml_collections.ConfigDict()
+    c.fewshot.shots = (1, 5, 10, 25)
+    c.fewshot.holdout_per_class = 5  # Train-split images per class that choose the L2 strength.
+    c.fewshot.every = 1000  # Steps between evaluations (and at the last step).
+
     # Non-finite loss or gradients stop the run with an error (no bad state is ever saved);
     # True skips such updates on the device instead and counts them (train/nonfinite_updates).
     c.skip_nonfinite_updates = False

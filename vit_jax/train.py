@@ -23,6 +23,7 @@ import numpy as np
 from vit_jax import checkpoint, data, parallel
 from vit_jax.checkpoint.manager import Checkpointer
 from vit_jax.config import check_intervals
+from vit_jax.insight.fewshot import FewShotEvaluator
 from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.preemption import Preempted, StopRequests
 from vit_jax.trainer import NONFINITE, Trainer, TrainState
@@ -178,6 +179,11 @@ def _train_loop(
 ) -> dict[str, float]:
     config, start = trainer.config, int(state.step)
     eval_metrics: dict[str, float] = {}
+    fewshot = None
+    if config.fewshot.datasets:
+        fewshot = FewShotEvaluator(
+            config, trainer.model, trainer.mesh, trainer.rules, trainer.param_shardings
+        )
     batches = parallel.prefetch_to_devices(
         data.train_batches(config, start_step=start), trainer.batch_sharding
     )
@@ -200,6 +206,9 @@ def _train_loop(
             checkpointer.save(step, state, metadata)
         log_now = step % config.log_every == 0 or step == steps
         eval_now = (step % config.eval_every == 0 or step == steps) and not stop
+        fewshot_now = (
+            fewshot is not None and (step % config.fewshot.every == 0 or step == steps) and not stop
+        )
         summary = {}
         if log_now:
             summary = _summarize(_fetch_checked(pending, logged_at + 1, config, checkpointer))
@@ -215,6 +224,8 @@ def _train_loop(
         if eval_now:
             eval_metrics = evaluate(trainer, state.params)
             summary |= eval_metrics
+        if fewshot_now:
+            summary |= fewshot.evaluate(state.params)
         if summary:
             writer.write(step, summary)
             log_progress(step, steps, summary)

@@ -56,6 +56,7 @@ BOOKKEEPING = (
     "model.remat_policy",
     "model.attention_impl",
     "skip_nonfinite_updates",  # Turning the guard on after a non-finite stop is its purpose.
+    "fewshot",  # A probe of the features: it changes nothing the run trains.
     "allow_config_change",
 )
 

@@ -110,17 +110,22 @@ def test_sigterm_and_sigkill_resume_bit_exactly(tmp_path, digits):
 
 
 def test_stop_requests_wait_for_the_step_and_a_second_ctrl_c_interrupts():
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with StopRequests() as requests:
-        assert not requests.reached(1)
-        signal.raise_signal(signal.SIGTERM)
-        assert requests.reached(2)
-    with StopRequests() as requests:
-        signal.raise_signal(signal.SIGINT)
-        assert requests.reached(1)
-        with pytest.raises(KeyboardInterrupt):  # The user insists: out at once.
+    # Python's own Ctrl-C handler underneath, whatever an earlier test's library installed.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with StopRequests() as requests:
+            assert not requests.reached(1)
+            signal.raise_signal(signal.SIGTERM)
+            assert requests.reached(2)
+        with StopRequests() as requests:
             signal.raise_signal(signal.SIGINT)
-    assert {s: signal.getsignal(s) for s in before} == before
+            assert requests.reached(1)
+            with pytest.raises(KeyboardInterrupt):  # The user insists: out at once.
+                signal.raise_signal(signal.SIGINT)
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path, digits):

@@ -9,7 +9,6 @@ the batches an uninterrupted run would have seen (vit_jax/workdir.py: what a res
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import time
@@ -77,15 +76,15 @@ def match_model_init(config: ml_collections.ConfigDict) -> None:
 
 def _initial_state(trainer: Trainer, checkpointer: Checkpointer) -> TrainState:
     """The newest readable checkpoint if there is one, else `model_init` or a fresh init."""
-    config = trainer.config
-    state = restore_newest_readable(checkpointer, trainer.abstract_state())
+    config, abstract = trainer.config, trainer.abstract_state()
+    state = restore_newest_readable(checkpointer, abstract)
     if state is not None:
         log.info("Resumed from step %d.", int(state.step))
         return state
     if config.model_init:
         pretrained = checkpoint.load_pretrained(
             config.model_init,
-            init_params=trainer.abstract_state().params,
+            init_params=abstract.params,
             reset_head=config.model_init_reset_head,
         )
         log.info("Initialised from %s.", config.model_init)
@@ -189,17 +188,16 @@ def _train_loop(
     )
     logged_at, logged_time, pending = start, time.perf_counter(), []
     input_wait = 0.0  # Seconds the loop spent waiting for data since the last log.
-    in_flight: collections.deque = collections.deque()
     for step in range(start + 1, steps + 1):
         wait_start = time.perf_counter()
         batch = next(batches)
         input_wait += time.perf_counter() - wait_start
         state, metrics = trainer.train_step(state, batch)
         pending.append(metrics)
-        # Back-pressure: the host stays at most STEPS_AHEAD steps ahead of the devices.
-        in_flight.append(metrics["train/loss"])
-        if len(in_flight) > STEPS_AHEAD:
-            jax.block_until_ready(in_flight.popleft())
+        # Back-pressure: the host stays at most STEPS_AHEAD steps ahead of the devices (a log
+        # fetches the whole window, so the window's own steps are all that can be in flight).
+        if len(pending) > STEPS_AHEAD:
+            jax.block_until_ready(pending[-1 - STEPS_AHEAD])
         stop = stop_requests.reached(step)
         if step % config.checkpoint_every == 0 or step == steps or stop:
             pending = _fetch_checked(pending, logged_at + 1, config, checkpointer)

@@ -200,13 +200,16 @@ class Trainer:
     def _step_key(self, step: jax.Array) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.config.seed), step)
 
+    def _scaled_and_one_hot(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        images = scale_images(batch["image"])
+        return images, jax.nn.one_hot(batch["label"], self.model.num_classes)
+
     def prepare_batch(self, batch: dict, step: jax.Array) -> dict:
         """Host batch (uint8 images, integer labels) -> images in [-1, 1] and (mixed) targets.
 
         Runs inside the jitted step; mixup's ratio is a function of (seed, step) only.
         """
-        images = scale_images(batch["image"])
-        targets = jax.nn.one_hot(batch["label"], self.model.num_classes)
+        images, targets = self._scaled_and_one_hot(batch)
         if self.config.pp.mixup_alpha > 0:
             mixup_rng = jax.random.fold_in(self._step_key(step), 1)
             images, targets = mixup(mixup_rng, images, targets, self.config.pp.mixup_alpha)
@@ -253,9 +256,8 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, params: Any, batch: dict) -> dict:
-        images = scale_images(batch["image"])
+        images, targets = self._scaled_and_one_hot(batch)
         logits = self.model.apply({"params": params}, images, train=False)
-        targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
         losses = per_example_loss(logits, targets, self.config.loss)
         correct = jnp.argmax(logits, -1) == batch["label"]
         mask = batch["mask"]

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import ml_collections
 
 from vit_jax import data
-
-
-def host_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def benchmark_input(
@@ -40,7 +34,7 @@ def benchmark_input(
     for _ in range(batches):
         next(stream)
     seconds = time.perf_counter() - start
-    cores = host_cores()
+    cores = data.pipeline.host_cores()
     img_per_s = batches * batch_size / seconds
     return {
         "mode": "input",

@@ -105,10 +105,17 @@ def _local_batch_size(global_batch: int, process_count: int, field: str) -> int:
 AUTOTUNE_RAM_BUDGET_BYTES = 4 * 2**30
 
 
+def host_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's total)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
     options = tf.data.Options()
     options.deterministic = True  # Needed for the bit-exact resume.
-    options.threading.private_threadpool_size = os.cpu_count() or 1
+    options.threading.private_threadpool_size = host_cores()
     options.autotune.ram_budget = AUTOTUNE_RAM_BUDGET_BYTES
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
 
@@ -166,11 +173,8 @@ def _train_example_fn(
     if pp.train_crop not in TRAIN_CROPS:
         raise ValueError(f"config.pp.train_crop={pp.train_crop!r}; expected one of {TRAIN_CROPS}")
     crop, area_min, shift, flip = pp.train_crop, pp.crop_area_min, pp.shift_pixels, pp.flip
-    ra_layers, ra_magnitude, antialias = (
-        pp.randaugment_layers,
-        pp.randaugment_magnitude,
-        pp.antialias,
-    )
+    ra_layers, ra_magnitude = pp.randaugment_layers, pp.randaugment_magnitude
+    antialias = pp.antialias
 
     def example(record: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         encoded, label = source.read(record)

@@ -7,8 +7,12 @@ Elsewhere: a second run in a locked workdir and changed trajectory fields
 """
 
 import contextlib
+import functools
 import io
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from test_data import make_config, make_folder
@@ -17,6 +21,13 @@ from test_main import load_recipe, small_local_config
 from vit_jax import data, export, predict
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
+
+
+class Case(NamedTuple):
+    action: Callable[[Path], object]
+    error: type[Exception]
+    message: str  # A regular expression the error's message must match.
+    setup: Callable[[Path], None] | None = None  # Before the workdir snapshot.
 
 
 class CommandFailed(Exception):
@@ -51,95 +62,69 @@ def _numeric_folders(tmp_path) -> None:
 
 CASES = {
     # Step intervals and counts.
-    "log_every=0": (
-        None,
-        lambda p: _train(p, log_every=0),
-        ValueError,
-        r"config.log_every=0: must be a whole number >= 1",
-    ),
-    "eval_every=0": (
-        None,
-        lambda p: _train(p, eval_every=0),
-        ValueError,
-        r"config.eval_every=0: must be",
-    ),
-    "checkpoint_every=0": (
-        None,
-        lambda p: _train(p, checkpoint_every=0),
-        ValueError,
-        r"config.checkpoint_every=0: must be",
-    ),
-    "keep_checkpoints=0": (
-        None,
-        lambda p: _train(p, keep_checkpoints=0),
-        ValueError,
-        r"config.keep_checkpoints=0: must be",
-    ),
+    **{
+        f"{field}=0": Case(
+            functools.partial(_train, **{field: 0}),
+            ValueError,
+            rf"config\.{field}=0: must be a whole number >= 1",
+        )
+        for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+    },
     # Commands.
-    "vit-predict --batch_size 0": (
-        None,
+    "vit-predict --batch_size 0": Case(
         lambda p: _command(predict.main, "--checkpoint", str(p), "--batch_size", "0", "a.png"),
         CommandFailed,
         r"(?s)status 2: .*--batch_size 0: must be at least 1",
     ),
-    "vit-export --workdir typo": (
-        None,
+    "vit-export --workdir typo": Case(
         lambda p: _command(export.main, "--workdir", str(p / "typo"), "--out", str(p / "o.npz")),
         CommandFailed,
         r"status 1: vit-export: '.*/typo' is not a directory: expected a vit_jax workdir",
     ),
-    "vit-export of numeric non-checkpoint folders": (
-        _numeric_folders,
+    "vit-export of numeric non-checkpoint folders": Case(
         lambda p: _command(export.main, "--workdir", str(p / "images"), "--out", str(p / "o.npz")),
         CommandFailed,
         r"No checkpoint found in '.*/images' \(its numeric folders \[0, 1, 7\] hold no 'state'\)",
+        setup=_numeric_folders,
     ),
     # Parallelism.
-    "mesh larger than the devices": (
-        None,
+    "mesh larger than the devices": Case(
         lambda p: _trainer(p, **{"mesh.data": 16}),
         ValueError,
         r"needs 16 devices but 8 are available",
     ),
-    "mesh axes not dividing the devices": (
-        None,
+    "mesh axes not dividing the devices": Case(
         lambda p: _trainer(p, **{"mesh.data": -1, "mesh.fsdp": 3}),
         ValueError,
         r"8 devices cannot be split into axes of sizes \[3, 1\]",
     ),
-    "batch not divisible by the devices": (
-        None,
+    "batch not divisible by the devices": Case(
         lambda p: _trainer(p, batch_size=36),
         ValueError,
         r"batch size 36 is not divisible by the 8 batch shards.*choose a multiple of 8",
     ),
-    "batch not divisible by accum_steps": (
-        None,
+    "batch not divisible by accum_steps": Case(
         lambda p: _trainer(p, accum_steps=3),
         ValueError,
         r"batch_size 32 must be divisible by accum_steps \(3\)",
     ),
-    "micro-batch smaller than the devices": (
-        None,
+    "micro-batch smaller than the devices": Case(
         lambda p: _trainer(p, accum_steps=8),
         ValueError,
         r"batch size 4 is not divisible by the 8 batch shards",
     ),
     # Recipes and model options.
-    "unknown recipe argument": (
-        None,
+    "unknown recipe argument": Case(
         lambda p: load_recipe("local.py", "stepz=3"),
         ValueError,
         r"Bad recipe argument 'stepz=3': expected key=value with key in \['batch', 'dataset'",
     ),
-    "recipe argument of the wrong type": (
-        None,
+    "recipe argument of the wrong type": Case(
         lambda p: load_recipe("local.py", "steps=many"),
         ValueError,
         r"steps='many': expected a int",
     ),
-    "stochastic_depth=1 (always NaN)": (
-        None,
+    "stochastic_depth=1 (always NaN)": Case(
         lambda p: _trainer(p, **{"model.stochastic_depth": 1.0}),
         ValueError,
         r"stochastic_depth=1.0: must be in \[0, 1\)",
@@ -149,7 +134,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_a_clear_error_and_leaves_no_trace(tmp_path, case):
-    setup, action, error, message = CASES[case]
+    action, error, message, setup = CASES[case]
     if setup:
         setup(tmp_path)
     before = sorted(os.walk(tmp_path))

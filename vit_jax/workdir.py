@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from tensorboard.compat.proto import event_pb2
 
@@ -173,23 +174,13 @@ def claim(workdir: str) -> Iterator[None]:
 # ---- config contract -----------------------------------------------------------------------
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _is_bookkeeping(field: str) -> bool:
     return any(field == b or field.startswith(b + ".") for b in BOOKKEEPING)
 
 
 def _contract(config_json: dict, process_count: int | None) -> dict[str, Any]:
     """The fields a resume must keep; the process count only when it is known."""
-    fields = _flatten(config_json)
+    fields = traverse_util.flatten_dict(config_json, sep=".")
     if process_count is not None:
         fields["process_count"] = process_count
     return {k: v for k, v in fields.items() if not _is_bookkeeping(k)}

@@ -70,6 +70,11 @@ CASES = {
         )
         for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
     },
+    "fewshot.every=0 (the recipe probes digits)": Case(
+        lambda p: _train(p, fewshot={"every": 0}),
+        ValueError,
+        r"config\.fewshot\.every=0: must be a whole number >= 1",
+    ),
     # Commands.
     "vit-predict --batch_size 0": Case(
         lambda p: _command(predict.main, "--checkpoint", str(p), "--batch_size", "0", "a.png"),

@@ -107,7 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 def check_intervals(config: ml_collections.ConfigDict) -> None:
     """Every step interval and the checkpoint count must be positive integers."""
-    for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    fields = ["log_every", "eval_every", "checkpoint_every", "keep_checkpoints"]
+    if config.fewshot.datasets:
+        fields.append("fewshot.every")
+    for field in fields:
         value = config[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(

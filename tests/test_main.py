@@ -46,6 +46,9 @@ def small_local_config(tmp_path, **changes):
     config.log_every = 4
     config.eval_every = 6
     config.checkpoint_every = 6
+    # The recipe's few-shot probe costs more than these runs train: only the test of the
+    # main job's metrics keeps it.
+    config.fewshot.datasets = {}
     config.update(changes)
     return config
 
@@ -105,10 +108,16 @@ def test_pretrain_recipe_matches_the_paper():
 
 def test_main_job_writes_metrics_config_and_checkpoints(tmp_path):
     workdir = str(tmp_path / "run")
-    final = train_and_evaluate(small_local_config(tmp_path), workdir)
+    config = small_local_config(tmp_path)
+    config.fewshot.update(datasets={"digits": ("digits", "train", "test")}, shots=(1, 5))
+    final = train_and_evaluate(config, workdir)
     assert 0.0 <= final["eval/top1"] <= 1.0
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [line["step"] for line in lines] == [4, 6, 8, 12]
+    # The few-shot probe runs at its interval (the recipe's 250) and at the last step.
+    fewshot_keys = {"fewshot/digits_1shot", "fewshot/digits_5shot"}
+    assert fewshot_keys <= set(lines[-1]) and not fewshot_keys & set(lines[0])
+    assert all(0.0 <= lines[-1][k] <= 1.0 for k in fewshot_keys)
     train_keys = {"train/loss", "train/lr", "train/img_per_s", "train/grad_norm", "train/eta_s",
                   "train/input_wait_frac"}  # fmt: skip
     assert train_keys <= set(lines[0]) and "eval/top1" not in lines[0]

@@ -12,9 +12,6 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.torch
-import timm
-import torch
 from interop_support import (
     TIMM_TINY,
     TINY,
@@ -22,6 +19,9 @@ from interop_support import (
     import_model,
     our_logits,
     randomize,
+    safetensors,
+    timm,
+    torch,
     torch_forward,
     write_run,
 )

@@ -2,6 +2,8 @@
 
 Those libraries are the `interop` test extra. Without them the interop tests must fail
 with the install command, not skip: a skipped comparison would look like a passed one.
+Test modules therefore take torch, timm and safetensors from here, or import the
+libraries after this module.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 try:
-    import safetensors.torch  # noqa: F401
-    import timm  # noqa: F401
+    import safetensors.torch  # noqa: F401  (re-exported to the test modules)
+    import timm  # noqa: F401  (re-exported)
     import torch
     import transformers  # noqa: F401
 except ImportError as error:

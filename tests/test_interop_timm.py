@@ -12,9 +12,6 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.torch
-import timm
-import torch
 from interop_support import (
     TIMM_TINY,
     TINY,
@@ -22,6 +19,9 @@ from interop_support import (
     import_model,
     our_logits,
     randomize,
+    safetensors,
+    timm,
+    torch,
     torch_forward,
     write_run,
 )
@@ -32,7 +32,9 @@ from timm.models import save_for_hf
 
 from vit_jax import checkpoint, export, predict
 from vit_jax.checkpoint.safetensors_file import read_safetensors
+from vit_jax.config import base_config
 from vit_jax.models import create_model
+from vit_jax.train import match_model_init
 
 
 def save_timm(module: torch.nn.Module, path) -> str:
@@ -258,19 +260,13 @@ def test_average_pooling_beside_a_class_token_is_refused(tmp_path):
         checkpoint.describe_checkpoint(tmp_path / "model.safetensors")
 
 
-def test_fine_tuning_from_a_timm_file_builds_the_model_timm_trained():
+def test_fine_tuning_from_a_timm_file_builds_the_model_timm_trained(tmp_path):
     """`model_init` of a hub file sets the fields its weights fix (exact GELU, pooling)."""
-    import tempfile
-
-    from vit_jax.config import base_config
-    from vit_jax.train import match_model_init
-
     source = timm_vit(class_token=False, global_pool="avg")  # gap + fc_norm, exact GELU
-    with tempfile.TemporaryDirectory() as tmp:
-        config = base_config()
-        config.model.update(name="Ti/8", **TINY)
-        config.model_init = save_timm(source, f"{tmp}/model.safetensors")
-        assert (config.model.activation, config.model.pool) == ("gelu_tanh", "token")
-        match_model_init(config)
+    config = base_config()
+    config.model.update(name="Ti/8", **TINY)
+    config.model_init = save_timm(source, tmp_path / "model.safetensors")
+    assert (config.model.activation, config.model.pool) == ("gelu_tanh", "token")
+    match_model_init(config)
     assert config.model.activation == "gelu_exact"
     assert (config.model.pool, config.model.fc_norm) == ("gap", True)

@@ -87,82 +87,19 @@ def from_timm(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndar
     """Maps a timm state dict onto our unrolled tree, with `num_heads` attention heads."""
     _refuse_unsupported(state)
     state = dict(state)
-    out: dict[str, np.ndarray] = {}
-
-    def take(name: str) -> np.ndarray:
-        return np.asarray(state.pop(name))
-
-    def linear(prefix: str, ours: str) -> None:
-        out[f"{ours}/kernel"] = take(f"{prefix}.weight").T
-        out[f"{ours}/bias"] = take(f"{prefix}.bias")
-
-    def norm(prefix: str, ours: str) -> None:
-        out[f"{ours}/scale"] = take(f"{prefix}.weight")
-        out[f"{ours}/bias"] = take(f"{prefix}.bias")
-
-    def attention(q: np.ndarray, qb, kv: np.ndarray, kvb, proj: str, ours: str) -> None:
-        """`q` (D, D) and `kv` (2D or more, D) torch weights; biases may be None."""
-        width = q.shape[1]
-        head_dim = width // num_heads
-        weights = {"query": q} | dict(zip(("key", "value"), np.split(kv, 2), strict=True))
-        biases = [qb] + (list(np.split(kvb, 2)) if kvb is not None else [None, None])
-        for (name, w), b in zip(weights.items(), biases, strict=True):
-            out[f"{ours}/{name}/kernel"] = w.T.reshape(width, num_heads, head_dim)
-            bias = np.zeros(width, w.dtype) if b is None else b  # No bias computes as zero bias.
-            out[f"{ours}/{name}/bias"] = bias.reshape(num_heads, head_dim)
-        out[f"{ours}/out/kernel"] = take(f"{proj}.weight").T.reshape(num_heads, head_dim, width)
-        out[f"{ours}/out/bias"] = take(f"{proj}.bias")
-
-    out["embedding/kernel"] = take("patch_embed.proj.weight").transpose(2, 3, 1, 0)
-    out["embedding/bias"] = take("patch_embed.proj.bias")
     if "pos_embed" not in state:
         raise ValueError("This timm ViT has no learned position embedding (pos_embed).")
-    posemb = take("pos_embed")
-    if "cls_token" in state:
-        out["cls"] = take("cls_token")
-    if "reg_token" in state:
-        out["registers"] = take("reg_token")
-    out[POSEMB] = _posemb_with_class_row(posemb, out.get("cls"), out.get("registers"))
-
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    for i in range(depth):
-        block, ours = f"blocks.{i}", f"Transformer/encoderblock_{i}"
-        norm(f"{block}.norm1", f"{ours}/LayerNorm_0")
-        qkv = take(f"{block}.attn.qkv.weight")
-        qkv_bias = state.pop(f"{block}.attn.qkv.bias", None)
-        width = qkv.shape[1]
-        attention(
-            qkv[:width],
-            None if qkv_bias is None else np.asarray(qkv_bias)[:width],
-            qkv[width:],
-            None if qkv_bias is None else np.asarray(qkv_bias)[width:],
-            f"{block}.attn.proj",
-            f"{ours}/MultiHeadDotProductAttention_0",
-        )
-        norm(f"{block}.norm2", f"{ours}/LayerNorm_1")
-        linear(f"{block}.mlp.fc1", f"{ours}/MlpBlock_0/Dense_0")
-        linear(f"{block}.mlp.fc2", f"{ours}/MlpBlock_0/Dense_1")
-    if "norm.weight" in state:
-        norm("norm", "Transformer/encoder_norm")
-    if "fc_norm.weight" in state:
-        norm("fc_norm", "fc_norm")
-    if "attn_pool.latent" in state:
-        out["MAPHead_0/probe"] = take("attn_pool.latent")
-        q_bias = state.pop("attn_pool.q.bias", None)
-        kv_bias = state.pop("attn_pool.kv.bias", None)
-        attention(
-            take("attn_pool.q.weight"),
-            None if q_bias is None else np.asarray(q_bias),
-            take("attn_pool.kv.weight"),
-            None if kv_bias is None else np.asarray(kv_bias),
-            "attn_pool.proj",
-            "MAPHead_0/MultiHeadDotProductAttention_0",
-        )
-        norm("attn_pool.norm", "MAPHead_0/LayerNorm_0")
-        linear("attn_pool.mlp.fc1", "MAPHead_0/MlpBlock_0/Dense_0")
-        linear("attn_pool.mlp.fc2", "MAPHead_0/MlpBlock_0/Dense_1")
-    if "head.weight" in state:
-        linear("head", "head")
+    out: dict[str, np.ndarray] = {}
+    for theirs, ours, kind in _modules(depth):
+        if any(k == theirs or k.startswith(theirs + ".") for k in state):
+            out |= _module_from_timm(state, theirs, ours, kind, num_heads)
+    if "cls_token" in state:
+        out["cls"] = np.asarray(state.pop("cls_token"))
+    if "reg_token" in state:
+        out["registers"] = np.asarray(state.pop("reg_token"))
+    posemb = np.asarray(state.pop("pos_embed"))
+    out[POSEMB] = _posemb_with_class_row(posemb, out.get("cls"), out.get("registers"))
     if state:
         raise ValueError(
             "This timm checkpoint has parameters our ViT has no counterpart for: "
@@ -176,35 +113,13 @@ def to_timm(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     The model options timm must be built with are given by `timm_model_args`.
     """
+    depth = 1 + max(
+        int(m[1]) for k in params if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))
+    )
     out: dict[str, np.ndarray] = {}
-
-    def linear(ours: str, prefix: str) -> None:
-        kernel = params[f"{ours}/kernel"]
-        out[f"{prefix}.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
-        out[f"{prefix}.bias"] = params[f"{ours}/bias"].reshape(-1)
-
-    def norm(ours: str, prefix: str) -> None:
-        out[f"{prefix}.weight"] = params[f"{ours}/scale"]
-        out[f"{prefix}.bias"] = params[f"{ours}/bias"]
-
-    def heads_in(ours: str) -> tuple[np.ndarray, np.ndarray]:
-        """A (D, H, hd) projection as a torch (H*hd, D) weight and its bias."""
-        kernel = params[f"{ours}/kernel"]
-        return kernel.reshape(kernel.shape[0], -1).T, params[f"{ours}/bias"].reshape(-1)
-
-    def attention(ours: str, q_name: str, kv_name: str, proj: str) -> None:
-        q, k, v = (heads_in(f"{ours}/{n}") for n in ("query", "key", "value"))
-        if q_name == kv_name:
-            out[f"{q_name}.weight"] = np.concatenate([q[0], k[0], v[0]])
-            out[f"{q_name}.bias"] = np.concatenate([q[1], k[1], v[1]])
-        else:
-            out[f"{q_name}.weight"], out[f"{q_name}.bias"] = q
-            out[f"{kv_name}.weight"] = np.concatenate([k[0], v[0]])
-            out[f"{kv_name}.bias"] = np.concatenate([k[1], v[1]])
-        linear(f"{ours}/out", proj)
-
-    out["patch_embed.proj.weight"] = params["embedding/kernel"].transpose(3, 2, 0, 1)
-    out["patch_embed.proj.bias"] = params["embedding/bias"]
+    for theirs, ours, kind in _modules(depth):
+        if any(k == ours or k.startswith(ours + "/") for k in params):
+            out |= _module_to_timm(params, theirs, ours, kind)
     posemb = params[POSEMB]
     if "cls" in params and "registers" in params:
         # timm's register models (no_embed_class) give the class token no position: ours
@@ -216,39 +131,116 @@ def to_timm(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "registers" in params:
         out["reg_token"] = params["registers"]
     out["pos_embed"] = posemb
-    depth = 1 + max(
-        int(m[1]) for k in params if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))
-    )
-    for i in range(depth):
-        ours, block = f"Transformer/encoderblock_{i}", f"blocks.{i}"
-        norm(f"{ours}/LayerNorm_0", f"{block}.norm1")
-        attention(
-            f"{ours}/MultiHeadDotProductAttention_0",
-            f"{block}.attn.qkv",
-            f"{block}.attn.qkv",
-            f"{block}.attn.proj",
-        )
-        norm(f"{ours}/LayerNorm_1", f"{block}.norm2")
-        linear(f"{ours}/MlpBlock_0/Dense_0", f"{block}.mlp.fc1")
-        linear(f"{ours}/MlpBlock_0/Dense_1", f"{block}.mlp.fc2")
-    if "Transformer/encoder_norm/scale" in params:
-        norm("Transformer/encoder_norm", "norm")
-    if "fc_norm/scale" in params:
-        norm("fc_norm", "fc_norm")
-    if "MAPHead_0/probe" in params:
-        out["attn_pool.latent"] = params["MAPHead_0/probe"]
-        attention(
-            "MAPHead_0/MultiHeadDotProductAttention_0",
-            "attn_pool.q",
-            "attn_pool.kv",
-            "attn_pool.proj",
-        )
-        norm("MAPHead_0/LayerNorm_0", "attn_pool.norm")
-        linear("MAPHead_0/MlpBlock_0/Dense_0", "attn_pool.mlp.fc1")
-        linear("MAPHead_0/MlpBlock_0/Dense_1", "attn_pool.mlp.fc2")
-    if "head/kernel" in params:
-        linear("head", "head")
     return {key: np.ascontiguousarray(value, np.float32) for key, value in out.items()}
+
+
+def _modules(depth: int) -> list[tuple[str, str, str]]:
+    """(timm module, our module, kind) of every module besides the tokens and positions.
+
+    Both directions read this one table; a module absent from the source is left out.
+    Kinds: "tensor" (one array as it is), "conv", "linear", "norm", "attention" (timm's
+    fused `qkv` and `proj`) and "pool_attention" (the MAP head's `q`, `kv` and `proj`).
+    """
+    modules = [
+        ("patch_embed.proj", "embedding", "conv"),
+        ("attn_pool.latent", "MAPHead_0/probe", "tensor"),
+    ]
+    for i in range(depth):
+        block, ours = f"blocks.{i}", f"Transformer/encoderblock_{i}"
+        modules += [
+            (f"{block}.norm1", f"{ours}/LayerNorm_0", "norm"),
+            (f"{block}.attn", f"{ours}/MultiHeadDotProductAttention_0", "attention"),
+            (f"{block}.norm2", f"{ours}/LayerNorm_1", "norm"),
+            (f"{block}.mlp.fc1", f"{ours}/MlpBlock_0/Dense_0", "linear"),
+            (f"{block}.mlp.fc2", f"{ours}/MlpBlock_0/Dense_1", "linear"),
+        ]
+    return modules + [
+        ("norm", "Transformer/encoder_norm", "norm"),
+        ("fc_norm", "fc_norm", "norm"),
+        ("attn_pool", "MAPHead_0/MultiHeadDotProductAttention_0", "pool_attention"),
+        ("attn_pool.norm", "MAPHead_0/LayerNorm_0", "norm"),
+        ("attn_pool.mlp.fc1", "MAPHead_0/MlpBlock_0/Dense_0", "linear"),
+        ("attn_pool.mlp.fc2", "MAPHead_0/MlpBlock_0/Dense_1", "linear"),
+        ("head", "head", "linear"),
+    ]
+
+
+# The input projections of timm's attention modules: (name, rows in units of the width).
+_ATTENTION_INPUTS = {"attention": (("qkv", 3),), "pool_attention": (("q", 1), ("kv", 2))}
+
+
+def _module_from_timm(
+    state: dict[str, Any], theirs: str, ours: str, kind: str, num_heads: int
+) -> dict[str, np.ndarray]:
+    """Pops one module's arrays from `state`, as our arrays."""
+
+    def take(name: str) -> np.ndarray:
+        return np.asarray(state.pop(name))
+
+    if kind == "tensor":
+        return {ours: take(theirs)}
+    if kind == "norm":
+        return {f"{ours}/scale": take(f"{theirs}.weight"), f"{ours}/bias": take(f"{theirs}.bias")}
+    if kind == "conv":
+        kernel = take(f"{theirs}.weight").transpose(2, 3, 1, 0)
+        return {f"{ours}/kernel": kernel, f"{ours}/bias": take(f"{theirs}.bias")}
+    if kind == "linear":
+        return {
+            f"{ours}/kernel": take(f"{theirs}.weight").T,
+            f"{ours}/bias": take(f"{theirs}.bias"),
+        }
+    weights, biases = [], []
+    for name, _ in _ATTENTION_INPUTS[kind]:
+        weights.append(take(f"{theirs}.{name}.weight"))
+        bias = state.pop(f"{theirs}.{name}.bias", None)  # No bias computes as zero bias.
+        biases.append(np.zeros(len(weights[-1]), weights[-1].dtype) if bias is None else bias)
+    weight, bias = np.concatenate(weights), np.concatenate(biases)  # (3 * width, width)
+    width = weight.shape[1]
+    head_dim = width // num_heads
+    out = {}
+    for name, w, b in zip(
+        ("query", "key", "value"), np.split(weight, 3), np.split(bias, 3), strict=True
+    ):
+        out[f"{ours}/{name}/kernel"] = w.T.reshape(width, num_heads, head_dim)
+        out[f"{ours}/{name}/bias"] = b.reshape(num_heads, head_dim)
+    proj = take(f"{theirs}.proj.weight").T.reshape(num_heads, head_dim, width)
+    return out | {f"{ours}/out/kernel": proj, f"{ours}/out/bias": take(f"{theirs}.proj.bias")}
+
+
+def _module_to_timm(
+    params: dict[str, np.ndarray], theirs: str, ours: str, kind: str
+) -> dict[str, np.ndarray]:
+    """One module of our tree as timm's arrays."""
+    if kind == "tensor":
+        return {theirs: params[ours]}
+    if kind == "norm":
+        return {
+            f"{theirs}.weight": params[f"{ours}/scale"],
+            f"{theirs}.bias": params[f"{ours}/bias"],
+        }
+    if kind == "conv":
+        kernel = params[f"{ours}/kernel"].transpose(3, 2, 0, 1)
+        return {f"{theirs}.weight": kernel, f"{theirs}.bias": params[f"{ours}/bias"]}
+    if kind == "linear":
+        kernel = params[f"{ours}/kernel"]  # (in, out), or (heads, head_dim, out) for `out`.
+        return {
+            f"{theirs}.weight": kernel.reshape(-1, kernel.shape[-1]).T,
+            f"{theirs}.bias": params[f"{ours}/bias"].reshape(-1),
+        }
+    # Our (width, heads, head_dim) projections as rows of timm's (3 * width, width) one.
+    names = ("query", "key", "value")
+    kernels = [params[f"{ours}/{name}/kernel"] for name in names]
+    width = kernels[0].shape[0]
+    weight = np.concatenate([k.reshape(width, -1).T for k in kernels])
+    bias = np.concatenate([params[f"{ours}/{name}/bias"].reshape(-1) for name in names])
+    inputs = _ATTENTION_INPUTS[kind]
+    bounds = width * np.cumsum([rows for _, rows in inputs])[:-1]
+    out = {}
+    for (name, _), w, b in zip(
+        inputs, np.split(weight, bounds), np.split(bias, bounds), strict=True
+    ):
+        out |= {f"{theirs}.{name}.weight": w, f"{theirs}.{name}.bias": b}
+    return out | _module_to_timm(params, f"{theirs}.proj", f"{ours}/out", "linear")
 
 
 def export_problems(model: dict[str, Any], file_format: str) -> list[str]:

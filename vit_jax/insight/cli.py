@@ -23,16 +23,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from vit_jax import parallel  # noqa: E402
 from vit_jax.insight import maps, plots  # noqa: E402
 from vit_jax.insight.fewshot import FewShotEvaluator  # noqa: E402
-from vit_jax.insight.loading import (  # noqa: E402
-    abstract_params,
-    dataset_images,
-    eval_config,
-    load_features_model,
-)
+from vit_jax.insight.loading import dataset_images, eval_config, load_features_model  # noqa: E402
 from vit_jax.metrics import METRICS_FILE  # noqa: E402
 from vit_jax.predict import find_images, load_image  # noqa: E402
 
@@ -90,11 +86,9 @@ def fewshot_main(argv: Sequence[str] | None = None) -> int:
         config.fewshot.shots = args.shots
         config.fewshot.holdout_per_class = args.holdout_per_class
         mesh = parallel.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
-        rules = parallel.resolve_rules("dp")
-        shardings = parallel.logical_shardings(
-            abstract_params(model, run["image_size"]), mesh, rules
-        )
-        evaluator = FewShotEvaluator(config, model, mesh, rules, shardings)
+        # Data parallel: every parameter replicated, the batch split over all devices.
+        replicated = NamedSharding(mesh, PartitionSpec())
+        evaluator = FewShotEvaluator(config, model, mesh, parallel.resolve_rules("dp"), replicated)
         results = evaluator.evaluate(params)
     except (ValueError, FileNotFoundError) as e:
         print(f"vit-fewshot: {e}", file=sys.stderr)

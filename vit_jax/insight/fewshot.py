@@ -158,8 +158,9 @@ def dataset_entries(config: ml_collections.ConfigDict) -> dict[str, tuple[str, s
 class FewShotEvaluator:
     """Few-shot linear accuracy of a model's frozen features on `config.fewshot.datasets`.
 
-    Needs the model and the mesh, rules and parameter shardings it trains under; reads
-    `image_size`, `eval_batch_size`, `data_dir` and `pp.eval_crop_fraction` from `config`.
+    Needs the model and the mesh, rules and parameter shardings (a tree, or one sharding for
+    every parameter) it trains under; reads `image_size`, `eval_batch_size`, `data_dir` and
+    `pp.eval_crop_fraction` from `config`.
     """
 
     def __init__(

@@ -142,7 +142,8 @@ def _distance(args: argparse.Namespace) -> None:
     )
     images, size = _images(args, run), run["image_size"]
     attention = maps.attention_fn(model)
-    grid, pixels = maps.patch_grid(model, size), maps.pixels_per_patch(model, size)
+    grid = maps.patch_grid(model, size)
+    pixels = size // grid[0]  # A patch's side in input pixels, a hybrid stem's stride included.
     distances = [
         maps.mean_attention_distance(attention(params, chunk).layers, grid, pixels) * len(chunk)
         for chunk in np.array_split(images, -(-len(images) // args.batch_size))

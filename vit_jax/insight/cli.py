@@ -45,6 +45,12 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser, multiple: bool = Fals
     parser.add_argument("--image_size", type=int, help="Input resolution in pixels.")
 
 
+def _load(args: argparse.Namespace, path: str | None = None) -> tuple:
+    """`load_features_model` of `path` (default: --checkpoint) with the checkpoint flags."""
+    path = args.checkpoint if path is None else path
+    return load_features_model(path, model=args.model, image_size=args.image_size)
+
+
 def _add_dataset_flags(parser: argparse.ArgumentParser, count: int) -> None:
     parser.add_argument("--dataset", help='tfds name, "digits", "mnist5k" or "folder:/path".')
     parser.add_argument("--split", default="test", help="Split the images come from.")
@@ -77,9 +83,7 @@ def fewshot_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_dir", help="tfds data_dir (default: tfds' own).")
     args = parser.parse_args(argv)
     try:
-        model, params, run = load_features_model(
-            args.checkpoint, model=args.model, image_size=args.image_size
-        )
+        model, params, run = _load(args)
         config = eval_config(run, args.dataset, args.test_split, args.batch_size, args.data_dir)
         name = args.dataset.rstrip("/").rsplit("/", 1)[-1]
         config.fewshot.datasets = {name: (args.dataset, args.train_split, args.test_split)}
@@ -114,7 +118,7 @@ def _rollout(args: argparse.Namespace) -> None:
         raise ValueError(f"Got {len(labels)} --label for {len(args.checkpoint)} --checkpoint.")
     images, rows = None, []
     for path in args.checkpoint:
-        model, params, run = load_features_model(path, model=args.model, image_size=args.image_size)
+        model, params, run = _load(args, path)
         if images is None:
             images = _images(args, run)
         elif images.shape[1] != run["image_size"]:
@@ -128,18 +132,14 @@ def _rollout(args: argparse.Namespace) -> None:
 
 
 def _posemb(args: argparse.Namespace) -> None:
-    model, params, run = load_features_model(
-        args.checkpoint, model=args.model, image_size=args.image_size
-    )
+    model, params, run = _load(args)
     grid = maps.patch_grid(model, run["image_size"])
     similarity = maps.cosine_similarity(maps.patch_position_embeddings(model, params, grid))
     plots.plot_posemb_similarity(similarity, grid, args.out)
 
 
 def _distance(args: argparse.Namespace) -> None:
-    model, params, run = load_features_model(
-        args.checkpoint, model=args.model, image_size=args.image_size
-    )
+    model, params, run = _load(args)
     images, size = _images(args, run), run["image_size"]
     attention = maps.attention_fn(model)
     grid = maps.patch_grid(model, size)
@@ -152,9 +152,7 @@ def _distance(args: argparse.Namespace) -> None:
 
 
 def _filters(args: argparse.Namespace) -> None:
-    model, params, _ = load_features_model(
-        args.checkpoint, model=args.model, image_size=args.image_size
-    )
+    model, params, _ = _load(args)
     filters, what = maps.pixel_filters(model, params)
     components, explained = maps.principal_components(filters, args.count)
     plots.plot_filter_components(components, explained, what, args.out)

@@ -32,7 +32,8 @@ def get_config(arg: str | None = None):
     c.optim.decay = "cosine"
     c.total_steps = args.steps
 
-    # 10-shot linear accuracy on the other embedded dataset, as the paper tracks pretraining.
+    # Few-shot linear accuracy on the embedded digits, as the paper tracks pretraining (the
+    # README follows the 10-shot number).
     c.fewshot.datasets = {"digits": ("digits", "train", "test")}
     c.fewshot.shots = (1, 5, 10, 25)
     c.fewshot.every = 250

@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from vit_jax import checkpoint
 from vit_jax.insight import maps
 from vit_jax.insight.cli import visualize_main
 from vit_jax.models import create_model
+from vit_jax.models.scan_layout import stack_blocks
 from vit_jax.models.vit import sincos2d_posemb
 
 
@@ -141,3 +143,81 @@ def test_patch_grid_counts_the_stem_and_leaves_out_registers():
     assert maps.patch_grid(hybrid, 32) == (4, 4)  # Stem /4 (root conv + max-pool), patch 2.
     plain = create_model("Ti/7", num_classes=0, width=32, depth=1, mlp_dim=64, num_heads=2)
     assert maps.patch_grid(plain.clone(num_registers=3), 28) == (4, 4)
+
+
+def small_model(name, **options):
+    fields = dict(width=32, depth=2, mlp_dim=64, num_heads=2) | options
+    return create_model(name, num_classes=0, **fields)
+
+
+def model_params(model, size):
+    images = np.zeros((1, size, size, 3))
+    return nn.unbox(model.init(jax.random.key(0), images, train=False)["params"])
+
+
+@pytest.mark.parametrize("pool, registers, prefix", [("token", 1, 2), ("gap", 2, 2), ("map", 1, 1)])
+def test_attention_weights_are_distributions_and_pooling_weighs_what_the_model_pools(
+    pool, registers, prefix
+):
+    """Rows of every layer sum to 1; the pooled weights are one-hot on the class token, uniform
+    over the patches, or the MAP probe's (a distribution over the patches); never on a register."""
+    model = small_model("Ti/7", pool=pool, num_registers=registers)
+    images = np.random.default_rng(0).integers(0, 255, (3, 28, 28, 3), dtype=np.uint8)
+    attention = maps.attention_fn(model)(model_params(model, 28), images)
+    tokens = prefix + 16
+    assert attention.layers.shape == (2, 3, 2, tokens, tokens)
+    np.testing.assert_allclose(attention.layers.sum(-1), 1.0, rtol=1e-5)
+    assert attention.pooled.shape == (3, tokens)
+    np.testing.assert_allclose(attention.pooled.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(attention.pooled[:, pool == "token" : prefix], 0.0)
+    if pool == "token":
+        np.testing.assert_array_equal(attention.pooled[:, 0], 1.0)
+    elif pool == "gap":
+        np.testing.assert_allclose(attention.pooled[:, prefix:], 1.0 / 16)
+    else:  # The probe's softmax: positive on every patch, and not uniform for random weights.
+        assert np.all(attention.pooled[:, prefix:] > 0)
+        assert np.ptp(attention.pooled[:, prefix:]) > 1e-4
+
+
+def test_scanned_and_unrolled_models_give_the_same_attention():
+    unrolled = small_model("Ti/7", num_registers=2)
+    params = model_params(unrolled, 28)
+    images = np.random.default_rng(1).integers(0, 255, (2, 28, 28, 3), dtype=np.uint8)
+    expected = maps.attention_fn(unrolled)(params, images)
+    scanned = maps.attention_fn(unrolled.clone(scan=True))(stack_blocks(params), images)
+    np.testing.assert_allclose(scanned.layers, expected.layers, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(scanned.pooled, expected.pooled)
+
+
+def test_hybrid_filters_are_the_kernel_the_stem_convolves_with():
+    """The root convolution's output equals the input convolved with `pixel_filters`."""
+    model = small_model("R+Ti/4", pool="gap")
+    params = model_params(model, 32)
+    images = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    _, state = model.apply(
+        {"params": params}, images, train=False, capture_intermediates=True, mutable=True
+    )
+    expected = state["intermediates"]["conv_root"]["__call__"][0]
+    filters, what = maps.pixel_filters(model, params)
+    assert what == "ResNet root filters"
+    kernel = filters.astype(np.float32)
+    layout = ("NHWC", "HWIO", "NHWC")
+    out = jax.lax.conv_general_dilated(images, kernel, (2, 2), "SAME", dimension_numbers=layout)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_principal_components_of_a_rank_two_filter_bank():
+    """Filters mixing two orthonormal patterns: two components explain all the variance and
+    span exactly those patterns."""
+    rng = np.random.default_rng(3)
+    patterns = np.linalg.qr(rng.normal(size=(4 * 4 * 3, 2)))[0].T  # Two orthonormal rows.
+    coefficients = rng.normal(size=(50, 2)) * [3.0, 1.0]
+    filters = (coefficients @ patterns).T.reshape(4, 4, 3, 50)
+    components, explained = maps.principal_components(filters, 3)
+    assert components.shape == (3, 4, 4, 3)
+    np.testing.assert_allclose(explained[:2].sum(), 1.0, atol=1e-12)
+    assert explained[0] > explained[1]
+    flat = components[:2].reshape(2, -1)
+    np.testing.assert_allclose(flat @ flat.T, np.eye(2), atol=1e-12)
+    # Each component lies in the patterns' span: projecting onto it keeps its whole norm.
+    np.testing.assert_allclose(np.linalg.norm(flat @ patterns.T, axis=-1), 1.0, atol=1e-12)

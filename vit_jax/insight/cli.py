@@ -23,16 +23,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from vit_jax import parallel  # noqa: E402
 from vit_jax.insight import maps, plots  # noqa: E402
 from vit_jax.insight.fewshot import FewShotEvaluator  # noqa: E402
-from vit_jax.insight.loading import (  # noqa: E402
-    abstract_params,
-    dataset_images,
-    eval_config,
-    load_features_model,
-)
+from vit_jax.insight.loading import dataset_images, eval_config, load_features_model  # noqa: E402
 from vit_jax.metrics import METRICS_FILE  # noqa: E402
 from vit_jax.predict import find_images, load_image  # noqa: E402
 
@@ -47,6 +43,12 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser, multiple: bool = Fals
         parser.add_argument("--checkpoint", required=True, help="A vit-train workdir or .npz.")
     parser.add_argument("--model", help="Model name, e.g. B/16 (bare .npz only).")
     parser.add_argument("--image_size", type=int, help="Input resolution in pixels.")
+
+
+def _load(args: argparse.Namespace, path: str | None = None) -> tuple:
+    """`load_features_model` of `path` (default: --checkpoint) with the checkpoint flags."""
+    path = args.checkpoint if path is None else path
+    return load_features_model(path, model=args.model, image_size=args.image_size)
 
 
 def _add_dataset_flags(parser: argparse.ArgumentParser, count: int) -> None:
@@ -81,20 +83,16 @@ def fewshot_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_dir", help="tfds data_dir (default: tfds' own).")
     args = parser.parse_args(argv)
     try:
-        model, params, run = load_features_model(
-            args.checkpoint, model=args.model, image_size=args.image_size
-        )
+        model, params, run = _load(args)
         config = eval_config(run, args.dataset, args.test_split, args.batch_size, args.data_dir)
         name = args.dataset.rstrip("/").rsplit("/", 1)[-1]
         config.fewshot.datasets = {name: (args.dataset, args.train_split, args.test_split)}
         config.fewshot.shots = args.shots
         config.fewshot.holdout_per_class = args.holdout_per_class
         mesh = parallel.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
-        rules = parallel.resolve_rules("dp")
-        shardings = parallel.logical_shardings(
-            abstract_params(model, run["image_size"]), mesh, rules
-        )
-        evaluator = FewShotEvaluator(config, model, mesh, rules, shardings)
+        # Data parallel: every parameter replicated, the batch split over all devices.
+        replicated = NamedSharding(mesh, PartitionSpec())
+        evaluator = FewShotEvaluator(config, model, mesh, parallel.resolve_rules("dp"), replicated)
         results = evaluator.evaluate(params)
     except (ValueError, FileNotFoundError) as e:
         print(f"vit-fewshot: {e}", file=sys.stderr)
@@ -120,7 +118,7 @@ def _rollout(args: argparse.Namespace) -> None:
         raise ValueError(f"Got {len(labels)} --label for {len(args.checkpoint)} --checkpoint.")
     images, rows = None, []
     for path in args.checkpoint:
-        model, params, run = load_features_model(path, model=args.model, image_size=args.image_size)
+        model, params, run = _load(args, path)
         if images is None:
             images = _images(args, run)
         elif images.shape[1] != run["image_size"]:
@@ -134,21 +132,18 @@ def _rollout(args: argparse.Namespace) -> None:
 
 
 def _posemb(args: argparse.Namespace) -> None:
-    model, params, run = load_features_model(
-        args.checkpoint, model=args.model, image_size=args.image_size
-    )
+    model, params, run = _load(args)
     grid = maps.patch_grid(model, run["image_size"])
     similarity = maps.cosine_similarity(maps.patch_position_embeddings(model, params, grid))
     plots.plot_posemb_similarity(similarity, grid, args.out)
 
 
 def _distance(args: argparse.Namespace) -> None:
-    model, params, run = load_features_model(
-        args.checkpoint, model=args.model, image_size=args.image_size
-    )
+    model, params, run = _load(args)
     images, size = _images(args, run), run["image_size"]
     attention = maps.attention_fn(model)
-    grid, pixels = maps.patch_grid(model, size), maps.pixels_per_patch(model, size)
+    grid = maps.patch_grid(model, size)
+    pixels = size // grid[0]  # A patch's side in input pixels, a hybrid stem's stride included.
     distances = [
         maps.mean_attention_distance(attention(params, chunk).layers, grid, pixels) * len(chunk)
         for chunk in np.array_split(images, -(-len(images) // args.batch_size))
@@ -157,9 +152,7 @@ def _distance(args: argparse.Namespace) -> None:
 
 
 def _filters(args: argparse.Namespace) -> None:
-    model, params, _ = load_features_model(
-        args.checkpoint, model=args.model, image_size=args.image_size
-    )
+    model, params, _ = _load(args)
     filters, what = maps.pixel_filters(model, params)
     components, explained = maps.principal_components(filters, args.count)
     plots.plot_filter_components(components, explained, what, args.out)

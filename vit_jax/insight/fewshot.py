@@ -158,8 +158,9 @@ def dataset_entries(config: ml_collections.ConfigDict) -> dict[str, tuple[str, s
 class FewShotEvaluator:
     """Few-shot linear accuracy of a model's frozen features on `config.fewshot.datasets`.
 
-    Needs the model and the mesh, rules and parameter shardings it trains under; reads
-    `image_size`, `eval_batch_size`, `data_dir` and `pp.eval_crop_fraction` from `config`.
+    Needs the model and the mesh, rules and parameter shardings (a tree, or one sharding for
+    every parameter) it trains under; reads `image_size`, `eval_batch_size`, `data_dir` and
+    `pp.eval_crop_fraction` from `config`.
     """
 
     def __init__(
@@ -173,7 +174,7 @@ class FewShotEvaluator:
         self.config = config
         self.entries = dataset_entries(config)
         self.features_model = model.clone(num_classes=0)
-        self.mesh, self.rules = mesh, rules
+        self.mesh, self.rules, self.param_shardings = mesh, rules, param_shardings
         self.batch_sharding = parallel.batch_sharding(mesh, rules)
         parallel.batch_size_per_shard(config.eval_batch_size, mesh, rules)
         self._embed = jax.jit(
@@ -209,6 +210,9 @@ class FewShotEvaluator:
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """`fewshot/<name>_<n>shot` accuracies for every configured dataset and shot count."""
+        # Placed once (a no-op for the train state's params): host arrays passed to the jitted
+        # step would be copied to every device again for every batch.
+        params = jax.device_put(params, self.param_shardings)
         metrics = {}
         for name, (dataset, train_split, test_split) in self.entries.items():
             num_classes = data.get_dataset_info(dataset, self.config.data_dir).num_classes

@@ -53,11 +53,6 @@ def patch_grid(model: VisionTransformer, image_size: int) -> tuple[int, int]:
     return side, side
 
 
-def pixels_per_patch(model: VisionTransformer, image_size: int) -> int:
-    """Side of one patch in input pixels, including a hybrid stem's downsampling."""
-    return image_size // patch_grid(model, image_size)[0]
-
-
 def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attention]:
     """A jitted `(params, uint8 images) -> Attention` for `model`: scanned or not, plain or hybrid.
 

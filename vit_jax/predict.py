@@ -33,20 +33,19 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from etils import epath
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from etils import epath  # noqa: E402
-
-from vit_jax import checkpoint  # noqa: E402
-from vit_jax.data import preprocess  # noqa: E402
-from vit_jax.data.folder import IMAGE_EXTENSIONS  # noqa: E402
-from vit_jax.export import description_path, run_description  # noqa: E402
-from vit_jax.trainer import build_model, scale_images  # noqa: E402
+from vit_jax import checkpoint
+from vit_jax.data import preprocess
+from vit_jax.data.folder import IMAGE_EXTENSIONS
+from vit_jax.export import description_path, run_description
+from vit_jax.models import VisionTransformer
+from vit_jax.trainer import build_model, scale_images
 
 _REQUIRED = ("num_classes", "image_size")
 
@@ -84,17 +83,25 @@ def load_run(path: str, **overrides: Any) -> dict[str, Any]:
     return description
 
 
+def abstract_params(model: VisionTransformer, image_size: int) -> Any:
+    """Shapes, dtypes and logical axes (boxed) of `model`'s parameters; nothing computed."""
+    images = jnp.zeros((1, image_size, image_size, 3))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
+
+
+def load_model(path: str, run: dict[str, Any]) -> tuple[VisionTransformer, Any]:
+    """The model `run` describes and its parameters from `path`, as numpy arrays."""
+    model = build_model(ml_collections.ConfigDict({"model": run["model"]}), run["num_classes"])
+    init = abstract_params(model, run["image_size"])
+    return model, checkpoint.load_pretrained(path, init_params=init)
+
+
 def load_classifier(path: str, run: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
     """A function from a batch of preprocessed images to class probabilities.
 
     Probabilities are softmax, or per-class sigmoids for runs trained with sigmoid_xent.
     """
-    model = build_model(ml_collections.ConfigDict({"model": run["model"]}), run["num_classes"])
-    size = run["image_size"]
-    init = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )["params"]
-    params = checkpoint.load_pretrained(path, init_params=init)
+    model, params = load_model(path, run)
     if not np.any(params["head"]["kernel"]):
         raise ValueError(
             f"The classification head loaded from {path} is all zeros, so every image would get "

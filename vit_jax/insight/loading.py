@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import checkpoint, data
+from vit_jax import data
 from vit_jax.config import base_config
 from vit_jax.models import VisionTransformer
-from vit_jax.predict import load_run
-from vit_jax.trainer import build_model
+from vit_jax.predict import load_model, load_run
 
 
 def load_features_model(
@@ -31,15 +28,7 @@ def load_features_model(
     a bare `.npz` needs both. The position embedding follows `image_size`.
     """
     run = load_run(path, model=model, image_size=image_size, num_classes=0)
-    vit = build_model(ml_collections.ConfigDict({"model": run["model"]}), 0)
-    init = abstract_params(vit, run["image_size"])
-    return vit, checkpoint.load_pretrained(path, init_params=init), run
-
-
-def abstract_params(model: VisionTransformer, image_size: int) -> Any:
-    """Shapes, dtypes and logical axes (boxed) of `model`'s parameters; nothing computed."""
-    images = jnp.zeros((1, image_size, image_size, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
+    return *load_model(path, run), run
 
 
 def eval_config(

@@ -19,18 +19,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
+from jax.sharding import NamedSharding, PartitionSpec
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-
-from vit_jax import parallel  # noqa: E402
-from vit_jax.insight import maps, plots  # noqa: E402
-from vit_jax.insight.fewshot import FewShotEvaluator  # noqa: E402
-from vit_jax.insight.loading import dataset_images, eval_config, load_features_model  # noqa: E402
-from vit_jax.metrics import METRICS_FILE  # noqa: E402
-from vit_jax.predict import find_images, load_image  # noqa: E402
+from vit_jax import parallel
+from vit_jax.insight import maps, plots
+from vit_jax.insight.fewshot import FewShotEvaluator
+from vit_jax.insight.loading import dataset_images, eval_config, load_features_model
+from vit_jax.metrics import METRICS_FILE
+from vit_jax.predict import find_images, load_image
 
 
 def _add_checkpoint_flags(parser: argparse.ArgumentParser, multiple: bool = False) -> None:

@@ -70,8 +70,10 @@ CASES = {
         )
         for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
     },
-    "fewshot.every=0 (the recipe probes digits)": Case(
-        lambda p: _train(p, fewshot={"every": 0}),
+    "fewshot.every=0 with a probe on": Case(
+        lambda p: _train(
+            p, fewshot={"every": 0, "datasets": {"digits": ("digits", "train", "test")}}
+        ),
         ValueError,
         r"config\.fewshot\.every=0: must be a whole number >= 1",
     ),

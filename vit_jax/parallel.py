@@ -101,16 +101,14 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     tensor=8) is replicated instead, so any model runs on any mesh; a WARNING names
     every parameter this happens to, once, with the mesh axes and the sizes.
     """
-    logical = nn.get_partition_spec(abstract_boxed)
-    specs = nn.logical_to_mesh(logical, rules)
-    values = nn.unbox(abstract_boxed)
     replicated: dict[tuple, list[str]] = collections.defaultdict(list)
 
-    def fit(path, logical_spec: PartitionSpec, spec: PartitionSpec, value: Any) -> NamedSharding:
-        dims = []
-        padded = tuple(spec) + (None,) * (value.ndim - len(spec))
+    def fit(path, logical_spec: PartitionSpec, value: Any) -> NamedSharding:
         logical_names = tuple(logical_spec) + (None,) * (value.ndim - len(logical_spec))
-        for size, axes, name in zip(value.shape, padded, logical_names, strict=True):
+        dims = []
+        for size, name, axes in zip(
+            value.shape, logical_names, nn.logical_to_mesh_axes(logical_names, rules), strict=True
+        ):
             names = (axes,) if isinstance(axes, str) else tuple(axes or ())
             shards = int(np.prod([mesh.shape[a] for a in names]))
             if size % shards:
@@ -120,7 +118,10 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
         return NamedSharding(mesh, PartitionSpec(*dims))
 
     shardings = jax.tree_util.tree_map_with_path(
-        fit, logical, specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec)
+        fit,
+        nn.get_partition_spec(abstract_boxed),
+        nn.unbox(abstract_boxed),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
     for (name, axes, shards, size), paths in replicated.items():
         log.warning(

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from test_main import small_local_config
-from test_train_step import SGD, run, tiny_config
+from test_train_step import SGD, bytes_on_device0, run, tiny_config
 
 from vit_jax.train import Trainer, train_and_evaluate
 
@@ -50,16 +50,6 @@ def test_tensor_parallel_loss_curves_equal_data_parallel(model, scan):
     assert dp_losses[-1] < dp_losses[0]  # The curves being compared do move.
 
 
-def _bytes_on_device0(tree):
-    device = jax.devices()[0]
-    return sum(
-        shard.data.nbytes
-        for leaf in jax.tree.leaves(tree)
-        for shard in leaf.addressable_shards
-        if shard.device == device
-    )
-
-
 @pytest.mark.parametrize(
     "model, changes",
     [("plain", dict(pool="map", representation_size=32)), ("hybrid", dict(pool="gap"))],
@@ -86,7 +76,7 @@ def test_fsdp_splits_every_weight_matrix_head_included(model, changes):
         # Only biases without a width axis (head, MLP, attention) and step counts stay
         # whole: 2% here, where the 1,000-class head alone is half the model.
         assert whole < 0.03 * total
-        assert _bytes_on_device0(tree) <= (total - whole) / 8 + whole
+        assert bytes_on_device0(tree) <= (total - whole) / 8 + whole
     params_total = sum(x.nbytes for x in jax.tree.leaves(state.params))
     assert state.params["head"]["kernel"].nbytes > 0.2 * params_total
     assert sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) > 1.9 * params_total

@@ -54,6 +54,17 @@ def run(config, steps=3, seeds=None, devices=None):
     return trainer, state, losses
 
 
+def bytes_on_device0(tree):
+    """Bytes of `tree` on the first device: replicated arrays count whole, split ones in part."""
+    device = jax.devices()[0]
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == device
+    )
+
+
 def test_loss_decreases_on_a_tiny_model():
     _, _, losses = run(tiny_config(**{"optim.decay": "constant"}), steps=80)
     assert np.mean(losses[-5:]) < 0.4 * losses[0], losses
@@ -89,14 +100,6 @@ def test_fsdp_shards_parameters_and_matches_data_parallel():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), fsdp.params, dp.params
     )
-
-    def bytes_on_device0(tree):
-        return sum(
-            s.data.nbytes
-            for x in jax.tree.leaves(tree)
-            for s in x.addressable_shards
-            if s.device == jax.devices()[0]
-        )
 
     total = sum(x.nbytes for x in jax.tree.leaves(fsdp.params))
     assert bytes_on_device0(dp.params) == total  # replicated

@@ -105,13 +105,34 @@ def test_unshardable_parameters_are_named_once_in_a_warning(caplog):
     assert block["MlpBlock_0"]["Dense_0"]["kernel"].spec[1] == "tensor"  # what divides is split
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=1, tensor=4), dict(data=1, fsdp=1, tensor=8)])
-def test_training_runs_end_to_end_on_a_tensor_mesh(tmp_path, mesh):
+def _train_end_to_end(tmp_path, rules, mesh=None):
     config = small_local_config(tmp_path, total_steps=4, log_every=1, eval_every=4)
-    config.sharding_rules = "tp"
-    config.mesh.update(mesh)
+    config.sharding_rules = rules
+    if mesh:
+        config.mesh.update(mesh)
     train_and_evaluate(config, str(tmp_path / "run"))
-    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    return [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def data_parallel_metrics(tmp_path_factory):
+    return _train_end_to_end(tmp_path_factory.mktemp("dp"), "dp")
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=1, tensor=4), dict(data=1, fsdp=1, tensor=8)])
+def test_training_end_to_end_on_a_tensor_mesh_equals_data_parallel(
+    tmp_path, mesh, data_parallel_metrics
+):
+    metrics = _train_end_to_end(tmp_path, "tp", mesh)
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert 0.0 <= metrics[-1]["eval/top1"] <= 1.0
+    # The recipe's own pipeline, optimizer and evaluation: the same numbers as data parallel.
+    dp_losses = [m["train/loss"] for m in data_parallel_metrics if "train/loss" in m]
+    np.testing.assert_allclose(losses, dp_losses, rtol=1e-5)
+    assert metrics[-1]["eval/top1"] == pytest.approx(
+        data_parallel_metrics[-1]["eval/top1"], abs=1e-6
+    )
+    assert metrics[-1]["eval/loss"] == pytest.approx(
+        data_parallel_metrics[-1]["eval/loss"], rel=1e-5
+    )

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import VisionTransformer
+from vit_jax.models.resnet import standardize
 from vit_jax.models.vit import sincos2d_posemb
 from vit_jax.trainer import scale_images
 
@@ -168,13 +169,12 @@ def pixel_filters(model: VisionTransformer, params: Any) -> tuple[np.ndarray, st
     """The first filters that see RGB pixels, [k, k, 3, filters], and what they are.
 
     A plain ViT's patch embedding; for a hybrid, the ResNet root convolution, standardised
-    per filter as the model applies it (`vit_jax.models.resnet.StdConv`).
+    per filter as the model applies it.
     """
     if model.resnet_stages is None:
         return np.asarray(params["embedding"]["kernel"], np.float64), "patch-embedding filters"
     kernel = np.asarray(params["conv_root"]["kernel"], np.float64)
-    centred = kernel - kernel.mean(axis=(0, 1, 2), keepdims=True)
-    return centred / (centred.std(axis=(0, 1, 2), keepdims=True) + 1e-5), "ResNet root filters"
+    return standardize(kernel), "ResNet root filters"
 
 
 def principal_components(filters: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,20 +24,23 @@ def _conv_init():
     return nn.with_logical_partitioning(nn.initializers.lecun_normal(), _CONV_AXES)
 
 
-class StdConv(nn.Conv):
-    """Convolution whose kernel is standardised per output filter.
+def standardize(kernel):
+    """A [k, k, in, out] kernel standardised per output filter (numpy or JAX arrays).
 
     The epsilon is added to the standard deviation, not to the variance: that is
     the published models' formula, and with `sqrt(var + eps)` instead their
     checkpoints compute logits off by ~1e-4 relative.
     """
+    centred = kernel - kernel.mean(axis=(0, 1, 2), keepdims=True)
+    return centred / (centred.std(axis=(0, 1, 2), keepdims=True) + 1e-5)
+
+
+class StdConv(nn.Conv):
+    """Convolution whose kernel is standardised per output filter (`standardize`)."""
 
     def param(self, name: str, *args, **kwargs):
         param = super().param(name, *args, **kwargs)
-        if name == "kernel":
-            centred = param - jnp.mean(param, axis=(0, 1, 2), keepdims=True)
-            param = centred / (jnp.std(centred, axis=(0, 1, 2), keepdims=True) + 1e-5)
-        return param
+        return standardize(param) if name == "kernel" else param
 
 
 def _group_norm(name: str, dtype: Dtype, zero_scale: bool = False) -> nn.GroupNorm:

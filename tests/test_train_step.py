@@ -113,6 +113,17 @@ def test_fsdp_shards_parameters_and_matches_data_parallel():
     assert qkv.sharding.spec[0] == "fsdp"
 
 
+def test_init_params_are_the_fresh_states_parameters_in_their_shardings():
+    config = tiny_config(sharding_rules="fsdp")
+    config.mesh.update(data=1, fsdp=8)
+    trainer = Trainer(config, NUM_CLASSES, total_steps=20)
+    params, state = trainer.init_params(), trainer.init_state()
+    shardings = trainer.param_shardings
+    jax.tree.map(np.testing.assert_array_equal, params, state.params)
+    same = jax.tree.map(lambda p, s: p.sharding.is_equivalent_to(s, p.ndim), params, shardings)
+    assert all(jax.tree.leaves(same))
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
     with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 batch shards"):
         Trainer(tiny_config(batch_size=12), NUM_CLASSES, total_steps=10)

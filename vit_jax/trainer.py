@@ -153,6 +153,13 @@ class Trainer:
     def _fresh_state(self, rng: jax.Array) -> TrainState:
         return self._state_from_params(nn.unbox(self._init_params(rng)))
 
+    def init_params(self) -> Any:
+        """Fresh parameters alone, created in their shardings (no optimizer state)."""
+        fn = jax.jit(
+            lambda rng: nn.unbox(self._init_params(rng)), out_shardings=self.param_shardings
+        )
+        return fn(jax.random.key(self.config.seed))
+
     def init_state(self, pretrained: Any | None = None) -> TrainState:
         """Fresh state, created directly in its shardings (never whole on one device)."""
         if pretrained is None:

@@ -61,38 +61,32 @@ def benchmark_steps(
     config: ml_collections.ConfigDict, mode: str, steps: int, peak: float | None = None
 ) -> dict[str, Any]:
     """Figures of `mode` "train" (one optimizer step) or "infer" (forward at eval batch)."""
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode={mode!r}: choose 'train' or 'infer'.")
     # A schedule long enough for the recipe's warmup; the timed steps don't depend on it.
     total_steps = config.optim.warmup_steps + steps + 10
     trainer = Trainer(config, num_classes=NUM_CLASSES, total_steps=total_steps)
+    batch_size = config.batch_size if mode == "train" else config.eval_batch_size
+    batch = parallel.to_global(
+        _synthetic_batch(config, batch_size, eval_mask=mode == "infer"), trainer.batch_sharding
+    )
     if mode == "train":
-        state = trainer.init_state()
-        batch_size = config.batch_size
-        batch = parallel.to_global(
-            _synthetic_batch(config, batch_size, False), trainer.batch_sharding
-        )
+        holder = {"state": trainer.init_state()}
         start = time.perf_counter()
-        compiled = trainer.compile_train_step(state, batch)
-        compile_s = time.perf_counter() - start
-        holder = {"state": state}
+        compiled = trainer.compile_train_step(holder["state"], batch)
 
         def run():
             holder["state"], metrics = compiled(holder["state"], batch)
             return metrics
-    elif mode == "infer":
+    else:
         params = trainer.init_params()  # No optimizer state: it would count in the peak.
-        batch_size = config.eval_batch_size
-        batch = parallel.to_global(
-            _synthetic_batch(config, batch_size, True), trainer.batch_sharding
-        )
         start = time.perf_counter()
         compiled = trainer.compile_eval_step(params, batch)
-        compile_s = time.perf_counter() - start
 
         def run():
             return compiled(params, batch)
-    else:
-        raise ValueError(f"mode={mode!r}: choose 'train' or 'infer'.")
 
+    compile_s = time.perf_counter() - start
     flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     step_s = _time(run, steps)
     device = jax.devices()[0]

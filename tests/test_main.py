@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
+from vit_jax.data.pipeline import open_source
 from vit_jax.models import parse_variant
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
@@ -215,6 +217,27 @@ def test_command_line_rejects_unknown_keys(tmp_path):
     )
     assert result.returncode != 0
     assert "no_such_key" in result.stderr
+
+
+def test_console_shows_our_lines_only(tmp_path):
+    """No TensorFlow banner, no library warning: every line is one of vit_jax's own."""
+    data_dir = str(tmp_path / "tfds")
+    open_source("digits", data_dir)  # tfds's preparation bars belong to the first use only.
+    settings = TINY | {"data_dir": data_dir, "log_every": 2, "eval_every": 4, "fewshot.every": 4}
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "vit_jax.main",
+            "--config", "configs/local.py:steps=4,dataset=digits,batch=32",
+            "--workdir", str(tmp_path / "run"),
+            *(f"--config.{key}={value}" for key, value in settings.items()),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert any("step 4/4" in line for line in lines)
+    strangers = [line for line in lines if not re.match(r"\d\d:\d\d:\d\d ", line)]
+    assert not strangers, strangers
 
 
 def test_fsdp_run_has_the_same_loss_curve_as_data_parallel(tmp_path):

@@ -150,14 +150,15 @@ class Trainer:
             step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
         )
 
+    def _fresh_params(self, rng: jax.Array) -> Any:
+        return nn.unbox(self._init_params(rng))
+
     def _fresh_state(self, rng: jax.Array) -> TrainState:
-        return self._state_from_params(nn.unbox(self._init_params(rng)))
+        return self._state_from_params(self._fresh_params(rng))
 
     def init_params(self) -> Any:
         """Fresh parameters alone, created in their shardings (no optimizer state)."""
-        fn = jax.jit(
-            lambda rng: nn.unbox(self._init_params(rng)), out_shardings=self.param_shardings
-        )
+        fn = jax.jit(self._fresh_params, out_shardings=self.param_shardings)
         return fn(jax.random.key(self.config.seed))
 
     def init_state(self, pretrained: Any | None = None) -> TrainState:

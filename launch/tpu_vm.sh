@@ -29,9 +29,16 @@ INSTALL="set -e; [ -d vit_jax ] || git clone -q $(quote "$REPO") vit_jax; cd vit
 git fetch -q origin $(quote "$BRANCH"); git checkout -q FETCH_HEAD; \
 python3 -m venv .venv; . .venv/bin/activate; pip install -q -e . 'jax[tpu]' \
 -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
-# Each worker keeps vit-train's exit status, read back from worker 0 afterwards.
-TRAIN="cd vit_jax && . .venv/bin/activate && $(quote "${TRAIN_COMMAND[@]}") --distributed; \
+# One id for every slice of this run: a slice that died holding the workdir's lock is
+# recognised by the next one (vit_jax/workdir.py) as an earlier try of the same run.
+RUN_ID=${TPU_NAME}-$(date -u +%Y%m%dT%H%M%S)
+
+# What each worker runs for try $1; it keeps vit-train's exit status for worker 0 to report.
+train_on_workers() {
+  on_workers all "cd vit_jax && . .venv/bin/activate && \
+$(quote env VIT_RUN_ID="$RUN_ID" VIT_RUN_ATTEMPT="$1" "${TRAIN_COMMAND[@]}") --distributed; \
 echo \$? > ~/vit_train_status"
+}
 
 on_workers() {
   run "${TPUS[@]}" tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker="$1" --command "$2"
@@ -62,19 +69,20 @@ read_status() {
   fi
 }
 
+# shellcheck disable=SC2120 # The EXIT trap passes --async; shellcheck does not read traps.
 delete_slice() {
-  run "${TPUS[@]}" queued-resources delete "$QUEUED" --zone "$ZONE" --force --quiet --async
+  run "${TPUS[@]}" queued-resources delete "$QUEUED" --zone "$ZONE" --force --quiet "$@"
 }
 
-trap 'if [ "$DRY_RUN" = 0 ]; then delete_slice; fi' EXIT # Never leave a slice billing.
+trap 'if [ "$DRY_RUN" = 0 ]; then delete_slice --async; fi' EXIT # Never leave a slice billing.
 for attempt in $(seq "${MAX_ATTEMPTS:-10}"); do
   run "${TPUS[@]}" queued-resources create "$QUEUED" --node-id "$TPU_NAME" --zone "$ZONE" \
     --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" "${SPOT_FLAG[@]}"
   wait_until_active
   on_workers all "$INSTALL"
-  on_workers all "$TRAIN" || true # The status that matters is vit-train's, read next.
+  train_on_workers "$attempt" || true # The status that matters is vit-train's, read next.
   read_status
-  delete_slice
+  delete_slice # Waits until it is gone: the next try reuses its name.
   if [ "$DRY_RUN" = 1 ]; then
     echo "# when vit-train exits $PREEMPTED or the slice is gone: the commands above again"
     exit 0
@@ -84,7 +92,6 @@ for attempt in $(seq "${MAX_ATTEMPTS:-10}"); do
     "$PREEMPTED") echo "$0: attempt $attempt preempted; creating a new slice to resume" >&2 ;;
     *) echo "$0: vit-train failed with status $STATUS" >&2 && trap - EXIT && exit "$STATUS" ;;
   esac
-  sleep 60 # Let the deletion finish before reusing the names.
 done
 echo "$0: still preempted after ${MAX_ATTEMPTS:-10} attempts" >&2
 exit "$PREEMPTED"

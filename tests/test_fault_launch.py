@@ -2,6 +2,7 @@
 and shellcheck's verdict on them."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -70,8 +71,13 @@ def test_tpu_creates_installs_runs_everywhere_and_deletes():
     words = list(remote)  # What each worker runs: `cd ... && ... && vit-train ...; echo ...`.
     start = words.index("vit-train")
     assert words[start : words.index(";", start)] == [*TRAIN, "--distributed"]
+    # Every slice of this run carries its id and try number: a later try may take the lock.
+    env, run_id, attempt = words[start - 3 : start]
+    assert (env, attempt) == ("env", "VIT_RUN_ATTEMPT=1")
+    assert re.fullmatch(r"VIT_RUN_ID=vit-\d{8}T\d{6}", run_id)
     assert status == [*ssh, "--worker=0", "--command", "cat ~/vit_train_status"]
     assert delete[:6] == [*tpus, "queued-resources", "delete", "vit-queued"]
+    assert "--async" not in delete  # The next try creates a slice of the same name.
 
 
 def test_tpu_script_names_each_missing_setting():

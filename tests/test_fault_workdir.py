@@ -51,19 +51,28 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
     assert "no longer running" in caplog.text
 
 
-def test_lock_of_an_earlier_run_of_a_requeued_slurm_job_is_taken_over(tmp_path, monkeypatch):
-    # The node of restart 0 died (no pid to check there); SLURM requeued the job elsewhere.
+LAUNCHERS = {  # How each launcher numbers the tries of one run, as environment variables.
+    "slurm requeue": ({"SLURM_JOB_ID": "42"}, "SLURM_RESTART_COUNT", "slurm-42"),
+    "new tpu slice": ({"VIT_RUN_ID": "vit-0101"}, "VIT_RUN_ATTEMPT", "vit-0101"),
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_lock_of_an_earlier_try_of_a_relaunched_run_is_taken_over(tmp_path, monkeypatch, launcher):
+    # The machine of try 0 died (no pid to check there); the launcher started try 1 elsewhere.
+    env, attempt_variable, run_id = LAUNCHERS[launcher]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     earlier = {"host": "node-7", "pid": 1234, "started": "2026-01-01T00:00:00",
-               "slurm_job": "42", "slurm_restart": 0}  # fmt: skip
+               "run": run_id, "attempt": 0}  # fmt: skip
     (tmp_path / LOCK_FILE).write_text(json.dumps(earlier))
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # Another task of the same run: refused.
+    monkeypatch.setenv(attempt_variable, "0")  # Another process of the same try: refused.
     with pytest.raises(WorkdirLockedError, match="process 1234 on node-7"):
         with claim(str(tmp_path)):
             pass
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv(attempt_variable, "1")
     with claim(str(tmp_path)):
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["slurm_restart"] == 1
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["attempt"] == 1
 
 
 def test_lock_held_on_another_host_is_respected(tmp_path):

@@ -112,32 +112,42 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _launch_attempt() -> dict[str, Any]:
+    """Which try of which run this is, when a launcher that restarts runs elsewhere says so.
+
+    `VIT_RUN_ID` / `VIT_RUN_ATTEMPT` (set by launch/tpu_vm.sh for each new slice), else a
+    SLURM job's id and restart count (a requeued job keeps its id). {} when neither is set.
+    """
+    if "VIT_RUN_ID" in os.environ:
+        return {"run": os.environ["VIT_RUN_ID"], "attempt": int(os.environ["VIT_RUN_ATTEMPT"])}
+    if "SLURM_JOB_ID" in os.environ:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        return {"run": f"slurm-{os.environ['SLURM_JOB_ID']}", "attempt": restarts}
+    return {}
+
+
 def _take_lock(path: str) -> dict[str, Any]:
     me = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **_launch_attempt(),
     }
-    if "SLURM_JOB_ID" in os.environ:  # A requeued job keeps its id and counts its restarts.
-        me["slurm_job"] = os.environ["SLURM_JOB_ID"]
-        me["slurm_restart"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     text = json.dumps(me)
     if _create_exclusively(path, text):
         return me
     try:
-        with tf.io.gfile.GFile(path) as f:
-            holder = json.loads(f.read())
+        holder = _read_json(path) or {}
         who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (json.JSONDecodeError, KeyError, tf.errors.NotFoundError):
+    except (json.JSONDecodeError, KeyError):
         holder, who = {}, "an unknown holder (the lock file is unreadable)"
     dead_here = holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))
-    # An earlier run of this SLURM job, killed on a node that may be gone (node failure).
-    requeued = (
-        "slurm_job" in me
-        and holder.get("slurm_job") == me["slurm_job"]
-        and holder.get("slurm_restart", 0) < me["slurm_restart"]
+    # An earlier try of this run, killed on a machine that may be gone (node failure, a
+    # TPU slice deleted under it): there is no pid to check there.
+    earlier_attempt = (
+        "run" in me and holder.get("run") == me["run"] and holder["attempt"] < me["attempt"]
     )
-    if dead_here or requeued:
+    if dead_here or earlier_attempt:
         log.warning("Taking over %s: its holder, %s, is no longer running.", path, who)
         tf.io.gfile.remove(path)
         if _create_exclusively(path, text):

@@ -1,4 +1,5 @@
-"""The launch scripts: what each would run (--dry-run, read back with a POSIX shell parser)
+"""The launch scripts: what each would run (--dry-run, read back with a POSIX shell parser),
+what they do with vit-train's exit status (run for real against stub srun/scontrol/gcloud),
 and shellcheck's verdict on them."""
 
 import os
@@ -105,3 +106,75 @@ def test_scripts_pass_shellcheck():
     paths = [f"launch/{s}" for s in (*SCRIPTS, "common.sh")]
     result = subprocess.run([shellcheck, "-x", *paths], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def _stub(bin_dir, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "$CALLS"\n{body}\n')
+    path.chmod(0o755)
+
+
+def _run_for_real(tmp_path, script: str, **env: str) -> tuple[int, list[str]]:
+    """Runs `script` (no --dry-run) against stub commands; its status and the calls made."""
+    bin_dir = tmp_path / "bin"
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "activate").write_text("")
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    calls.touch()
+    # srun stands for vit-train: it exits with the next of $STATUSES. gcloud's ssh does the
+    # same for the training command, and reports the last one for `cat ~/vit_train_status`.
+    next_status = 'read -r s < "$STATUSES"; sed -i 1d "$STATUSES"; echo "$s" > "$LAST"'
+    _stub(bin_dir, "srun", f'{next_status}; exit "$s"')
+    _stub(bin_dir, "scontrol", "")
+    _stub(
+        bin_dir,
+        "gcloud",
+        f'case "$*" in *describe*) echo ACTIVE ;; *vit-train*) {next_status} ;;'
+        ' *vit_train_status*) cat "$LAST" ;; esac',
+    )
+    result = subprocess.run(
+        ["bash", f"launch/{script}", RECIPE, WORKDIR],
+        cwd=REPO,
+        env=dict(
+            os.environ,
+            PATH=f"{bin_dir}:{os.environ['PATH']}",
+            VENV=str(tmp_path / "venv"),
+            CALLS=str(calls),
+            LAST=str(tmp_path / "last"),
+            **env,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize("status, requeued", [(75, True), (0, False), (1, False)])
+def test_slurm_requeues_only_a_preempted_run(tmp_path, status, requeued):
+    (tmp_path / "statuses").write_text(f"{status}\n")
+    code, calls = _run_for_real(
+        tmp_path, "slurm.sbatch", STATUSES=str(tmp_path / "statuses"), SLURM_JOB_ID="42"
+    )
+    assert code == status
+    assert calls[0].startswith("srun env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 vit-train")
+    assert ("scontrol requeue 42" in calls) == requeued
+
+
+@pytest.mark.parametrize(
+    "statuses, code, slices", [([75, 75, 0], 0, 3), ([75, 1], 1, 2), ([0], 0, 1)]
+)
+def test_tpu_makes_a_new_slice_only_after_a_preemption(tmp_path, statuses, code, slices):
+    (tmp_path / "statuses").write_text("".join(f"{s}\n" for s in statuses))
+    returned, calls = _run_for_real(
+        tmp_path, "tpu_vm.sh", STATUSES=str(tmp_path / "statuses"), **TPU_ENV
+    )
+    assert returned == code
+    creates = [c for c in calls if "queued-resources create" in c]
+    deletes = [c for c in calls if "queued-resources delete" in c]
+    trains = [c for c in calls if "vit-train" in c]
+    assert len(creates) == len(trains) == slices and len(deletes) >= slices
+    run_ids = {re.search(r"VIT_RUN_ID=(\S+)", c).group(1) for c in trains}
+    attempts = [re.search(r"VIT_RUN_ATTEMPT=(\d+)", c).group(1) for c in trains]
+    assert len(run_ids) == 1 and attempts == [str(i) for i in range(1, slices + 1)]

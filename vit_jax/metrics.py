@@ -16,6 +16,15 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def parse_record(line: str) -> dict | None:
+    """One `metrics.jsonl` line as a record; None for a blank line or one a killed run left
+    half-written (repaired on resume: vit_jax/workdir.py)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricWriter:
     """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
 

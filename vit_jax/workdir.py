@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from tensorboard.compat.proto import event_pb2
 
 from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError
-from vit_jax.metrics import METRICS_FILE, TENSORBOARD_DIR
+from vit_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -317,12 +317,10 @@ def repair_metrics(workdir: str, resumed_step: int) -> None:
             lines = f.read().splitlines()
         kept = []
         for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+            record = parse_record(line)
+            if record is None:
                 log.warning("Dropped line %d of %s: not complete JSON (%r).", number, path, line)
-                continue
-            if record["step"] <= resumed_step:
+            elif record["step"] <= resumed_step:
                 kept.append(line + "\n")
         if len(kept) != len(lines):
             with tf.io.gfile.GFile(path, "w") as f:

@@ -7,7 +7,6 @@ patch tokens are always the last `h * w` tokens of the sequence; whatever preced
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.metrics import parse_record
 from vit_jax.models import VisionTransformer
 from vit_jax.models.resnet import standardize
 from vit_jax.models.vit import sincos2d_posemb
@@ -192,12 +192,12 @@ def principal_components(filters: np.ndarray, count: int) -> tuple[np.ndarray, n
 
 
 def metric_series(lines: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """metrics.jsonl lines -> {metric: (steps, values)}, each metric where it was logged."""
+    """metrics.jsonl lines -> {metric: (steps, values)}, each metric where it was logged.
+
+    A line a killed run left half-written is passed over, as a resume would drop it.
+    """
     series: dict[str, tuple[list, list]] = {}
-    for line in lines:
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in filter(None, map(parse_record, lines)):
         for name, value in record.items():
             if name != "step":
                 steps, values = series.setdefault(name, ([], []))

@@ -19,7 +19,10 @@ from vit_jax.trainer import scale_images
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("tfds"))
+    """The digits dataset, prepared once: tfds prints while it prepares."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.pipeline.open_source("digits", path)
+    return path
 
 
 def direct_ridge(x, y, l2):

@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
@@ -87,10 +88,12 @@ def fewshot_main(argv: Sequence[str] | None = None) -> int:
         config.fewshot.datasets = {name: (args.dataset, args.train_split, args.test_split)}
         config.fewshot.shots = args.shots
         config.fewshot.holdout_per_class = args.holdout_per_class
-        mesh = parallel.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
-        # Data parallel: every parameter replicated, the batch split over all devices.
+        # The config's default, data parallel: parameters replicated, the batch split over
+        # all devices.
+        mesh = parallel.make_mesh(tuple(config.mesh.items()))
         replicated = NamedSharding(mesh, PartitionSpec())
-        evaluator = FewShotEvaluator(config, model, mesh, parallel.resolve_rules("dp"), replicated)
+        rules = parallel.resolve_rules(config.sharding_rules)
+        evaluator = FewShotEvaluator(config, model, mesh, rules, replicated)
         results = evaluator.evaluate(params)
     except (ValueError, FileNotFoundError) as e:
         print(f"vit-fewshot: {e}", file=sys.stderr)
@@ -140,6 +143,7 @@ def _distance(args: argparse.Namespace) -> None:
     model, params, run = _load(args)
     images, size = _images(args, run), run["image_size"]
     attention = maps.attention_fn(model)
+    params = jax.device_put(params)  # Once, not with every chunk.
     grid = maps.patch_grid(model, size)
     pixels = size // grid[0]  # A patch's side in input pixels, a hybrid stem's stride included.
     distances = [

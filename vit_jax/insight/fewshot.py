@@ -173,6 +173,11 @@ class FewShotEvaluator:
     ):
         self.config = config
         self.entries = dataset_entries(config)
+        # Opened now: a wrong dataset name stops the run at start-up, not at the first probe.
+        self.num_classes = {
+            name: data.get_dataset_info(dataset, config.data_dir).num_classes
+            for name, (dataset, _, _) in self.entries.items()
+        }
         self.features_model = model.clone(num_classes=0)
         self.mesh, self.rules, self.param_shardings = mesh, rules, param_shardings
         self.batch_sharding = parallel.batch_sharding(mesh, rules)
@@ -215,7 +220,6 @@ class FewShotEvaluator:
         params = jax.device_put(params, self.param_shardings)
         metrics = {}
         for name, (dataset, train_split, test_split) in self.entries.items():
-            num_classes = data.get_dataset_info(dataset, self.config.data_dir).num_classes
             train_x, train_y = self.features(params, dataset, train_split)
             test_x, test_y = self.features(params, dataset, test_split)
             accuracies = fewshot_accuracies(
@@ -225,7 +229,7 @@ class FewShotEvaluator:
                 test_y,
                 shots=tuple(int(n) for n in self.config.fewshot.shots),
                 holdout_per_class=self.config.fewshot.holdout_per_class,
-                num_classes=num_classes,
+                num_classes=self.num_classes[name],
             )
             metrics |= {f"fewshot/{name}_{n}shot": acc for n, acc in accuracies.items()}
         return metrics

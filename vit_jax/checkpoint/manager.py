@@ -39,7 +39,7 @@ class Checkpointer:
             create=True,
         )
         handlers = {
-            "state": ocp.StandardCheckpointHandler(),
+            STATE_ITEM: ocp.StandardCheckpointHandler(),
             "metadata": ocp.JsonCheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(
@@ -72,7 +72,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, metadata: dict) -> None:
         """Starts an async save; the next save or `wait` waits for it to be complete."""
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+            **{STATE_ITEM: ocp.args.StandardSave(state)}, metadata=ocp.args.JsonSave(metadata)
         )
         self._manager.save(step, args=args, force=True)
 
@@ -85,7 +85,7 @@ class Checkpointer:
         """
         if not (self.step_path(step) / STATE_ITEM).exists():
             raise FileNotFoundError(f"{self.step_path(step)} has no '{STATE_ITEM}' item")
-        saved = _flat_shapes(self._manager.item_metadata(step)["state"].tree["params"])
+        saved = _flat_shapes(self._manager.item_metadata(step)[STATE_ITEM].tree["params"])
         wanted = _flat_shapes(abstract_state.params)
         if saved != wanted:
             diff = sorted(
@@ -99,8 +99,8 @@ class Checkpointer:
                 + "\n  ".join(diff[:20])
                 + "\nUse a new --workdir for a new configuration, or restore the original config."
             )
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        return self._manager.restore(step, args=args)["state"]
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+        return self._manager.restore(step, args=args)[STATE_ITEM]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -132,7 +132,7 @@ def _latest(path: str) -> tuple[ocp.CheckpointManager, int]:
     if not epath.Path(path).is_dir():
         raise FileNotFoundError(f"{path!r} is not a directory: {expected}.")
     # Naming the handlers lets a fresh process read item metadata before any restore.
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(create=False)
     directory = _find_manager_dir(path)
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
@@ -153,15 +153,15 @@ def load_params(path: str) -> dict:
     optimizer state or mesh.
     """
     manager, step = _latest(path)
-    tree = manager.item_metadata(step)["state"].tree
+    tree = manager.item_metadata(step)[STATE_ITEM].tree
     params = tree["params"]
     item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params)}
     restore_args = {
         "params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)
     }
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(state=args))
-    return restored["state"]["params"]
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))
+    return restored[STATE_ITEM]["params"]
 
 
 def load_metadata(path: str) -> dict:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 try:
@@ -25,7 +23,7 @@ except ImportError as error:
         'Install the test extras: pip install -e ".[test,interop]"'
     ) from error
 
-from vit_jax import checkpoint
+from vit_jax import checkpoint, predict
 from vit_jax.models import create_model
 
 # A ViT small enough for CPU tests, in our terms and in timm's.
@@ -56,8 +54,7 @@ def import_model(path, num_classes: int | None = None, image_size: int = 32, **o
     if num_classes is None:
         num_classes = described.num_classes
     model = create_model("Ti/8", num_classes=num_classes, **(TINY | fields))
-    images = jnp.zeros((1, image_size, image_size, 3))
-    init = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
+    init = predict.abstract_params(model, image_size)
     return model, checkpoint.load_pretrained(path, init_params=init)
 
 

@@ -133,7 +133,13 @@ UNSUPPORTED = {
 def test_timm_models_our_vit_cannot_express_are_refused(feature, tmp_path):
     kwargs, message = UNSUPPORTED[feature]
     path = save_timm(timm_vit(**kwargs), tmp_path / "model.safetensors")
-    for read in (checkpoint.describe_checkpoint, lambda p: import_model(p, pool="token")):
+    # Both ways in: what vit-predict reads a bare file with, and loading into a model of
+    # one's own (fine-tuning's model_init), which does not describe the file first.
+    target = predict.abstract_params(create_model("Ti/8", num_classes=10, **TINY), 32)
+    for read in (
+        checkpoint.describe_checkpoint,
+        lambda p: checkpoint.load_pretrained(p, init_params=target),
+    ):
         with pytest.raises(ValueError, match=message):
             read(path)
 

@@ -78,7 +78,8 @@ def test_random_features_are_at_chance():
     assert 0.05 < accuracies[5] < 0.15
 
 
-def test_shots_are_the_first_per_class_and_holdout_is_disjoint():
+def test_ranks_count_the_earlier_examples_of_each_class():
+    """Shots are the examples ranked below n; the held-out ones rank from max(shots) on."""
     labels = np.array([2, 0, 2, 1, 0, 0, 2, 1, 1, 0])
     np.testing.assert_array_equal(
         fewshot.per_class_ranks(labels, 3), [0, 0, 1, 0, 1, 2, 2, 1, 2, 3]

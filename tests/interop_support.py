@@ -48,14 +48,15 @@ def torch_forward(module: torch.nn.Module, images: np.ndarray = IMAGES, **kwargs
 
 
 def import_model(path, num_classes: int | None = None, image_size: int = 32, **overrides):
-    """Our model built as `describe_checkpoint` says, with the checkpoint loaded into it."""
-    described = checkpoint.describe_checkpoint(path)
+    """Our model built as `describe_checkpoint` says, with the checkpoint (read once) in it."""
+    weights = checkpoint.read_weights(path)
+    described = checkpoint.describe_checkpoint(weights)
     fields = {k: v for k, v in described.model.items() if k != "name"} | overrides
     if num_classes is None:
         num_classes = described.num_classes
     model = create_model("Ti/8", num_classes=num_classes, **(TINY | fields))
     init = predict.abstract_params(model, image_size)
-    return model, checkpoint.load_pretrained(path, init_params=init)
+    return model, checkpoint.load_pretrained(weights, init_params=init)
 
 
 def our_logits(model, params, images: np.ndarray = IMAGES) -> np.ndarray:

@@ -7,6 +7,7 @@ parameters, so that loading it back must give the very same parameters and logit
 from __future__ import annotations
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,13 @@ from reference_vit import vit_logits
 
 from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
 from vit_jax.checkpoint.posemb import resample_posemb
-from vit_jax.checkpoint.pretrained import describe_checkpoint, load_pretrained
+from vit_jax.checkpoint.pretrained import (
+    WEIGHT_BOUND_FIELDS,
+    describe_checkpoint,
+    description_path,
+    load_pretrained,
+    weight_bound_fields,
+)
 from vit_jax.models import create_model, stack_blocks, unstack_blocks
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
@@ -178,6 +185,9 @@ def test_big_vision_layout(tmp_path, pool, file_scanned, target_scanned, prefix)
     layout = detect_layout(read_npz(path))
     assert (layout.prefix, layout.scanned, layout.bfloat16) == (prefix, file_scanned, True)
     assert layout.top_level_posemb and str(layout).startswith("big_vision")
+    # Fine-tuning reads the structure under the prefix, its positions under their own name.
+    structure = dict(pool=pool, fc_norm=False, num_registers=0, posemb="learn")
+    assert weight_bound_fields(path) == structure
     target = tiny(pool=pool, scan=target_scanned)
     loaded = load_pretrained(path, init_params=abstract_params(target))
     expected = stack_blocks(params) if target_scanned else params
@@ -439,18 +449,44 @@ def test_flax_model_matches_the_reference_on_the_exported_file(tmp_path, overrid
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(pool="token", fc_norm=False, num_registers=0, representation_size=None),
-        dict(pool="gap", fc_norm=True, num_registers=0, representation_size=None),
-        dict(pool="map", fc_norm=False, num_registers=2, representation_size=None),
-        dict(pool="token", fc_norm=False, num_registers=1, representation_size=16),
+        dict(pool="token", fc_norm=False, num_registers=0, posemb="learn"),
+        dict(pool="gap", fc_norm=True, num_registers=0, posemb="learn"),
+        dict(pool="map", fc_norm=False, num_registers=2, posemb="learn"),
+        dict(pool="token", fc_norm=False, num_registers=1, posemb="learn", representation_size=16),
+        dict(pool="gap", fc_norm=False, num_registers=0, posemb="sincos2d"),  # big_vision's
     ],
 )
-def test_describe_reads_the_architecture_from_an_npz(tmp_path, overrides):
-    """What vit-predict builds a bare file's model from; an .npz states no activation."""
+def test_describe_and_fine_tuning_read_the_architecture_from_an_npz(tmp_path, overrides):
+    """What vit-predict builds a bare file's model from, and what `model_init` sets.
+
+    Both come from the file's arrays (fine-tuning's from a few small ones); an .npz states
+    no activation.
+    """
     model = tiny(**overrides)
     path = tmp_path / "model.npz"
     save_npz(random_params(model), path)
     described = describe_checkpoint(path)
-    assert described.model == overrides  # No `name`: width 32 is no named size.
-    assert (described.num_classes, described.image_size) == (10, 32)
+    # No `name`: width 32 is no named size.
+    assert described.model == {"representation_size": None} | overrides
+    learned = overrides["posemb"] == "learn"
+    assert (described.num_classes, described.image_size) == (10, 32 if learned else None)
     assert "original ViT/AugReg layout" in described.source
+    bound = {key: value for key, value in overrides.items() if key in WEIGHT_BOUND_FIELDS}
+    assert weight_bound_fields(path) == bound
+
+
+def test_fine_tuning_takes_the_exported_description_over_the_npz(tmp_path):
+    """vit-export's `.json` beside an `.npz` states the activation the arrays cannot."""
+    path = tmp_path / "model.npz"
+    save_npz(random_params(tiny(pool="gap", activation="gelu_exact")), path)
+    assert weight_bound_fields(path)["pool"] == "gap"
+    assert "activation" not in weight_bound_fields(path)
+    model = {"name": "Ti/16", "pool": "gap", "activation": "gelu_exact", "width": 32}
+    description_path(path).write_text(json.dumps({"model": model}))
+    assert weight_bound_fields(path) == {
+        "pool": "gap",
+        "activation": "gelu_exact",
+        "fc_norm": False,
+        "num_registers": 0,
+        "posemb": "learn",
+    }

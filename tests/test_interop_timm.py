@@ -253,7 +253,7 @@ def test_saved_architecture_selects_the_activation(architecture, activation, tmp
     save_for_hf(source, str(tmp_path), safe_serialization=True)
     path = str(tmp_path / "model.safetensors")
     assert checkpoint.weight_bound_fields(path) == dict(
-        activation=activation, pool="map", fc_norm=False, num_registers=0
+        activation=activation, pool="map", fc_norm=False, num_registers=0, posemb="learn"
     )
     model, params = import_model(path)
     assert_same_logits(our_logits(model, params), torch_forward(source))

@@ -55,14 +55,6 @@ def run_description(workdir: str) -> dict[str, Any]:
     return description
 
 
-def description_path(weights_path: str | os.PathLike) -> epath.Path:
-    """Where the description of an exported file lives: same name, `.json`."""
-    path = epath.Path(weights_path)
-    if path.suffix in (".npz", hub.SUFFIX):
-        return path.with_suffix(".json")
-    return epath.Path(f"{path}.json")
-
-
 def export(workdir: str, out: str | os.PathLike, file_format: str = "npz") -> epath.Path:
     """Writes the latest parameters of `workdir` to `out` and its description next to it.
 
@@ -99,7 +91,7 @@ def export(workdir: str, out: str | os.PathLike, file_format: str = "npz") -> ep
             fields = {k: model[k] for k in checkpoint.WEIGHT_BOUND_FIELDS if k in model}
             metadata = {"format": "pt", hub.MODEL_METADATA: json.dumps(fields)}
             write_safetensors(timm_layout.to_timm(flat), out, metadata)
-    json_path = description_path(out)
+    json_path = checkpoint.description_path(out)
     json_path.write_text(json.dumps(description, indent=2))
     return json_path
 

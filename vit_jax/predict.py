@@ -43,44 +43,49 @@ from etils import epath
 from vit_jax import checkpoint
 from vit_jax.data import preprocess
 from vit_jax.data.folder import IMAGE_EXTENSIONS
-from vit_jax.export import description_path, run_description
+from vit_jax.export import run_description
 from vit_jax.models import VisionTransformer
 from vit_jax.trainer import build_model, scale_images
 
 _REQUIRED = ("num_classes", "image_size")
 
 
-def load_run(path: str, **overrides: Any) -> dict[str, Any]:
-    """What the checkpoint at `path` says about itself, with `overrides` (None: keep) applied.
+def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dict[str, Any]]:
+    """(model, its parameters as numpy arrays, run description) of the checkpoint at `path`.
 
     A workdir or an exported file's `.json` describes the run. A bare file is described by
     what its weights imply (`checkpoint.describe_checkpoint`: pooling, representation
-    layer, activation of hub layouts, class count, and for plain ViTs size and resolution);
-    `model` overrides the model's name only, keeping those implied fields.
+    layer, activation of hub layouts, class count, and for plain ViTs size and resolution),
+    read once for both. `overrides` (None: keep) replace the description's fields; `model`
+    the model's name only, keeping those implied fields.
     """
+    weights = None
     if epath.Path(path).is_dir():
-        description = run_description(path)
-    elif (json_path := description_path(path)).exists():
-        description = json.loads(json_path.read_text())
+        run = run_description(path)
+    elif (json_path := checkpoint.description_path(path)).exists():
+        run = json.loads(json_path.read_text())
     else:
-        implied = checkpoint.describe_checkpoint(path)
-        description = {"model": implied.model}
+        weights = checkpoint.read_weights(path)
+        implied = checkpoint.describe_checkpoint(weights)
+        run = {"model": implied.model}
         if implied.num_classes:
-            description["num_classes"] = implied.num_classes
+            run["num_classes"] = implied.num_classes
         if implied.image_size:
-            description["image_size"] = implied.image_size
+            run["image_size"] = implied.image_size
     if overrides.get("model"):
-        overrides["model"] = description.get("model", {}) | {"name": overrides["model"]}
-    description |= {key: value for key, value in overrides.items() if value is not None}
-    missing = [] if "name" in description.get("model", {}) else ["model"]
-    missing += [key for key in _REQUIRED if key not in description]
+        overrides["model"] = run.get("model", {}) | {"name": overrides["model"]}
+    run |= {key: value for key, value in overrides.items() if value is not None}
+    missing = [] if "name" in run.get("model", {}) else ["model"]
+    missing += [key for key in _REQUIRED if key not in run]
     if missing:
         raise ValueError(
             f"{path} does not say its {', '.join(missing)}: pass "
             + " ".join(f"--{key}" for key in missing)
             + " (a vit-train workdir, or a file exported with vit-export, needs none)."
         )
-    return description
+    model = build_model(ml_collections.ConfigDict({"model": run["model"]}), run["num_classes"])
+    init = abstract_params(model, run["image_size"])
+    return model, checkpoint.load_pretrained(weights or path, init_params=init), run
 
 
 def abstract_params(model: VisionTransformer, image_size: int) -> Any:
@@ -89,24 +94,18 @@ def abstract_params(model: VisionTransformer, image_size: int) -> Any:
     return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
 
 
-def load_model(path: str, run: dict[str, Any]) -> tuple[VisionTransformer, Any]:
-    """The model `run` describes and its parameters from `path`, as numpy arrays."""
-    model = build_model(ml_collections.ConfigDict({"model": run["model"]}), run["num_classes"])
-    init = abstract_params(model, run["image_size"])
-    return model, checkpoint.load_pretrained(path, init_params=init)
-
-
-def load_classifier(path: str, run: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+def classifier(
+    model: VisionTransformer, params: Any, run: dict[str, Any]
+) -> Callable[[np.ndarray], np.ndarray]:
     """A function from a batch of preprocessed images to class probabilities.
 
     Probabilities are softmax, or per-class sigmoids for runs trained with sigmoid_xent.
     """
-    model, params = load_model(path, run)
     if not np.any(params["head"]["kernel"]):
         raise ValueError(
-            f"The classification head loaded from {path} is all zeros, so every image would get "
-            "the same probabilities: the checkpoint's head has another class count, or the "
-            "model lacks its representation layer. Check --model and --num_classes."
+            "The classification head loaded is all zeros, so every image would get the same "
+            "probabilities: the checkpoint's head has another class count, or the model "
+            "lacks its representation layer. Check --model and --num_classes."
         )
     squash = jax.nn.sigmoid if run.get("loss") == "sigmoid_xent" else jax.nn.softmax
     apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, scale_images(x), train=False)))
@@ -164,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch_size {args.batch_size}: must be at least 1.")
 
     try:
-        run = load_run(
+        model, params, run = load_model(
             args.checkpoint,
             model=args.model,
             num_classes=args.num_classes,
             image_size=args.image_size,
         )
-        classify = load_classifier(args.checkpoint, run)
+        classify = classifier(model, params, run)
     except (ValueError, FileNotFoundError) as e:
         print(f"vit-predict: {e}", file=sys.stderr)
         return 2

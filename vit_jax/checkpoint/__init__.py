@@ -6,8 +6,11 @@ from vit_jax.checkpoint.posemb import resample_posemb
 from vit_jax.checkpoint.pretrained import (
     WEIGHT_BOUND_FIELDS,
     CheckpointDescription,
+    PretrainedWeights,
     describe_checkpoint,
+    description_path,
     load_pretrained,
+    read_weights,
     weight_bound_fields,
 )
 
@@ -15,10 +18,13 @@ __all__ = [
     "WEIGHT_BOUND_FIELDS",
     "CheckpointDescription",
     "Checkpointer",
+    "PretrainedWeights",
     "describe_checkpoint",
+    "description_path",
     "load_metadata",
     "load_params",
     "load_pretrained",
+    "read_weights",
     "resample_posemb",
     "save_npz",
     "weight_bound_fields",

@@ -29,13 +29,16 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return str(path).endswith(SUFFIX)
 
 
-def read_params(path: str | os.PathLike, num_heads: int) -> tuple[dict[str, np.ndarray], str]:
-    """The file's weights as our unrolled tree ('/'-joined), and the name of its layout."""
+def read_params(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+    """The file's weights as our unrolled tree ('/'-joined), and the name of its layout.
+
+    Attention heads are fused into one (the file does not record how many there are).
+    """
     arrays, _ = read_safetensors(path)
     if timm_layout.is_timm(arrays):
-        return timm_layout.from_timm(arrays, num_heads), "timm ViT layout"
+        return timm_layout.from_timm(arrays), "timm ViT layout"
     if transformers_layout.is_transformers(arrays):
-        return transformers_layout.from_transformers(arrays, num_heads), "transformers ViT layout"
+        return transformers_layout.from_transformers(arrays), "transformers ViT layout"
     raise ValueError(_unknown_layout(path, arrays))
 
 

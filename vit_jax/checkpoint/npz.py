@@ -22,9 +22,11 @@ original layout, which the original code, the AugReg colabs and timm all read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -86,12 +88,33 @@ class Layout:
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads every array of an `.npz` file (local or `gs://`), never unpickling."""
+    with _open_npz(path) as loaded:
+        return {key: loaded[key] for key in loaded.files}
+
+
+def read_npz_model_arrays(path: str | os.PathLike, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Only the arrays `names` of the file's model, keyed by `names`, leaving the rest unread.
+
+    For parameters outside the blocks, whose path every layout shares below the model's
+    prefix (`cls`, `head/bias`, ...), and the position embedding under either name.
+    """
+    with _open_npz(path) as loaded:
+        prefix = _model_prefix(loaded.files)
+        stored = {prefix + name: name for name in names}
+        if POSEMB in names:
+            stored[prefix + _BIG_VISION_POSEMB] = POSEMB
+        return {ours: loaded[key] for key, ours in stored.items() if key in loaded.files}
+
+
+@contextlib.contextmanager
+def _open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
+    """The archive, whose arrays are read only when indexed."""
     with epath.Path(path).open("rb") as f:
         loaded = np.load(f, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError(f"{path} holds a single array, not an .npz archive of parameters.")
         with loaded:
-            return {key: loaded[key] for key in loaded.files}
+            yield loaded
 
 
 def detect_layout(flat: dict[str, np.ndarray]) -> Layout:
@@ -165,7 +188,7 @@ def unrolled_float32(params: Any) -> dict[str, np.ndarray]:
     }
 
 
-def _model_prefix(flat: dict[str, np.ndarray]) -> str:
+def _model_prefix(keys: Collection[str]) -> str:
     """Where the model's parameters are: the path in front of the patch embedding.
 
     Training checkpoints also hold optimizer moments with the same paths, so the
@@ -173,7 +196,7 @@ def _model_prefix(flat: dict[str, np.ndarray]) -> str:
     """
     candidates = {
         key[: -len(_PATCH_EMBEDDING)]
-        for key in flat
+        for key in keys
         if key == _PATCH_EMBEDDING or key.endswith("/" + _PATCH_EMBEDDING)
     }
     known = [prefix for prefix in _PARAMETER_ROOTS if prefix in candidates]
@@ -182,7 +205,7 @@ def _model_prefix(flat: dict[str, np.ndarray]) -> str:
     found = f"under the prefixes {sorted(candidates)}" if candidates else "none"
     raise ValueError(
         f"Expected the ViT patch embedding '{_PATCH_EMBEDDING}' once in the file, found "
-        f"{found}; the file's first keys are {sorted(flat)[:8]}."
+        f"{found}; the file's first keys are {sorted(keys)[:8]}."
     )
 
 

@@ -7,13 +7,15 @@ a silently partial load trains a model that is quietly worse.
 
 Weights alone do not say how a model computes with them: `describe_checkpoint` tells the
 caller the model fields a checkpoint implies (`WEIGHT_BOUND_FIELDS`: activation, pooling,
-where the final norm sits, registers), so the model built for it computes what the source
-computed.
+where the final norm sits, registers, position embedding), so the model built for it
+computes what the source computed. A file is read once (`read_weights`) when it is both
+described and loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -26,21 +28,63 @@ from etils import epath
 from flax import traverse_util
 
 from vit_jax.checkpoint import hub
-from vit_jax.checkpoint.npz import POSEMB, canonicalize, read_npz
+from vit_jax.checkpoint.npz import POSEMB, canonicalize, read_npz, read_npz_model_arrays
 from vit_jax.checkpoint.posemb import infer_grid, resample_posemb
 from vit_jax.models import stack_blocks
 from vit_jax.models.variants import SIZES
 
 # Model fields that must follow the checkpoint for its weights to mean what they meant:
 # fine-tuning (`model_init`) takes them from `weight_bound_fields`.
-WEIGHT_BOUND_FIELDS = ("activation", "pool", "fc_norm", "num_registers")
+WEIGHT_BOUND_FIELDS = ("activation", "pool", "fc_norm", "num_registers", "posemb")
+# The arrays whose presence (and, for registers, shape) fixes the structural fields.
+_STRUCTURE_ARRAYS = ("cls", "registers", "MAPHead_0/probe", "fc_norm/scale", POSEMB)
 _ATTENTION_OUT = re.compile(r"MultiHeadDotProductAttention_0/out/kernel$")
+_ATTENTION = re.compile(r"MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)$")
 
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class PretrainedWeights:
+    """A checkpoint's arrays in our unrolled tree, read once, and what its files state.
+
+    `fused_heads`: the format does not record the number of attention heads (hub layouts),
+    so each attention array holds one head of the full width until a model is chosen.
+    """
+
+    path: str
+    params: dict[str, np.ndarray]  # '/'-joined keys of our unrolled tree.
+    layout: str  # The format and its conventions, for messages.
+    stated: dict[str, Any]  # Model fields the files state outright (see `_stated_fields`).
+    fused_heads: bool
+
+
+Source = str | os.PathLike | PretrainedWeights
+
+
+def read_weights(path: str | os.PathLike) -> PretrainedWeights:
+    """Reads any checkpoint `load_pretrained` takes, for `describe_checkpoint` and loading."""
+    if hub.is_safetensors(path):
+        params, layout = hub.read_params(path)
+    elif epath.Path(path).is_dir():
+        from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
+
+        params, _ = canonicalize(traverse_util.flatten_dict(manager.load_params(path), sep="/"))
+        layout = "vit_jax training run"
+    else:
+        params, npz_layout = canonicalize(read_npz(path))
+        layout = str(npz_layout)
+    return PretrainedWeights(
+        path=str(path),
+        params=params,
+        layout=layout,
+        stated=_stated_fields(path),
+        fused_heads=hub.is_safetensors(path),
+    )
+
+
 def load_pretrained(
-    path: str | os.PathLike,
+    source: Source,
     *,
     init_params: Any,
     grid: tuple[int, int] | None = None,
@@ -48,14 +92,15 @@ def load_pretrained(
     posemb_method: str = "bilinear",
     reset_head: bool = False,
 ) -> Any:
-    """Returns the checkpoint at `path` as parameters for the model of `init_params`.
+    """Returns the checkpoint `source` as parameters for the model of `init_params`.
 
     Args:
-      path: an `.npz` file in any published layout (see `vit_jax.checkpoint.npz`), a
-        `.safetensors` file in timm's or transformers' ViT layout (see
-        `vit_jax.checkpoint.hub`), local or `gs://`, or an Orbax checkpoint directory of
-        our own training runs. Build the target with `describe_checkpoint(path).model`'s
-        fields, or it may compute something else with the same weights.
+      source: the path of an `.npz` file in any published layout (see
+        `vit_jax.checkpoint.npz`), of a `.safetensors` file in timm's or transformers' ViT
+        layout (see `vit_jax.checkpoint.hub`), local or `gs://`, or of an Orbax checkpoint
+        directory of our own training runs; or what `read_weights` read from one. Build the
+        target with `describe_checkpoint(source).model`'s fields, or it may compute
+        something else with the same weights.
       init_params: `model.init(...)["params"]` of the target model, boxed or not, or its
         `jax.eval_shape`: only its structure, shapes and dtypes are used.
       grid: the target's patch grid (height, width); needed only when its number of
@@ -71,11 +116,14 @@ def load_pretrained(
     when it has none. Returns numpy arrays in the tree structure, shapes and dtypes
     of the unboxed `init_params` (scanned if the target is scanned).
     """
+    weights = _weights(source)
+    path, layout, params = weights.path, weights.layout, weights.params
     target_tree = nn.unbox(init_params)
     target = traverse_util.flatten_dict(target_tree, sep="/")
-    heads = [spec.shape[-3] for key, spec in target.items() if _ATTENTION_OUT.search(key)]
-    params, layout = _read(path, num_heads=heads[0] if heads else 1)
     logger.info("Loading %s (%s).", path, layout)
+    if weights.fused_heads:
+        heads = [spec.shape[-3] for key, spec in target.items() if _ATTENTION_OUT.search(key)]
+        params = _split_heads(params, heads[0] if heads else 1)
 
     if "encoderblock" in target_tree.get("Transformer", {}) and any(
         key.startswith("Transformer/encoderblock_") for key in params
@@ -120,17 +168,16 @@ class CheckpointDescription:
     image_size: int | None
 
 
-def describe_checkpoint(path: str | os.PathLike) -> CheckpointDescription:
-    """Reads `path` (any format `load_pretrained` takes) and describes its model.
+def describe_checkpoint(source: Source) -> CheckpointDescription:
+    """Describes the model of `source` (anything `load_pretrained` takes).
 
     An `.npz` does not record its activation: `model` then has none, and the Google
-    releases' "gelu_tanh" (our default) applies unless a run description says otherwise.
+    releases' "gelu_tanh" (our default) applies unless the description vit-export wrote
+    beside it says otherwise.
     """
-    params, source = _read(path, num_heads=1)
-    model = dict(_stated_fields(path))
-    model.setdefault("pool", _pool(params))
-    model.setdefault("fc_norm", "fc_norm/scale" in params)
-    model.setdefault("num_registers", params["registers"].shape[1] if "registers" in params else 0)
+    weights = _weights(source)
+    params = weights.params
+    model = _structural_fields(params) | weights.stated
     representation = params.get("pre_logits/bias")
     model["representation_size"] = None if representation is None else representation.shape[-1]
     image_size = None
@@ -150,7 +197,7 @@ def describe_checkpoint(path: str | os.PathLike) -> CheckpointDescription:
             model.setdefault("name", f"{names[0]}/{patch}")
     head = params.get("head/bias")
     return CheckpointDescription(
-        source=str(source),
+        source=weights.layout,
         model=model,
         num_classes=0 if head is None else head.shape[-1],
         image_size=image_size,
@@ -158,49 +205,80 @@ def describe_checkpoint(path: str | os.PathLike) -> CheckpointDescription:
 
 
 def weight_bound_fields(path: str | os.PathLike) -> dict[str, Any]:
-    """The `WEIGHT_BOUND_FIELDS` a checkpoint states, without reading its arrays.
+    """The `WEIGHT_BOUND_FIELDS` of a checkpoint, without reading its blocks' arrays.
 
     What a fine-tuning run starting from `path` (`config.model_init`) must build its model
-    with: hub files state them (header and `config.json`), workdirs in their metadata. An
-    `.npz` states none: its structure is checked when loading, and its activation is the
-    config's (Google's files use the default "gelu_tanh").
+    with: hub files state them (header and `config.json`), workdirs in their metadata,
+    files from vit-export in the description beside them. A bare `.npz` shows its
+    structure in a few small arrays and states no activation (the config's applies;
+    Google's files use the default "gelu_tanh").
     """
     stated = _stated_fields(path)
+    if not hub.is_safetensors(path) and not epath.Path(path).is_dir():
+        stated = _structural_fields(read_npz_model_arrays(path, _STRUCTURE_ARRAYS)) | stated
     return {key: stated[key] for key in WEIGHT_BOUND_FIELDS if key in stated}
 
 
+def description_path(weights_path: str | os.PathLike) -> epath.Path:
+    """Where vit-export describes the file it wrote (class names, model, ...): `.json` beside it."""
+    path = epath.Path(weights_path)
+    if path.suffix in (".npz", hub.SUFFIX):
+        return path.with_suffix(".json")
+    return epath.Path(f"{path}.json")
+
+
+def _weights(source: Source) -> PretrainedWeights:
+    return source if isinstance(source, PretrainedWeights) else read_weights(source)
+
+
 def _stated_fields(path: str | os.PathLike) -> dict[str, Any]:
-    """Model fields the file states outright: hub layouts and our training runs do."""
+    """Model fields the files state outright: hub layouts, our training runs and exports do."""
     if hub.is_safetensors(path):
         return hub.model_fields(path)
     if epath.Path(path).is_dir():
         from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
 
         saved = manager.load_metadata(path).get("model", {})
-        return {key: saved[key] for key in (*WEIGHT_BOUND_FIELDS, "name") if key in saved}
-    return {}
+    elif (description := description_path(path)).exists():
+        saved = json.loads(description.read_text()).get("model", {})
+    else:
+        return {}
+    return {key: saved[key] for key in (*WEIGHT_BOUND_FIELDS, "name") if key in saved}
 
 
-def _pool(params: dict[str, np.ndarray]) -> str:
+def _structural_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """The fields the presence of `_STRUCTURE_ARRAYS` tells: pooling, fc_norm, registers, posemb."""
     if "cls" in params:
-        return "token"
-    return "map" if "MAPHead_0/probe" in params else "gap"
+        pool = "token"
+    else:
+        pool = "map" if "MAPHead_0/probe" in params else "gap"
+    return {
+        "pool": pool,
+        "fc_norm": "fc_norm/scale" in params,
+        "num_registers": params["registers"].shape[1] if "registers" in params else 0,
+        # Without a stored table the positions are the fixed 2-D sin-cos ones.
+        "posemb": "learn" if POSEMB in params else "sincos2d",
+    }
 
 
-def _read(path: str | os.PathLike, num_heads: int) -> tuple[dict[str, np.ndarray], Any]:
-    """Flat '/'-joined arrays of our unrolled tree from any format, and a name of the layout.
+def _split_heads(params: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
+    """Attention arrays of one fused head (`PretrainedWeights.fused_heads`) as `num_heads`.
 
-    `num_heads` shapes the attention kernels of formats that fuse the heads (hub layouts).
+    A view: the fused head's columns are the heads' side by side.
     """
-    if hub.is_safetensors(path):
-        return hub.read_params(path, num_heads)
-    if epath.Path(path).is_dir():
-        from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
 
-        flat = traverse_util.flatten_dict(manager.load_params(path), sep="/")
-        params, _ = canonicalize(flat)
-        return params, "vit_jax training run"
-    return canonicalize(read_npz(path))
+    def split(key: str, value: np.ndarray) -> np.ndarray:
+        match = _ATTENTION.search(key)
+        if match is None or match.groups() == ("out", "bias"):
+            return value
+        width = value.shape[-1]
+        if width % num_heads:
+            return value  # Not the target's width: `_check_fits` reports it.
+        if match[1] == "out":  # (1, width, width) -> (heads, head_dim, width)
+            return value.reshape(num_heads, -1, width)
+        return value.reshape(*value.shape[:-2], num_heads, width // num_heads)
+
+    return {key: split(key, value) for key, value in params.items()}
 
 
 def _module(flat: dict[str, Any], name: str) -> dict[str, Any]:

@@ -80,11 +80,17 @@ def model_fields(state: dict[str, Any], hub_config: dict[str, Any]) -> dict[str,
         "pool": pool,
         "fc_norm": "fc_norm.weight" in state,
         "num_registers": int(_shape(state["reg_token"])[1]) if "reg_token" in state else 0,
+        "posemb": "learn",  # A file without `pos_embed` is refused.
     }
 
 
-def from_timm(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
-    """Maps a timm state dict onto our unrolled tree, with `num_heads` attention heads."""
+def from_timm(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Maps a timm state dict onto our unrolled tree, attention heads fused into one.
+
+    timm does not store the head count (the model's `num_heads` does): each attention
+    array holds one head of the full width, which `load_pretrained` splits into the
+    heads of the model that loads it.
+    """
     _refuse_unsupported(state)
     state = dict(state)
     if "pos_embed" not in state:
@@ -93,7 +99,7 @@ def from_timm(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndar
     out: dict[str, np.ndarray] = {}
     for theirs, ours, kind in _modules(depth):
         if any(k == theirs or k.startswith(theirs + ".") for k in state):
-            out |= _module_from_timm(state, theirs, ours, kind, num_heads)
+            out |= _module_from_timm(state, theirs, ours, kind)
     if "cls_token" in state:
         out["cls"] = np.asarray(state.pop("cls_token"))
     if "reg_token" in state:
@@ -170,7 +176,7 @@ _ATTENTION_INPUTS = {"attention": (("qkv", 3),), "pool_attention": (("q", 1), ("
 
 
 def _module_from_timm(
-    state: dict[str, Any], theirs: str, ours: str, kind: str, num_heads: int
+    state: dict[str, Any], theirs: str, ours: str, kind: str
 ) -> dict[str, np.ndarray]:
     """Pops one module's arrays from `state`, as our arrays."""
 
@@ -196,14 +202,13 @@ def _module_from_timm(
         biases.append(np.zeros(len(weights[-1]), weights[-1].dtype) if bias is None else bias)
     weight, bias = np.concatenate(weights), np.concatenate(biases)  # (3 * width, width)
     width = weight.shape[1]
-    head_dim = width // num_heads
     out = {}
     for name, w, b in zip(
         ("query", "key", "value"), np.split(weight, 3), np.split(bias, 3), strict=True
     ):
-        out[f"{ours}/{name}/kernel"] = w.T.reshape(width, num_heads, head_dim)
-        out[f"{ours}/{name}/bias"] = b.reshape(num_heads, head_dim)
-    proj = take(f"{theirs}.proj.weight").T.reshape(num_heads, head_dim, width)
+        out[f"{ours}/{name}/kernel"] = w.T.reshape(width, 1, width)
+        out[f"{ours}/{name}/bias"] = b.reshape(1, width)
+    proj = take(f"{theirs}.proj.weight").T.reshape(1, width, width)
     return out | {f"{ours}/out/kernel": proj, f"{ours}/out/bias": take(f"{theirs}.proj.bias")}
 
 

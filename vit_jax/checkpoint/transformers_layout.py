@@ -41,11 +41,20 @@ def model_fields(hidden_act: str | None) -> dict[str, Any]:
             f"This transformers ViT uses hidden_act={hidden_act!r}; vit_jax's ViT computes "
             f"only {', '.join(sorted(_ACTIVATIONS))}."
         )
-    return {"activation": activation, "pool": "token", "fc_norm": False, "num_registers": 0}
+    return {
+        "activation": activation,
+        "pool": "token",
+        "fc_norm": False,
+        "num_registers": 0,
+        "posemb": "learn",
+    }
 
 
-def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
-    """Maps a transformers ViT state dict onto our unrolled tree."""
+def from_transformers(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Maps a transformers ViT state dict onto our unrolled tree, attention heads fused into one.
+
+    As in `timm_layout.from_timm`: `load_pretrained` splits them into the model's heads.
+    """
     prefix = "vit." if "vit." + _PATCH in state else ""
     state = dict(state)
     out: dict[str, np.ndarray] = {}
@@ -70,7 +79,6 @@ def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str,
     out["cls"] = take("embeddings.cls_token")
     out[POSEMB] = take("embeddings.position_embeddings")
     width = out["cls"].shape[-1]
-    head_dim = width // num_heads
     layers = {int(k[len(prefix) :].split(".")[2]) for k in state if "encoder.layer." in k}
     for i in range(max(layers) + 1):
         layer, ours = f"encoder.layer.{i}", f"Transformer/encoderblock_{i}"
@@ -80,10 +88,10 @@ def from_transformers(state: dict[str, np.ndarray], num_heads: int) -> dict[str,
             linear(
                 f"{layer}.attention.attention.{name}",
                 f"{attention}/{name}",
-                (width, num_heads, head_dim),
+                (width, 1, width),
             )
         out[f"{attention}/out/kernel"] = take(f"{layer}.attention.output.dense.weight").T.reshape(
-            num_heads, head_dim, width
+            1, width, width
         )
         out[f"{attention}/out/bias"] = take(f"{layer}.attention.output.dense.bias")
         norm(f"{layer}.layernorm_after", f"{ours}/LayerNorm_1")

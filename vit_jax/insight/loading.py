@@ -16,7 +16,7 @@ import numpy as np
 from vit_jax import data
 from vit_jax.config import base_config
 from vit_jax.models import VisionTransformer
-from vit_jax.predict import load_model, load_run
+from vit_jax.predict import load_model
 
 
 def load_features_model(
@@ -27,8 +27,7 @@ def load_features_model(
     `model` (a name such as "B/16") and `image_size` override what the checkpoint says;
     a bare `.npz` needs both. The position embedding follows `image_size`.
     """
-    run = load_run(path, model=model, image_size=image_size, num_classes=0)
-    return *load_model(path, run), run
+    return load_model(path, model=model, image_size=image_size, num_classes=0)
 
 
 def eval_config(

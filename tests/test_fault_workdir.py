@@ -17,6 +17,7 @@ from vit_jax.workdir import (
     LOCK_FILE,
     ConfigChangedError,
     WorkdirLockedError,
+    _process_start,
     check_config,
     claim,
     repair_metrics,
@@ -49,6 +50,34 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert f"process {stale['pid']} on {stale['host']}" in caplog.text
     assert "no longer running" in caplog.text
+
+
+def test_lock_of_a_former_process_whose_pid_is_reused_is_taken_over(tmp_path):
+    """A restarted container runs as the same pid as the try before it; any pid is reused.
+
+    The lock records the holder's start time: a live process with the holder's pid but
+    another start time, this one included, does not hold the lock.
+    """
+    stale = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01T00:00:00",
+             "pid_start": "1"}  # fmt: skip
+    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))
+    with claim(str(tmp_path)):  # A former process with this very pid wrote it.
+        mine = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert mine["pid_start"] == _process_start(os.getpid()) != "1"
+
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            alive = {**stale, "pid": other.pid, "pid_start": _process_start(other.pid)}
+            (tmp_path / LOCK_FILE).write_text(json.dumps(alive))
+            with pytest.raises(WorkdirLockedError, match=f"in use by process {other.pid}"):
+                with claim(str(tmp_path)):
+                    pass
+            reused = {**alive, "pid_start": str(int(alive["pid_start"]) - 1)}
+            (tmp_path / LOCK_FILE).write_text(json.dumps(reused))
+            with claim(str(tmp_path)):
+                assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        finally:
+            other.kill()
 
 
 LAUNCHERS = {  # How each launcher numbers the tries of one run, as environment variables.

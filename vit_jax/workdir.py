@@ -102,14 +102,34 @@ def _create_exclusively(path: str, text: str) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from Linux's /proc); None elsewhere.
+
+    With the pid it names one process for good: a pid is reused, its start time is not.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # Field 22; the fields after ")" start at 3.
+
+
+def _holder_running(holder: dict[str, Any]) -> bool:
+    """Whether the process that wrote the lock `holder` on this host still runs.
+
+    A container restarted on the same hostname runs as the same pid (often 1) as the try it
+    replaces, and any pid is reused in time: the pid's start time tells them apart.
+    """
+    pid = int(holder["pid"])
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # Alive, owned by another user.
-        return True
-    return True
+        pass
+    recorded, now = holder.get("pid_start"), _process_start(pid)
+    return recorded is None or now is None or recorded == now
 
 
 def _launch_attempt() -> dict[str, Any]:
@@ -130,6 +150,7 @@ def _take_lock(path: str) -> dict[str, Any]:
     me = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()),
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **_launch_attempt(),
     }
@@ -141,7 +162,7 @@ def _take_lock(path: str) -> dict[str, Any]:
         who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
     except (json.JSONDecodeError, KeyError):
         holder, who = {}, "an unknown holder (the lock file is unreadable)"
-    dead_here = holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))
+    dead_here = holder.get("host") == me["host"] and not _holder_running(holder)
     # An earlier try of this run, killed on a machine that may be gone (node failure, a
     # TPU slice deleted under it): there is no pid to check there.
     earlier_attempt = (

@@ -65,7 +65,7 @@ def test_local_attention_is_shorter_than_uniform():
     # Uniform: the mean distance between two patch centres, by brute force.
     centres = [(7.0 * r, 7.0 * c) for r in range(4) for c in range(4)]
     mean_pair = np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a in centres for b in centres])
-    np.testing.assert_allclose(far, mean_pair)
+    np.testing.assert_allclose(far, mean_pair, rtol=1e-6)  # float32, as on the device.
 
 
 MODELS = {
@@ -190,6 +190,25 @@ def test_scanned_and_unrolled_models_give_the_same_attention():
     scanned = maps.attention_fn(unrolled.clone(scan=True))(stack_blocks(params), images)
     np.testing.assert_allclose(scanned.layers, expected.layers, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(scanned.pooled, expected.pooled)
+
+
+def test_attention_distance_on_the_device_equals_a_brute_force_on_the_weights():
+    """Only [depth, heads] leaves the device; it is the float64 loop over the model's weights."""
+    model = small_model("Ti/7", num_registers=1)
+    params = model_params(model, 28)
+    images = np.random.default_rng(2).integers(0, 255, (3, 28, 28, 3), dtype=np.uint8)
+    layers = maps.attention_fn(model)(params, images).layers.astype(np.float64)
+    centres = [(7.0 * r, 7.0 * c) for r in range(4) for c in range(4)]
+    expected = np.zeros((2, 2))  # Mean over 3 images x 16 patch queries: / 48.
+    for layer, image, head in np.ndindex(2, 3, 2):
+        weights = layers[layer, image, head, 2:, 2:]  # Patches: after the class token, register.
+        for q, (qy, qx) in enumerate(centres):
+            row = weights[q] / weights[q].sum()
+            pairs = zip(row, centres, strict=True)
+            expected[layer, head] += sum(w * np.hypot(qy - y, qx - x) for w, (y, x) in pairs) / 48
+    distance = maps.attention_distance_fn(model, (4, 4), 7)(params, images)
+    assert distance.shape == (2, 2)
+    np.testing.assert_allclose(distance, expected, rtol=1e-5)
 
 
 def test_hybrid_filters_are_the_kernel_the_stem_convolves_with():

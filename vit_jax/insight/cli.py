@@ -142,12 +142,12 @@ def _posemb(args: argparse.Namespace) -> None:
 def _distance(args: argparse.Namespace) -> None:
     model, params, run = _load(args)
     images, size = _images(args, run), run["image_size"]
-    attention = maps.attention_fn(model)
-    params = jax.device_put(params)  # Once, not with every chunk.
     grid = maps.patch_grid(model, size)
     pixels = size // grid[0]  # A patch's side in input pixels, a hybrid stem's stride included.
+    distance = maps.attention_distance_fn(model, grid, pixels)
+    params = jax.device_put(params)  # Once, not with every chunk.
     distances = [
-        maps.mean_attention_distance(attention(params, chunk).layers, grid, pixels) * len(chunk)
+        distance(params, chunk) * len(chunk)
         for chunk in np.array_split(images, -(-len(images) // args.batch_size))
     ]
     plots.plot_attention_distance(np.sum(distances, axis=0) / len(images), size, args.out)

@@ -55,7 +55,30 @@ def patch_grid(model: VisionTransformer, image_size: int) -> tuple[int, int]:
 
 
 def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attention]:
-    """A jitted `(params, uint8 images) -> Attention` for `model`: scanned or not, plain or hybrid.
+    """A jitted `(params, uint8 images) -> Attention`: scanned or not, plain or hybrid."""
+    jitted = jax.jit(_attention(model))
+    return lambda params, images: Attention(*map(np.asarray, jitted(params, images)))
+
+
+def attention_distance_fn(
+    model: VisionTransformer, grid: tuple[int, int], patch_pixels: int
+) -> Callable[[Any, jax.Array], np.ndarray]:
+    """A jitted `(params, uint8 images) -> [depth, heads]` `mean_attention_distance`.
+
+    Computed on the device: only the [depth, heads] figure leaves it, not the attention
+    weights (hundreds of MB per image for a large model at high resolution).
+    """
+    attention = _attention(model)
+
+    def distance(params: Any, images: jax.Array) -> jax.Array:
+        return mean_attention_distance(attention(params, images)[0], grid, patch_pixels)
+
+    jitted = jax.jit(distance)
+    return lambda params, images: np.asarray(jitted(params, images))
+
+
+def _attention(model: VisionTransformer) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+    """`(params, uint8 images) -> (layers, pooled)` of `Attention`, to be jitted.
 
     The weights are what the model sows into `intermediates` (the explicit attention path).
     Rematerialisation is switched off: it only matters for training.
@@ -92,8 +115,7 @@ def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attenti
             pooled = jnp.zeros((batch, tokens)).at[:, tokens - patches :].set(1.0 / patches)
         return layers, pooled
 
-    jitted = jax.jit(collect)
-    return lambda params, images: Attention(*map(np.asarray, jitted(params, images)))
+    return collect
 
 
 def attention_rollout(layers: np.ndarray) -> np.ndarray:
@@ -133,18 +155,20 @@ def patch_distances(grid: tuple[int, int], patch_pixels: int) -> np.ndarray:
 
 
 def mean_attention_distance(
-    layers: np.ndarray, grid: tuple[int, int], patch_pixels: int
-) -> np.ndarray:
+    layers: jax.Array, grid: tuple[int, int], patch_pixels: int
+) -> jax.Array:
     """[depth, heads]: the pixel distance a head integrates information over (paper Fig. 7).
 
-    For every patch query, the attention-weighted mean distance to the patch keys (the
-    weights renormalised over patches, so attention parked on the prefix tokens does not
-    count as short-range), averaged over queries and images.
+    `layers`: attention weights [depth, batch, heads, T, T] (numpy or jax, float32). For
+    every patch query, the attention-weighted mean distance to the patch keys (the weights
+    renormalised over patches, so attention parked on the prefix tokens does not count as
+    short-range), averaged over queries and images.
     """
     patches = grid[0] * grid[1]
-    weights = layers[..., -patches:, -patches:].astype(np.float64)
+    weights = jnp.asarray(layers, jnp.float32)[..., -patches:, -patches:]
     weights = weights / weights.sum(axis=-1, keepdims=True)
-    distance = np.einsum("lbhqk,qk->lbhq", weights, patch_distances(grid, patch_pixels))
+    distances = jnp.asarray(patch_distances(grid, patch_pixels), jnp.float32)
+    distance = jnp.einsum("lbhqk,qk->lbhq", weights, distances, precision=jax.lax.Precision.HIGHEST)
     return distance.mean(axis=(1, 3))
 
 

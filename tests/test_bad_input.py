@@ -60,6 +60,10 @@ def _numeric_folders(tmp_path) -> None:
         os.makedirs(tmp_path / "images" / name)
 
 
+def _prepare_digits(tmp_path) -> None:
+    data.get_dataset_info("digits", small_local_config(tmp_path).data_dir)
+
+
 CASES = {
     # Step intervals and counts.
     **{
@@ -76,6 +80,16 @@ CASES = {
         ),
         ValueError,
         r"config\.fewshot\.every=0: must be a whole number >= 1",
+    ),
+    "few-shot train split too small for the shots": Case(
+        lambda p: _train(
+            p,
+            fewshot={"shots": (10,), "datasets": {"digits": ("digits", "train[:60]", "test")}},
+        ),
+        ValueError,
+        r"fewer than 15 images of classes \[.*\] but needs 15 of every class \(largest shot "
+        r"count 10 plus holdout_per_class 5\)",
+        setup=_prepare_digits,  # Its preparation writes files; the refusal must write none.
     ),
     # Commands.
     "vit-predict --batch_size 0": Case(

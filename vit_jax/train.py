@@ -102,11 +102,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_intervals(config)
     # Stop requests count from the start, so a SIGTERM during start-up still ends in a
     # checkpoint and status 75 (after one step) rather than a kill a scheduler won't requeue.
-    with StopRequests() as stop_requests, claim(workdir):
+    with StopRequests() as stop_requests:
+        # Everything a config can get wrong is refused here, before the workdir is touched.
         match_model_init(config)
         info = data.get_dataset_info(config.dataset, config.data_dir)
         steps = total_steps(config, data.num_train_examples(config))
         trainer = Trainer(config, info.num_classes, steps)
+        fewshot = None
+        if config.fewshot.datasets:
+            fewshot = FewShotEvaluator(
+                config, trainer.model, trainer.mesh, trainer.rules, trainer.param_shardings
+            )
         metadata = {
             "class_names": list(info.class_names),
             "model": config.model.to_dict(),
@@ -114,19 +120,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "image_size": config.image_size,
             "dataset": config.dataset,
         }
-        checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-        writer = None
-        try:
-            check_config(workdir, config, resuming=bool(checkpointer.steps()))
-            state = _initial_state(trainer, checkpointer)
-            repair_metrics(workdir, int(state.step))
-            writer = MetricWriter(workdir)
-            return _train_loop(trainer, state, steps, checkpointer, writer, metadata, stop_requests)
-        finally:
-            checkpointer.wait()
-            checkpointer.close()
-            if writer is not None:
-                writer.close()
+        with claim(workdir):
+            checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+            writer = None
+            try:
+                check_config(workdir, config, resuming=bool(checkpointer.steps()))
+                state = _initial_state(trainer, checkpointer)
+                repair_metrics(workdir, int(state.step))
+                writer = MetricWriter(workdir)
+                return _train_loop(
+                    trainer, fewshot, state, steps, checkpointer, writer, metadata, stop_requests
+                )
+            finally:
+                checkpointer.wait()
+                checkpointer.close()
+                if writer is not None:
+                    writer.close()
 
 
 def _fetch_checked(
@@ -169,6 +178,7 @@ def _summarize(metrics: list[dict]) -> dict[str, float]:
 
 def _train_loop(
     trainer: Trainer,
+    fewshot: FewShotEvaluator | None,
     state: TrainState,
     steps: int,
     checkpointer: Checkpointer,
@@ -178,11 +188,6 @@ def _train_loop(
 ) -> dict[str, float]:
     config, start = trainer.config, int(state.step)
     eval_metrics: dict[str, float] = {}
-    fewshot = None
-    if config.fewshot.datasets:
-        fewshot = FewShotEvaluator(
-            config, trainer.model, trainer.mesh, trainer.rules, trainer.param_shardings
-        )
     batches = parallel.prefetch_to_devices(
         data.train_batches(config, start_step=start), trainer.batch_sharding
     )

@@ -21,6 +21,7 @@ from vit_jax.data.pipeline import (  # noqa: E402
     get_dataset_info,
     num_eval_batches,
     num_train_examples,
+    short_classes,
     train_batches,
 )
 from vit_jax.data.source import DatasetInfo  # noqa: E402
@@ -32,5 +33,6 @@ __all__ = [
     "get_dataset_info",
     "num_eval_batches",
     "num_train_examples",
+    "short_classes",
     "train_batches",
 ]

@@ -120,8 +120,11 @@ def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
 
 
-def _first_per_class(source: Source, split: str, per_class: int) -> dict[str, np.ndarray]:
-    """Records of the first `per_class` examples of every class, in the split's order.
+def _first_per_class(
+    source: Source, split: str, per_class: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Records of the first `per_class` examples of every class in the split's order, and how
+    many of each class were found (fewer than `per_class` only for classes the split lacks).
 
     Reads undecoded records only, and stops as soon as every class is full.
     """
@@ -133,16 +136,22 @@ def _first_per_class(source: Source, split: str, per_class: int) -> dict[str, np
             kept.append(record)
             if counts.min() == per_class:
                 break
-    if counts.min() < per_class:
-        short = [source.info.class_names[c] for c in np.flatnonzero(counts < per_class)]
-        raise ValueError(
-            f"config.train_examples_per_class={per_class}, but split {split!r} has fewer "
-            f"examples of classes {short}"
-        )
-    return {
+    records = {
         "image": np.array([r["image"] for r in kept], dtype=object),
         "label": np.array([r["label"] for r in kept], np.int64),
     }
+    return records, counts
+
+
+def short_classes(dataset: str, data_dir: str | None, split: str, per_class: int) -> list[str]:
+    """Names of the classes with fewer than `per_class` examples in `split` of `dataset`.
+
+    Reads the split's undecoded records until every class has `per_class` of them: for a
+    balanced split, about `per_class` times the class count.
+    """
+    source = open_source(dataset, data_dir)
+    _, counts = _first_per_class(source, split, per_class)
+    return [source.info.class_names[c] for c in np.flatnonzero(counts < per_class)]
 
 
 def _train_shard(
@@ -154,7 +163,13 @@ def _train_shard(
         split = tfds.even_splits(config.train_split, process_count)[process_index]
         records, size = source.records(split), source.num_examples(split)
     else:
-        kept = _first_per_class(source, config.train_split, per_class)
+        kept, counts = _first_per_class(source, config.train_split, per_class)
+        if counts.min() < per_class:
+            short = [source.info.class_names[c] for c in np.flatnonzero(counts < per_class)]
+            raise ValueError(
+                f"config.train_examples_per_class={per_class}, but split "
+                f"{config.train_split!r} has fewer examples of classes {short}"
+            )
         mine = np.array_split(np.arange(len(kept["label"])), process_count)[process_index]
         records = tf.data.Dataset.from_tensor_slices({k: v[mine] for k, v in kept.items()})
         size = len(mine)

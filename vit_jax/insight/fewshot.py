@@ -86,13 +86,7 @@ def fewshot_accuracies(
     needed = max(shots) + holdout_per_class
     counts = np.bincount(train_y, minlength=num_classes)
     if counts.min() < needed:
-        short = np.flatnonzero(counts < needed).tolist()
-        raise ValueError(
-            f"The few-shot train split has {counts.min()} images of some classes ({short[:10]}) "
-            f"but needs {needed} of every class (largest shot count {max(shots)} plus "
-            f"holdout_per_class {holdout_per_class}); use a larger train split, fewer shots or "
-            "fewer held-out images."
-        )
+        raise too_few_per_class(np.flatnonzero(counts < needed).tolist(), shots, holdout_per_class)
     held_out = (ranks >= max(shots)) & (ranks < needed)
     targets = 2.0 * np.eye(num_classes)[train_y] - 1.0
 
@@ -110,6 +104,19 @@ def fewshot_accuracies(
         best = len(held) - 1 - int(np.argmax(held[::-1]))  # Ties: the strongest L2.
         results[n] = accuracy(fits[best], test_x, test_y)
     return results
+
+
+def too_few_per_class(
+    short: Sequence[Any], shots: Sequence[int], holdout_per_class: int
+) -> ValueError:
+    """The error for a few-shot train split lacking images of the classes `short`."""
+    needed = max(shots) + holdout_per_class
+    return ValueError(
+        f"The few-shot train split has fewer than {needed} images of classes {list(short)[:10]}"
+        f" but needs {needed} of every class (largest shot count {max(shots)} plus "
+        f"holdout_per_class {holdout_per_class}); use a larger train split, fewer shots or "
+        "fewer held-out images."
+    )
 
 
 def split_order(index: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -173,11 +180,17 @@ class FewShotEvaluator:
     ):
         self.config = config
         self.entries = dataset_entries(config)
-        # Opened now: a wrong dataset name stops the run at start-up, not at the first probe.
-        self.num_classes = {
-            name: data.get_dataset_info(dataset, config.data_dir).num_classes
-            for name, (dataset, _, _) in self.entries.items()
-        }
+        self.shots = tuple(int(n) for n in config.fewshot.shots)
+        # Checked now: a wrong dataset name or a train split too small for the shots stops the
+        # run at start-up, not at the first probe hours later.
+        self.num_classes = {}
+        for name, (dataset, train_split, _) in self.entries.items():
+            self.num_classes[name] = data.get_dataset_info(dataset, config.data_dir).num_classes
+            holdout = config.fewshot.holdout_per_class
+            needed = max(self.shots) + holdout
+            short = data.short_classes(dataset, config.data_dir, train_split, needed)
+            if short:
+                raise too_few_per_class(short, self.shots, holdout)
         self.features_model = model.clone(num_classes=0)
         self.mesh, self.rules, self.param_shardings = mesh, rules, param_shardings
         self.batch_sharding = parallel.batch_sharding(mesh, rules)
@@ -227,7 +240,7 @@ class FewShotEvaluator:
                 train_y,
                 test_x,
                 test_y,
-                shots=tuple(int(n) for n in self.config.fewshot.shots),
+                shots=self.shots,
                 holdout_per_class=self.config.fewshot.holdout_per_class,
                 num_classes=self.num_classes[name],
             )

@@ -260,3 +260,15 @@ def test_progress_line_shows_the_input_wait_only_when_it_matters(caplog):
         log_progress(20, 100, {"train/loss": 1.0, "train/input_wait_frac": 0.02})
     busy, fed = caplog.messages
     assert "waiting for data 42%" in busy and "waiting" not in fed
+
+
+def test_progress_line_shows_the_few_shot_probe(caplog):
+    from vit_jax.metrics import log_progress
+
+    probe = {"fewshot/digits_10shot": 0.78, "fewshot/digits_1shot": 0.5604}
+    probe["fewshot/pets_5shot"] = 0.3
+    with caplog.at_level("INFO", logger="vit_jax.metrics"):
+        log_progress(250, 3000, probe)
+    assert caplog.messages == [
+        "step 250/3000 | few-shot digits 56.0/78.0% at 1/10 shots | few-shot pets 30.0% at 5 shots"
+    ]

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 
 import jax
 import tensorflow as tf
@@ -84,4 +85,21 @@ def log_progress(step: int, total_steps: int, metrics: dict[str, float]) -> None
         parts.append(f"waiting for data {wait:.0%}")
     if "eval/top1" in metrics:
         parts.append(f"eval top-1 {metrics['eval/top1']:.2%} loss {metrics['eval/loss']:.4f}")
+    parts += _fewshot_parts(metrics)
     log.info(" | ".join(parts))
+
+
+_FEWSHOT_KEY = re.compile(r"^fewshot/(.+)_(\d+)shot$")
+
+
+def _fewshot_parts(metrics: dict[str, float]) -> list[str]:
+    """`few-shot digits 56.0/69.2% at 1/5 shots`, one part per probed dataset."""
+    by_dataset: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        if match := _FEWSHOT_KEY.match(key):
+            by_dataset.setdefault(match[1], {})[int(match[2])] = value
+    return [
+        f"few-shot {name} {'/'.join(f'{100 * acc[n]:.1f}' for n in sorted(acc))}% at "
+        f"{'/'.join(str(n) for n in sorted(acc))} shots"
+        for name, acc in by_dataset.items()
+    ]

@@ -122,9 +122,9 @@ def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
 
 def _first_per_class(
     source: Source, split: str, per_class: int
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Records of the first `per_class` examples of every class in the split's order, and how
-    many of each class were found (fewer than `per_class` only for classes the split lacks).
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Records of the first `per_class` examples of every class in the split's order, and the
+    names of the classes of which the split has fewer.
 
     Reads undecoded records only, and stops as soon as every class is full.
     """
@@ -140,7 +140,8 @@ def _first_per_class(
         "image": np.array([r["image"] for r in kept], dtype=object),
         "label": np.array([r["label"] for r in kept], np.int64),
     }
-    return records, counts
+    short = [source.info.class_names[c] for c in np.flatnonzero(counts < per_class)]
+    return records, short
 
 
 def short_classes(dataset: str, data_dir: str | None, split: str, per_class: int) -> list[str]:
@@ -149,9 +150,7 @@ def short_classes(dataset: str, data_dir: str | None, split: str, per_class: int
     Reads the split's undecoded records until every class has `per_class` of them: for a
     balanced split, about `per_class` times the class count.
     """
-    source = open_source(dataset, data_dir)
-    _, counts = _first_per_class(source, split, per_class)
-    return [source.info.class_names[c] for c in np.flatnonzero(counts < per_class)]
+    return _first_per_class(open_source(dataset, data_dir), split, per_class)[1]
 
 
 def _train_shard(
@@ -163,9 +162,8 @@ def _train_shard(
         split = tfds.even_splits(config.train_split, process_count)[process_index]
         records, size = source.records(split), source.num_examples(split)
     else:
-        kept, counts = _first_per_class(source, config.train_split, per_class)
-        if counts.min() < per_class:
-            short = [source.info.class_names[c] for c in np.flatnonzero(counts < per_class)]
+        kept, short = _first_per_class(source, config.train_split, per_class)
+        if short:
             raise ValueError(
                 f"config.train_examples_per_class={per_class}, but split "
                 f"{config.train_split!r} has fewer examples of classes {short}"

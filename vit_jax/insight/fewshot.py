@@ -183,13 +183,12 @@ class FewShotEvaluator:
         self.shots = tuple(int(n) for n in config.fewshot.shots)
         # Checked now: a wrong dataset name or a train split too small for the shots stops the
         # run at start-up, not at the first probe hours later.
+        holdout = config.fewshot.holdout_per_class
         self.num_classes = {}
         for name, (dataset, train_split, _) in self.entries.items():
             self.num_classes[name] = data.get_dataset_info(dataset, config.data_dir).num_classes
-            holdout = config.fewshot.holdout_per_class
             needed = max(self.shots) + holdout
-            short = data.short_classes(dataset, config.data_dir, train_split, needed)
-            if short:
+            if short := data.short_classes(dataset, config.data_dir, train_split, needed):
                 raise too_few_per_class(short, self.shots, holdout)
         self.features_model = model.clone(num_classes=0)
         self.mesh, self.rules, self.param_shardings = mesh, rules, param_shardings

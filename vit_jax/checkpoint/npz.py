@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -92,7 +92,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {key: loaded[key] for key in loaded.files}
 
 
-def read_npz_model_arrays(path: str | os.PathLike, names: Iterable[str]) -> dict[str, np.ndarray]:
+def read_npz_model_arrays(path: str | os.PathLike, names: Collection[str]) -> dict[str, np.ndarray]:
     """Only the arrays `names` of the file's model, keyed by `names`, leaving the rest unread.
 
     For parameters outside the blocks, whose path every layout shares below the model's

@@ -164,18 +164,27 @@ def test_bad_input_is_a_clear_error_and_leaves_no_trace(tmp_path, case):
     assert sorted(os.walk(tmp_path)) == before  # e.g. `vit-export --workdir typo` made no dir.
 
 
-def test_unreadable_images_in_a_folder_are_skipped_and_reported(tmp_path, caplog):
+def test_folder_files_that_are_no_images_are_skipped_and_reported(tmp_path, caplog):
     make_folder(tmp_path, {"train": {"cat": 3, "dog": 2}, "test": {"cat": 1, "dog": 1}})
     (tmp_path / "train" / "cat" / "empty.jpg").write_bytes(b"")
     (tmp_path / "train" / "dog" / "page.png").write_text("<html>Not found</html>")
     dataset = f"folder:{tmp_path}"
     with caplog.at_level("WARNING", logger="vit_jax"):
         info = data.get_dataset_info(dataset, None)
-    assert info.split_sizes == {"train": 5, "test": 2}  # The readable ones, all of them.
-    assert "Skipping 2 unreadable file(s)" in caplog.text
+    assert info.split_sizes == {"train": 5, "test": 2}  # The images, all of them.
+    assert "Skipping 2 file(s)" in caplog.text
     assert "cat/empty.jpg (empty file)" in caplog.text
     assert "dog/page.png (not a JPEG or PNG file)" in caplog.text
     # The rest decode: the whole split passes through the pipeline.
     config = make_config(None, dataset=dataset, eval_split="train", image_size=7, eval_batch_size=4)
     batches = list(data.eval_batches(config, process_index=0, process_count=1))
     assert sum(int(b["mask"].sum()) for b in batches) == 5
+
+
+def test_folder_file_that_cannot_be_read_stops_the_opening_with_its_name(tmp_path):
+    """A read error is not skipped: on another process the same file may read fine."""
+    make_folder(tmp_path, {"train": {"cat": 2, "dog": 2}})
+    broken = tmp_path / "train" / "dog" / "moved.jpg"
+    broken.symlink_to(tmp_path / "elsewhere.jpg")  # Listed, but opening it fails.
+    with pytest.raises(OSError, match=f"Cannot read {broken} .*fix or remove the file"):
+        data.get_dataset_info(f"folder:{tmp_path}", None)

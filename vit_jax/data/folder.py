@@ -8,8 +8,10 @@ every split. The root may be local or on `gs://` (listed with `tf.io.gfile`).
 Within a split, examples are ordered by a hash of their `class/file` path: a fixed,
 listing-independent order that is not sorted by class, like the shuffled order tfds writes.
 So `train[:10%]` is a random-looking 10% and a small shuffle buffer still mixes classes.
-The listing is read once per process when the source is opened; files that cannot be read,
-are empty or are not JPEG/PNG inside are skipped then, with a warning naming each.
+The listing is read once per process when the source is opened; files that are empty or
+not JPEG/PNG inside are skipped then, with a warning naming each. A file that cannot be read
+at all (a broken link, a storage error) stops the opening with its name instead: skipping it
+on the process that met the error would give the processes of one run different splits.
 """
 
 import concurrent.futures
@@ -29,17 +31,22 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: how each fil
 log = logging.getLogger(__name__)
 
 
-def _unreadable(path: str) -> str | None:
-    """Why `path` cannot be an image (unreadable, empty, not JPEG/PNG), or None.
+def _not_an_image(path: str) -> str | None:
+    """Why `path` cannot be an image (empty, not JPEG/PNG), or None.
 
     Reads 8 bytes: cheap enough for every file at start-up, and it catches the files that
-    would otherwise stop training hours later with a decode error.
+    would otherwise stop training hours later with a decode error. A read error is raised,
+    naming the file: whether it recurs is not the content's to say.
     """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             head = f.read(8)
     except (OSError, tf.errors.OpError) as e:
-        return str(getattr(e, "message", e)).splitlines()[0]
+        reason = str(getattr(e, "message", e)).splitlines()[0]
+        raise OSError(
+            f"Cannot read {path} ({reason}). Every process of a run must see the same images: "
+            "fix or remove the file, or retry if the storage had a passing error."
+        ) from e
     if not head.startswith(_SIGNATURES):
         return "empty file" if not head else "not a JPEG or PNG file"
     return None
@@ -99,11 +106,11 @@ class FolderSource:
                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
             ]
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
-            reasons = list(pool.map(_unreadable, (f"{self.root}/{split}/{p}" for p in relative)))
+            reasons = list(pool.map(_not_an_image, (f"{self.root}/{split}/{p}" for p in relative)))
         skipped = [(p, why) for p, why in zip(relative, reasons, strict=True) if why]
         if skipped:
             log.warning(
-                "Skipping %d unreadable file(s) of %s/%s: %s",
+                "Skipping %d file(s) of %s/%s that are no images: %s",
                 len(skipped),
                 self.root,
                 split,
@@ -114,7 +121,7 @@ class FolderSource:
         if empty:
             raise FileNotFoundError(
                 f"Class directory {self.root}/{split}/{empty[0]} holds no "
-                f"{'/'.join(IMAGE_EXTENSIONS)} images (unreadable files are skipped)"
+                f"{'/'.join(IMAGE_EXTENSIONS)} images (empty and non-image files are skipped)"
             )
         ordered = _hash_order(relative)
         label_of = {name: i for i, name in enumerate(classes)}

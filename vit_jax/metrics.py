@@ -89,14 +89,19 @@ def log_progress(step: int, total_steps: int, metrics: dict[str, float]) -> None
     log.info(" | ".join(parts))
 
 
-_FEWSHOT_KEY = re.compile(r"^fewshot/(.+)_(\d+)shot$")
+_FEWSHOT_METRIC = re.compile(r"^fewshot/(.+)_(\d+)shot$")  # What `fewshot_metric` names.
+
+
+def fewshot_metric(dataset: str, shots: int) -> str:
+    """The metric name of the few-shot probe of `dataset` at `shots` per class."""
+    return f"fewshot/{dataset}_{shots}shot"
 
 
 def _fewshot_parts(metrics: dict[str, float]) -> list[str]:
     """`few-shot digits 56.0/69.2% at 1/5 shots`, one part per probed dataset."""
     by_dataset: dict[str, dict[int, float]] = {}
     for key, value in metrics.items():
-        if match := _FEWSHOT_KEY.match(key):
+        if match := _FEWSHOT_METRIC.match(key):
             by_dataset.setdefault(match[1], {})[int(match[2])] = value
     return [
         f"few-shot {name} {'/'.join(f'{100 * acc[n]:.1f}' for n in sorted(acc))}% at "

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import data, parallel
+from vit_jax.metrics import fewshot_metric
 from vit_jax.trainer import scale_images
 
 # L2 strengths tried, relative to the mean squared norm of the centred train features, so
@@ -184,10 +185,10 @@ class FewShotEvaluator:
         # Checked now: a wrong dataset name or a train split too small for the shots stops the
         # run at start-up, not at the first probe hours later.
         holdout = config.fewshot.holdout_per_class
+        needed = max(self.shots) + holdout
         self.num_classes = {}
         for name, (dataset, train_split, _) in self.entries.items():
             self.num_classes[name] = data.get_dataset_info(dataset, config.data_dir).num_classes
-            needed = max(self.shots) + holdout
             if short := data.short_classes(dataset, config.data_dir, train_split, needed):
                 raise too_few_per_class(short, self.shots, holdout)
         self.features_model = model.clone(num_classes=0)
@@ -243,5 +244,5 @@ class FewShotEvaluator:
                 holdout_per_class=self.config.fewshot.holdout_per_class,
                 num_classes=self.num_classes[name],
             )
-            metrics |= {f"fewshot/{name}_{n}shot": acc for n, acc in accuracies.items()}
+            metrics |= {fewshot_metric(name, n): acc for n, acc in accuracies.items()}
         return metrics

@@ -64,9 +64,10 @@ Source = str | os.PathLike | PretrainedWeights
 
 def read_weights(path: str | os.PathLike) -> PretrainedWeights:
     """Reads any checkpoint `load_pretrained` takes, for `describe_checkpoint` and loading."""
-    if hub.is_safetensors(path):
+    kind = _kind(path)
+    if kind == "hub":
         params, layout = hub.read_params(path)
-    elif epath.Path(path).is_dir():
+    elif kind == "run":
         from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
 
         params, _ = canonicalize(traverse_util.flatten_dict(manager.load_params(path), sep="/"))
@@ -78,8 +79,8 @@ def read_weights(path: str | os.PathLike) -> PretrainedWeights:
         path=str(path),
         params=params,
         layout=layout,
-        stated=_stated_fields(path),
-        fused_heads=hub.is_safetensors(path),
+        stated=_stated_fields(path, kind),
+        fused_heads=kind == "hub",
     )
 
 
@@ -213,8 +214,9 @@ def weight_bound_fields(path: str | os.PathLike) -> dict[str, Any]:
     structure in a few small arrays and states no activation (the config's applies;
     Google's files use the default "gelu_tanh").
     """
-    stated = _stated_fields(path)
-    if not hub.is_safetensors(path) and not epath.Path(path).is_dir():
+    kind = _kind(path)
+    stated = _stated_fields(path, kind)
+    if kind == "npz":
         stated = _structural_fields(read_npz_model_arrays(path, _STRUCTURE_ARRAYS)) | stated
     return {key: stated[key] for key in WEIGHT_BOUND_FIELDS if key in stated}
 
@@ -231,11 +233,18 @@ def _weights(source: Source) -> PretrainedWeights:
     return source if isinstance(source, PretrainedWeights) else read_weights(source)
 
 
-def _stated_fields(path: str | os.PathLike) -> dict[str, Any]:
-    """Model fields the files state outright: hub layouts, our training runs and exports do."""
+def _kind(path: str | os.PathLike) -> str:
+    """ "hub" (a `.safetensors`), "run" (a vit-train workdir) or "npz" (any other file)."""
     if hub.is_safetensors(path):
+        return "hub"
+    return "run" if epath.Path(path).is_dir() else "npz"
+
+
+def _stated_fields(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """Model fields the files state outright: hub layouts, our training runs and exports do."""
+    if kind == "hub":
         return hub.model_fields(path)
-    if epath.Path(path).is_dir():
+    if kind == "run":
         from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
 
         saved = manager.load_metadata(path).get("model", {})

@@ -19,6 +19,7 @@ from test_data import make_config, make_folder
 from test_main import load_recipe, small_local_config
 
 from vit_jax import data, export, predict
+from vit_jax.parallel import make_mesh
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
 
@@ -52,7 +53,7 @@ def _train(tmp_path, **changes) -> None:
 def _trainer(tmp_path, **flat_changes) -> None:
     config = small_local_config(tmp_path)
     config.update_from_flattened_dict(flat_changes)
-    Trainer(config, num_classes=10, total_steps=12)
+    Trainer(config, make_mesh(config.mesh, config.dcn_mesh), num_classes=10, total_steps=12)
 
 
 def _numeric_folders(tmp_path) -> None:
@@ -112,17 +113,23 @@ CASES = {
     "mesh larger than the devices": Case(
         lambda p: _trainer(p, **{"mesh.data": 16}),
         ValueError,
-        r"needs 16 devices but 8 are available",
+        r"config.mesh .* needs 16 devices per slice or node but there are 8",
     ),
     "mesh axes not dividing the devices": Case(
         lambda p: _trainer(p, **{"mesh.data": -1, "mesh.fsdp": 3}),
         ValueError,
-        r"8 devices cannot be split into axes of sizes \[3, 1\]",
+        r"8 devices per slice or node cannot be split into axes of sizes \[3, 1\]",
     ),
     "batch not divisible by the devices": Case(
         lambda p: _trainer(p, batch_size=36),
         ValueError,
-        r"batch size 36 is not divisible by the 8 batch shards.*choose a multiple of 8",
+        r"config.batch_size=36 is not divisible by the 8 batch shards.*choose a multiple of 8 "
+        r"\(e.g. 32 or 40\)",
+    ),
+    "eval batch not divisible by the devices": Case(
+        lambda p: _trainer(p, eval_batch_size=20),
+        ValueError,
+        r"config.eval_batch_size=20 is not divisible by the 8 batch shards",
     ),
     "batch not divisible by accum_steps": Case(
         lambda p: _trainer(p, accum_steps=3),
@@ -132,7 +139,7 @@ CASES = {
     "micro-batch smaller than the devices": Case(
         lambda p: _trainer(p, accum_steps=8),
         ValueError,
-        r"batch size 4 is not divisible by the 8 batch shards",
+        r"config.batch_size/accum_steps=4 is not divisible by the 8 batch shards",
     ),
     # Recipes and model options.
     "unknown recipe argument": Case(

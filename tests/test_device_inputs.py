@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vit_jax.config import base_config
+from vit_jax.parallel import make_mesh
 from vit_jax.trainer import Trainer, mixup, scale_images
 
 NUM_CLASSES = 5
@@ -21,7 +22,7 @@ def tiny_trainer(**changes) -> Trainer:
     c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
     c.optim.warmup_steps = 1
     c.update_from_flattened_dict(changes)
-    return Trainer(c, NUM_CLASSES, total_steps=10)
+    return Trainer(c, make_mesh(c.mesh, c.dcn_mesh), NUM_CLASSES, total_steps=10)
 
 
 def host_batch(seed: int = 0) -> dict:
@@ -130,7 +131,7 @@ def test_model_and_steps_run_without_tensorflow():
         c.model.name = "Ti/4"
         c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
         c.optim.warmup_steps = 1
-        trainer = Trainer(c, 3, total_steps=4)
+        trainer = Trainer(c, make_mesh(c.mesh, c.dcn_mesh), 3, total_steps=4)
         state = trainer.init_state()
         images = np.zeros((8, 8, 8, 3), np.uint8)
         labels = np.arange(8, dtype=np.int32) % 3

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_main import REPO, TINY, load_recipe, small_local_config
 
 from vit_jax.checkpoint import load_params
+from vit_jax.parallel import make_mesh
 from vit_jax.preemption import PREEMPTED_EXIT_STATUS, StopRequests
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import NONFINITE, Trainer
@@ -154,7 +155,9 @@ def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path, digits):
 
 def test_skipped_update_leaves_the_state_unchanged(digits):
     config = small_local_config(digits, skip_nonfinite_updates=True)
-    trainer = Trainer(config, num_classes=10, total_steps=12)
+    trainer = Trainer(
+        config, make_mesh(config.mesh, config.dcn_mesh), num_classes=10, total_steps=12
+    )
     state = trainer.init_state()
     # A NaN head bias makes this step's loss NaN, deterministically.
     poisoned = jax.tree_util.tree_map_with_path(

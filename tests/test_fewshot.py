@@ -164,7 +164,7 @@ def test_evaluator_on_a_mesh_matches_single_device_features(data_dir):
     config = eval_config(data_dir, "test", 64)
     config.fewshot.datasets = ml_collections.ConfigDict({"digits": ("digits", "train", "test")})
     config.fewshot.shots = (1, 5)
-    mesh = parallel.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rules = parallel.resolve_rules("dp")
     shardings = parallel.logical_shardings(abstract_params(model, 8), mesh, rules)
     params = init_params(model)

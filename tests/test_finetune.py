@@ -3,6 +3,7 @@
 import pytest
 from test_main import load_recipe
 
+from vit_jax.parallel import make_mesh
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
 
@@ -33,7 +34,8 @@ def test_finetune_recipe_matches_the_paper(dataset, steps, lr, image_size, train
     )
     assert config.model.representation_size is None and config.model.pool == "token"
     assert config.model_init_reset_head  # The paper always starts from a zero head.
-    trainer = Trainer(config, num_classes=37, total_steps=config.total_steps)
+    mesh = make_mesh(config.mesh, config.dcn_mesh)
+    trainer = Trainer(config, mesh, num_classes=37, total_steps=config.total_steps)
     assert trainer.schedule(opt.warmup_steps) == pytest.approx(lr)
     assert trainer.schedule(steps) == pytest.approx(0.0)
 

@@ -14,6 +14,7 @@ from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
 from vit_jax.data.pipeline import open_source
 from vit_jax.models import parse_variant
+from vit_jax.parallel import make_mesh
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
 from vit_jax.workdir import ConfigChangedError
@@ -78,7 +79,8 @@ def test_recipe_arguments():
 def test_recipes_build_a_trainer(recipe, arg):
     config = load_recipe(recipe, arg)
     # Construction resolves model, optimizer, mesh, rules and shardings (nothing compiles).
-    trainer = Trainer(config, num_classes=10, total_steps=config.optim.warmup_steps + 100)
+    mesh = make_mesh(config.mesh, config.dcn_mesh)
+    trainer = Trainer(config, mesh, num_classes=10, total_steps=config.optim.warmup_steps + 100)
     variant = parse_variant(config.model.name)
     expected_width = config.model.get("width", variant.width)
     assert (trainer.model.num_classes, trainer.model.width) == (10, expected_width)

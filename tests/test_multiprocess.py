@@ -15,6 +15,7 @@ import pytest
 from test_main import REPO, TINY, load_recipe
 
 from vit_jax.checkpoint import load_params
+from vit_jax.parallel import make_mesh
 from vit_jax.preemption import PREEMPTED_EXIT_STATUS
 from vit_jax.train import evaluate
 from vit_jax.trainer import Trainer
@@ -92,7 +93,9 @@ def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tm
     config = load_recipe(*RECIPE.split(":"))
     config.update_from_flattened_dict(OVERRIDES)
     config.data_dir = str(tmp_path / "tfds0")
-    trainer = Trainer(config, num_classes=10, total_steps=30)
+    trainer = Trainer(
+        config, make_mesh(config.mesh, config.dcn_mesh), num_classes=10, total_steps=30
+    )
     params = jax.device_put(load_params(workdir), trainer.param_shardings)
     local = evaluate(trainer, params)
     assert local["eval/top1"] == pytest.approx(lines[-1]["eval/top1"], abs=1e-6)

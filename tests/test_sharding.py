@@ -9,6 +9,7 @@ import pytest
 from test_main import small_local_config
 from test_train_step import SGD, bytes_on_device0, run, tiny_config
 
+from vit_jax.parallel import make_mesh
 from vit_jax.train import Trainer, train_and_evaluate
 
 # A plain ViT and a hybrid (root block and one bottleneck stage on 16 px: 4x4 tokens).
@@ -59,7 +60,9 @@ def test_fsdp_splits_every_weight_matrix_head_included(model, changes):
     config = _config(model, mesh=dict(data=1, fsdp=8), rules="fsdp", **changes)
     config.optim.name = "adamw"
     # 1,000 classes: the head is a large part of this tiny model; leaving it whole would show.
-    trainer = Trainer(config, num_classes=1000, total_steps=20)
+    trainer = Trainer(
+        config, make_mesh(config.mesh, config.dcn_mesh), num_classes=1000, total_steps=20
+    )
     state = trainer.init_state()
 
     unsplit = [
@@ -86,7 +89,9 @@ def test_unshardable_parameters_are_named_once_in_a_warning(caplog):
     # B/16's problem in small: 12 heads over tensor=8.
     config = _config(mesh=dict(data=1, fsdp=1, tensor=8), rules="tp", width=48, num_heads=12)
     with caplog.at_level(logging.WARNING, logger="vit_jax.parallel"):
-        trainer = Trainer(config, num_classes=4, total_steps=20)
+        trainer = Trainer(
+            config, make_mesh(config.mesh, config.dcn_mesh), num_classes=4, total_steps=20
+        )
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     (message,) = warnings

@@ -8,6 +8,7 @@ import pytest
 from vit_jax import parallel
 from vit_jax.config import base_config
 from vit_jax.optim import make_schedule
+from vit_jax.parallel import make_mesh
 from vit_jax.trainer import Trainer, per_example_loss
 
 NUM_CLASSES = 4
@@ -41,8 +42,9 @@ def synthetic_batch(seed=0, batch=16, size=16):
     return {"image": images, "label": labels.astype(np.int32)}
 
 
-def run(config, steps=3, seeds=None, devices=None):
-    trainer = Trainer(config, NUM_CLASSES, total_steps=max(steps, 20), devices=devices)
+def run(config, steps=3, seeds=None, devices=None, slices=None):
+    mesh = make_mesh(config.mesh, config.dcn_mesh, devices, slices)
+    trainer = Trainer(config, mesh, NUM_CLASSES, total_steps=max(steps, 20))
     state = trainer.init_state()
     losses = []
     for i in range(steps):
@@ -116,7 +118,7 @@ def test_fsdp_shards_parameters_and_matches_data_parallel():
 def test_init_params_are_the_fresh_states_parameters_in_their_shardings():
     config = tiny_config(sharding_rules="fsdp")
     config.mesh.update(data=1, fsdp=8)
-    trainer = Trainer(config, NUM_CLASSES, total_steps=20)
+    trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=20)
     params, state = trainer.init_params(), trainer.init_state()
     shardings = trainer.param_shardings
     jax.tree.map(np.testing.assert_array_equal, params, state.params)
@@ -125,10 +127,14 @@ def test_init_params_are_the_fresh_states_parameters_in_their_shardings():
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
-    with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 batch shards"):
-        Trainer(tiny_config(batch_size=12), NUM_CLASSES, total_steps=10)
+    with pytest.raises(
+        ValueError, match="config.batch_size=12 is not divisible by the 8 batch shards"
+    ):
+        config = tiny_config(batch_size=12)
+        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=10)
     with pytest.raises(ValueError, match="accum_steps"):
-        Trainer(tiny_config(accum_steps=3), NUM_CLASSES, total_steps=10)
+        config = tiny_config(accum_steps=3)
+        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=10)
 
 
 def test_frozen_parameters_do_not_change():
@@ -149,12 +155,12 @@ def test_frozen_parameters_do_not_change():
     )
     config.optim.frozen = "no_such_param"
     with pytest.raises(ValueError, match="matches no parameter"):
-        Trainer(config, NUM_CLASSES, total_steps=10)
+        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=10)
 
 
 def test_weight_decay_touches_kernels_only():
     config = tiny_config(**{"optim.lr": 1e-2, "optim.weight_decay": 10.0, "optim.warmup_steps": 0})
-    trainer = Trainer(config, NUM_CLASSES, total_steps=20)
+    trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=20)
     state = trainer.init_state()
     # Zero gradients: only weight decay moves parameters.
     zero = jax.tree.map(jnp.zeros_like, state.params)

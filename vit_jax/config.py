@@ -77,8 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = placeholder(int)  # Or num_epochs over the train split.
     c.num_epochs = placeholder(float)
 
-    # Parallelism (see vit_jax/parallel.py): one axis may be -1 (all remaining devices).
+    # Parallelism (see vit_jax/parallel.py make_mesh). `mesh`: each axis's size inside one
+    # TPU slice or GPU node (fast ICI / NVLink); `dcn_mesh`: how many slices or nodes it
+    # spans (data-center network). One axis of each may be -1 (all that the others leave).
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.dcn_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = "dp"  # "dp" | "fsdp" | "tp"
 
     # Few-shot linear evaluation during training (see vit_jax/insight/fewshot.py): metric

@@ -10,12 +10,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -48,31 +49,98 @@ def resolve_rules(rules: str | Rules) -> tuple:
     return tuple((name, tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds a named mesh, e.g. `(("data", -1), ("fsdp", 1), ("tensor", 1))`.
+def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
+    """Devices grouped by what joins them with fast links, in a stable order.
 
-    One axis may be -1: it takes all devices the others leave.
+    A TPU slice (devices share `slice_index`, linked by ICI) or, elsewhere, a process (one
+    GPU node, linked by NVLink); between groups runs the data-center network (DCN).
     """
-    devices = list(devices if devices is not None else jax.devices())
-    names = [name for name, _ in axes]
-    sizes = [int(size) for _, size in axes]
+
+    def key(device: Any) -> int:
+        index = getattr(device, "slice_index", None)
+        return device.process_index if index is None else index
+
+    groups: dict[int, list[Any]] = collections.defaultdict(list)
+    for device in devices:
+        groups[key(device)].append(device)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _axis_sizes(axes: Mapping[str, int], total: int, field: str, unit: str) -> list[int]:
+    """Sizes of `axes` with the one -1 replaced by what the others leave of `total`."""
+    sizes = [int(size) for size in axes.values()]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {list(axes)}: at most one axis may be -1.")
+        raise ValueError(f"config.{field} {dict(axes)}: at most one axis may be -1.")
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % fixed:
+        if total % fixed:
             raise ValueError(
-                f"mesh {list(axes)}: {len(devices)} devices cannot be split into axes of "
-                f"sizes {[s for s in sizes if s != -1]}; make {len(devices)} divisible by {fixed}."
+                f"config.{field} {dict(axes)}: {total} {unit} cannot be split into axes of "
+                f"sizes {[s for s in sizes if s != -1]}; make {total} divisible by {fixed}."
             )
-        sizes[sizes.index(-1)] = len(devices) // fixed
-    if int(np.prod(sizes)) != len(devices):
+        sizes[sizes.index(-1)] = total // fixed
+    if int(np.prod(sizes)) != total:
         raise ValueError(
-            f"mesh {dict(zip(names, sizes, strict=True))} needs {int(np.prod(sizes))} devices "
-            f"but {len(devices)} are available; use -1 for one axis to take the rest."
+            f"config.{field} {dict(zip(axes, sizes, strict=True))} needs {int(np.prod(sizes))} "
+            f"{unit} but there are {total}; use -1 for one axis to take the rest."
         )
-    auto = (jax.sharding.AxisType.Auto,) * len(names)
-    return jax.make_mesh(sizes, names, axis_types=auto, devices=devices)
+    return sizes
+
+
+def make_mesh(
+    ici: Mapping[str, int],
+    dcn: Mapping[str, int] | None = None,
+    devices: Sequence[Any] | None = None,
+    slices: Sequence[Sequence[Any]] | None = None,
+) -> Mesh:
+    """The run's device mesh, over one or several TPU slices or GPU nodes.
+
+    `ici` gives each axis's size inside one slice or node (e.g. `{"data": -1, "fsdp": 4,
+    "tensor": 1}`), `dcn` how many slices or nodes it spans (default: "data" over all of
+    them, so only the gradient reduction crosses the data-center network). An axis of the
+    mesh has size `dcn * ici`, the slice-level index outermost, as MaxText and
+    `mesh_utils.create_hybrid_device_mesh` lay it out. One axis of each may be -1: it takes
+    what the others leave. `slices` groups `devices` explicitly (default: `device_slices`).
+
+    Raises:
+      ValueError: sizes that do not multiply to the devices there are, an axis of `dcn`
+        the mesh does not have, or slices of unequal sizes.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    groups = [list(g) for g in (slices if slices is not None else device_slices(devices))]
+    names = list(ici)
+    dcn = dict(dcn or {"data": -1})
+    unknown = sorted(set(dcn) - set(names))
+    if unknown:
+        raise ValueError(f"config.dcn_mesh names axes {unknown} that config.mesh {names} lacks.")
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"Slices or nodes of unequal sizes {[len(g) for g in groups]}: a mesh needs the "
+            "same number of devices in each."
+        )
+    dcn_sizes = _axis_sizes(
+        {name: dcn.get(name, 1) for name in names}, len(groups), "dcn_mesh", "slices or nodes"
+    )
+    try:
+        ici_sizes = _axis_sizes(ici, len(groups[0]), "mesh", "devices per slice or node")
+    except ValueError as e:
+        if len(groups) == 1:
+            raise
+        raise ValueError(
+            f"{e} The {len(groups)} slices or nodes have {len(groups[0])} devices each: size an "
+            "axis that spans them in config.dcn_mesh (e.g. dcn_mesh.fsdp=2 for FSDP over 2)."
+        ) from None
+    per_slice = [
+        mesh_utils.create_device_mesh(ici_sizes, group, allow_split_physical_axes=True)
+        for group in groups
+    ]
+    # [slices..., devices...] -> interleave each axis's slice and in-slice index.
+    array = np.stack(per_slice).reshape(dcn_sizes + ici_sizes)
+    order = [i for axis in range(len(names)) for i in (axis, len(names) + axis)]
+    array = array.transpose(order).reshape(
+        [d * i for d, i in zip(dcn_sizes, ici_sizes, strict=True)]
+    )
+    return Mesh(array, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
@@ -81,15 +149,23 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def batch_size_per_shard(global_batch: int, mesh: Mesh, rules: Rules) -> int:
-    """Checks that a global batch splits evenly over the batch-sharding mesh axes."""
+def batch_size_per_shard(
+    global_batch: int, mesh: Mesh, rules: Rules, field: str = "batch_size"
+) -> int:
+    """Checks that a global batch splits evenly over the batch-sharding mesh axes.
+
+    Raises:
+      ValueError: naming `config.<field>` and the nearest sizes that split evenly.
+    """
     axes = batch_sharding(mesh, rules).spec[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     shards = int(np.prod([mesh.shape[a] for a in axes]))
     if global_batch % shards:
+        lower = global_batch // shards * shards
+        nearest = " or ".join(str(n) for n in (lower, lower + shards) if n > 0)
         raise ValueError(
-            f"batch size {global_batch} is not divisible by the {shards} batch shards of mesh "
-            f"axes {axes}; choose a multiple of {shards}."
+            f"config.{field}={global_batch} is not divisible by the {shards} batch shards of "
+            f"mesh axes {axes}; choose a multiple of {shards} (e.g. {nearest})."
         )
     return global_batch // shards
 

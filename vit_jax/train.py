@@ -107,7 +107,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         match_model_init(config)
         info = data.get_dataset_info(config.dataset, config.data_dir)
         steps = total_steps(config, data.num_train_examples(config))
-        trainer = Trainer(config, info.num_classes, steps)
+        mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
+        trainer = Trainer(config, mesh, info.num_classes, steps)
         fewshot = None
         if config.fewshot.datasets:
             fewshot = FewShotEvaluator(

@@ -94,25 +94,32 @@ class Trainer:
     def __init__(
         self,
         config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
         num_classes: int,
         total_steps: int,
-        devices: list | None = None,
     ):
+        """`mesh` from `parallel.make_mesh(config.mesh, config.dcn_mesh)`, or over the
+        compile-only devices of a target (`vit_jax.bench.targets`).
+
+        Raises:
+          ValueError: a batch size the mesh's batch shards or `accum_steps` do not divide,
+            or a negative mixup alpha.
+        """
         self.config = config
         self.model = build_model(config, num_classes)
         self.tx, self.schedule = make_optimizer(config, total_steps)
-        self.mesh = parallel.make_mesh(tuple(config.mesh.items()), devices)
+        self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
-        for size in (config.batch_size, config.eval_batch_size):
-            parallel.batch_size_per_shard(size, self.mesh, self.rules)
+        for field in ("batch_size", "eval_batch_size"):
+            parallel.batch_size_per_shard(config[field], self.mesh, self.rules, field)
         if config.batch_size % config.accum_steps:
             raise ValueError(
                 f"batch_size {config.batch_size} must be divisible by accum_steps "
                 f"({config.accum_steps}): every micro-batch has the same size."
             )
         parallel.batch_size_per_shard(
-            config.batch_size // config.accum_steps, self.mesh, self.rules
+            config.batch_size // config.accum_steps, self.mesh, self.rules, "batch_size/accum_steps"
         )
         if config.pp.mixup_alpha < 0:
             raise ValueError(

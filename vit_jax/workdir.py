@@ -53,6 +53,7 @@ BOOKKEEPING = (
     "data_dir",  # The same dataset read from another place.
     "eval_batch_size",  # Evaluation sums are exact at any batch size.
     "mesh",
+    "dcn_mesh",
     "sharding_rules",
     "model.remat_policy",
     "model.attention_impl",

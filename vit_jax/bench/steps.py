@@ -65,7 +65,8 @@ def benchmark_steps(
         raise ValueError(f"mode={mode!r}: choose 'train' or 'infer'.")
     # A schedule long enough for the recipe's warmup; the timed steps don't depend on it.
     total_steps = config.optim.warmup_steps + steps + 10
-    trainer = Trainer(config, num_classes=NUM_CLASSES, total_steps=total_steps)
+    mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
+    trainer = Trainer(config, mesh, num_classes=NUM_CLASSES, total_steps=total_steps)
     batch_size = config.batch_size if mode == "train" else config.eval_batch_size
     batch = parallel.to_global(
         _synthetic_batch(config, batch_size, eval_mask=mode == "infer"), trainer.batch_sharding

@@ -90,7 +90,7 @@ def fewshot_main(argv: Sequence[str] | None = None) -> int:
         config.fewshot.holdout_per_class = args.holdout_per_class
         # The config's default, data parallel: parameters replicated, the batch split over
         # all devices.
-        mesh = parallel.make_mesh(tuple(config.mesh.items()))
+        mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         rules = parallel.resolve_rules(config.sharding_rules)
         evaluator = FewShotEvaluator(config, model, mesh, rules, replicated)

@@ -1,0 +1,80 @@
+"""Meshes over one or several TPU slices / GPU nodes: layout, errors, and training on them."""
+
+import jax
+import numpy as np
+import pytest
+from test_train_step import SGD, run, tiny_config
+
+from vit_jax.parallel import device_slices, make_mesh
+
+AXES = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def _two_slices():
+    devices = jax.devices()
+    return [devices[:4], devices[4:]]
+
+
+def test_one_slice_is_the_plain_mesh():
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+def test_data_spans_the_slices_and_fsdp_stays_inside_each():
+    slices = _two_slices()
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, {"data": -1}, slices=slices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slice_of = {d.id: i for i, group in enumerate(slices) for d in group}
+    for row in range(2):  # Every FSDP group lies in one slice; the data axis crosses them.
+        assert {slice_of[d.id] for d in mesh.devices[row, :, 0]} == {row}
+
+
+def test_data_inside_and_across_slices_puts_the_slice_index_outermost():
+    slices = _two_slices()
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, {"data": 2}, slices=slices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    slice_of = {d.id: i for i, group in enumerate(slices) for d in group}
+    assert [slice_of[mesh.devices[i, 0, 0].id] for i in range(4)] == [0, 0, 1, 1]
+
+
+def test_fsdp_over_slices_when_asked():
+    mesh = make_mesh(
+        {"data": 1, "fsdp": 4, "tensor": 1}, {"data": 1, "fsdp": 2}, slices=_two_slices()
+    )
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+@pytest.mark.parametrize(
+    "ici, dcn, slices, message",
+    [
+        (AXES | {"fsdp": 8}, {"data": -1}, "two", r"4 devices per slice or node cannot be split"
+         r".*The 2 slices or nodes have 4 devices each: size an axis that spans them in "
+         r"config.dcn_mesh"),
+        (AXES, {"data": 3}, "two", r"config.dcn_mesh .* needs 3 slices or nodes but there are 2"),
+        (AXES, {"pipeline": 2}, "two", r"config.dcn_mesh names axes \['pipeline'\]"),
+        (AXES, None, "uneven", r"unequal sizes \[3, 5\]"),
+    ],
+)  # fmt: skip
+def test_meshes_that_cannot_be_built_say_why(ici, dcn, slices, message):
+    devices = jax.devices()
+    groups = _two_slices() if slices == "two" else [devices[:3], devices[3:]]
+    with pytest.raises(ValueError, match=message):
+        make_mesh(ici, dcn, slices=groups)
+
+
+def test_devices_group_by_process_without_slice_index():
+    # CPU devices have no slice_index: one process is one group (a GPU node).
+    assert device_slices(jax.devices()) == [jax.devices()]
+
+
+def test_training_over_two_slices_follows_the_data_parallel_loss_curve():
+    config = tiny_config(batch_size=16, **SGD)
+    _, _, single = run(config, steps=4)
+    config.mesh.update(data=1, fsdp=-1)
+    config.sharding_rules = "fsdp"
+    _, state, multi = run(config, steps=4, slices=_two_slices())
+    np.testing.assert_allclose(multi, single, rtol=2e-5)
+    kernel = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == ("fsdp", None)
+    assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}

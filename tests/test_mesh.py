@@ -76,5 +76,5 @@ def test_training_over_two_slices_follows_the_data_parallel_loss_curve():
     _, state, multi = run(config, steps=4, slices=_two_slices())
     np.testing.assert_allclose(multi, single, rtol=2e-5)
     kernel = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
-    assert kernel.sharding.spec == ("fsdp", None)
+    assert tuple(kernel.sharding.spec) == ("fsdp", None)
     assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}

@@ -9,17 +9,22 @@ Multi-process runs (TPU pods, multi-node GPU) pass --coordinator_address,
 
 Exit status: 0 when the run is complete; 75 (EX_TEMPFAIL) when it stopped on SIGTERM,
 SIGINT or a preemption notice after saving a checkpoint, so rerunning the same command
-resumes it (launch scripts requeue on 75); anything else is an error that a rerun would
-repeat (bad config, non-finite loss, unreadable checkpoints, a process of the run died).
+resumes it (launch scripts requeue on 75); 2 when the command line or what it names is
+wrong (the one-line message says what to change: vit_jax.cli); anything else is an error
+that a rerun would repeat (non-finite loss, unreadable checkpoints, a process of the run
+died). Paths (workdir, data_dir, model_init, folder datasets) are relative to where the
+command is typed, or gs:// URLs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
-import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from vit_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file[:args].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
@@ -40,7 +45,15 @@ log = logging.getLogger("vit_jax.main")
 
 
 def _main(argv: list[str]) -> int:
-    del argv
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
+    workdir = cli.absolute_path(_WORKDIR.value)
+    if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise cli.UsageError(f"--workdir {workdir} is a file: name a new or existing directory.")
+    config = _CONFIG.value
+    cli.absolute_config_paths(config)
+    import jax  # After parsing: --help and flag errors answer without loading JAX.
+
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(
             _COORDINATOR.value,
@@ -64,7 +77,7 @@ def _main(argv: list[str]) -> int:
     from vit_jax.train import train_and_evaluate
 
     try:
-        final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        final = train_and_evaluate(config, workdir)
     except Preempted as e:
         log.warning("%s Exit status %d.", e, PREEMPTED_EXIT_STATUS)
         return PREEMPTED_EXIT_STATUS
@@ -73,7 +86,7 @@ def _main(argv: list[str]) -> int:
 
 
 def main() -> None:
-    app.run(_main)
+    cli.run_with_flags("vit-train", __doc__, _main)
 
 
 if __name__ == "__main__":

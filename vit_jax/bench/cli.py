@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from vit_jax import cli
 
 MODES = ("train", "infer", "input", "photos")
 
@@ -62,7 +63,7 @@ def _main(argv: list[str]) -> None:
 
 
 def main() -> None:
-    app.run(_main, argv=sys.argv)
+    cli.run_with_flags("vit-bench", __doc__, _main)
 
 
 if __name__ == "__main__":

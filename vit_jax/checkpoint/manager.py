@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vit_jax.cli import absolute_path  # Orbax refuses relative paths.
+
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 
@@ -43,7 +45,7 @@ class Checkpointer:
             "metadata": ocp.JsonCheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options, item_handlers=handlers
+            checkpoint_dir(absolute_path(workdir)), options=options, item_handlers=handlers
         )
 
     def latest_step(self) -> int | None:

@@ -1,0 +1,185 @@
+"""What every vit_jax command does the same way at its boundary: paths, --help, user errors.
+
+- A path the user types (workdir, checkpoint, dataset folder, output file, data_dir) is
+  relative to the directory the command was typed in: `absolute_path` fixes it once, at
+  parsing, so that libraries which refuse relative paths (Orbax) and the config a run saves
+  never see one. URLs (`gs://...`) pass unchanged.
+- `--help` lists the command's own flags with their defaults and exits 0 before JAX or
+  TensorFlow is imported: commands import those after parsing.
+- A user error (a bad flag value, a config field that does not exist, a missing file, a
+  checkpoint of another model) ends the command with one line, `PROG: what was wrong and
+  how to fix it`, on stderr and exit status `USAGE_ERROR` (2). A traceback means a bug in
+  vit_jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import ml_collections
+from absl import app, flags
+
+USAGE_ERROR = 2  # Exit status of every user error, as argparse and the launch scripts use it.
+HELP = ("-h", "--help", "--helpshort")
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be done; the message says what to type."""
+
+
+# Errors whose message is meant for the user: the library raises them for input it refuses.
+USER_ERRORS = (
+    UsageError,
+    app.UsageError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute against the current directory (`~` expanded); URLs unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_dataset(name: str) -> str:
+    """A dataset name with a `folder:DIR` made absolute; tfds and embedded names unchanged."""
+    prefix, folder = name.split(":", 1) if name.startswith("folder:") else ("", "")
+    return f"{prefix}:{absolute_path(folder)}" if prefix else name
+
+
+def absolute_config_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes a run config's paths absolute in place: data_dir, model_init, folder datasets."""
+    for field in ("data_dir", "model_init"):
+        if config.get(field):
+            config[field] = absolute_path(config[field])
+    config.dataset = absolute_dataset(config.dataset)
+    for name, (dataset, *splits) in config.fewshot.datasets.items():
+        config.fewshot.datasets[name] = (absolute_dataset(dataset), *splits)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each option's default, when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        if isinstance(default, tuple | list):
+            return f"{text} (default: {','.join(map(str, default))})"
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with this module's conventions: defaults in --help, errors on one line."""
+
+    def __init__(self, prog: str, doc: str, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(prog=prog, description=doc, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+def run(prog: str, body: Callable[[], int | None]) -> int:
+    """`body()`'s exit status, or `USAGE_ERROR` after one line on stderr for a user error."""
+    try:
+        return body() or 0
+    except USER_ERRORS as e:
+        print(f"{prog}: {_message(e)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _message(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return text.strip() or type(error).__name__
+
+
+def run_with_flags(
+    prog: str, doc: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None
+) -> NoReturn:
+    """Parses absl flags (`--config` recipes included) and exits with `main(rest)`'s status.
+
+    `--help` prints `doc` and the flags the calling module defines, with their defaults.
+    Flag errors (unknown flag, bad value, a `--config.KEY` the recipe lacks, a recipe that
+    fails to load) are user errors.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    module = sys._getframe(1).f_globals["__name__"]  # The command's module defines its flags.
+    if any(arg in HELP for arg in argv[1:]):
+        print(f"{doc.strip()}\n\nflags:\n{_flags_help(module)}")
+        sys.exit(0)
+
+    def parse_and_run() -> int | None:
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            raise UsageError(_flag_error(str(e))) from None
+        except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY not in the recipe.
+            raise UsageError(_unknown_field(e, argv)) from None
+        _check_recipes(module)
+        return main(rest)
+
+    sys.exit(run(prog, parse_and_run))
+
+
+def _flags_help(module: str) -> str:
+    entries = []
+    for flag in flags.FLAGS.get_flags_for_module(module):
+        name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+        default = "" if flag.default in (None, False) else f" (default: {flag.default})"
+        entries.append((name, flag.help + default))
+        if flag.flag_type() == "config object":
+            entries.append(
+                (
+                    f"--{flag.name}.KEY=VALUE",
+                    "Overrides one field of the recipe, e.g. --config.batch_size=64 "
+                    "(vit_jax/config.py lists every field with its default).",
+                )
+            )
+    return "\n".join(
+        f"  {name}\n" + textwrap.fill(text, 88, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        for name, text in entries
+    )
+
+
+def _check_recipes(module: str) -> None:
+    """A recipe file that failed to load (missing, or raising) as a user error now."""
+    for flag in flags.FLAGS.get_flags_for_module(module):
+        if flag.flag_type() == "config object" and flag.value is not None:
+            try:
+                flag.value.keys()  # ml_collections defers the error to the first access.
+            except OSError as e:
+                reason = str(e).strip().splitlines()[-1].strip()
+                raise UsageError(f"--{flag.name}: cannot load the recipe: {reason}") from None
+
+
+def _flag_error(text: str) -> str:
+    """absl's message, shortened to its last line when it wraps a recipe's traceback."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines[0]
+    flag = lines[0].split(": ", 1)[0]  # "flag --config=FILE:ARGS"
+    reason = re.sub(r"^\w+(Error|Exception): ", "", lines[-1].strip())
+    return f"{flag}: {reason}"
+
+
+def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
+    """The message for a `--config.KEY=VALUE` whose KEY the recipe lacks, naming the flag."""
+    reason = _message(error.__context__ if isinstance(error, AttributeError) else error)
+    name, _, hint = reason.partition("\n")
+    key = name.strip("'\"")
+    typed = [a.split("=", 1)[0] for a in argv if key in a.split("=", 1)[0].split(".")[1:]]
+    where = f"{typed[0]}: " if typed else ""
+    return f"{where}the recipe has no field {name}. {hint}".strip()

@@ -1,7 +1,11 @@
-"""Every test sees 8 simulated CPU devices; TensorFlow never sees an accelerator."""
+"""Every test sees 8 simulated CPU devices; TensorFlow never sees an accelerator; compiled
+programs are shared through JAX's persistent cache; a test that needs a missing extra is
+skipped, or fails under CI."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 # Simulated devices share the host's cores: on a loaded machine one of them can reach a
 # collective long after the others, past XLA's 40 s CPU default that aborts the process.
@@ -14,6 +18,31 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The tests compile the same tiny programs many times over: in each new Trainer, in every
+# `vit-train` subprocess. JAX's persistent cache (inherited by subprocesses through the
+# environment) compiles each once per session; set JAX_COMPILATION_CACHE_DIR to keep it
+# across sessions. Cached programs are the ones XLA compiled, so no result changes.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="vit_jax_tests_jit_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # The interop extra's torch build brings triton (a GPU kernel compiler), which crashes the
 # process when loaded after TensorFlow; torch on CPU never needs it, so it is kept out.
 sys.modules.setdefault("triton", None)
+
+from helpers import EXTRAS, require_extra  # noqa: E402  (after the environment is set)
+
+
+def pytest_runtest_setup(item):
+    for name, (modules, install) in EXTRAS.items():
+        marker = item.get_closest_marker(name)
+        if marker is not None:
+            require_extra(name, marker.args or modules, install)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

@@ -1,9 +1,9 @@
 """Shared by the tests against the real PyTorch libraries (timm, transformers).
 
-Those libraries are the `interop` test extra. Without them the interop tests must fail
-with the install command, not skip: a skipped comparison would look like a passed one.
-Test modules therefore take torch, timm and safetensors from here, or import the
-libraries after this module.
+Those libraries are the `interop` test extra: without them the interop tests are skipped
+with the install command, and fail under CI (a skipped comparison there would look like a
+passed one). Test modules therefore take torch, timm and safetensors from here, or import
+the libraries after this module.
 """
 
 from __future__ import annotations
@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from helpers import EXTRAS, require_extra
 
-try:
-    import safetensors.torch  # noqa: F401  (re-exported to the test modules)
-    import timm  # noqa: F401  (re-exported)
-    import torch
-    import transformers  # noqa: F401
-except ImportError as error:
-    raise ImportError(
-        f"The interop tests compare against timm and transformers, which are missing ({error}). "
-        'Install the test extras: pip install -e ".[test,interop]"'
-    ) from error
+require_extra("interop", *EXTRAS["interop"])
 
-from vit_jax import checkpoint, predict
-from vit_jax.models import create_model
+import safetensors.torch  # noqa: E402, F401  (re-exported to the test modules)
+import timm  # noqa: E402, F401  (re-exported)
+import torch  # noqa: E402
+import transformers  # noqa: E402, F401
+
+from vit_jax import checkpoint, predict  # noqa: E402
+from vit_jax.models import create_model  # noqa: E402
 
 # A ViT small enough for CPU tests, in our terms and in timm's.
 TINY = dict(width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=8)

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from test_data import make_config, make_folder
-from test_main import load_recipe, small_local_config
+from helpers import data_config, load_recipe, make_folder, small_local_config
 
 from vit_jax import data, export, predict
 from vit_jax.parallel import make_mesh
@@ -183,7 +182,7 @@ def test_folder_files_that_are_no_images_are_skipped_and_reported(tmp_path, capl
     assert "cat/empty.jpg (empty file)" in caplog.text
     assert "dog/page.png (not a JPEG or PNG file)" in caplog.text
     # The rest decode: the whole split passes through the pipeline.
-    config = make_config(None, dataset=dataset, eval_split="train", image_size=7, eval_batch_size=4)
+    config = data_config(None, dataset=dataset, eval_split="train", image_size=7, eval_batch_size=4)
     batches = list(data.eval_batches(config, process_index=0, process_count=1))
     assert sum(int(b["mask"].sum()) for b in batches) == 5
 

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import BLOCK_TENSORFLOW, REPO
 from PIL import Image
-from test_device_inputs import BLOCK_TENSORFLOW
-from test_main import REPO
 
 from vit_jax.bench.peaks import peak_tflops
 from vit_jax.bench.photos import make_photo_folder

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from flax import traverse_util
+from helpers import abstract_params, random_params
 from reference_vit import vit_logits
 
 from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
@@ -43,19 +44,6 @@ def tiny(name: str = "Ti/16", **overrides) -> nn.Module:
     """A ViT small enough for CPU tests: width 32, 2 blocks, 8x8 patches (4x4 on 32x32)."""
     options = dict(num_classes=10, width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)
     return create_model(name, **(options | overrides))
-
-
-def abstract_params(model: nn.Module, image_shape: tuple[int, int] = (32, 32)):
-    """The model's boxed parameter shapes and dtypes, without initialising anything."""
-    images = jnp.zeros((1, *image_shape, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
-
-
-def random_params(model: nn.Module, image_shape=(32, 32), seed: int = 0) -> dict:
-    """All parameters random: a fresh init has a zero head and class token that hide errors."""
-    rng = np.random.default_rng(seed)
-    shapes = nn.unbox(abstract_params(model, image_shape))
-    return jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(s.dtype), shapes)
 
 
 @functools.cache

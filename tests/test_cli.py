@@ -6,9 +6,8 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from helpers import parse_predictions, random_params, small_local_config
 from PIL import Image
-from test_checkpoint_npz import random_params
-from test_main import small_local_config
 
 from vit_jax import checkpoint, data, export, predict
 from vit_jax.data.embedded import load_digits_arrays
@@ -45,19 +44,6 @@ def images(tmp_path_factory):
     return root
 
 
-def parse(stdout: str) -> dict[str, list[tuple[float, str]]]:
-    """{path: [(probability, label), ...]} from vit-predict's output."""
-    result, path = {}, None
-    for line in stdout.splitlines():
-        if line.startswith("  "):
-            probability, label = line.split(maxsplit=1)
-            result[path].append((float(probability), label))
-        else:
-            path = line
-            result[path] = []
-    return result
-
-
 def softmax_of_eval_pipeline(config, folder, params) -> dict[str, np.ndarray]:
     """Class probabilities of the folder's images as `vit-train` evaluation feeds them."""
     config = ml_collections.ConfigDict(config.to_dict())
@@ -75,7 +61,7 @@ def test_predict_matches_evaluation_and_orders_top_k(run, images, capsys):
     workdir, config = run
     folder = str(images)
     assert predict.main(["--checkpoint", workdir, "--top_k", "3", folder]) == 0
-    printed = parse(capsys.readouterr().out)
+    printed = parse_predictions(capsys.readouterr().out)
 
     expected = softmax_of_eval_pipeline(config, folder, checkpoint.load_params(workdir))
     assert sorted(printed) == sorted(expected) and len(printed) == 6
@@ -110,7 +96,8 @@ def test_predict_reports_unreadable_files_and_goes_on(run, images, tmp_path, cap
     args = ["--checkpoint", workdir, "--top_k", "20"]
     assert predict.main([*args, str(broken), good, missing]) == 0
     out, err = capsys.readouterr()
-    assert list(parse(out)) == [good] and len(parse(out)[good]) == 10  # top_k capped at 10.
+    printed = parse_predictions(out)
+    assert list(printed) == [good] and len(printed[good]) == 10  # top_k capped at 10.
     assert f"cannot read {broken}" in err and f"cannot read {missing}" in err
     assert "function_node" not in err  # TensorFlow's op names are stripped.
 
@@ -155,7 +142,7 @@ def test_bare_i21k_style_npz_is_described_by_its_weights(images, tmp_path, capsy
     image = str(images / "test" / "1" / "1.png")
 
     assert predict.main(["--checkpoint", path, image]) == 0
-    top = parse(capsys.readouterr().out)[image]
+    top = parse_predictions(capsys.readouterr().out)[image]
     pixels = scale_images(predict.load_image(image, 8, 1.0)[None])
     logits = model.apply({"params": params}, pixels, train=False)
     expected = np.asarray(jax.nn.softmax(logits))[0]

@@ -3,11 +3,10 @@
 import collections
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from helpers import data_config, make_folder
 
 import vit_jax.data as data
 
@@ -18,38 +17,6 @@ DIGITS_TEST_PER_CLASS = [36, 37, 36, 37, 37, 37, 37, 36, 35, 36]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tfds"))
-
-
-def make_config(data_dir: str | None, **overrides) -> ml_collections.ConfigDict:
-    """A small digits config; `pp_*` keys override config.pp fields."""
-    pp = dict(
-        train_crop="resize",
-        crop_area_min=0.05,
-        shift_pixels=2,
-        flip=False,
-        randaugment_layers=0,
-        randaugment_magnitude=10,
-        eval_crop_fraction=1.0,
-        antialias=False,
-    )
-    config = dict(
-        dataset="digits",
-        data_dir=data_dir,
-        train_split="train[:60]",
-        eval_split="test",
-        train_examples_per_class=None,
-        image_size=8,
-        batch_size=6,
-        eval_batch_size=12,
-        shuffle_buffer=64,
-        seed=0,
-    )
-    for key, value in overrides.items():
-        if key.startswith("pp_"):
-            pp[key.removeprefix("pp_")] = value
-        else:
-            config[key] = value
-    return ml_collections.ConfigDict({**config, "pp": pp})
 
 
 def keys(images: np.ndarray, labels: np.ndarray) -> collections.Counter:
@@ -130,7 +97,7 @@ def test_embedded_builders_prepare_offline_with_documented_splits(data_dir, name
 
 @pytest.mark.parametrize("crop", ["inception", "shift", "resize"])
 def test_train_batches_are_uint8_images_and_integer_labels(data_dir, crop):
-    config = make_config(data_dir, image_size=12, pp_train_crop=crop, pp_flip=True)
+    config = data_config(data_dir, image_size=12, pp_train_crop=crop, pp_flip=True)
     batch = next(data.train_batches(config, process_index=0, process_count=1))
     assert batch["image"].shape == (6, 12, 12, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
@@ -142,7 +109,7 @@ def test_train_batches_are_uint8_images_and_integer_labels(data_dir, crop):
 
 @pytest.mark.parametrize("process_count", [2, 3])
 def test_train_shards_partition_the_split_and_repeat(data_dir, process_count):
-    config = make_config(data_dir)  # resize to the native 8x8: pixels come out unchanged
+    config = data_config(data_dir)  # resize to the native 8x8: pixels come out unchanged
     want = keys(*stored_split("digits", data_dir, "train[:60]"))
     union = collections.Counter()
     shard = 60 // process_count
@@ -161,7 +128,7 @@ def test_train_shards_partition_the_split_and_repeat(data_dir, process_count):
 
 def test_train_batch_must_divide_across_processes(data_dir):
     with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple"):
-        data.train_batches(make_config(data_dir), process_index=0, process_count=4)
+        data.train_batches(data_config(data_dir), process_index=0, process_count=4)
 
 
 def test_resume_is_bit_exact_with_all_augmentations(data_dir):
@@ -176,7 +143,7 @@ def test_resume_is_bit_exact_with_all_augmentations(data_dir):
         pp_randaugment_layers=2,
         pp_randaugment_magnitude=15,
     )
-    config = make_config(data_dir, **settings)
+    config = data_config(data_dir, **settings)
     stream = data.train_batches(config, process_index=1, process_count=2)  # 25 examples, B=4
     reference = [next(stream) for _ in range(16)]
     # Step 3: mid epoch 0; 6: a batch straddling epochs 0 and 1 (examples 24..27); 13: epoch 2.
@@ -188,7 +155,7 @@ def test_resume_is_bit_exact_with_all_augmentations(data_dir):
                 np.testing.assert_array_equal(batch[key], reference[step][key], f"step {step}")
     # The stream is really random: epochs differ, and so do other seeds and processes.
     assert not np.array_equal(reference[0]["image"], reference[7]["image"])
-    other_seed = make_config(data_dir, **{**settings, "seed": 8})
+    other_seed = data_config(data_dir, **{**settings, "seed": 8})
     batch = next(data.train_batches(other_seed, process_index=1, process_count=2))
     assert not np.array_equal(batch["image"], reference[0]["image"])
     batch = next(data.train_batches(config, process_index=0, process_count=2))
@@ -197,7 +164,7 @@ def test_resume_is_bit_exact_with_all_augmentations(data_dir):
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])
 def test_eval_covers_the_split_exactly_once_with_equal_batch_counts(data_dir, process_count):
-    config = make_config(data_dir)  # 364 test examples, global eval batch 12
+    config = data_config(data_dir)  # 364 test examples, global eval batch 12
     num_batches = data.num_eval_batches(config, process_count)
     largest_shard = math.ceil(364 / process_count)
     assert num_batches == math.ceil(largest_shard / (12 // process_count))
@@ -217,7 +184,7 @@ def test_eval_covers_the_split_exactly_once_with_equal_batch_counts(data_dir, pr
 
 
 def test_eval_central_crop(data_dir):
-    config = make_config(data_dir, image_size=6, pp_eval_crop_fraction=0.75)
+    config = data_config(data_dir, image_size=6, pp_eval_crop_fraction=0.75)
     batch = next(data.eval_batches(config, process_index=0, process_count=1))
     image, _ = stored_split("digits", data_dir, "test[:12]")
     # Shorter side to 6 / 0.75 = 8 (the native size), then the central 6x6.
@@ -225,7 +192,7 @@ def test_eval_central_crop(data_dir):
 
 
 def test_few_shot_keeps_the_first_examples_of_each_class(data_dir):
-    config = make_config(data_dir, train_split="train", train_examples_per_class=3)
+    config = data_config(data_dir, train_split="train", train_examples_per_class=3)
     images, labels = stored_split("digits", data_dir, "train")
     first = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(10)])
     want = keys(images[first], labels[first])
@@ -240,7 +207,7 @@ def test_few_shot_keeps_the_first_examples_of_each_class(data_dir):
 
 
 def test_few_shot_needs_enough_examples_per_class(data_dir):
-    config = make_config(data_dir, train_split="train[:20]", train_examples_per_class=5)
+    config = data_config(data_dir, train_split="train[:20]", train_examples_per_class=5)
     with pytest.raises(ValueError, match="train_examples_per_class=5.*fewer examples of classes"):
         data.train_batches(config, process_index=0, process_count=1)
 
@@ -250,33 +217,10 @@ def test_unprepared_tfds_dataset_is_a_clear_error_not_a_download(tmp_path):
         data.get_dataset_info("cifar10", str(tmp_path))
     message = f"tfds build cifar10 --data_dir {tmp_path}"
     with pytest.raises(FileNotFoundError, match=message):
-        data.train_batches(make_config(str(tmp_path), dataset="cifar10"), process_count=1)
+        data.train_batches(data_config(str(tmp_path), dataset="cifar10"), process_count=1)
     assert not any(tmp_path.iterdir())  # Nothing was downloaded or written.
     with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'"):
         data.get_dataset_info("no_such_dataset", str(tmp_path))
-
-
-def write_image(path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-
-
-def make_folder(root, layout: dict[str, dict[str, int]]) -> dict[int, tuple[str, str]]:
-    """Constant-colour images, alternating gray PNG, RGB JPEG, RGB PNG, gray JPEG.
-
-    Returns {grey level: (split, class)}; the level identifies each image after decoding.
-    """
-    where, level = {}, 10
-    for split, classes in layout.items():
-        for name, count in classes.items():
-            for i in range(count):
-                gray = np.full((9, 7), level, np.uint8)
-                pixels = gray if i % 2 == 0 else np.stack([gray] * 3, axis=-1)
-                ext = ".jpeg" if i % 4 in (1, 3) else ".png"
-                write_image(root / split / name / f"img{i}{ext.upper() if i == 3 else ext}", pixels)
-                where[level] = (split, name)
-                level += 12
-    return where
 
 
 def test_image_folder_round_trip(tmp_path):
@@ -285,7 +229,7 @@ def test_image_folder_round_trip(tmp_path):
     dataset = f"folder:{tmp_path}"
     info = data.get_dataset_info(dataset, None)
     assert info == data.DatasetInfo(2, ("cat", "dog"), {"test": 5, "train": 7})
-    config = make_config(
+    config = data_config(
         None, dataset=dataset, train_split="train", image_size=7, eval_batch_size=4
     )
     config.pp.train_crop = "resize"
@@ -320,7 +264,7 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train/dog holds no \.jpg/\.jpeg/\.png"):
         data.get_dataset_info(f"folder:{tmp_path / 'b'}", None)
     make_folder(tmp_path / "c", {"train": {"cat": 1, "dog": 1}})
-    config = make_config(None, dataset=f"folder:{tmp_path / 'c'}", eval_batch_size=2)
+    config = data_config(None, dataset=f"folder:{tmp_path / 'c'}", eval_batch_size=2)
     with pytest.raises(
         ValueError, match=r"folder .*/c: Unknown split 'test'. Should be one of \['train'\]"
     ):
@@ -340,7 +284,7 @@ def test_mocked_tfds_dataset_flows_through_both_streams(tmp_path):
     )
     builder.data_path.mkdir(parents=True)
     builder.info.write_to_directory(builder.data_dir)
-    config = make_config(
+    config = data_config(
         str(tmp_path),
         dataset="cifar10",
         train_split="train",

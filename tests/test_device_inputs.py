@@ -7,6 +7,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from helpers import BLOCK_TENSORFLOW
 
 from vit_jax.config import base_config
 from vit_jax.parallel import make_mesh
@@ -97,18 +98,6 @@ def test_mixup_function_uses_the_beta_ratio_on_images_and_targets():
 def test_negative_mixup_alpha_is_refused():
     with pytest.raises(ValueError, match="mixup_alpha must be >= 0"):
         tiny_trainer(**{"pp.mixup_alpha": -0.1})
-
-
-BLOCK_TENSORFLOW = """
-import importlib.abc, sys
-
-class _NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError("TensorFlow is blocked in this test")
-
-sys.meta_path.insert(0, _NoTensorFlow())
-"""
 
 
 def run_without_tensorflow(code: str) -> subprocess.CompletedProcess:

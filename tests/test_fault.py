@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO, TINY, load_recipe, small_local_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_main import REPO, TINY, load_recipe, small_local_config
 
 from vit_jax.checkpoint import load_params
 from vit_jax.parallel import make_mesh

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from test_main import REPO
+from helpers import REPO
 
 RECIPE = "configs/pretrain.py:variant=B/16"
 WORKDIR = "/runs/it's b16"  # Quotes and spaces must survive every layer of quoting.

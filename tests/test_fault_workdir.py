@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import tensorflow as tf
+from helpers import small_local_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_main import small_local_config
 
 from vit_jax.metrics import MetricWriter
 from vit_jax.workdir import (

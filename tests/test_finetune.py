@@ -1,7 +1,7 @@
 """Fine-tuning: the paper's recipe settings, and pretraining beating from-scratch on few shots."""
 
 import pytest
-from test_main import load_recipe
+from helpers import load_recipe
 
 from vit_jax.parallel import make_mesh
 from vit_jax.train import train_and_evaluate

@@ -12,6 +12,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import parse_predictions, random_params
 from interop_support import (
     TIMM_TINY,
     TINY,
@@ -26,8 +27,6 @@ from interop_support import (
     write_run,
 )
 from PIL import Image
-from test_checkpoint_npz import random_params
-from test_cli import parse
 from timm.models import save_for_hf
 
 from vit_jax import checkpoint, export, predict
@@ -35,6 +34,8 @@ from vit_jax.checkpoint.safetensors_file import read_safetensors
 from vit_jax.config import base_config
 from vit_jax.models import create_model
 from vit_jax.train import match_model_init
+
+pytestmark = pytest.mark.interop
 
 
 def save_timm(module: torch.nn.Module, path) -> str:
@@ -155,7 +156,7 @@ def test_predict_runs_a_bare_timm_checkpoint(tmp_path, capsys):
     Image.fromarray(pixels).save(image_path)
 
     assert predict.main(["--checkpoint", path, "--top_k", "4", str(image_path)]) == 0
-    printed = parse(capsys.readouterr().out)[str(image_path)]
+    printed = parse_predictions(capsys.readouterr().out)[str(image_path)]
     image = predict.load_image(str(image_path), 32, 1.0)[None] / np.float32(127.5) - 1
     expected = torch.softmax(torch_forward(source, image), -1).numpy()[0]
     assert [label for _, label in printed] == [str(i) for i in np.argsort(-expected)]

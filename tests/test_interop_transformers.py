@@ -21,6 +21,8 @@ from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from vit_jax import checkpoint
 
+pytestmark = pytest.mark.interop
+
 
 def save_hf(module_class, directory, **config) -> tuple:
     options = dict(

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import REPO, TINY, load_recipe, small_local_config
 
 from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
@@ -18,42 +19,6 @@ from vit_jax.parallel import make_mesh
 from vit_jax.train import train_and_evaluate
 from vit_jax.trainer import Trainer
 from vit_jax.workdir import ConfigChangedError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_recipe(name, arg=None):
-    from ml_collections import config_flags
-
-    path = os.path.join(REPO, "configs", name) + (f":{arg}" if arg else "")
-    return config_flags.config_flags._ConfigFileParser(name="config").parse(path)
-
-
-# A 1-block, 32-wide ViT on 8 px digits: the main job's code path in seconds.
-TINY = {
-    "image_size": 8,
-    "model.name": "Ti/4",
-    "model.width": 32,
-    "model.depth": 1,
-    "model.mlp_dim": 64,
-    "model.num_heads": 2,
-    "eval_batch_size": 128,
-}
-
-
-def small_local_config(tmp_path, **changes):
-    """The local recipe on `digits` at 8 px, shrunk to seconds."""
-    config = load_recipe("local.py", "steps=12,dataset=digits,batch=32")
-    config.data_dir = str(tmp_path / "tfds")
-    config.update_from_flattened_dict(TINY)
-    config.log_every = 4
-    config.eval_every = 6
-    config.checkpoint_every = 6
-    # The recipe's few-shot probe costs more than these runs train: only the test of the
-    # main job's metrics keeps it.
-    config.fewshot.datasets = {}
-    config.update(changes)
-    return config
 
 
 def test_recipe_arguments():

@@ -12,7 +12,7 @@ import time
 
 import jax
 import pytest
-from test_main import REPO, TINY, load_recipe
+from helpers import REPO, TINY, load_recipe
 
 from vit_jax.checkpoint import load_params
 from vit_jax.parallel import make_mesh

@@ -6,8 +6,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-from test_main import small_local_config
-from test_train_step import SGD, bytes_on_device0, run, tiny_config
+from helpers import SGD, bytes_on_device0, run_steps, small_local_config, tiny_config
 
 from vit_jax.parallel import make_mesh
 from vit_jax.train import Trainer, train_and_evaluate
@@ -36,9 +35,9 @@ def _config(model="plain", scan=False, mesh=None, rules="dp", **model_changes):
 def test_tensor_parallel_loss_curves_equal_data_parallel(model, scan):
     # SGD keeps updates linear in the gradients; what differs between meshes is only the
     # float32 summation order of split matmuls and all-reduces (~1e-7 relative per op).
-    _, dp, dp_losses = run(_config(model, scan), steps=3)
+    _, dp, dp_losses = run_steps(_config(model, scan), steps=3)
     for name, (mesh, rules) in MESHES.items():
-        trainer, state, losses = run(_config(model, scan, mesh, rules), steps=3)
+        trainer, state, losses = run_steps(_config(model, scan, mesh, rules), steps=3)
         np.testing.assert_allclose(losses, dp_losses, rtol=1e-5, err_msg=name)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),

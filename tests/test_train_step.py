@@ -4,77 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import QUADRANTS, SGD, bytes_on_device0, run_steps, tiny_config
 
-from vit_jax import parallel
-from vit_jax.config import base_config
 from vit_jax.optim import make_schedule
 from vit_jax.parallel import make_mesh
 from vit_jax.trainer import Trainer, per_example_loss
 
-NUM_CLASSES = 4
-SGD = {"optim.name": "sgd", "optim.lr": 0.1}
-
-
-def tiny_config(**changes):
-    c = base_config()
-    c.image_size = 16
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.model.name = "Ti/4"
-    c.model.update(width=32, depth=2, mlp_dim=64, num_heads=4)
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 2
-    c.optim.decay = "cosine"
-    c.optim.weight_decay = 0.01
-    c.update_from_flattened_dict(changes)
-    return c
-
-
-def synthetic_batch(seed=0, batch=16, size=16):
-    """A learnable task: the label is the quadrant holding the brightest pixel block."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, NUM_CLASSES, batch)
-    images = rng.integers(0, 64, (batch, size, size, 3), dtype=np.uint8)
-    half = size // 2
-    for i, label in enumerate(labels):
-        r, c = divmod(int(label), 2)
-        images[i, r * half : (r + 1) * half, c * half : (c + 1) * half] += 150
-    return {"image": images, "label": labels.astype(np.int32)}
-
-
-def run(config, steps=3, seeds=None, devices=None, slices=None):
-    mesh = make_mesh(config.mesh, config.dcn_mesh, devices, slices)
-    trainer = Trainer(config, mesh, NUM_CLASSES, total_steps=max(steps, 20))
-    state = trainer.init_state()
-    losses = []
-    for i in range(steps):
-        batch = synthetic_batch(seed=i if seeds is None else seeds[i], batch=config.batch_size)
-        state, metrics = trainer.train_step(
-            state, parallel.to_global(batch, trainer.batch_sharding)
-        )
-        losses.append(float(metrics["train/loss"]))
-    return trainer, state, losses
-
-
-def bytes_on_device0(tree):
-    """Bytes of `tree` on the first device: replicated arrays count whole, split ones in part."""
-    device = jax.devices()[0]
-    return sum(
-        shard.data.nbytes
-        for leaf in jax.tree.leaves(tree)
-        for shard in leaf.addressable_shards
-        if shard.device == device
-    )
-
 
 def test_loss_decreases_on_a_tiny_model():
-    _, _, losses = run(tiny_config(**{"optim.decay": "constant"}), steps=80)
+    _, _, losses = run_steps(tiny_config(**{"optim.decay": "constant"}), steps=80)
     assert np.mean(losses[-5:]) < 0.4 * losses[0], losses
 
 
 def test_gradient_accumulation_equals_one_large_batch():
-    _, big, big_losses = run(tiny_config(), steps=2)
-    _, acc, acc_losses = run(tiny_config(accum_steps=2), steps=2)
+    _, big, big_losses = run_steps(tiny_config(), steps=2)
+    _, acc, acc_losses = run_steps(tiny_config(accum_steps=2), steps=2)
     np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), acc.params, big.params
@@ -85,8 +29,8 @@ def test_eight_device_data_parallel_equals_one_device():
     assert jax.device_count() == 8
     # SGD: updates are linear in the gradients, so reduction-order noise stays tiny
     # (Adam would turn a 1e-9 gradient's sign flip into a full-size step).
-    _, dp, dp_losses = run(tiny_config(**SGD), steps=3)
-    _, one, one_losses = run(tiny_config(**SGD), steps=3, devices=jax.devices()[:1])
+    _, dp, dp_losses = run_steps(tiny_config(**SGD), steps=3)
+    _, one, one_losses = run_steps(tiny_config(**SGD), steps=3, devices=jax.devices()[:1])
     np.testing.assert_allclose(dp_losses, one_losses, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), dp.params, one.params
@@ -96,8 +40,8 @@ def test_eight_device_data_parallel_equals_one_device():
 def test_fsdp_shards_parameters_and_matches_data_parallel():
     fsdp_config = tiny_config(sharding_rules="fsdp", **SGD)
     fsdp_config.mesh.update(data=1, fsdp=8)
-    trainer, fsdp, fsdp_losses = run(fsdp_config, steps=3)
-    _, dp, dp_losses = run(tiny_config(**SGD), steps=3)
+    trainer, fsdp, fsdp_losses = run_steps(fsdp_config, steps=3)
+    _, dp, dp_losses = run_steps(tiny_config(**SGD), steps=3)
     np.testing.assert_allclose(fsdp_losses, dp_losses, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), fsdp.params, dp.params
@@ -118,7 +62,7 @@ def test_fsdp_shards_parameters_and_matches_data_parallel():
 def test_init_params_are_the_fresh_states_parameters_in_their_shardings():
     config = tiny_config(sharding_rules="fsdp")
     config.mesh.update(data=1, fsdp=8)
-    trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=20)
+    trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=20)
     params, state = trainer.init_params(), trainer.init_state()
     shardings = trainer.param_shardings
     jax.tree.map(np.testing.assert_array_equal, params, state.params)
@@ -131,16 +75,16 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
         ValueError, match="config.batch_size=12 is not divisible by the 8 batch shards"
     ):
         config = tiny_config(batch_size=12)
-        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=10)
+        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=10)
     with pytest.raises(ValueError, match="accum_steps"):
         config = tiny_config(accum_steps=3)
-        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=10)
+        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=10)
 
 
 def test_frozen_parameters_do_not_change():
     config = tiny_config()
     config.optim.frozen = "^(embedding|Transformer/encoderblock_0)/"
-    trainer, state, _ = run(config, steps=2)
+    trainer, state, _ = run_steps(config, steps=2)
     fresh = trainer.init_state()
     np.testing.assert_array_equal(
         state.params["embedding"]["kernel"], fresh.params["embedding"]["kernel"]
@@ -155,12 +99,12 @@ def test_frozen_parameters_do_not_change():
     )
     config.optim.frozen = "no_such_param"
     with pytest.raises(ValueError, match="matches no parameter"):
-        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=10)
+        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=10)
 
 
 def test_weight_decay_touches_kernels_only():
     config = tiny_config(**{"optim.lr": 1e-2, "optim.weight_decay": 10.0, "optim.warmup_steps": 0})
-    trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), NUM_CLASSES, total_steps=20)
+    trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=20)
     state = trainer.init_state()
     # Zero gradients: only weight decay moves parameters.
     zero = jax.tree.map(jnp.zeros_like, state.params)

@@ -2,30 +2,54 @@
 # shellcheck disable=SC2034 # PREEMPTED, TRAIN_COMMAND, STATUS are for the sourcing scripts.
 # Shared by the launch scripts (sourced, not run): arguments, --dry-run, waiting for a run.
 #
-# Every script takes: [--dry-run] RECIPE WORKDIR [more vit-train flags...]
-# With --dry-run, every command is printed (shell-quoted, one per line) instead of run.
+# Every script takes: RECIPE WORKDIR [more vit-train flags...], and --dry-run anywhere.
+# With --dry-run, every command is printed (shell-quoted, one per line, ready to paste)
+# instead of run. The scripts do not change directory: a relative WORKDIR, data_dir or
+# model_init is relative to where the script was started, as for vit-train itself, and a
+# RECIPE that is not there is looked up in this repository (configs/... works anywhere).
 
 # vit-train's exit status after SIGTERM, SIGINT or a preemption notice, once its checkpoint
 # is saved (vit_jax/preemption.py): rerun the same command to resume.
 readonly PREEMPTED=75
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 DRY_RUN=0
 TRAIN_COMMAND=()
 STATUS=0
 
 usage() {
-  echo "usage: $0 [--dry-run] RECIPE WORKDIR [vit-train flags...]" >&2
+  echo "$0: $1" >&2
+  echo "usage: $0 RECIPE WORKDIR [vit-train flags...] [--dry-run]" >&2
   echo "  e.g. $0 configs/pretrain.py:variant=B/16 /data/runs/b16 --config.batch_size=1024" >&2
   exit 2
 }
 
 parse_args() {
-  if [ "${1:-}" = "--dry-run" ]; then
-    DRY_RUN=1
-    shift
+  local arg positional=()
+  for arg in "$@"; do
+    if [ "$arg" = --dry-run ]; then
+      DRY_RUN=1
+    else
+      positional+=("$arg")
+    fi
+  done
+  [ ${#positional[@]} -ge 2 ] || usage "RECIPE and WORKDIR are required"
+  for arg in "${positional[@]:0:2}"; do
+    case $arg in -*) usage "RECIPE and WORKDIR come first; got the flag $arg" ;; esac
+  done
+  TRAIN_COMMAND=(vit-train --config "$(recipe_path "${positional[0]}")" --workdir
+    "${positional[1]}" "${positional[@]:2}")
+}
+
+# The recipe FILE[:ARGS] as typed when FILE is there (or the run happens in a clone of
+# this repository elsewhere: RECIPE_IN_CLONE=1), else this repository's FILE.
+recipe_path() {
+  local file=${1%%:*}
+  if [ "${RECIPE_IN_CLONE:-0}" = 1 ] || [ -e "$file" ] || [ ! -e "$REPO_ROOT/$file" ]; then
+    echo "$1"
+  else
+    echo "$REPO_ROOT/$1"
   fi
-  [ $# -ge 2 ] || usage
-  TRAIN_COMMAND=(vit-train --config "$1" --workdir "$2" "${@:3}")
 }
 
 # Shell-quotes its arguments readably: bare words when safe, else in single quotes.
@@ -47,6 +71,16 @@ run() {
     quote "$@"
   else
     "$@"
+  fi
+}
+
+# Replaces this shell with a command (so that signals reach it directly), or prints the
+# command under --dry-run: without `exec`, which would end the shell it is pasted into.
+run_in_place() {
+  if [ "$DRY_RUN" = 1 ]; then
+    quote "$@"
+  else
+    exec "$@"
   fi
 }
 

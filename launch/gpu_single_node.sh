@@ -2,17 +2,16 @@
 # Train on all GPUs of one machine: a single process drives every local device.
 #
 #   launch/gpu_single_node.sh configs/pretrain.py:variant=B/16 /data/runs/b16 [--config.k=v ...]
-#   launch/gpu_single_node.sh --dry-run configs/local.py /tmp/vit_local      # print, don't run
+#   launch/gpu_single_node.sh configs/local.py /tmp/vit_local --dry-run      # print, don't run
 #
 # Install once with: pip install -e ".[gpu]"   (CUDA 12 wheels of jax)
 # vit-train replaces this shell (exec), so SIGTERM (a preempted VM shutting down, docker
 # stop, systemctl stop) and Ctrl-C reach it directly: it finishes the step, saves a
 # checkpoint and exits 75, meaning "run the same command again to resume".
 set -euo pipefail
-cd "$(dirname "$0")/.."
 # shellcheck source=launch/common.sh
-. launch/common.sh
+. "$(dirname "$0")/common.sh"
 parse_args "$@"
 # Let XLA take most of the GPU memory up front; TensorFlow is kept off the GPUs by vit_jax.data.
-run exec env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" \
+run_in_place env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" \
   "${TRAIN_COMMAND[@]}"

@@ -7,16 +7,21 @@
 #   export TPU_NAME=vit ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 \
 #          RUNTIME_VERSION=tpu-ubuntu2204-base REPO=https://github.com/you/vit_jax.git
 #   launch/tpu_vm.sh configs/pretrain.py:variant=B/16 gs://bucket/runs/b16 [--config.k=v ...]
-#   launch/tpu_vm.sh --dry-run configs/local.py gs://bucket/runs/smoke      # print, don't run
+#   launch/tpu_vm.sh configs/local.py gs://bucket/runs/smoke --dry-run      # print, don't run
 #
 # Optional: BRANCH (default main), SPOT=1 (spot capacity), MAX_ATTEMPTS (default 10).
 # The workdir and any data_dir must be on GCS: every worker writes there and a new slice
-# starts with empty disks. jax.distributed detects the slice by itself (--distributed).
+# starts with empty disks; RECIPE is a path inside the repository clone on the workers.
+# jax.distributed detects the slice by itself (--distributed).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+RECIPE_IN_CLONE=1 # vit-train runs in each worker's clone of the repository.
 # shellcheck source=launch/common.sh
-. launch/common.sh
+. "$(dirname "$0")/common.sh"
 parse_args "$@"
+case ${TRAIN_COMMAND[4]} in
+  /* | *://*) ;;
+  *) usage "WORKDIR ${TRAIN_COMMAND[4]} is relative: the workers need a gs:// one" ;;
+esac
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${ACCELERATOR_TYPE:?set ACCELERATOR_TYPE}"
 : "${RUNTIME_VERSION:?set RUNTIME_VERSION}" "${REPO:?set REPO to the git URL of vit_jax}"
 BRANCH=${BRANCH:-main}

@@ -107,6 +107,14 @@ class ResNetStage(nn.Module):
         return x
 
 
+def stem_stride(stages: tuple[int, ...]) -> int:
+    """How many pixels of the input one position of `resnet_stem`'s output steps over.
+
+    The root block halves twice (4); every stage after the first halves once more.
+    """
+    return 4 * 2 ** max(len(stages) - 1, 0)
+
+
 def resnet_stem(
     x: jnp.ndarray, stages: tuple[int, ...], dtype: Dtype, width: int = 64
 ) -> jnp.ndarray:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.resnet import resnet_stem
+from vit_jax.models.resnet import resnet_stem, stem_stride
 
 Dtype = Any
 
@@ -419,10 +419,53 @@ class VisionTransformer(nn.Module):
             )
         super().__post_init__()
 
+    @property
+    def pixels_per_token(self) -> int:
+        """Side in pixels of the square one token covers: the patch, times a hybrid stem's
+        stride."""
+        if self.resnet_stages is None:
+            return self.patch_size
+        return self.patch_size * stem_stride(self.resnet_stages)
+
+    def check_image_size(self, image_size: int | tuple[int, int]) -> None:
+        """Refuses an image side that `pixels_per_token` does not divide.
+
+        The patch embedding is a VALID convolution with the patch as its stride: it would
+        drop the last `size % patch` rows and columns without a word (a hybrid stem pads
+        them instead), and a run would report the accuracy of a model that never saw them.
+        Entry points call this before they build or write anything; `__call__` again.
+
+        Args:
+          image_size: the side of square images in pixels, or (height, width).
+
+        Raises:
+          ValueError: naming the size, the pixels per token and the nearest sizes that fit.
+        """
+        step = self.pixels_per_token
+        if self.resnet_stages is None:
+            per_token = f"the patch size, {step} px"
+        else:
+            stride = stem_stride(self.resnet_stages)
+            per_token = (
+                f"{step} px, the hybrid stem's stride {stride} times the patch size "
+                f"{self.patch_size}"
+            )
+        sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        for side in sides:
+            if side <= 0 or side % step:
+                lower = side // step * step
+                nearest = " or ".join(str(n) for n in (lower, lower + step) if n > 0)
+                raise ValueError(
+                    f"Image size {side} px is not a multiple of {per_token}: the tokens would "
+                    f"not tile the image and its last {side - lower} px would be lost or "
+                    f"padded. Use image size {nearest}."
+                )
+
     @nn.compact
     def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         if images.ndim != 4:
             raise ValueError(f"Expected NHWC images, got an array of shape {images.shape}.")
+        self.check_image_size(images.shape[1:3])
         x = images.astype(self.dtype)
         if self.resnet_stages is not None:
             x = resnet_stem(x, self.resnet_stages, self.dtype)

@@ -10,6 +10,7 @@ from reference_vit import vit_logits
 
 from vit_jax.checkpoint.npz import read_npz, save_npz
 from vit_jax.models import create_model, parse_variant, stack_blocks, unstack_blocks
+from vit_jax.models.vit import DropPath
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
 
@@ -255,16 +256,43 @@ def test_dropout_is_off_in_eval_and_deterministic_given_rng():
     assert not np.allclose(train(1), eval_a)
 
 
-def test_stochastic_depth_rates_grow_linearly_with_scan_too():
-    for scan in (False, True):
-        model = create_model(
-            "Ti/8", num_classes=5, stochastic_depth=0.999, scan=scan, **(TINY | dict(depth=3))
-        )
-        variables, images = _init(model)
-        # With rate ~1 at the last block and 0 at the first, outputs still vary per rng
-        # (first block always on) and stay finite.
-        out = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(0)})
-        assert bool(jnp.all(jnp.isfinite(out)))
+@pytest.mark.parametrize("scan", [False, True])
+def test_stochastic_depth_drops_each_block_at_its_own_linear_rate(scan):
+    depth, batch = 4, 2048
+    rates = np.linspace(0.0, 0.6, depth)  # The paper's schedule: 0 at the first block.
+    model = create_model(
+        "Ti/8", num_classes=5, stochastic_depth=0.6, scan=scan, **(TINY | dict(depth=depth))
+    )
+    variables, images = _init(model, batch=batch)
+    _, state = model.apply(
+        variables,
+        images,
+        train=True,
+        rngs={"dropout": jax.random.key(0)},
+        capture_intermediates=lambda module, _: isinstance(module, DropPath),
+        mutable=["intermediates"],
+    )
+    # Each block's two residual branches (attention, MLP), as DropPath returned them.
+    outputs = {
+        path: np.asarray(x) for path, x in flatten_dict(state["intermediates"], sep="/").items()
+    }
+    if scan:
+        branches = [
+            [outputs[f"Transformer/encoderblock/DropPath_{j}/__call__"][0][i] for j in (0, 1)]
+            for i in range(depth)
+        ]
+    else:
+        branches = [
+            [outputs[f"Transformer/encoderblock_{i}/DropPath_{j}/__call__"][0] for j in (0, 1)]
+            for i in range(depth)
+        ]
+    # dropped[block, branch, example]: the whole branch is zero for that example.
+    dropped = np.array([[~b.any(axis=(1, 2)) for b in block] for block in branches])
+    np.testing.assert_allclose(dropped.mean(axis=(1, 2)), rates, atol=0.05)
+    # Independent draws per block and per branch (not one mask shared by all of them).
+    both = (dropped[2, 0] & dropped[3, 0]).mean()
+    assert both == pytest.approx(rates[2] * rates[3], abs=0.05)
+    assert (dropped[3, 0] & dropped[3, 1]).mean() == pytest.approx(rates[3] ** 2, abs=0.05)
 
 
 def test_gradients_reach_every_parameter():

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Parallelism (see vit_jax/parallel.py make_mesh). `mesh`: each axis's size inside one
     # TPU slice or GPU node (fast ICI / NVLink); `dcn_mesh`: how many slices or nodes it
+    c.optim.mu_dtype = placeholder(str)  # "bfloat16": Adam's first moment / SGD momentum.
     # spans (data-center network). One axis of each may be -1 (all that the others leave).
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.dcn_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

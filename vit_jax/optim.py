@@ -4,6 +4,8 @@ Reads `config.optim` (see `configs/`):
   name            "adam" (L2 added to gradients), "adamw" (decoupled decay) or "sgd" (momentum)
   lr, warmup_steps, decay ("cosine" | "linear" | "constant"; both decays reach 0 at the end)
   b1, b2          Adam moments; momentum, nesterov for SGD
+  mu_dtype        dtype of Adam's first moment or SGD's momentum ("bfloat16" halves that
+                  state, as big_vision runs Adam and the original ViT code SGD); None: float32
   weight_decay    applied to kernels only (never biases, norms, embeddings, tokens)
   grad_clip_norm  global-norm clipping (0 = off)
   frozen          regex over "/"-joined parameter paths: matching parameters never change
@@ -15,11 +17,13 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 DECAYS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+MU_DTYPES = ("bfloat16", "float32")
 
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int, decay: str) -> optax.Schedule:
@@ -65,10 +69,13 @@ def make_optimizer(
         steps.append(optax.clip_by_global_norm(opt.grad_clip_norm))
     if opt.name == "adam" and opt.weight_decay:
         steps.append(optax.add_decayed_weights(opt.weight_decay, mask=_kernels))
+    mu_dtype = _dtype(opt.get("mu_dtype"))
     if opt.name in ("adam", "adamw"):
-        steps.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2))
+        steps.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, mu_dtype=mu_dtype))
     else:
-        steps.append(optax.trace(decay=opt.momentum, nesterov=opt.nesterov))
+        steps.append(
+            optax.trace(decay=opt.momentum, nesterov=opt.nesterov, accumulator_dtype=mu_dtype)
+        )
     if opt.name != "adam" and opt.weight_decay:
         steps.append(optax.add_decayed_weights(opt.weight_decay, mask=_kernels))
     steps.append(optax.scale_by_learning_rate(schedule))
@@ -84,6 +91,14 @@ def make_optimizer(
 
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
+
+
+def _dtype(name: str | None) -> jnp.dtype | None:
+    if name is None:
+        return None
+    if name not in MU_DTYPES:
+        raise ValueError(f"optim.mu_dtype={name!r}: choose one of {MU_DTYPES} (or leave it unset).")
+    return jnp.dtype(name)
 
 
 def frozen_paths(config: ml_collections.ConfigDict, params: Any) -> list[str]:

@@ -53,12 +53,12 @@ def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
     """Devices grouped by what joins them with fast links, in a stable order.
 
     A TPU slice (devices share `slice_index`, linked by ICI) or, elsewhere, a process (one
-    GPU node, linked by NVLink); between groups runs the data-center network (DCN).
+    GPU node, linked by NVLink; GPUs report `slice_index` 0 on every node); between groups
+    runs the data-center network (DCN).
     """
 
     def key(device: Any) -> int:
-        index = getattr(device, "slice_index", None)
-        return device.process_index if index is None else index
+        return device.slice_index if device.platform == "tpu" else device.process_index
 
     groups: dict[int, list[Any]] = collections.defaultdict(list)
     for device in devices:

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vit_jax import parallel
+from vit_jax.flops import matmul_flops
 from vit_jax.models import VisionTransformer, create_model
 from vit_jax.optim import frozen_paths, make_optimizer
 
@@ -197,15 +198,35 @@ class Trainer:
         with parallel.activate(self.mesh, self.rules):
             return self._jit_train_step(state, batch)
 
-    def compile_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
-        """The train step compiled ahead of time: its FLOPs and memory can be inspected."""
-        with parallel.activate(self.mesh, self.rules):
-            return self._jit_train_step.lower(state, batch).compile()
+    def compile_train_step(
+        self, state: TrainState, batch: dict, compiler_options: dict | None = None
+    ) -> jax.stages.Compiled:
+        """The train step compiled ahead of time: its FLOPs and memory can be inspected.
 
-    def compile_eval_step(self, params: Any, batch: dict) -> jax.stages.Compiled:
+        `state` and `batch` may be abstract (`abstract_state()`, `ShapeDtypeStruct`s), on
+        the mesh's devices or on a target's compile-only ones.
+        """
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_train_step.lower(state, batch).compile(compiler_options)
+
+    def compile_eval_step(
+        self, params: Any, batch: dict, compiler_options: dict | None = None
+    ) -> jax.stages.Compiled:
         """The eval step (the forward pass) compiled ahead of time."""
         with parallel.activate(self.mesh, self.rules):
-            return self._jit_eval_step.lower(params, batch).compile()
+            return self._jit_eval_step.lower(params, batch).compile(compiler_options)
+
+    def train_step_flops(self, state: TrainState, batch: dict) -> int:
+        """Matmul FLOPs of one train step on the global batch, recomputation included."""
+        with parallel.activate(self.mesh, self.rules):
+            return matmul_flops(self._train_step, state, batch)
+
+    def forward_flops(self, params: Any, images: jax.ShapeDtypeStruct) -> int:
+        """Matmul FLOPs of the model's forward pass on `images` ([B, H, W, 3])."""
+        with parallel.activate(self.mesh, self.rules):
+            return matmul_flops(
+                lambda p, x: self.model.apply({"params": p}, x, train=False), params, images
+            )
 
     def eval_step(self, params: Any, batch: dict) -> dict:
         """Masked loss and correct-prediction sums of a global eval batch."""

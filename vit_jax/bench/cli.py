@@ -1,7 +1,13 @@
 """`vit-bench MODE --config RECIPE[:args] [--config.key=value ...] [--json]`.
 
-Modes: train | infer | input | photos (see `vit_jax.bench`). Prints one `name value` line
-per figure, or with --json a single JSON object holding every figure.
+Modes: train | infer | input | photos | compile (see `vit_jax.bench`). Prints one
+`name value` line per figure, or with --json a single JSON object holding every figure.
+
+  vit-bench compile --target v5e-256 --config configs/pretrain.py:variant=B/16 [--sweep]
+
+compiles the recipe's train and eval steps for a TPU slice or GPU node on this machine and
+reports memory per device, fits yes/no, FLOPs, collectives and a roofline estimate of the
+step. Exit status: 0 when it fits, 3 when it does not, 2 on a bad target or config.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from ml_collections import config_flags
 
 from vit_jax import cli
 
-MODES = ("train", "infer", "input", "photos")
+MODES = ("train", "infer", "input", "photos", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file[:args].", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of lines.")
@@ -24,6 +30,19 @@ _BATCHES = flags.DEFINE_integer("batches", 20, "input: timed batches after the w
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "input: which pipeline.")
 _OUT = flags.DEFINE_string("out", None, "photos: folder to write.")
 _COUNT = flags.DEFINE_integer("count", 1000, "photos: number of JPEGs.")
+_TARGET = flags.DEFINE_string(
+    "target",
+    None,
+    "compile: v5e-16, v5litepod-16, v5p-128, v6e-64, h100x8, h200x8, a100x8, h100x8x4.",
+)
+_SLICES = flags.DEFINE_integer("slices", 1, "compile: TPU slices (multi-slice over DCN).")
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", None, "compile: classes of the head (default: the recipe's dataset's)."
+)
+_SWEEP = flags.DEFINE_bool(
+    "sweep", False, "compile: search rules, mesh, remat and accumulation for the fastest fit."
+)
+_WORKERS = flags.DEFINE_integer("workers", 2, "compile --sweep: compiler processes at once.")
 
 
 def _show(figures: dict) -> None:
@@ -33,8 +52,12 @@ def _show(figures: dict) -> None:
     for name, value in figures.items():
         if isinstance(value, float):
             value = f"{value:.4g}"
-        elif value is None:
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        elif value is None and name in ("peak_tflops_per_device", "mfu"):
             value = "unknown (device kind not in vit_jax/bench/peaks.py: pass --peak_tflops)"
+        elif value is None:
+            value = "unknown"
         print(f"{name} {value}")
 
 
@@ -57,9 +80,55 @@ def _main(argv: list[str]) -> None:
 
         _show(benchmark_input(_CONFIG.value, _BATCHES.value, split=_SPLIT.value))
         return
+    if mode == "compile":
+        return _compile(_CONFIG.value)
     from vit_jax.bench.steps import benchmark_steps
 
     _show(benchmark_steps(_CONFIG.value, mode, _STEPS.value, _PEAK.value))
+
+
+def _compile(config) -> int:
+    if not _TARGET.value:
+        raise cli.UsageError("vit-bench compile needs --target (e.g. v5e-16 or h100x8).")
+    from vit_jax.bench import targets
+    from vit_jax.bench.compile import DOES_NOT_FIT, FITS, compile_recipe
+
+    target = targets.parse_target(_TARGET.value, _SLICES.value)
+    try:
+        if not _SWEEP.value:
+            figures = compile_recipe(config, target, _NUM_CLASSES.value)
+            _show(figures)
+            return FITS if figures["fits"] else DOES_NOT_FIT
+        from vit_jax.bench.sweep import sweep
+
+        per_slice = len(targets.topology_devices(target)) // target.slices
+        ranked = sweep(config, target, per_slice, _NUM_CLASSES.value, _WORKERS.value)
+    except targets.CompilerMissingError as e:
+        raise cli.UsageError(str(e)) from None
+    _show_ranking(ranked)
+    return FITS if ranked and ranked[0]["fits"] else DOES_NOT_FIT
+
+
+def _show_ranking(ranked: list[dict]) -> None:
+    if _JSON.value:
+        print(json.dumps([{k: v for k, v in f.items() if k != "setting"} for f in ranked]))
+        return
+    gib = 1024**3
+    print(f"{'rules':6} {'fsdp':>4} {'tp':>3} {'remat':6} {'accum':>5} {'GiB/dev':>8} "
+          f"{'fits':5} {'est img/s':>10} {'est MFU':>8} bound")  # fmt: skip
+    for f in ranked:
+        s = f["setting"]
+        total = f.get("total_bytes")
+        print(
+            f"{s.rules:6} {s.fsdp:>4} {s.tensor:>3} {s.remat_policy:6} {s.accum_steps:>5} "
+            f"{total / gib if total else float('nan'):>8.2f} {str(f['fits']).lower():5} "
+            f"{f.get('estimate_img_per_s') or float('nan'):>10.0f} "
+            f"{f.get('estimate_mfu') or float('nan'):>8.1%} {f.get('estimate_bound', '-')}"
+        )
+    if ranked and ranked[0]["fits"]:
+        print(f"best: vit-train ... {ranked[0]['flags']}")
+    else:
+        print("No setting fits: lower the batch size or choose a larger target.")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -88,12 +89,19 @@ def benchmark_steps(
             return compiled(params, batch)
 
     compile_s = time.perf_counter() - start
-    flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+    # Model FLOPs: the forward's matmuls counted from its jaxpr, x3 for a train step (the
+    # backward is twice the forward); recomputation (remat) is not model work.
+    images = jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32)
+    model_flops = trainer.forward_flops(trainer.abstract_state().params, images)
+    model_flops *= 3 if mode == "train" else 1
+    # XLA's count is one device's share and includes recomputation (hardware FLOPs); it
+    # sees a scanned loop's body once, and GPUs do not report it.
+    xla_flops = (compiled.cost_analysis() or {}).get("flops")
     step_s = _time(run, steps)
     device = jax.devices()[0]
     dtype = str(config.model.dtype)
     peak = peak or peak_tflops(device.device_kind, dtype)
-    tflops = flops / step_s / 1e12  # cost_analysis counts one device's share of the program.
+    tflops = model_flops / jax.device_count() / step_s / 1e12
     figures = {
         "mode": mode,
         "model": config.model.name,
@@ -111,7 +119,9 @@ def benchmark_steps(
         "compile_s": compile_s,
         "step_s": step_s,
         "img_per_s": batch_size / step_s,
+        "model_flops_per_step": model_flops,
         "tflops_per_device": tflops,
+        "xla_tflops_per_device": None if xla_flops is None else xla_flops / step_s / 1e12,
         "peak_tflops_per_device": peak,
         "mfu": tflops / peak if peak else None,
         "peak_bytes_per_device": _peak_bytes(compiled),

@@ -1,0 +1,200 @@
+"""Compiles a recipe's real train and eval steps for a TPU slice or GPU node this machine
+does not have, and reports what the run will need and roughly how fast it can go.
+
+The program is the one `vit-train` runs: the same `Trainer`, mesh and logical rules,
+shardings and donation, from abstract state (`ShapeDtypeStruct`s): no array is created
+and TensorFlow is not imported. Memory figures are the compiler's. The step time is a
+roofline estimate, not a measurement: compute (the step's matmul FLOPs at the device's
+dense peak), HBM traffic (train state read and written once, every temporary written and
+read once) and interconnect time (each collective's ring traffic at ICI or DCN
+bandwidth), assuming they overlap perfectly; the largest bounds the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vit_jax import parallel
+from vit_jax.bench import hlo
+from vit_jax.bench.peaks import peak_tflops
+from vit_jax.bench.targets import Target, topology_devices
+from vit_jax.trainer import Trainer
+
+# Classes of the datasets the recipes name; others need --num_classes.
+NUM_CLASSES = {
+    "imagenet21k": 21843, "imagenet2012": 1000, "jft": 18291, "cifar10": 10,
+    "cifar100": 100, "oxford_iiit_pet": 37, "oxford_flowers102": 102, "mnist5k": 10,
+    "digits": 10,
+}  # fmt: skip
+FITS, DOES_NOT_FIT = 0, 3  # `vit-bench compile`'s exit status, for launch scripts to gate on.
+
+
+def num_classes_of(config: ml_collections.ConfigDict, given: int | None) -> int:
+    if given:
+        return given
+    if config.dataset in NUM_CLASSES:
+        return NUM_CLASSES[config.dataset]
+    raise ValueError(f"Pass --num_classes: the class count of {config.dataset!r} is not known.")
+
+
+def _abstract_batch(config, trainer: Trainer, size: int, eval_mask: bool) -> dict:
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
+
+    image = config.image_size
+    batch = {"image": sds((size, image, image, 3), jnp.uint8), "label": sds((size,), jnp.int32)}
+    if eval_mask:
+        batch["mask"] = sds((size,), jnp.float32)
+    return batch
+
+
+def _bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (its shard of each)."""
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(tree)
+    )
+
+
+def _compile(lowerable, *args) -> tuple[jax.stages.Compiled | None, str | None, float]:
+    """(compiled, None, seconds) or (None, the compiler's out-of-memory message, seconds)."""
+    start = time.perf_counter()
+    try:
+        return lowerable(*args), None, time.perf_counter() - start
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, str(e).strip().splitlines()[0], time.perf_counter() - start
+
+
+def _memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return {
+        "argument_bytes": m.argument_size_in_bytes,
+        "output_bytes": m.output_size_in_bytes,
+        "alias_bytes": m.alias_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "total_bytes": total + m.temp_size_in_bytes,
+    }
+
+
+def _collective_figures(compiled: jax.stages.Compiled, mesh) -> tuple[dict, dict[str, float]]:
+    """Per kind: count, bytes per step, cross-slice bytes; and ring bytes sent by link."""
+    groups = parallel.device_slices(list(mesh.devices.flat))
+    slice_of = {d.id: i for i, g in enumerate(groups) for d in g}
+    found = hlo.collectives(compiled.as_text(), [slice_of[d.id] for d in mesh.devices.flat])
+    kinds: dict[str, dict[str, float]] = collections.defaultdict(
+        lambda: {"count": 0, "bytes": 0, "cross_slice_bytes": 0}
+    )
+    sent = {"ici": 0.0, "dcn": 0.0}
+    for c in found:
+        k = kinds[c.kind]
+        k["count"] += c.executions
+        k["bytes"] += c.bytes * c.executions
+        k["cross_slice_bytes"] += c.bytes * c.executions if c.cross_slice else 0
+        sent["dcn" if c.cross_slice else "ici"] += hlo.bytes_sent(c) * c.executions
+    return dict(kinds), sent
+
+
+def compile_recipe(
+    config: ml_collections.ConfigDict, target: Target, num_classes: int | None = None
+) -> dict[str, Any]:
+    """Every figure of `config` compiled for `target`; see the module docstring.
+
+    Raises:
+      ValueError: a config that cannot run on the target (mesh, batch sizes, ...).
+      RuntimeError: the target's compiler is not installed.
+    """
+    devices = topology_devices(target)
+    mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, devices)
+    total_steps = config.get("total_steps") or config.optim.warmup_steps + 1000
+    trainer = Trainer(config, mesh, num_classes_of(config, num_classes), total_steps)
+    state = trainer.abstract_state()
+    train_batch = _abstract_batch(config, trainer, config.batch_size, eval_mask=False)
+    eval_batch = _abstract_batch(config, trainer, config.eval_batch_size, eval_mask=True)
+    n = len(devices)
+
+    forward = trainer.forward_flops(
+        state.params, jax.ShapeDtypeStruct(train_batch["image"].shape, jnp.float32)
+    )
+    hardware = trainer.train_step_flops(state, train_batch)
+    # Without a device XLA cannot autotune Triton's GEMM tiling, and a bf16 ViT step fails
+    # there ("Couldn't find output tile sizes"); cuBLAS GEMMs compile for any target.
+    options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else None
+    compiled, oom, compile_s = _compile(trainer.compile_train_step, state, train_batch, options)
+    eval_compiled, eval_oom, eval_compile_s = _compile(
+        trainer.compile_eval_step, state.params, eval_batch, options
+    )
+    device = target.device
+    dtype = str(config.model.dtype)
+    peak = peak_tflops(device.kind, dtype)
+    figures: dict[str, Any] = {
+        "target": target.name,
+        "topology": target.topology,
+        "slices": target.slices,
+        "device_kind": device.kind,
+        "num_devices": n,
+        "model": config.model.name,
+        "image_size": config.image_size,
+        "num_classes": trainer.model.num_classes,
+        "batch_size": config.batch_size,
+        "accum_steps": config.accum_steps,
+        "dtype": dtype,
+        "mu_dtype": config.optim.get("mu_dtype") or "float32",
+        "scan": bool(config.model.scan),
+        "remat_policy": config.model.remat_policy,
+        "sharding_rules": config.sharding_rules,
+        "mesh": dict(mesh.shape),
+        "device_memory_bytes": device.memory_bytes,
+        "param_bytes": _bytes_per_device(state.params),
+        "optimizer_bytes": _bytes_per_device(state.opt_state),
+        "batch_bytes": _bytes_per_device(train_batch),
+        "compile_s": compile_s,
+        "eval_compile_s": eval_compile_s,
+        "model_flops_per_step": 3 * forward,  # Forward, and twice that for the backward.
+        "hardware_flops_per_step": hardware,  # Recomputation included.
+        "peak_tflops_per_device": peak,
+    }
+    if compiled is None:
+        return figures | {"fits": False, "compiler_message": oom}
+    memory = _memory(compiled)
+    cost = compiled.cost_analysis() or {}
+    kinds, sent = _collective_figures(compiled, mesh)
+    eval_total = _memory(eval_compiled)["total_bytes"] if eval_compiled else None
+    fits = memory["total_bytes"] <= device.memory_bytes and eval_compiled is not None
+    fits = fits and eval_total <= device.memory_bytes
+    figures |= memory | {
+        "fits": fits,
+        "headroom_bytes": device.memory_bytes - memory["total_bytes"],
+        "eval_total_bytes": eval_total,
+        "xla_flops_per_device": cost.get("flops"),
+        "collectives": kinds,
+    }
+    if eval_oom:
+        figures["compiler_message"] = eval_oom
+    if peak is None:
+        return figures
+    seconds = {
+        "compute": hardware / n / (peak * 1e12),
+        "memory": (memory["argument_bytes"] + memory["output_bytes"] + 2 * memory["temp_bytes"])
+        / device.hbm_bytes_per_s,
+        "interconnect": sent["ici"] / device.ici_bytes_per_s + sent["dcn"] / device.dcn_bytes_per_s,
+    }
+    step_s = max(seconds.values())
+    return figures | {
+        "estimate_step_s": step_s,
+        "estimate_bound": max(seconds, key=seconds.get),
+        "estimate_compute_s": seconds["compute"],
+        "estimate_memory_s": seconds["memory"],
+        "estimate_interconnect_s": seconds["interconnect"],
+        "estimate_img_per_s": config.batch_size / step_s,
+        "estimate_mfu": 3 * forward / n / (step_s * peak * 1e12),
+    }

@@ -1,0 +1,104 @@
+"""The fastest setting of a recipe that fits a target: compile candidates, rank the fits.
+
+Candidates vary what changes memory and speed but not what the run computes: sharding
+rules and mesh shape (data parallelism, FSDP inside each slice or node, tensor
+parallelism of 1, 2 or 4), the remat policy (scan always on: one block compiled, not
+depth of them), gradient accumulation and Adam's first-moment dtype. For each mesh the
+policies are tried from the cheapest in compute (none, dots, full) and accumulation from
+none up; the first that fits ends that mesh's search, since the ones after it only add
+work. Candidates compile in parallel worker processes (each loads the compiler itself).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+
+from vit_jax.bench.targets import Target
+
+REMAT_POLICIES = ("none", "dots", "full")
+ACCUM_STEPS = (1, 2, 4, 8)
+TENSOR_SIZES = (1, 2, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    rules: str
+    fsdp: int  # Inside a slice or node; data parallelism takes the rest.
+    tensor: int
+    remat_policy: str
+    accum_steps: int
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "sharding_rules": self.rules,
+            "mesh.data": -1,
+            "mesh.fsdp": self.fsdp,
+            "mesh.tensor": self.tensor,
+            "model.scan": True,
+            "model.remat_policy": self.remat_policy,
+            "accum_steps": self.accum_steps,
+        }
+
+    def flags(self) -> str:
+        return " ".join(f"--config.{k}={str(v).lower()}" for k, v in self.overrides().items())
+
+
+def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
+    """(rules, fsdp, tensor): data parallel, FSDP over the whole slice, and with tensor > 1."""
+    yield "dp", 1, 1
+    yield "fsdp", devices_per_slice, 1
+    for tensor in TENSOR_SIZES[1:]:
+        if devices_per_slice % tensor == 0:
+            yield "tp", devices_per_slice // tensor, tensor
+
+
+def _compile_one(
+    config: ml_collections.ConfigDict, target: Target, num_classes: int | None, setting: Setting
+) -> dict[str, Any]:
+    from vit_jax.bench.compile import compile_recipe
+
+    config = config.copy_and_resolve_references()
+    config.update_from_flattened_dict(setting.overrides())
+    try:
+        figures = compile_recipe(config, target, num_classes)
+    except ValueError as e:  # A mesh or batch this setting cannot have.
+        return {"fits": False, "error": str(e)}
+    return figures
+
+
+def sweep(
+    config: ml_collections.ConfigDict,
+    target: Target,
+    devices_per_slice: int,
+    num_classes: int | None = None,
+    workers: int = 2,
+) -> list[dict[str, Any]]:
+    """Every compiled candidate's figures plus `setting` and `flags`; fits first, fastest first."""
+    results = []
+    context = multiprocessing.get_context("spawn")  # A fresh compiler per worker.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+
+        def search(rules: str, fsdp: int, tensor: int) -> list[dict[str, Any]]:
+            tried = []
+            for accum in ACCUM_STEPS:
+                if config.batch_size % accum:
+                    break
+                for policy in REMAT_POLICIES:
+                    setting = Setting(rules, fsdp, tensor, policy, accum)
+                    figures = pool.submit(_compile_one, config, target, num_classes, setting)
+                    figures = figures.result() | {"setting": setting, "flags": setting.flags()}
+                    tried.append(figures)
+                    if figures["fits"]:
+                        return tried
+            return tried
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as threads:
+            for found in threads.map(lambda m: search(*m), meshes(devices_per_slice)):
+                results.extend(found)
+    return sorted(results, key=lambda f: (not f["fits"], -(f.get("estimate_img_per_s") or 0)))

@@ -1,0 +1,176 @@
+"""What users rent, by the names they rent it under, as compile-only devices and figures.
+
+TPU slices go by Cloud TPU accelerator type (`v5e-16` = `v5litepod-16`, `v5p-128`,
+`v6e-64`; the number counts chips for v5e/v6e and TensorCores, two per chip, for v5p),
+`--slices N` for multi-slice. GPU nodes go by `<kind>x<gpus per node>[x<nodes>]`
+(`h100x8`, `h200x8`, `a100x8`, `h100x8x4`). `topology_devices` gives JAX's compile-only
+devices of the target (libtpu for TPUs, the CUDA plugin with our target description for
+GPUs): `jit(...).lower(...).compile()` on them runs the real compiler, no device needed.
+
+Device figures (per chip or GPU, one direction of traffic) come from the vendors'
+published specifications: Cloud TPU's system-architecture pages for v5e, v5p and v6e;
+NVIDIA's H100, H200 and A100 SXM datasheets (NVLink: half the quoted bidirectional
+figure). Data-center network (DCN) bandwidth per device is not published per chip for
+TPUs: 12.5 GB/s (100 Gb/s) is assumed; GPU nodes are taken as one 400 Gb/s (A100: 200
+Gb/s) InfiniBand adapter per GPU, as in DGX systems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+import re
+
+GIB = 1024**3
+
+# JAX reserves this share of a GPU's memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
+GPU_MEMORY_FRACTION = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Figures of one device kind: `kind` is what `jax.Device.device_kind` reports."""
+
+    kind: str
+    memory_bytes: float  # What a program may use on one device.
+    hbm_bytes_per_s: float
+    ici_bytes_per_s: float  # Inside a slice or node (ICI, NVLink).
+    dcn_bytes_per_s: float  # Between slices or nodes.
+
+
+TPUS = {  # family -> (topology prefix, chips per counted unit, figures)
+    "v5e": ("v5e", 1, Device("TPU v5 lite", 15.75 * GIB, 819e9, 200e9, 12.5e9)),
+    "v5litepod": ("v5e", 1, Device("TPU v5 lite", 15.75 * GIB, 819e9, 200e9, 12.5e9)),
+    "v5p": ("v5p", 2, Device("TPU v5", 95 * GIB, 2765e9, 600e9, 12.5e9)),
+    "v6e": ("v6e", 1, Device("TPU v6 lite", 31.25 * GIB, 1640e9, 448e9, 12.5e9)),
+}
+GPUS = {  # name -> figures; the target description ships as gpu_targets/<name>.txtpb
+    "h100": Device(
+        "NVIDIA H100 80GB HBM3", 85520809984 * GPU_MEMORY_FRACTION, 3.35e12, 450e9, 50e9
+    ),
+    "h200": Device("NVIDIA H200", 150754820096 * GPU_MEMORY_FRACTION, 4.8e12, 450e9, 50e9),
+    "a100": Device(
+        "NVIDIA A100-SXM4-80GB", 85899345920 * GPU_MEMORY_FRACTION, 2.039e12, 300e9, 25e9
+    ),
+}
+# Two-dimensional slices (v5e, v6e) by chip count.
+TORUS_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    platform: str  # "tpu" | "cuda"
+    topology: str  # As `get_topology_desc` takes it.
+    slices: int  # TPU slices, or GPU nodes.
+    device: Device
+
+    @property
+    def slice_word(self) -> str:
+        return "slice" if self.platform == "tpu" else "node"
+
+
+class UnknownTargetError(ValueError):
+    """A target name that is not one of the known TPU or GPU families."""
+
+
+class CompilerMissingError(RuntimeError):
+    """The compiler of the target's platform is not installed (or cannot load)."""
+
+
+def known_targets() -> str:
+    tpus = ", ".join(f"{f}-N" for f in TPUS)
+    return (
+        f"TPU slices {tpus} (e.g. v5e-16, v5p-128, v6e-64; with --slices N for multi-slice); "
+        f"GPU nodes {', '.join(f'{g}xG[xNODES]' for g in GPUS)} (e.g. h100x8, h100x8x4)"
+    )
+
+
+def _torus_3d(chips: int) -> str:
+    """v5p slice shapes: from 2x2x1, double the last of the smallest dimensions."""
+    dims = [2, 2, 1]
+    while dims[0] * dims[1] * dims[2] < chips:
+        smallest = min(dims)
+        dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
+    if dims[0] * dims[1] * dims[2] != chips:
+        raise UnknownTargetError(f"No v5p slice has {chips} chips: use a power of two >= 4.")
+    return "x".join(map(str, dims))
+
+
+def parse_target(name: str, slices: int = 1) -> Target:
+    """`v5e-16`, `v5p-128`, `h100x8x4`, ... -> a `Target`.
+
+    Raises:
+      UnknownTargetError: naming the known families and sizes.
+    """
+    if slices < 1:
+        raise UnknownTargetError(f"--slices {slices}: must be >= 1.")
+    tpu = re.fullmatch(r"(v5e|v5litepod|v5p|v6e)-(\d+)", name)
+    if tpu:
+        prefix, per_chip, device = TPUS[tpu.group(1)]
+        count = int(tpu.group(2))
+        if count % per_chip:
+            raise UnknownTargetError(f"{name}: {tpu.group(1)} counts TensorCores, two per chip.")
+        chips = count // per_chip
+        if prefix == "v5p":
+            shape = _torus_3d(chips)
+        elif chips in TORUS_2D:
+            shape = TORUS_2D[chips]
+        else:
+            raise UnknownTargetError(f"{name}: {prefix} slices have {sorted(TORUS_2D)} chips.")
+        return Target(name, "tpu", f"{prefix}:{shape}", slices, device)
+    gpu = re.fullmatch(r"(h100|h200|a100)x(\d+)(?:x(\d+))?", name)
+    if gpu:
+        if slices != 1:
+            raise UnknownTargetError(
+                f"{name}: give GPU nodes in the name (h100x8x4), not --slices."
+            )
+        gpus, nodes = int(gpu.group(2)), int(gpu.group(3) or 1)
+        return Target(name, "cuda", f"1x{nodes}x{gpus}", nodes, GPUS[gpu.group(1)])
+    raise UnknownTargetError(f"Unknown target {name!r}. Known: {known_targets()}.")
+
+
+def gpu_target_config(target: Target) -> str:
+    """The GpuTargetConfigProto text shipped for the target's GPU kind."""
+    kind = target.name.split("x")[0]
+    return (
+        importlib.resources.files("vit_jax.bench") / "gpu_targets" / f"{kind}.txtpb"
+    ).read_text()
+
+
+def topology_devices(target: Target) -> list:
+    """Compile-only devices of `target` (needs libtpu, or the CUDA plugin and ptxas).
+
+    Raises:
+      RuntimeError: saying which package to install when the compiler is missing.
+    """
+    from jax.experimental import topologies
+
+    # Compile-only: no chip is opened, so processes (a sweep's workers, tests) may share libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        if target.platform == "tpu":
+            topology = topologies.get_topology_desc(
+                topology_name=target.topology, platform="tpu", num_slices=target.slices
+            )
+        else:
+            topology = topologies.get_topology_desc(
+                platform="cuda", target_config=gpu_target_config(target), topology=target.topology
+            )
+    except Exception as e:  # The plugins raise several kinds; all mean "not usable here".
+        needed = "libtpu" if target.platform == "tpu" else "the CUDA plugin and ptxas"
+        raise CompilerMissingError(
+            f"Cannot compile for {target.name}: {needed} must be installed (pip install "
+            f"'vit_jax[compile]'). The plugin said: {type(e).__name__}: {e}"
+        ) from e
+    return list(topology.devices)

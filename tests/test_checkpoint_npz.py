@@ -21,15 +21,15 @@ from flax import traverse_util
 from helpers import REPO, abstract_params, random_params
 from reference_vit import vit_logits
 
-from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
-from vit_jax.checkpoint.posemb import resample_posemb
-from vit_jax.checkpoint.pretrained import (
+from vit_jax.checkpoint.describe import (
     WEIGHT_BOUND_FIELDS,
     describe_checkpoint,
     description_path,
-    load_pretrained,
     weight_bound_fields,
 )
+from vit_jax.checkpoint.fit import load_pretrained
+from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
+from vit_jax.checkpoint.posemb import resample_posemb
 from vit_jax.models import create_model, unstack_blocks
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
@@ -428,15 +428,16 @@ def test_flax_model_matches_the_reference_on_the_exported_file(tmp_path, overrid
 def test_describe_and_fine_tuning_read_the_architecture_from_an_npz(tmp_path, overrides):
     """What vit-predict builds a bare file's model from, and what `model_init` sets.
 
-    Both come from the file's arrays (fine-tuning's from a few small ones); an .npz states
-    no activation.
+    Both come from the file's arrays (`weight_bound_fields` from a few small ones); an .npz
+    states no activation.
     """
     model = tiny(**overrides)
     path = tmp_path / "model.npz"
     save_npz(random_params(model), path)
     described = describe_checkpoint(path)
-    # No `name`: width 32 is no named size.
-    assert described.model == {"representation_size": None} | overrides
+    # Every size, and no `name`: width 32 is no named size.
+    sizes = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2)
+    assert described.model == {"representation_size": None} | sizes | overrides
     learned = overrides["posemb"] == "learn"
     assert (described.num_classes, described.image_size) == (10, 32 if learned else None)
     assert "original ViT/AugReg layout" in described.source

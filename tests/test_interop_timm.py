@@ -32,8 +32,7 @@ from timm.models import save_for_hf
 from vit_jax import checkpoint, export, predict
 from vit_jax.checkpoint.safetensors_file import read_safetensors
 from vit_jax.config import base_config
-from vit_jax.models import create_model
-from vit_jax.train import match_model_init
+from vit_jax.models import abstract_params, create_model
 
 pytestmark = pytest.mark.interop
 
@@ -134,9 +133,9 @@ UNSUPPORTED = {
 def test_timm_models_our_vit_cannot_express_are_refused(feature, tmp_path):
     kwargs, message = UNSUPPORTED[feature]
     path = save_timm(timm_vit(**kwargs), tmp_path / "model.safetensors")
-    # Both ways in: what vit-predict reads a bare file with, and loading into a model of
-    # one's own (fine-tuning's model_init), which does not describe the file first.
-    target = predict.abstract_params(create_model("Ti/8", num_classes=10, **TINY), 32)
+    # Both ways in: what vit-predict and fine-tuning read a bare file with, and loading
+    # into a model of one's own without describing the file first.
+    target = abstract_params(create_model("Ti/8", num_classes=10, **TINY), 32)
     for read in (
         checkpoint.describe_checkpoint,
         lambda p: checkpoint.load_pretrained(p, init_params=target),
@@ -268,12 +267,13 @@ def test_average_pooling_beside_a_class_token_is_refused(tmp_path):
 
 
 def test_fine_tuning_from_a_timm_file_builds_the_model_timm_trained(tmp_path):
-    """`model_init` of a hub file sets the fields its weights fix (exact GELU, pooling)."""
+    """`model_init` of a hub file changes the fields its weights fix (exact GELU, pooling),
+    leaving the config given alone."""
     source = timm_vit(class_token=False, global_pool="avg")  # gap + fc_norm, exact GELU
     config = base_config()
     config.model.update(name="Ti/8", **TINY)
     config.model_init = save_timm(source, tmp_path / "model.safetensors")
     assert (config.model.activation, config.model.pool) == ("gelu_tanh", "token")
-    match_model_init(config)
-    assert config.model.activation == "gelu_exact"
-    assert (config.model.pool, config.model.fc_norm) == ("gap", True)
+    changes = checkpoint.model_init_changes(config.model, config.model_init)
+    assert changes == dict(activation="gelu_exact", pool="gap", fc_norm=True)
+    assert (config.model.activation, config.model.pool) == ("gelu_tanh", "token")

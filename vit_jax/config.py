@@ -42,6 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Model: `name` is parsed by vit_jax.models.create_model; the rest are its overrides.
     c.model = ml_collections.ConfigDict()
     c.model.name = "B/16"
+    # What the name decodes, set to build another size (None: the name's).
+    c.model.patch_size = placeholder(int)
+    c.model.width = placeholder(int)
+    c.model.depth = placeholder(int)
+    c.model.mlp_dim = placeholder(int)
+    c.model.num_heads = placeholder(int)
     c.model.pool = "token"  # "token" | "gap" | "map"
     c.model.posemb = "learn"  # "learn" | "sincos2d"
     c.model.num_registers = 0  # Learned register tokens (Darcet et al., 2023); 0: none.
@@ -56,7 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     c.model.activation = "gelu_tanh"  # "gelu_tanh" (Google checkpoints) | "gelu_exact" (timm, HF)
     c.model.fc_norm = False  # LayerNorm after pooling instead of before it (timm gap models).
-    c.model_init = placeholder(str)  # Pretrained .npz file or vit_jax workdir.
+    # A checkpoint to start from (.npz, .safetensors or vit_jax workdir). Its architecture
+    # replaces the model's: name, sizes and WEIGHT_BOUND_FIELDS (vit_jax.checkpoint.describe).
+    c.model_init = placeholder(str)
     c.model_init_reset_head = False  # Zero head even when the class count matches.
 
     # Objective and optimizer (see vit_jax/optim.py).

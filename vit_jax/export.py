@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 from etils import epath
 
@@ -38,23 +37,6 @@ from vit_jax.checkpoint.safetensors_file import write_safetensors
 FORMATS = ("npz", "timm_npz", "timm_safetensors")
 
 
-def run_description(workdir: str) -> dict[str, Any]:
-    """The latest checkpoint's metadata plus the evaluation settings from `config.json`.
-
-    Fields: class_names, model, num_classes, image_size, dataset, and eval_crop_fraction
-    and loss when the workdir has a config.json.
-    """
-    description = dict(checkpoint.load_metadata(workdir))
-    config_file = epath.Path(workdir) / "config.json"
-    if config_file.exists():
-        config = json.loads(config_file.read_text())
-        if "eval_crop_fraction" in config.get("pp", {}):
-            description["eval_crop_fraction"] = config["pp"]["eval_crop_fraction"]
-        if "loss" in config:
-            description["loss"] = config["loss"]
-    return description
-
-
 def export(workdir: str, out: str | os.PathLike, file_format: str = "npz") -> epath.Path:
     """Writes the latest parameters of `workdir` to `out` and its description next to it.
 
@@ -62,7 +44,7 @@ def export(workdir: str, out: str | os.PathLike, file_format: str = "npz") -> ep
     """
     if file_format not in FORMATS:
         raise ValueError(f"--format {file_format!r} is not one of {', '.join(FORMATS)}.")
-    description = run_description(workdir)
+    description = checkpoint.run_description(workdir)
     model = description.get("model", {})
     if file_format.startswith("timm_"):
         problems = timm_layout.export_problems(model, file_format.removeprefix("timm_"))

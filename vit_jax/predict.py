@@ -26,7 +26,6 @@ Output, per image: its path, then one line per class, most probable first:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -34,64 +33,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tensorflow as tf
-from etils import epath
 
 from vit_jax import checkpoint
 from vit_jax.data import preprocess
 from vit_jax.data.folder import IMAGE_EXTENSIONS
-from vit_jax.export import run_description
-from vit_jax.models import VisionTransformer
-from vit_jax.trainer import build_model, scale_images
-
-_REQUIRED = ("num_classes", "image_size")
-
-
-def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dict[str, Any]]:
-    """(model, its parameters as numpy arrays, run description) of the checkpoint at `path`.
-
-    A workdir or an exported file's `.json` describes the run. A bare file is described by
-    what its weights imply (`checkpoint.describe_checkpoint`: pooling, representation
-    layer, activation of hub layouts, class count, and for plain ViTs size and resolution),
-    read once for both. `overrides` (None: keep) replace the description's fields; `model`
-    the model's name only, keeping those implied fields.
-    """
-    weights = None
-    if epath.Path(path).is_dir():
-        run = run_description(path)
-    elif (json_path := checkpoint.description_path(path)).exists():
-        run = json.loads(json_path.read_text())
-    else:
-        weights = checkpoint.read_weights(path)
-        implied = checkpoint.describe_checkpoint(weights)
-        run = {"model": implied.model}
-        if implied.num_classes:
-            run["num_classes"] = implied.num_classes
-        if implied.image_size:
-            run["image_size"] = implied.image_size
-    if overrides.get("model"):
-        overrides["model"] = run.get("model", {}) | {"name": overrides["model"]}
-    run |= {key: value for key, value in overrides.items() if value is not None}
-    missing = [] if "name" in run.get("model", {}) else ["model"]
-    missing += [key for key in _REQUIRED if key not in run]
-    if missing:
-        raise ValueError(
-            f"{path} does not say its {', '.join(missing)}: pass "
-            + " ".join(f"--{key}" for key in missing)
-            + " (a vit-train workdir, or a file exported with vit-export, needs none)."
-        )
-    model = build_model(ml_collections.ConfigDict({"model": run["model"]}), run["num_classes"])
-    init = abstract_params(model, run["image_size"])
-    return model, checkpoint.load_pretrained(weights or path, init_params=init), run
-
-
-def abstract_params(model: VisionTransformer, image_size: int) -> Any:
-    """Shapes, dtypes and logical axes (boxed) of `model`'s parameters; nothing computed."""
-    images = jnp.zeros((1, image_size, image_size, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
+from vit_jax.models import VisionTransformer, scale_images
 
 
 def classifier(
@@ -163,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch_size {args.batch_size}: must be at least 1.")
 
     try:
-        model, params, run = load_model(
+        model, params, run = checkpoint.load_model(
             args.checkpoint,
             model=args.model,
             num_classes=args.num_classes,

@@ -60,33 +60,15 @@ def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
     return math.ceil(config.num_epochs * train_examples / config.batch_size)
 
 
-def match_model_init(config: ml_collections.ConfigDict) -> None:
-    """Sets the model fields `config.model_init`'s weights fix (activation, pooling, ...).
-
-    A timm or transformers checkpoint was trained with the exact GELU, a Google one with
-    the tanh approximation: the fine-tuned model must compute what it computed there.
-    """
-    if not config.model_init:
-        return
-    for key, value in checkpoint.weight_bound_fields(config.model_init).items():
-        if config.model.get(key) != value:
-            log.info("model.%s=%r, as %s states.", key, value, config.model_init)
-            config.model[key] = value
-
-
-def _initial_state(trainer: Trainer, checkpointer: Checkpointer) -> TrainState:
-    """The newest readable checkpoint if there is one, else `model_init` or a fresh init."""
+def _initial_state(trainer: Trainer, checkpointer: Checkpointer, pretrained: Any) -> TrainState:
+    """The newest readable checkpoint if there is one, else `pretrained` (`model_init`'s
+    parameters, or None) or a fresh init."""
     config, abstract = trainer.config, trainer.abstract_state()
     state = restore_newest_readable(checkpointer, abstract)
     if state is not None:
         log.info("Resumed from step %d.", int(state.step))
         return state
-    if config.model_init:
-        pretrained = checkpoint.load_pretrained(
-            config.model_init,
-            init_params=abstract.params,
-            reset_head=config.model_init_reset_head,
-        )
+    if pretrained is not None:
         log.info("Initialised from %s.", config.model_init)
         return trainer.init_state(pretrained)
     return trainer.init_state()
@@ -104,11 +86,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # checkpoint and status 75 (after one step) rather than a kill a scheduler won't requeue.
     with StopRequests() as stop_requests:
         # Everything a config can get wrong is refused here, before the workdir is touched.
-        match_model_init(config)
+        if config.model_init:  # The model takes the checkpoint's architecture.
+            weights = checkpoint.read_weights(config.model_init)
+            config = config.copy_and_resolve_references()
+            config.model.update(checkpoint.model_init_changes(config.model, weights))
         info = data.get_dataset_info(config.dataset, config.data_dir)
         steps = total_steps(config, data.num_train_examples(config))
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
         trainer = Trainer(config, mesh, info.num_classes, steps)
+        pretrained = None
+        if config.model_init:  # Read on a resume too: the price of refusing before claiming.
+            pretrained = checkpoint.load_pretrained(
+                weights,
+                init_params=trainer.abstract_state().params,
+                reset_head=config.model_init_reset_head,
+            )
+            del weights
         fewshot = None
         if config.fewshot.datasets:
             fewshot = FewShotEvaluator(
@@ -126,7 +119,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer = None
             try:
                 check_config(workdir, config, resuming=bool(checkpointer.steps()))
-                state = _initial_state(trainer, checkpointer)
+                state = _initial_state(trainer, checkpointer, pretrained)
+                del pretrained  # Host copies: the state holds the parameters now.
                 repair_metrics(workdir, int(state.step))
                 writer = MetricWriter(workdir)
                 return _train_loop(

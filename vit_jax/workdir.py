@@ -211,11 +211,14 @@ def _is_bookkeeping(field: str) -> bool:
 
 
 def _contract(config_json: dict, process_count: int | None) -> dict[str, Any]:
-    """The fields a resume must keep; the process count only when it is known."""
+    """The fields a resume must keep; the process count only when it is known.
+
+    A field left None is one the run does not set, as a config of older code lacks it.
+    """
     fields = traverse_util.flatten_dict(config_json, sep=".")
     if process_count is not None:
         fields["process_count"] = process_count
-    return {k: v for k, v in fields.items() if not _is_bookkeeping(k)}
+    return {k: v for k, v in fields.items() if v is not None and not _is_bookkeeping(k)}
 
 
 def _read_json(path: str) -> dict | None:

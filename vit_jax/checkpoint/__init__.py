@@ -1,20 +1,24 @@
 """Train-state checkpoints (Orbax) and interchange with published `.npz` and hub checkpoints."""
 
-from vit_jax.checkpoint.manager import Checkpointer, load_metadata, load_params
-from vit_jax.checkpoint.npz import save_npz
-from vit_jax.checkpoint.posemb import resample_posemb
-from vit_jax.checkpoint.pretrained import (
+from vit_jax.checkpoint.describe import (
+    ARCHITECTURE_FIELDS,
     WEIGHT_BOUND_FIELDS,
     CheckpointDescription,
     PretrainedWeights,
     describe_checkpoint,
     description_path,
-    load_pretrained,
+    model_init_changes,
     read_weights,
     weight_bound_fields,
 )
+from vit_jax.checkpoint.fit import load_pretrained
+from vit_jax.checkpoint.loading import load_model, run_description
+from vit_jax.checkpoint.manager import Checkpointer, load_metadata, load_params
+from vit_jax.checkpoint.npz import save_npz
+from vit_jax.checkpoint.posemb import resample_posemb
 
 __all__ = [
+    "ARCHITECTURE_FIELDS",
     "WEIGHT_BOUND_FIELDS",
     "CheckpointDescription",
     "Checkpointer",
@@ -22,10 +26,13 @@ __all__ = [
     "describe_checkpoint",
     "description_path",
     "load_metadata",
+    "load_model",
     "load_params",
     "load_pretrained",
+    "model_init_changes",
     "read_weights",
     "resample_posemb",
+    "run_description",
     "save_npz",
     "weight_bound_fields",
 ]

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import data, parallel
 from vit_jax.metrics import fewshot_metric
-from vit_jax.trainer import scale_images
+from vit_jax.models import scale_images
 
 # L2 strengths tried, relative to the mean squared norm of the centred train features, so
 # one grid serves features of any scale.

@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 
 from vit_jax import data
+from vit_jax.checkpoint import load_model
 from vit_jax.config import base_config
 from vit_jax.models import VisionTransformer
-from vit_jax.predict import load_model
 
 
 def load_features_model(

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.metrics import parse_record
-from vit_jax.models import VisionTransformer
+from vit_jax.models import VisionTransformer, scale_images
 from vit_jax.models.resnet import standardize
 from vit_jax.models.vit import sincos2d_posemb
-from vit_jax.trainer import scale_images
 
 
 class Attention(NamedTuple):

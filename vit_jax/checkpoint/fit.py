@@ -1,87 +1,32 @@
-"""Loads a pretrained checkpoint into the parameter tree of a (fine-tuning) target model.
+"""Fits a checkpoint's weights into the parameter tree of a (fine-tuning) target model.
 
 The target decides: what fits is loaded, the classification head is reset when it
 cannot serve the target, the position embedding follows the target's patch grid,
 and anything else that differs is an error naming every offending parameter, since
-a silently partial load trains a model that is quietly worse.
-
-Weights alone do not say how a model computes with them: `describe_checkpoint` tells the
-caller the model fields a checkpoint implies (`WEIGHT_BOUND_FIELDS`: activation, pooling,
-where the final norm sits, registers, position embedding), so the model built for it
-computes what the source computed. A file is read once (`read_weights`) when it is both
-described and loaded.
+a silently partial load trains a model that is quietly worse. Which target computes
+what the source computed is `vit_jax.checkpoint.describe`'s to say.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from etils import epath
 from flax import traverse_util
 
-from vit_jax.checkpoint import hub
-from vit_jax.checkpoint.npz import POSEMB, canonicalize, read_npz, read_npz_model_arrays
+from vit_jax.checkpoint.describe import PretrainedWeights, Source, read_weights
+from vit_jax.checkpoint.npz import POSEMB
 from vit_jax.checkpoint.posemb import infer_grid, resample_posemb
 from vit_jax.models import stack_blocks
-from vit_jax.models.variants import SIZES
 
-# Model fields that must follow the checkpoint for its weights to mean what they meant:
-# fine-tuning (`model_init`) takes them from `weight_bound_fields`.
-WEIGHT_BOUND_FIELDS = ("activation", "pool", "fc_norm", "num_registers", "posemb")
-# The arrays whose presence (and, for registers, shape) fixes the structural fields.
-_STRUCTURE_ARRAYS = ("cls", "registers", "MAPHead_0/probe", "fc_norm/scale", POSEMB)
 _ATTENTION_OUT = re.compile(r"MultiHeadDotProductAttention_0/out/kernel$")
 _ATTENTION = re.compile(r"MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)$")
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainedWeights:
-    """A checkpoint's arrays in our unrolled tree, read once, and what its files state.
-
-    `fused_heads`: the format does not record the number of attention heads (hub layouts),
-    so each attention array holds one head of the full width until a model is chosen.
-    """
-
-    path: str
-    params: dict[str, np.ndarray]  # '/'-joined keys of our unrolled tree.
-    layout: str  # The format and its conventions, for messages.
-    stated: dict[str, Any]  # Model fields the files state outright (see `_stated_fields`).
-    fused_heads: bool
-
-
-Source = str | os.PathLike | PretrainedWeights
-
-
-def read_weights(path: str | os.PathLike) -> PretrainedWeights:
-    """Reads any checkpoint `load_pretrained` takes, for `describe_checkpoint` and loading."""
-    kind = _kind(path)
-    if kind == "hub":
-        params, layout = hub.read_params(path)
-    elif kind == "run":
-        from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
-
-        params, _ = canonicalize(traverse_util.flatten_dict(manager.load_params(path), sep="/"))
-        layout = "vit_jax training run"
-    else:
-        params, npz_layout = canonicalize(read_npz(path))
-        layout = str(npz_layout)
-    return PretrainedWeights(
-        path=str(path),
-        params=params,
-        layout=layout,
-        stated=_stated_fields(path, kind),
-        fused_heads=kind == "hub",
-    )
 
 
 def load_pretrained(
@@ -117,7 +62,7 @@ def load_pretrained(
     when it has none. Returns numpy arrays in the tree structure, shapes and dtypes
     of the unboxed `init_params` (scanned if the target is scanned).
     """
-    weights = _weights(source)
+    weights = source if isinstance(source, PretrainedWeights) else read_weights(source)
     path, layout, params = weights.path, weights.layout, weights.params
     target_tree = nn.unbox(init_params)
     target = traverse_util.flatten_dict(target_tree, sep="/")
@@ -151,123 +96,6 @@ def load_pretrained(
         lambda key_path, _: params[jax.tree_util.keystr(key_path, simple=True, separator="/")],
         target_tree,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointDescription:
-    """What a checkpoint's own files say about the model that computes with its weights.
-
-    `model` holds `VisionTransformer` fields: those of `WEIGHT_BOUND_FIELDS` the source
-    states, `representation_size`, and `name` when the sizes match a named plain ViT.
-    `num_classes` is 0 for a checkpoint without a head; `image_size` is the pretraining
-    resolution of a plain ViT's position embedding, None when it cannot be told.
-    """
-
-    source: str
-    model: dict[str, Any]
-    num_classes: int
-    image_size: int | None
-
-
-def describe_checkpoint(source: Source) -> CheckpointDescription:
-    """Describes the model of `source` (anything `load_pretrained` takes).
-
-    An `.npz` does not record its activation: `model` then has none, and the Google
-    releases' "gelu_tanh" (our default) applies unless the description vit-export wrote
-    beside it says otherwise.
-    """
-    weights = _weights(source)
-    params = weights.params
-    model = _structural_fields(params) | weights.stated
-    representation = params.get("pre_logits/bias")
-    model["representation_size"] = None if representation is None else representation.shape[-1]
-    image_size = None
-    if "conv_root/kernel" not in params and POSEMB in params:
-        patch, width = params["embedding/kernel"].shape[0], params["embedding/kernel"].shape[-1]
-        num_prefix = int(model["pool"] == "token")
-        side = int(np.sqrt(params[POSEMB].shape[1] - num_prefix))
-        if side * side == params[POSEMB].shape[1] - num_prefix:
-            image_size = side * patch
-        sizes = {
-            "width": width,
-            "depth": sum(k.endswith("/LayerNorm_0/scale") and "encoderblock" in k for k in params),
-            "mlp_dim": params["Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias"].shape[-1],
-        }
-        names = [n for n, s in SIZES.items() if {k: s[k] for k in sizes} == sizes]
-        if len(names) == 1:
-            model.setdefault("name", f"{names[0]}/{patch}")
-    head = params.get("head/bias")
-    return CheckpointDescription(
-        source=weights.layout,
-        model=model,
-        num_classes=0 if head is None else head.shape[-1],
-        image_size=image_size,
-    )
-
-
-def weight_bound_fields(path: str | os.PathLike) -> dict[str, Any]:
-    """The `WEIGHT_BOUND_FIELDS` of a checkpoint, without reading its blocks' arrays.
-
-    What a fine-tuning run starting from `path` (`config.model_init`) must build its model
-    with: hub files state them (header and `config.json`), workdirs in their metadata,
-    files from vit-export in the description beside them. A bare `.npz` shows its
-    structure in a few small arrays and states no activation (the config's applies;
-    Google's files use the default "gelu_tanh").
-    """
-    kind = _kind(path)
-    stated = _stated_fields(path, kind)
-    if kind == "npz":
-        stated = _structural_fields(read_npz_model_arrays(path, _STRUCTURE_ARRAYS)) | stated
-    return {key: stated[key] for key in WEIGHT_BOUND_FIELDS if key in stated}
-
-
-def description_path(weights_path: str | os.PathLike) -> epath.Path:
-    """Where vit-export describes the file it wrote (class names, model, ...): `.json` beside it."""
-    path = epath.Path(weights_path)
-    if path.suffix in (".npz", hub.SUFFIX):
-        return path.with_suffix(".json")
-    return epath.Path(f"{path}.json")
-
-
-def _weights(source: Source) -> PretrainedWeights:
-    return source if isinstance(source, PretrainedWeights) else read_weights(source)
-
-
-def _kind(path: str | os.PathLike) -> str:
-    """ "hub" (a `.safetensors`), "run" (a vit-train workdir) or "npz" (any other file)."""
-    if hub.is_safetensors(path):
-        return "hub"
-    return "run" if epath.Path(path).is_dir() else "npz"
-
-
-def _stated_fields(path: str | os.PathLike, kind: str) -> dict[str, Any]:
-    """Model fields the files state outright: hub layouts, our training runs and exports do."""
-    if kind == "hub":
-        return hub.model_fields(path)
-    if kind == "run":
-        from vit_jax.checkpoint import manager  # Orbax is needed only for directories.
-
-        saved = manager.load_metadata(path).get("model", {})
-    elif (description := description_path(path)).exists():
-        saved = json.loads(description.read_text()).get("model", {})
-    else:
-        return {}
-    return {key: saved[key] for key in (*WEIGHT_BOUND_FIELDS, "name") if key in saved}
-
-
-def _structural_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """The fields the presence of `_STRUCTURE_ARRAYS` tells: pooling, fc_norm, registers, posemb."""
-    if "cls" in params:
-        pool = "token"
-    else:
-        pool = "map" if "MAPHead_0/probe" in params else "gap"
-    return {
-        "pool": pool,
-        "fc_norm": "fc_norm/scale" in params,
-        "num_registers": params["registers"].shape[1] if "registers" in params else 0,
-        # Without a stored table the positions are the fixed 2-D sin-cos ones.
-        "posemb": "learn" if POSEMB in params else "sincos2d",
-    }
 
 
 def _split_heads(params: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -29,8 +30,8 @@ EXTRAS = {
         ("torch", "torchvision", "timm", "transformers", "safetensors"),
         'pip install -e ".[test,interop]"',
     ),
-    # `@pytest.mark.compile("jax_cuda12_plugin")` names another compiler than libtpu's.
-    "compile": (("libtpu",), "pip install libtpu (a compile-only TPU backend on any host)"),
+    # `@pytest.mark.compile("libtpu")` names the one compiler a test needs.
+    "compile": (("libtpu", "jax_cuda12_plugin"), 'pip install -e ".[test,compile]"'),
 }
 
 
@@ -48,6 +49,15 @@ def require_extra(name: str, modules: tuple[str, ...], install: str) -> None:
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)
+
+
+# `vit-train` paused before a given step until its stdin gets a line: see the script.
+PAUSED_TRAIN = os.path.join(REPO, "tests", "paused_train.py")
+
+
+def wait_until_paused(run: subprocess.Popen, step: int) -> bool:
+    """Reads `run`'s stdout until PAUSED_TRAIN says it waits at `step`; False if it ended."""
+    return any(line == f"paused at step {step}\n" for line in run.stdout)
 
 
 def load_recipe(name: str, arg: str | None = None) -> ml_collections.ConfigDict:

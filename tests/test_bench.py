@@ -71,12 +71,24 @@ def test_train_runs_tensor_parallel_meshes():
         ("NVIDIA H200", "bfloat16", 989.4),
         ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
         ("NVIDIA A100-SXM4-40GB", "float32", 156.0),
-        ("cpu", "float32", None),
-        ("TPU v7x", "bfloat16", None),
     ],
 )
 def test_peak_table_matches_reported_device_kinds(kind, dtype, peak):
     assert peak_tflops(kind, dtype) == peak
+
+
+@pytest.mark.parametrize(
+    "kind, dtype",
+    [
+        ("cpu", "float32"),
+        ("TPU v99 imaginary", "bfloat16"),  # A kind no table can know yet.
+        ("NVIDIA Q9000", "bfloat16"),
+        ("TPU v4", "int4"),  # A known kind, a dtype without a published peak.
+        ("NVIDIA H100 80GB HBM3", "float64"),
+    ],
+)
+def test_unknown_kinds_and_dtypes_have_no_peak(kind, dtype):
+    assert peak_tflops(kind, dtype) is None  # Said, not guessed: MFU is left out.
 
 
 def test_input_figures_on_a_photo_folder(tmp_path):

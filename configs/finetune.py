@@ -1,13 +1,21 @@
 """Fine-tuning as in "An Image is Worth 16x16 Words" (Dosovitskiy et al.), Table 4.
 
     vit-train --workdir DIR \
-        --config configs/finetune.py:dataset=cifar10,model_init=/path/ViT-B_16.npz,variant=B/16
+        --config configs/finetune.py:dataset=cifar10,model_init=/path/ViT-B_16.npz
+    vit-train --workdir DIR \
+        --config configs/finetune.py:dataset=folder:/my/images,model_init=/tmp/vit_local,local=true
 
-Arguments: dataset (a name below, any other tfds name, or "folder:/path/to/root");
-model_init (a published `.npz` or a vit_jax workdir; empty trains from scratch); variant
-(the checkpoint's architecture, e.g. "B/16", "R50+B/16"); accum_steps (split each batch
-of 512 into that many micro-batches on small accelerators: same update, less memory);
-image_size; and overrides for the sweep: lr, steps, train_split, eval_split.
+Arguments: dataset (a name below, any other tfds name, or "folder:/path/to/root";
+default cifar10, or the embedded offline `digits` with local=true);
+model_init (a published `.npz` or `.safetensors`, a file from vit-export, or a vit_jax
+workdir; empty trains from scratch), whose architecture the model takes (size, patch,
+pooling, activation, ...: vit_jax.checkpoint.model_init_changes); variant (the model
+trained from scratch, default "B/16", and the name of a hybrid `.npz`, e.g. "R50+B/16",
+whose weights do not say their stem); accum_steps (split each batch of 512 into that many
+micro-batches on small accelerators: same update, less memory); image_size; local (the
+same recipe at a laptop CPU's size: 28 px, batch 32, 200 steps, "Ti/7" from scratch;
+28 px suits the main job's 7 px patches, pass image_size for others); and overrides for
+the sweep: lr, steps, train_split, eval_split.
 
 All: SGD momentum 0.9, batch 512, no weight decay, cosine decay, global-norm clip 1.0,
 384 px; the head is a fresh zero-initialised one, the representation layer (`pre_logits`)
@@ -45,6 +53,7 @@ DATASETS = {
     "oxford_flowers102": (500, 0.01, "train+validation", "test"),
 }
 VTAB = (2_500, 0.01, "train", "test")
+LOCAL_STEPS, LOCAL_IMAGE_SIZE, LOCAL_BATCH = 200, 28, 32
 MAX_WARMUP_STEPS = 500
 
 
@@ -70,33 +79,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_args(
         arg,
         {
-            "dataset": "cifar10",
+            "dataset": "",
             "model_init": "",
-            "variant": "B/16",
+            "variant": "",
             "accum_steps": 1,
-            "image_size": 384,
+            "image_size": 0,
             "lr": 0.0,
             "steps": 0,
             "train_split": "",
             "eval_split": "",
+            "local": False,
         },
     )
-    steps, lr, train_split, eval_split = DATASETS.get(args.dataset, VTAB)
+    dataset = args.dataset or ("digits" if args.local else "cifar10")
+    steps, lr, train_split, eval_split = DATASETS.get(dataset, VTAB)
+    if args.local:
+        steps = LOCAL_STEPS
     c = base_config()
-    c.dataset = args.dataset
+    c.dataset = dataset
     c.train_split = args.train_split or train_split
     c.eval_split = args.eval_split or eval_split
     c.model_init = args.model_init or None
-    c.image_size = args.image_size
-    c.batch_size = 512
-    c.eval_batch_size = 512
+    c.image_size = args.image_size or (LOCAL_IMAGE_SIZE if args.local else 384)
+    c.batch_size = c.eval_batch_size = LOCAL_BATCH if args.local else 512
     c.accum_steps = args.accum_steps
-    c.shuffle_buffer = 50_000
+    c.shuffle_buffer = 5_000 if args.local else 50_000
     c.pp.train_crop = "inception"
     c.pp.flip = True
     c.pp.eval_crop_fraction = 1.0
 
-    c.model.name = args.variant
+    c.model.name = args.variant or ("Ti/7" if args.local else "B/16")
     c.model.pool = "token"
     c.model.representation_size = None
     c.model.head_bias_init = 0.0

@@ -100,7 +100,7 @@ CASES = {
     "vit-export --workdir typo": Case(
         lambda p: _command(export.main, "--workdir", str(p / "typo"), "--out", str(p / "o.npz")),
         CommandFailed,
-        r"status 1: vit-export: '.*/typo' is not a directory: expected a vit_jax workdir",
+        r"status 2: vit-export: '.*/typo' is not a directory: expected a vit_jax workdir",
     ),
     "vit-export of numeric non-checkpoint folders": Case(
         lambda p: _command(export.main, "--workdir", str(p / "images"), "--out", str(p / "o.npz")),

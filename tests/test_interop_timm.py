@@ -220,7 +220,7 @@ def test_exports_timm_would_misread_are_refused(fields, file_format, message, in
     params = random_params(model)
     workdir = write_run(tmp_path / "run", fields, params, num_classes=10)
     out = tmp_path / "export.bin"
-    assert export.main(["--workdir", workdir, "--out", str(out), "--format", file_format]) == 1
+    assert export.main(["--workdir", workdir, "--out", str(out), "--format", file_format]) == 2
     assert not out.exists() and not (tmp_path / "export.bin.json").exists()
     with pytest.raises(ValueError, match=message) as refused:
         export.export(workdir, out, file_format)

@@ -30,16 +30,16 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
-import tensorflow as tf
 
-from vit_jax import checkpoint
-from vit_jax.data import preprocess
-from vit_jax.data.folder import IMAGE_EXTENSIONS
-from vit_jax.models import VisionTransformer, scale_images
+from vit_jax import cli
+
+# JAX, TensorFlow and the model library are imported where they are used, after the command
+# line is parsed: `vit-predict --help` and its usage errors answer at once.
+if TYPE_CHECKING:
+    from vit_jax.models import VisionTransformer
 
 
 def classifier(
@@ -55,6 +55,10 @@ def classifier(
             "probabilities: the checkpoint's head has another class count, or the model "
             "lacks its representation layer. Check --model and --num_classes."
         )
+    import jax
+
+    from vit_jax.models import scale_images
+
     squash = jax.nn.sigmoid if run.get("loss") == "sigmoid_xent" else jax.nn.softmax
     apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, scale_images(x), train=False)))
     return lambda images: np.asarray(apply(params, images))
@@ -62,6 +66,10 @@ def classifier(
 
 def find_images(paths: Sequence[str]) -> Iterator[str]:
     """Files named directly, and every .jpg/.jpeg/.png under named folders, in sorted order."""
+    import tensorflow as tf
+
+    from vit_jax.data.folder import IMAGE_EXTENSIONS
+
     for path in paths:
         if not tf.io.gfile.isdir(path):
             yield path
@@ -75,6 +83,10 @@ def find_images(paths: Sequence[str]) -> Iterator[str]:
 
 def load_image(path: str, size: int, crop_fraction: float) -> np.ndarray:
     """One image file as the evaluation pipeline feeds it to the model: uint8 [size, size, 3]."""
+    import tensorflow as tf
+
+    from vit_jax.data import preprocess
+
     encoded = tf.io.read_file(path)
     return preprocess.decode_and_central_crop(encoded, size, crop_fraction).numpy()
 
@@ -96,10 +108,13 @@ def _batches(files: Iterator[str], batch_size: int) -> Iterator[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vit-predict", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser("vit-predict", __doc__)
     parser.add_argument("images", nargs="+", help="Image files or folders.")
     parser.add_argument(
-        "--checkpoint", required=True, help="A vit-train workdir, an .npz or a .safetensors."
+        "--checkpoint",
+        required=True,
+        type=cli.absolute_path,
+        help="A vit-train workdir, an .npz or a .safetensors (local or gs://).",
     )
     parser.add_argument("--top_k", type=int, default=5, help="Classes printed per image.")
     parser.add_argument("--model", help="Model name, e.g. B/16 (bare files only).")
@@ -109,18 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size {args.batch_size}: must be at least 1.")
+    return cli.run("vit-predict", lambda: _predict(args))
 
-    try:
-        model, params, run = checkpoint.load_model(
-            args.checkpoint,
-            model=args.model,
-            num_classes=args.num_classes,
-            image_size=args.image_size,
-        )
-        classify = classifier(model, params, run)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vit-predict: {e}", file=sys.stderr)
-        return 2
+
+def _predict(args: argparse.Namespace) -> int:
+    """Prints the top classes of every image named; 1 when none could be classified."""
+    import tensorflow as tf
+
+    from vit_jax import checkpoint
+
+    model, params, run = checkpoint.load_model(
+        args.checkpoint,
+        model=args.model,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+    )
+    classify = classifier(model, params, run)
     names = run.get("class_names") or [str(i) for i in range(run["num_classes"])]
     size, crop_fraction = run["image_size"], run.get("eval_crop_fraction", 1.0)
     top_k = max(1, min(args.top_k, run["num_classes"]))

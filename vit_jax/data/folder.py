@@ -8,53 +8,29 @@ every split. The root may be local or on `gs://` (listed with `tf.io.gfile`).
 Within a split, examples are ordered by a hash of their `class/file` path: a fixed,
 listing-independent order that is not sorted by class, like the shuffled order tfds writes.
 So `train[:10%]` is a random-looking 10% and a small shuffle buffer still mixes classes.
-The listing is read once per process when the source is opened; files that are empty or
-not JPEG/PNG inside are skipped then, with a warning naming each. A file that cannot be read
-at all (a broken link, a storage error) stops the opening with its name instead: skipping it
-on the process that met the error would give the processes of one run different splits.
+
+Which files are used comes from the folder's manifest (`folder_manifest.py`): every file is
+decoded once, by one process, and files that are empty, not JPEG/PNG, truncated or corrupt
+are left out of their split, each named with its reason in a warning at every start.
 """
 
-import concurrent.futures
 import hashlib
 import logging
-import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax.data.folder_manifest import (
+    IMAGE_EXTENSIONS,
+    Images,
+    manifest_path,
+    validated_listing,
+)
 from vit_jax.data.source import DatasetInfo, Split
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: how each file starts.
-
 log = logging.getLogger(__name__)
-
-
-def _not_an_image(path: str) -> str | None:
-    """Why `path` cannot be an image (empty, not JPEG/PNG), or None.
-
-    Reads 8 bytes: cheap enough for every file at start-up, and it catches the files that
-    would otherwise stop training hours later with a decode error. A read error is raised,
-    naming the file: whether it recurs is not the content's to say.
-    """
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            head = f.read(8)
-    except (OSError, tf.errors.OpError) as e:
-        reason = str(getattr(e, "message", e)).splitlines()[0]
-        raise OSError(
-            f"Cannot read {path} ({reason}). Every process of a run must see the same images: "
-            "fix or remove the file, or retry if the storage had a passing error."
-        ) from e
-    if not head.startswith(_SIGNATURES):
-        return "empty file" if not head else "not a JPEG or PNG file"
-    return None
-
-
-def _subdirs(path: str) -> list[str]:
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(path))
-    return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(f"{path}/{n}"))
 
 
 def _hash_order(paths: list[str]) -> list[str]:
@@ -64,19 +40,32 @@ def _hash_order(paths: list[str]) -> list[str]:
 class FolderSource:
     """Images in `root/<split>/<class>/` directories."""
 
-    def __init__(self, root: str):
+    def __init__(
+        self,
+        root: str,
+        manifest_dir: str | None = None,
+        *,
+        writer: bool = True,
+        barrier: Callable[[], None] | None = None,
+    ):
+        """Opens `root` through its manifest (see `folder_manifest.validated_listing` for
+        `manifest_dir`, `writer` and `barrier`).
+
+        Raises:
+          FileNotFoundError: no folder, no splits, or a class directory without images.
+          ValueError: splits with different class directories.
+          OSError: a file that cannot be read, named.
+        """
         self.root = root.rstrip("/")
-        layout = f"expected {self.root}/<split>/<class>/<image>.jpg|.jpeg|.png"
-        if not tf.io.gfile.isdir(self.root):
-            raise FileNotFoundError(f"Image-folder root {self.root!r} is not a directory; {layout}")
-        splits = _subdirs(self.root)
-        if not splits:
-            raise FileNotFoundError(f"{self.root} has no split subdirectories; {layout}")
+        images, rejected = validated_listing(
+            self.root, manifest_dir, writer=writer, barrier=barrier
+        )
+        splits = sorted(images)
         reference = "train" if "train" in splits else splits[0]
-        class_names = tuple(_subdirs(f"{self.root}/{reference}"))
+        class_names = tuple(sorted(images[reference]))
         self._files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for split in splits:
-            classes = tuple(_subdirs(f"{self.root}/{split}"))
+            classes = tuple(sorted(images[split]))
             if classes != class_names:
                 raise ValueError(
                     f"Split {split!r} of {self.root} has classes that differ from split "
@@ -84,7 +73,18 @@ class FolderSource:
                     f"extra {sorted(set(classes) - set(class_names))}. Every split needs the "
                     "same class directories so labels mean the same thing."
                 )
-            self._files[split] = self._list_split(split, classes)
+            if rejected[split]:
+                log.warning(
+                    "Skipping %d file(s) of %s/%s that are no usable images: %s%s",
+                    len(rejected[split]),
+                    self.root,
+                    split,
+                    "; ".join(f"{p} ({why})" for p, why in list(rejected[split].items())[:20]),
+                    f"; all of them in {manifest_path(self.root, manifest_dir)}"
+                    if len(rejected[split]) > 20
+                    else "",
+                )
+            self._files[split] = self._split_files(split, images[split])
         self.info = DatasetInfo(
             num_classes=len(class_names),
             class_names=class_names,
@@ -95,36 +95,18 @@ class FolderSource:
             for s, n in self.info.split_sizes.items()
         }
 
-    def _list_split(self, split: str, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _split_files(self, split: str, classes: Images) -> tuple[np.ndarray, np.ndarray]:
+        """(paths, int64 labels) of a split's images in their fixed order."""
         if not classes:
             raise FileNotFoundError(f"Split directory {self.root}/{split} has no class folders")
-        relative = []
-        for name in classes:
-            relative += [
-                f"{name}/{f}"
-                for f in tf.io.gfile.listdir(f"{self.root}/{split}/{name}")
-                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-            ]
-        with concurrent.futures.ThreadPoolExecutor(32) as pool:
-            reasons = list(pool.map(_not_an_image, (f"{self.root}/{split}/{p}" for p in relative)))
-        skipped = [(p, why) for p, why in zip(relative, reasons, strict=True) if why]
-        if skipped:
-            log.warning(
-                "Skipping %d file(s) of %s/%s that are no images: %s",
-                len(skipped),
-                self.root,
-                split,
-                "; ".join(f"{p} ({why})" for p, why in skipped[:20]),
-            )
-        relative = [p for p, why in zip(relative, reasons, strict=True) if not why]
-        empty = sorted(set(classes) - {p.split("/", 1)[0] for p in relative})
+        empty = [name for name, files in classes.items() if not files]
         if empty:
             raise FileNotFoundError(
                 f"Class directory {self.root}/{split}/{empty[0]} holds no "
-                f"{'/'.join(IMAGE_EXTENSIONS)} images (empty and non-image files are skipped)"
+                f"{'/'.join(IMAGE_EXTENSIONS)} images (files that are no images are skipped)"
             )
-        ordered = _hash_order(relative)
-        label_of = {name: i for i, name in enumerate(classes)}
+        ordered = _hash_order([f"{name}/{f}" for name, files in classes.items() for f in files])
+        label_of = {name: i for i, name in enumerate(sorted(classes))}
         paths = np.array([f"{self.root}/{split}/{p}" for p in ordered])
         labels = np.array([label_of[p.split("/", 1)[0]] for p in ordered], np.int64)
         return paths, labels

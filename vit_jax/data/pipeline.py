@@ -2,7 +2,8 @@
 
 Datasets are named by `config.dataset`: a prepared tfds name (`data_dir` local, `gs://...`,
 or None for the tfds default), an embedded offline dataset ("digits", "mnist5k", prepared
-on first use), or an image folder "folder:/path/to/root" (see `folder.py`).
+on first use), or an image folder "folder:/path/to/root" (see `folder.py`; `data_dir`, if
+set, is where its manifest is kept).
 
 Config fields read (an `ml_collections.ConfigDict`):
 
@@ -56,6 +57,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from vit_jax.data import preprocess
 from vit_jax.data.folder import FolderSource
@@ -72,10 +74,20 @@ Batch = dict[str, np.ndarray]
 def open_source(dataset: str, data_dir: str | None) -> Source:
     """The dataset behind a config's `dataset`/`data_dir`, opened once per process.
 
-    Cached because opening lists folders or reads tfds metadata, possibly on GCS.
+    Cached because opening lists folders or reads tfds metadata, possibly on GCS. For an
+    image folder, `data_dir` (if set) is where its manifest is kept; process 0 writes it
+    and the others wait for it at a barrier, so every process of a run opens the source.
     """
     if dataset.startswith(FOLDER_PREFIX):
-        return FolderSource(dataset.removeprefix(FOLDER_PREFIX))
+        barrier = None
+        if jax.process_count() > 1:
+            barrier = functools.partial(multihost_utils.sync_global_devices, "folder manifest")
+        return FolderSource(
+            dataset.removeprefix(FOLDER_PREFIX),
+            data_dir,
+            writer=jax.process_index() == 0,
+            barrier=barrier,
+        )
     return TfdsSource(dataset, data_dir)
 
 

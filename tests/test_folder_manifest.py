@@ -1,0 +1,164 @@
+"""Image folders: every file is decoded once and the verdicts are kept in a manifest that
+later starts (and the other processes) read instead of the files. A file that does not
+decode is named and left out, in any split, so a run finishes; a changed folder is noticed."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import small_local_config, write_image
+
+from vit_jax.data import folder_manifest
+from vit_jax.data.folder import FolderSource
+from vit_jax.data.pipeline import open_source
+from vit_jax.train import train_and_evaluate
+
+
+def make_photos(root, per_class: int = 12) -> None:
+    """train/{a,b} and test/{a,b}, `per_class` 20x20 noise JPEGs each (a few hundred bytes)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                write_image(root / split / name / f"{i:02d}.jpg", pixels)
+
+
+def cut_in_half(path) -> None:
+    encoded = path.read_bytes()
+    path.write_bytes(encoded[: len(encoded) // 2])
+
+
+@pytest.fixture
+def count_checks(monkeypatch):
+    """The paths `undecodable` is asked about, in a list."""
+    checked = []
+    check = folder_manifest.undecodable
+
+    def counting(path):
+        checked.append(path)
+        return check(path)
+
+    monkeypatch.setattr(folder_manifest, "undecodable", counting)
+    return checked
+
+
+def test_undecodable_names_what_is_wrong_with_a_file(tmp_path):
+    make_photos(tmp_path, per_class=1)
+    good = tmp_path / "train" / "a" / "00.jpg"
+    png = tmp_path / "p.png"
+    write_image(png, np.full((20, 20), 7, np.uint8))
+    assert folder_manifest.undecodable(str(good)) is None
+    assert folder_manifest.undecodable(str(png)) is None
+    cut_in_half(good)
+    cut_in_half(png)
+    assert folder_manifest.undecodable(str(good)).startswith("does not decode: ")
+    assert folder_manifest.undecodable(str(png)).startswith("does not decode: ")
+    html = tmp_path / "page.jpg"
+    html.write_text("<html>Not found</html>")
+    assert folder_manifest.undecodable(str(html)) == "not a JPEG or PNG file"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_truncated_jpeg_is_named_and_skipped_and_the_run_finishes(tmp_path, split, caplog):
+    """The file used to stop training at its turn (train) or every evaluation (test), at the
+    same step again after each resume, with a TensorFlow error naming no file."""
+    root = tmp_path / "photos"
+    make_photos(root)
+    cut_in_half(root / split / "a" / "05.jpg")
+    config = small_local_config(
+        tmp_path, dataset=f"folder:{root}", data_dir=None, train_split="train", eval_split="test"
+    )
+    with caplog.at_level("WARNING", logger="vit_jax"):
+        metrics = train_and_evaluate(config, str(tmp_path / "run"))
+    assert (
+        f"Skipping 1 file(s) of {root}/{split} that are no usable images: a/05.jpg (does not decode"
+        in caplog.text
+    )
+    sizes = open_source(config.dataset, None).info.split_sizes
+    assert sizes == {"train": 24, "test": 24} | {split: 23}
+    evaluated = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    assert evaluated and all(np.isfinite(v) for v in evaluated.values())  # It completed.
+
+
+def test_the_manifest_is_written_once_and_reused(tmp_path, count_checks):
+    make_photos(tmp_path, per_class=3)
+    cut_in_half(tmp_path / "test" / "b" / "01.jpg")
+    first = FolderSource(str(tmp_path))
+    assert len(count_checks) == 12  # Every file decoded once.
+    manifest = tmp_path / "vit_jax_manifest.json"
+    written = manifest.read_bytes()
+    assert json.loads(written)["rejected"] == {
+        "test": {"b/01.jpg": json.loads(written)["rejected"]["test"]["b/01.jpg"]},
+        "train": {},
+    }
+    os.utime(manifest, (0, 0))
+    again = FolderSource(str(tmp_path))
+    assert len(count_checks) == 12  # Nothing decoded again,
+    assert manifest.stat().st_mtime == 0 and manifest.read_bytes() == written  # nor rewritten.
+    assert again.info == first.info
+    assert first.info.split_sizes == {"train": 6, "test": 5}
+    for split in ("train", "test"):
+        assert (
+            again.records(split).as_numpy_iterator().next()
+            == first.records(split).as_numpy_iterator().next()
+        )
+
+
+def test_a_changed_folder_is_noticed(tmp_path, count_checks):
+    make_photos(tmp_path, per_class=3)
+    FolderSource(str(tmp_path))
+    count_checks.clear()
+    write_image(tmp_path / "train" / "b" / "new.jpg", np.zeros((20, 20, 3), np.uint8))
+    added = FolderSource(str(tmp_path))
+    assert count_checks == [f"{tmp_path}/train/b/new.jpg"]  # Only the new file is decoded.
+    assert added.info.split_sizes == {"train": 7, "test": 6}
+    os.remove(tmp_path / "test" / "a" / "00.jpg")
+    removed = FolderSource(str(tmp_path))
+    assert len(count_checks) == 1
+    assert removed.info.split_sizes == {"train": 7, "test": 5}
+    paths = {
+        p.decode() for p in removed.records("test").map(lambda r: r["image"]).as_numpy_iterator()
+    }
+    assert f"{tmp_path}/test/a/00.jpg" not in paths and len(paths) == 5
+    manifest = json.loads((tmp_path / "vit_jax_manifest.json").read_text())
+    assert manifest["images"]["test"]["a"] == ["01.jpg", "02.jpg"]
+    assert "new.jpg" in manifest["images"]["train"]["b"]
+
+
+def test_other_processes_read_the_manifest_after_the_barrier(tmp_path, monkeypatch):
+    make_photos(tmp_path / "photos", per_class=2)
+    root, kept = str(tmp_path / "photos"), str(tmp_path / "manifests")  # data_dir: kept.
+    passed = []
+    with pytest.raises(
+        FileNotFoundError, match=f"Process 0 left no manifest of image folder {root}"
+    ):
+        FolderSource(root, kept, writer=False, barrier=lambda: passed.append("other"))
+    writer = FolderSource(root, kept, writer=True, barrier=lambda: passed.append("writer"))
+    assert sorted(os.listdir(root)) == ["test", "train"]  # The dataset stays as it was.
+    assert os.listdir(kept) == [os.path.basename(folder_manifest.manifest_path(root, kept))]
+
+    def no_listing(_):
+        raise AssertionError("only the writer lists the folder")
+
+    monkeypatch.setattr(folder_manifest, "list_folder", no_listing)
+    other = FolderSource(root, kept, writer=False, barrier=lambda: passed.append("other"))
+    assert other.info == writer.info and other.info.split_sizes == {"train": 4, "test": 4}
+    assert passed == ["other", "writer", "other"]
+
+
+def test_a_writer_that_cannot_write_the_manifest(tmp_path, monkeypatch, caplog):
+    """Several processes need it: an error saying where to put it; one process carries on."""
+    make_photos(tmp_path, per_class=1)
+
+    def read_only(path, *_):
+        raise PermissionError(f"{path}: read-only file system")
+
+    monkeypatch.setattr(folder_manifest, "_write", read_only)
+    with pytest.raises(OSError, match=r"Cannot write the manifest .* Set config\.data_dir"):
+        FolderSource(str(tmp_path), writer=True, barrier=lambda: None)
+    with caplog.at_level("WARNING", logger="vit_jax"):
+        single = FolderSource(str(tmp_path))
+    assert "the next run checks the folder again" in caplog.text
+    assert single.info.split_sizes == {"train": 2, "test": 2}

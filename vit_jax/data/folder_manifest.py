@@ -1,0 +1,212 @@
+"""The validated listing of an image folder (its manifest), checked once and shared.
+
+An image folder is checked by decoding every file in full, once: a file that is empty,
+not a JPEG/PNG, truncated or corrupt is rejected with its reason and never reaches the
+input pipeline, so training cannot die hours in (and again at the same step after every
+resume) on a file no message names. The verdicts are kept as a JSON manifest,
+`vit_jax_manifest.json` in the dataset root, or `vit_jax_manifest_<hash of root>.json` in
+`config.data_dir` when it is set (a root that is read-only). Only process 0 lists the
+folder, checks what the manifest does not know yet and rewrites it if anything changed;
+the other processes wait at a barrier and read it. So all processes use one listing,
+and a later run's start-up costs one directory listing plus one file read.
+
+A changed folder is noticed by its listing: files added are checked, files removed are
+dropped, and the manifest is rewritten. A file whose content changes under the same name
+is not noticed (telling would need a read per file): delete the manifest to check again.
+
+A file that cannot be read at all (a broken link, a storage error) stops the check with its
+name instead of being rejected: whether a read error recurs is not the content's to say.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MANIFEST_FORMAT = 1
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: how each file starts.
+_CHECK_THREADS = 32  # Reads dominate on gs://; decoding releases the GIL.
+
+log = logging.getLogger(__name__)
+
+# split -> class -> sorted file names; the files of one split: "class/file" -> reason.
+Images = dict[str, dict[str, list[str]]]
+Rejected = dict[str, dict[str, str]]
+
+
+def manifest_path(root: str, manifest_dir: str | None = None) -> str:
+    """Where the manifest of the folder `root` is kept: in it, or in `manifest_dir`."""
+    if manifest_dir is None:
+        return f"{root}/vit_jax_manifest.json"
+    digest = hashlib.md5(root.encode()).hexdigest()[:12]
+    return f"{manifest_dir.rstrip('/')}/vit_jax_manifest_{digest}.json"
+
+
+def undecodable(path: str) -> str | None:
+    """Why the image file at `path` cannot be used (empty, not JPEG/PNG, does not decode).
+
+    Decodes the whole image with the decoder the pipeline uses, so a file that passes also
+    decodes there, whatever crop is taken of it.
+
+    Raises:
+      OSError: the file cannot be read, naming it.
+    """
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            encoded = f.read()
+    except (OSError, tf.errors.OpError) as e:
+        reason = str(getattr(e, "message", e)).splitlines()[0]
+        raise OSError(
+            f"Cannot read {path} ({reason}). Every process of a run must see the same images: "
+            "fix or remove the file, or retry if the storage had a passing error."
+        ) from e
+    if not encoded.startswith(_SIGNATURES):
+        return "empty file" if not encoded else "not a JPEG or PNG file"
+    try:
+        tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+        # TF's message carries the op's name in {{...}} and [Op:...]: not the user's concern.
+        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", e.message.splitlines()[0])
+        return f"does not decode: {reason}"
+    return None
+
+
+def _subdirs(path: str) -> list[str]:
+    names = (name.rstrip("/") for name in tf.io.gfile.listdir(path))
+    return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(f"{path}/{n}"))
+
+
+def list_folder(root: str) -> Images:
+    """Image files by extension (any case) under `root/<split>/<class>/`, unchecked.
+
+    Raises:
+      FileNotFoundError: `root` is no directory or has no split subdirectories.
+    """
+    layout = f"expected {root}/<split>/<class>/<image>.jpg|.jpeg|.png"
+    if not tf.io.gfile.isdir(root):
+        raise FileNotFoundError(f"Image-folder root {root!r} is not a directory; {layout}")
+    splits = _subdirs(root)
+    if not splits:
+        raise FileNotFoundError(f"{root} has no split subdirectories; {layout}")
+    return {
+        split: {
+            name: sorted(
+                f
+                for f in tf.io.gfile.listdir(f"{root}/{split}/{name}")
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            )
+            for name in _subdirs(f"{root}/{split}")
+        }
+        for split in splits
+    }
+
+
+def _read(path: str, root: str) -> tuple[Images, Rejected] | None:
+    """The manifest at `path` if it is one of this format for `root`, else None."""
+    try:
+        with tf.io.gfile.GFile(path, "r") as f:
+            manifest = json.load(f)
+    except (OSError, tf.errors.OpError, ValueError):
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("root") != root:
+        return None
+    return manifest["images"], manifest["rejected"]
+
+
+def _write(path: str, root: str, images: Images, rejected: Rejected) -> None:
+    """Replaces the manifest in one step, so a reader never sees half of it."""
+    manifest = {"format": MANIFEST_FORMAT, "root": root, "images": images, "rejected": rejected}
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    partial = f"{path}.partial-{os.getpid()}"
+    with tf.io.gfile.GFile(partial, "w") as f:
+        json.dump(manifest, f, separators=(",", ":"))
+    tf.io.gfile.rename(partial, path, overwrite=True)
+
+
+def _validate(
+    root: str, listed: Images, known: tuple[Images, Rejected] | None
+) -> tuple[Images, Rejected, int, int]:
+    """`listed` split into (images, rejected), decoding only the files `known` lacks.
+
+    Returns (images, rejected, files checked now, files of `known` no longer listed).
+    """
+    verdicts: dict[str, str | None] = {}  # "split/class/file" -> reason, or None: an image.
+    if known is not None:
+        for split, classes in known[0].items():
+            for name, files in classes.items():
+                verdicts |= {f"{split}/{name}/{f}": None for f in files}
+        for split, reasons in known[1].items():
+            verdicts |= {f"{split}/{p}": why for p, why in reasons.items()}
+    wanted = {
+        f"{s}/{c}/{f}": (s, c, f) for s, cs in listed.items() for c, fs in cs.items() for f in fs
+    }
+    new = [p for p in wanted if p not in verdicts]
+    dropped = len(verdicts.keys() - wanted.keys())
+    with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        verdicts |= zip(new, pool.map(undecodable, (f"{root}/{p}" for p in new)), strict=True)
+    images: Images = {s: {c: [] for c in cs} for s, cs in listed.items()}
+    rejected: Rejected = {s: {} for s in listed}
+    for key, (split, name, file) in wanted.items():
+        if verdicts[key]:
+            rejected[split][f"{name}/{file}"] = verdicts[key]
+        else:
+            images[split][name].append(file)
+    return images, rejected, len(new), dropped
+
+
+def validated_listing(
+    root: str,
+    manifest_dir: str | None = None,
+    *,
+    writer: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> tuple[Images, Rejected]:
+    """The folder's usable images and its rejected files with their reasons.
+
+    The `writer` (process 0) lists `root`, checks the files its manifest lacks and writes
+    the manifest when anything changed; then every process passes `barrier` (None: one
+    process), and the others read what the writer wrote.
+
+    Raises:
+      FileNotFoundError: no folder at `root`, no splits, or (not the writer) no manifest.
+      OSError: a file cannot be read, or the writer of a multi-process run cannot write
+        the manifest.
+    """
+    path = manifest_path(root, manifest_dir)
+    if writer:
+        known = _read(path, root)
+        listed = list_folder(root)
+        images, rejected, checked, dropped = _validate(root, listed, known)
+        if known != (images, rejected):
+            log.info(
+                "Image folder %s: checked %d new file(s) by decoding them, dropped %d "
+                "gone since the manifest; writing %s.",
+                root,
+                checked,
+                dropped,
+                path,
+            )
+            try:
+                _write(path, root, images, rejected)
+            except (OSError, tf.errors.OpError) as e:
+                if barrier is not None:
+                    raise OSError(
+                        f"Cannot write the manifest of image folder {root} to {path} ({e}); "
+                        "the other processes read it from there. Set config.data_dir to a "
+                        "writable directory (local or gs://) to keep it there instead."
+                    ) from e
+                log.warning("Cannot write %s (%s): the next run checks the folder again.", path, e)
+    if barrier is not None:
+        barrier()
+    if not writer:
+        manifest = _read(path, root)
+        if manifest is None:
+            raise FileNotFoundError(f"Process 0 left no manifest of image folder {root} at {path}")
+        images, rejected = manifest
+    return images, rejected

@@ -35,17 +35,58 @@ def bench(*args: str, prelude: str = "") -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# Every call of the compiled step sleeps this long; only the first (the warm-up) runs it.
+SLEEP_S = 0.5
+SLEEPING_STEPS = f"""
+import time
+from vit_jax.trainer import Trainer
+
+class _Sleeping:
+    def __init__(self, compiled):
+        self.compiled, self.out = compiled, None
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
+    def __call__(self, *args):
+        if self.out is None:
+            self.out = self.compiled(*args)
+        time.sleep({SLEEP_S})
+        return self.out
+
+for _name in ("compile_train_step", "compile_eval_step"):
+    def _sleeping(self, *args, _compile=getattr(Trainer, _name)):
+        return _Sleeping(_compile(self, *args))
+    setattr(Trainer, _name, _sleeping)
+"""
+
+
+def vit_forward_flops(image, patch, width, depth, mlp_dim, classes) -> int:
+    """2 x multiply-adds of one image's matmuls through a class-token ViT, counted by hand."""
+    patches = (image // patch) ** 2
+    tokens = patches + 1
+    embedding = 2 * patches * (patch * patch * 3) * width
+    attention = 2 * tokens * width * (3 * width) + 2 * (2 * tokens * tokens * width)
+    block = attention + 2 * tokens * width * width + 2 * (2 * tokens * width * mlp_dim)
+    return embedding + depth * block + 2 * width * classes
+
+
 @pytest.mark.parametrize("mode", ["train", "infer"])
-def test_step_figures_are_complete_and_consistent_without_tensorflow(mode):
-    figures = bench(mode, *TINY, "--peak_tflops", "1", prelude=BLOCK_TENSORFLOW)
+def test_step_figures_match_a_known_step_time_and_a_hand_count(mode):
+    figures = bench(mode, *TINY, "--peak_tflops", "1", prelude=BLOCK_TENSORFLOW + SLEEPING_STEPS)
     assert set(figures) >= STEP_FIELDS
     assert figures["mode"] == mode and figures["batch_size"] == 16
     assert figures["num_devices"] == 8 and figures["device_kind"] == "cpu"
-    assert figures["img_per_s"] == pytest.approx(16 / figures["step_s"], rel=1e-6)
+    # Each timed step took SLEEP_S and nothing else: warm-up and compilation left out.
+    assert SLEEP_S <= figures["step_s"] < SLEEP_S + 0.1
+    assert 16 / (SLEEP_S + 0.1) < figures["img_per_s"] <= 16 / SLEEP_S
+    # configs/local.py: Ti/7 at 28 px (16 patches), width 64, 4 blocks, MLP 256; vit-bench's
+    # 1,000-class head. Training counts the backward pass as twice the forward.
+    flops = 16 * vit_forward_flops(28, 7, 64, 4, 256, 1000) * (3 if mode == "train" else 1)
+    assert figures["model_flops_per_step"] == flops
+    per_device = flops / 8 / figures["step_s"] / 1e12
+    assert figures["tflops_per_device"] == pytest.approx(per_device, rel=1e-6)
     # A 1 TFLOP/s peak makes MFU the measured TFLOP/s itself.
     assert figures["mfu"] == pytest.approx(figures["tflops_per_device"], rel=1e-6)
-    assert figures["tflops_per_device"] > 0 and figures["peak_bytes_per_device"] > 0
-    assert figures["compile_s"] > 0
+    assert figures["peak_bytes_per_device"] > 0 and figures["compile_s"] > 0
 
 
 def test_train_runs_tensor_parallel_meshes():

@@ -17,7 +17,6 @@ from helpers import small_local_config
 from vit_jax import checkpoint, data, predict
 from vit_jax.models import create_model
 from vit_jax.train import train_and_evaluate
-from vit_jax.trainer import build_model
 
 TINY_REFUSAL = (
     r"Image size 10 px is not a multiple of the patch size, 4 px: the tokens would not tile "
@@ -84,8 +83,7 @@ def test_pixels_per_token_is_what_the_model_tiles_the_image_with(name, step):
 
 def _tiny_npz(root) -> str:
     """A bare .npz of the tiny 4 px-patch model of `small_local_config` (8 px images)."""
-    config = small_local_config(root)
-    model = build_model(config, 10)
+    model = create_model("Ti/4", num_classes=10, width=32, depth=1, mlp_dim=64, num_heads=2)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
     path = str(root / "tiny.npz")
     checkpoint.save_npz(nn.unbox(params), path)

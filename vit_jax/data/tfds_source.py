@@ -17,14 +17,17 @@ from vit_jax.data import embedded
 from vit_jax.data.source import DatasetInfo, Split
 
 
-class _DropDtypeDeprecation(logging.Filter):
-    """tfds warns that its own decoders read `FeatureConnector.dtype`: nothing a user can fix."""
+class _DropTfdsNoise(logging.Filter):
+    """tfds warns that its own decoders read `FeatureConnector.dtype` (nothing a user can
+    fix), and that an embedded dataset's folder has no dataset_info.json before its first
+    preparation (which our own line announces)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return ".dtype` is deprecated" not in record.getMessage()
+        message = record.getMessage()
+        return ".dtype` is deprecated" not in message and "has no dataset_info.json" not in message
 
 
-logging.getLogger("absl").addFilter(_DropDtypeDeprecation())
+logging.getLogger("absl").addFilter(_DropTfdsNoise())
 log = logging.getLogger(__name__)
 
 

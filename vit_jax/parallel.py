@@ -58,7 +58,10 @@ def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
     """
 
     def key(device: Any) -> int:
-        return device.slice_index if device.platform == "tpu" else device.process_index
+        # A single slice's devices may lack `slice_index`.
+        return (
+            getattr(device, "slice_index", 0) if device.platform == "tpu" else device.process_index
+        )
 
     groups: dict[int, list[Any]] = collections.defaultdict(list)
     for device in devices:

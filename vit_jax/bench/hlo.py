@@ -32,7 +32,7 @@ _INSTRUCTION = re.compile(
 )
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
 _CALLED = re.compile(
-    r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^,}\s]+(?:,\s*%?[\w.\-]+)*)"
+    r"\b(calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)"
 )
 _MEGASCALE = re.compile(r' send\(.*_xla_megascale_transfer_type="(\w+)"')
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
@@ -120,10 +120,9 @@ def _executions(text: str) -> dict[str, int]:
             continue
         trip = _TRIP.search(line)
         for called in _CALLED.finditer(line):
-            for name in re.split(r",\s*", called.group(1)):
-                name = name.lstrip("%")
-                is_body = called.group(0).startswith("body=")
-                calls[current].append((name, int(trip.group(1)) if trip and is_body else 1))
+            factor = int(trip.group(1)) if trip and called.group(1) == "body" else 1
+            for name in re.findall(r"[\w.\-]+", called.group(2)):
+                calls[current].append((name, factor))
     counts: dict[str, int] = collections.defaultdict(int)
 
     def visit(name: str, times: int) -> None:

@@ -1,0 +1,170 @@
+"""`vit-bench compile`: the real train step compiled for TPU slices and GPU nodes this
+machine does not have (libtpu and the CUDA plugin's compile-only devices)."""
+
+import functools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from vit_jax.bench import hlo
+from vit_jax.bench.compile import compile_recipe
+from vit_jax.bench.targets import UnknownTargetError, parse_target
+from vit_jax.config import base_config
+
+TPU = pytest.mark.compile
+GPU = pytest.mark.compile("jax_plugins.xla_cuda12")
+WIDTH, DEPTH, MLP, HEADS, PATCH, IMAGE, CLASSES = 64, 2, 128, 4, 8, 32, 10
+
+
+def tiny(rules="dp", **changes):
+    c = base_config()
+    c.dataset, c.image_size, c.batch_size, c.eval_batch_size = "digits", IMAGE, 64, 64
+    c.model.name = f"Ti/{PATCH}"
+    c.model.update(width=WIDTH, depth=DEPTH, mlp_dim=MLP, num_heads=HEADS)
+    c.optim.warmup_steps = 10
+    c.sharding_rules = rules
+    if rules == "fsdp":
+        c.mesh.update(data=1, fsdp=-1)
+    c.update_from_flattened_dict(changes)
+    return c
+
+
+@functools.cache
+def figures(target: str, slices: int, rules: str) -> dict:
+    return compile_recipe(tiny(rules), parse_target(target, slices))
+
+
+def hand_count_forward(batch: int) -> int:
+    """Matmul FLOPs of the tiny ViT's forward pass, written out from its architecture."""
+    patches = (IMAGE // PATCH) ** 2
+    tokens = patches + 1
+    embedding = 2 * patches * (PATCH * PATCH * 3) * WIDTH
+    attention = 2 * tokens * WIDTH * 3 * WIDTH + 2 * 2 * tokens * tokens * WIDTH
+    attention += 2 * tokens * WIDTH * WIDTH  # Output projection.
+    mlp = 2 * 2 * tokens * WIDTH * MLP
+    head = 2 * WIDTH * CLASSES
+    return batch * (embedding + DEPTH * (attention + mlp) + head)
+
+
+@pytest.mark.parametrize(
+    "target, slices",
+    [pytest.param("v5e-4", 1, marks=TPU), pytest.param("v5e-4", 2, marks=TPU),
+     pytest.param("h100x8", 1, marks=GPU)],
+)  # fmt: skip
+def test_fsdp_splits_the_train_state_and_never_needs_more_than_data_parallel(target, slices):
+    dp, fsdp = figures(target, slices, "dp"), figures(target, slices, "fsdp")
+    shards = fsdp["mesh"]["fsdp"]
+    assert shards == (8 if target == "h100x8" else 4)
+    for part in ("param_bytes", "optimizer_bytes"):
+        # Within a few %: FSDP splits each tensor's "embed" dimension; the attention and
+        # MLP biases have none and stay whole (7% of this tiny model, 0.1% of a ViT-B).
+        assert fsdp[part] == pytest.approx(dp[part] / shards, rel=0.07), part
+    assert dp["fits"] and fsdp["fits"]
+    assert fsdp["total_bytes"] <= dp["total_bytes"]
+    assert dp["model_flops_per_step"] == 3 * hand_count_forward(64)
+    # The backward needs no gradient of the input image: exactly one patch-embedding
+    # matmul less than 3x the forward.
+    embedding_input_grad = 2 * 64 * (IMAGE // PATCH) ** 2 * PATCH * PATCH * 3 * WIDTH
+    assert dp["hardware_flops_per_step"] == dp["model_flops_per_step"] - embedding_input_grad
+
+
+@pytest.mark.parametrize(
+    "target, slices", [pytest.param("v5e-4", 2, marks=TPU), pytest.param("h100x4x2", 1, marks=GPU)]
+)
+def test_across_slices_only_the_gradient_reduction_travels(target, slices):
+    """Data parallelism over the slices (or nodes), FSDP inside: the one collective on the
+    slow network is the all-reduce of each device's gradient shard."""
+    f = figures(target, slices, "fsdp")
+    assert f["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    crossing = {kind for kind, c in f["collectives"].items() if c["cross_slice_bytes"]}
+    assert crossing == {"all-reduce"}
+    assert f["collectives"]["all-gather"]["bytes"] > 0  # FSDP's gathers stay inside.
+    # Each device sends its shard of the float32 gradient, and little else.
+    cross = f["collectives"]["all-reduce"]["cross_slice_bytes"]
+    assert f["param_bytes"] <= cross <= 8 * f["param_bytes"]
+
+
+# Parameters and Adam's moments of ~18 GiB (2 blocks of width 8192): beyond a v5e chip.
+HUGE = {"model.width": 8192, "model.depth": 2, "model.mlp_dim": 32768, "model.num_heads": 8}
+
+
+@TPU
+def test_a_setting_that_cannot_fit_reports_the_compilers_refusal():
+    config = tiny(batch_size=8, eval_batch_size=8, **HUGE)
+    f = compile_recipe(config, parse_target("v5e-4"))
+    assert f["fits"] is False
+    assert "RESOURCE_EXHAUSTED: Ran out of memory on HBM" in f["compiler_message"]
+    assert f["param_bytes"] + f["optimizer_bytes"] > 15.75 * 2**30
+
+
+@GPU
+def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_path):
+    command = [
+        sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x8", "--json",
+        "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
+        "--config.eval_batch_size=8", *(f"--config.{k}={v}" for k, v in HUGE.items()),
+        "--config.model.depth=6",  # ~54 GiB of state: beyond JAX's 75% of an H100's 80 GB.
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 3, result.stderr[-3000:]
+    f = json.loads(result.stdout)
+    assert f["fits"] is False and f["total_bytes"] > f["device_memory_bytes"]
+    assert "Traceback" not in result.stderr
+
+
+def test_targets_by_the_names_users_rent():
+    assert parse_target("v5e-256").topology == "v5e:16x16"
+    assert parse_target("v5litepod-16").topology == "v5e:4x4"
+    assert parse_target("v5p-128").topology == "v5p:4x4x4"  # 128 TensorCores, 64 chips.
+    assert parse_target("v6e-64", slices=4).slices == 4
+    h100 = parse_target("h100x8x4")
+    assert (h100.topology, h100.slices, h100.platform) == ("1x4x8", 4, "cuda")
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5e-12", "h100", "tpu"])
+def test_an_unknown_target_names_the_known_ones(name):
+    with pytest.raises(UnknownTargetError) as error:
+        parse_target(name)
+    assert "v5e-16" in str(error.value) or "chips" in str(error.value)
+    if name in ("v9-8", "tpu"):
+        assert "h100x8x4" in str(error.value) and "v6e-64" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "line, groups",
+    [
+        ("replica_groups={{0,2},{1,3}}", [[0, 2], [1, 3]]),
+        ("replica_groups=[2,2]<=[4]", [[0, 1], [2, 3]]),
+        ("replica_groups=[2,2]<=[2,2]T(1,0)", [[0, 2], [1, 3]]),
+        # XLA's mesh form: devices laid out [2,4] transposed to the mesh [4,2]; groups run
+        # along 'axis_0', one per index of 'axis_1'.
+        ("replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}",
+         [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ("replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}", [[0, 1], [2, 3], [4, 5], [6, 7]]),
+    ],
+)  # fmt: skip
+def test_replica_groups_in_every_form(line, groups):
+    assert hlo._groups(line, 4) == groups
+
+
+def test_collectives_in_a_loop_count_once_per_iteration():
+    text = "\n".join([
+        "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+        "  %ar = f32[8]{0} all-reduce(f32[8]{0} %x), replica_groups={{0,1},{2,3}}, to_apply=%add",
+        "}",
+        "ENTRY %main (a: f32[8]) -> f32[8] {",
+        '  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, '
+        'backend_config={"known_trip_count":{"n":"12"}}',
+        "  %ag = f32[4,8]{1,0} all-gather(f32[1,8]{1,0} %y), replica_groups=[1,4]<=[4]",
+        "}",
+    ])  # fmt: skip
+    found = {c.kind: c for c in hlo.collectives(text, [0, 0, 1, 1])}
+    assert (found["all-reduce"].executions, found["all-reduce"].bytes) == (12, 32)
+    assert not found["all-reduce"].cross_slice  # {0,1} and {2,3} each lie in one slice.
+    assert (found["all-gather"].executions, found["all-gather"].bytes) == (1, 128)
+    assert found["all-gather"].cross_slice
+    assert np.isclose(hlo.bytes_sent(found["all-gather"]), 0.75 * 128)

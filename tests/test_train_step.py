@@ -1,11 +1,14 @@
 """Sharded train step: learning, gradient accumulation, DP and FSDP equivalence, schedules."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import QUADRANTS, SGD, bytes_on_device0, run_steps, tiny_config
+from helpers import QUADRANTS, SGD, bytes_on_device0, run_steps, synthetic_batch, tiny_config
 
+from vit_jax import parallel
 from vit_jax.optim import make_schedule
 from vit_jax.parallel import make_mesh
 from vit_jax.trainer import Trainer, per_example_loss
@@ -23,6 +26,48 @@ def test_gradient_accumulation_equals_one_large_batch():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), acc.params, big.params
     )
+
+
+def _train_step_collectives(config) -> set[str]:
+    """The kinds of collective the compiled train step runs (on 8 devices, batch split)."""
+    trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=20)
+    size = config.image_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+    }
+    batch = {k: v.update(sharding=trainer.batch_sharding) for k, v in batch.items()}
+    hlo = trainer.compile_train_step(trainer.abstract_state(), batch).as_text()
+    kinds = r"all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute"
+    return set(re.findall(rf"\b({kinds})\b", hlo))
+
+
+def test_gradient_accumulation_keeps_each_devices_rows():
+    # Micro-batches made of every device's own rows need no data moved between devices:
+    # the gradients' all-reduce is the only collective, as without accumulation.
+    assert _train_step_collectives(tiny_config()) == {"all-reduce"}
+    assert _train_step_collectives(tiny_config(accum_steps=2)) == {"all-reduce"}
+
+
+def test_gradient_accumulation_draws_new_dropout_for_each_micro_batch():
+    def first_grad_norm(accum_steps, dropout):
+        config = tiny_config(
+            batch_size=8 * accum_steps, accum_steps=accum_steps, **{"model.dropout": dropout}
+        )
+        trainer = Trainer(
+            config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=20
+        )
+        # One example repeated: every micro-batch is the same, however the batch is split.
+        example = synthetic_batch(seed=0, batch=1)
+        batch = {k: np.repeat(v, config.batch_size, axis=0) for k, v in example.items()}
+        batch = parallel.to_global(batch, trainer.batch_sharding)
+        _, metrics = trainer.train_step(trainer.init_state(), batch)
+        return float(metrics["train/grad_norm"])
+
+    # Without dropout, 2 and 4 equal micro-batches average to the same gradient; with one
+    # dropout mask shared by the micro-batches they would too.
+    assert first_grad_norm(2, 0.0) == pytest.approx(first_grad_norm(4, 0.0), rel=1e-5)
+    assert first_grad_norm(2, 0.3) != pytest.approx(first_grad_norm(4, 0.3), rel=1e-3)
 
 
 def test_eight_device_data_parallel_equals_one_device():

@@ -4,10 +4,13 @@ decode is named and left out, in any split, so a run finishes; a changed folder 
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from helpers import small_local_config, write_image
+from helpers import REPO, small_local_config, write_image
 
 from vit_jax.data import folder_manifest
 from vit_jax.data.folder import FolderSource
@@ -162,3 +165,49 @@ def test_a_writer_that_cannot_write_the_manifest(tmp_path, monkeypatch, caplog):
         single = FolderSource(str(tmp_path))
     assert "the next run checks the folder again" in caplog.text
     assert single.info.split_sizes == {"train": 2, "test": 2}
+
+
+# One process of a two-process run opening a folder: what it decoded and what it sees.
+OPEN_FOLDER = """
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from vit_jax.data import folder_manifest
+from vit_jax.data.pipeline import open_source
+decoded = []
+check = folder_manifest.undecodable
+folder_manifest.undecodable = lambda path: decoded.append(path) or check(path)
+source = open_source("folder:" + sys.argv[3], None)
+records = source.records("test").map(lambda r: r["image"]).as_numpy_iterator()
+print(json.dumps({
+    "sizes": source.info.split_sizes,
+    "decoded": len(decoded),
+    "test": [p.decode() for p in records],
+}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_check_and_see_the_same_splits(tmp_path):
+    make_photos(tmp_path, per_class=3)
+    cut_in_half(tmp_path / "test" / "b" / "02.jpg")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        coordinator = f"localhost:{s.getsockname()[1]}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_FOLDER, coordinator, str(i), str(tmp_path)],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    first, second = (json.loads(out.splitlines()[-1]) for out, _ in outputs)
+    assert first["decoded"] == 12 and second["decoded"] == 0  # Process 0 checked for both.
+    assert first["sizes"] == second["sizes"] == {"train": 6, "test": 5}
+    assert first["test"] == second["test"] and f"{tmp_path}/test/b/02.jpg" not in first["test"]
+    assert "Skipping 1 file(s)" in outputs[1][1]  # Every process names the file.

@@ -148,6 +148,8 @@ def _validate(
     }
     new = [p for p in wanted if p not in verdicts]
     dropped = len(verdicts.keys() - wanted.keys())
+    if new:
+        log.info("Image folder %s: decoding %d file(s) new to its manifest, once.", root, len(new))
     with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
         verdicts |= zip(new, pool.map(undecodable, (f"{root}/{p}" for p in new)), strict=True)
     images: Images = {s: {c: [] for c in cs} for s, cs in listed.items()}
@@ -185,8 +187,7 @@ def validated_listing(
         images, rejected, checked, dropped = _validate(root, listed, known)
         if known != (images, rejected):
             log.info(
-                "Image folder %s: checked %d new file(s) by decoding them, dropped %d "
-                "gone since the manifest; writing %s.",
+                "Image folder %s: %d file(s) checked, %d gone since the manifest; writing %s.",
                 root,
                 checked,
                 dropped,

@@ -11,9 +11,8 @@ from PIL import Image
 
 from vit_jax import checkpoint, data, export, predict
 from vit_jax.data.embedded import load_digits_arrays
-from vit_jax.models import create_model
+from vit_jax.models import build_model, create_model, scale_images
 from vit_jax.train import train_and_evaluate
-from vit_jax.trainer import build_model, scale_images
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def softmax_of_eval_pipeline(config, folder, params) -> dict[str, np.ndarray]:
     config.dataset, config.eval_split = f"folder:{folder}", "test"
     source = data.pipeline.open_source(config.dataset, None)
     paths = [record["image"].decode() for record in source.records("test").as_numpy_iterator()]
-    model = build_model(config, num_classes=10)
+    model = build_model(config.model, num_classes=10)
     batch = next(data.eval_batches(config))
     images = scale_images(batch["image"])
     probs = jax.nn.softmax(model.apply({"params": params}, images, train=False))
@@ -112,7 +111,7 @@ def test_export_round_trip(run, images, tmp_path, capsys):
     params = checkpoint.load_params(workdir)
     loaded = checkpoint.load_pretrained(out, init_params=params)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
-    model = build_model(config, num_classes=10)
+    model = build_model(config.model, num_classes=10)
     x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(
         model.apply({"params": loaded}, x, train=False),
@@ -133,9 +132,16 @@ def test_export_round_trip(run, images, tmp_path, capsys):
     assert capsys.readouterr().out == from_workdir
 
 
-def test_bare_i21k_style_npz_is_described_by_its_weights(images, tmp_path, capsys):
-    """A published file with a representation layer: no flags, nothing silently dropped."""
-    model = create_model("Ti/8", num_classes=3, representation_size=16)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(representation_size=16),  # An i21k-style file: a representation layer.
+        dict(width=32, depth=2, mlp_dim=64, num_heads=2),  # No named size.
+    ],
+)
+def test_bare_npz_is_described_by_its_weights(options, images, tmp_path, capsys):
+    """A published file: no flags, nothing silently dropped, whatever its size."""
+    model = create_model("Ti/8", num_classes=3, **options)
     params = random_params(model, image_shape=(8, 8))
     path = str(tmp_path / "bare.npz")
     checkpoint.save_npz(params, path)
@@ -152,11 +158,3 @@ def test_bare_i21k_style_npz_is_described_by_its_weights(images, tmp_path, capsy
     # Another class count would reset the head: every image would get 1/5 per class.
     assert predict.main(["--checkpoint", path, "--num_classes", "5", image]) == 2
     assert "all zeros" in capsys.readouterr().err
-
-
-def test_bare_npz_of_an_unnamed_size_asks_for_the_model(images, tmp_path, capsys):
-    model = create_model("Ti/8", num_classes=3, width=32, depth=2, mlp_dim=64, num_heads=2)
-    path = str(tmp_path / "bare.npz")
-    checkpoint.save_npz(random_params(model, image_shape=(8, 8)), path)
-    assert predict.main(["--checkpoint", path, str(images / "test" / "1" / "1.png")]) == 2
-    assert "does not say its model: pass --model" in capsys.readouterr().err

@@ -10,8 +10,9 @@ import pytest
 from helpers import BLOCK_TENSORFLOW
 
 from vit_jax.config import base_config
+from vit_jax.models import scale_images
 from vit_jax.parallel import make_mesh
-from vit_jax.trainer import Trainer, mixup, scale_images
+from vit_jax.trainer import Trainer, mixup
 
 NUM_CLASSES = 5
 

@@ -12,8 +12,7 @@ from vit_jax import checkpoint, data, parallel
 from vit_jax.config import base_config
 from vit_jax.insight import fewshot
 from vit_jax.insight.cli import fewshot_main
-from vit_jax.models import abstract_params, create_model
-from vit_jax.trainer import scale_images
+from vit_jax.models import abstract_params, create_model, scale_images
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vit_jax import parallel
 from vit_jax.flops import matmul_flops
-from vit_jax.models import VisionTransformer, create_model
+from vit_jax.models import build_model, scale_images
 from vit_jax.optim import frozen_paths, make_optimizer
 
 LOSSES = ("softmax_xent", "sigmoid_xent")
@@ -31,14 +31,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> VisionTransformer:
-    """`config.model.name` plus every other `config.model` field as an override."""
-    overrides = dict(config.model)
-    name = overrides.pop("name")
-    overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
-    return create_model(name, num_classes=num_classes, **overrides)
 
 
 def per_example_loss(
@@ -52,15 +44,6 @@ def per_example_loss(
     if kind == "sigmoid_xent":
         return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
     raise ValueError(f"loss={kind!r}: choose one of {LOSSES}.")
-
-
-def scale_images(images: jax.Array) -> jax.Array:
-    """uint8 0..255 -> float32 -1..1, the range the ViT checkpoints were trained on.
-
-    Runs on the device: images cross the host-device link as uint8, a quarter of the bytes.
-    Centred first, so 0 and 255 map exactly to -1 and 1.
-    """
-    return (images.astype(jnp.float32) - 127.5) / 127.5
 
 
 def mixup(
@@ -107,7 +90,7 @@ class Trainer:
             or a negative mixup alpha.
         """
         self.config = config
-        self.model = build_model(config, num_classes)
+        self.model = build_model(config.model, num_classes)
         self.tx, self.schedule = make_optimizer(config, total_steps)
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -75,12 +76,18 @@ def _main(argv: list[str]) -> int:
     )
     from vit_jax.preemption import PREEMPTED_EXIT_STATUS, Preempted
     from vit_jax.train import train_and_evaluate
+    from vit_jax.workdir import UnreadableCheckpointsError, WorkdirLockedError
 
     try:
         final = train_and_evaluate(config, workdir)
     except Preempted as e:
         log.warning("%s Exit status %d.", e, PREEMPTED_EXIT_STATUS)
         return PREEMPTED_EXIT_STATUS
+    except WorkdirLockedError as e:  # Another run holds it: the user picks another workdir.
+        raise cli.UsageError(str(e)) from None
+    except (FloatingPointError, UnreadableCheckpointsError) as e:  # The run failed; no bug.
+        print(f"vit-train: {e}", file=sys.stderr)
+        return 1
     log.info("Final: %s", ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return 0
 

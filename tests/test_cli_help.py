@@ -1,0 +1,139 @@
+"""Every command's --help (its own flags with their defaults, status 0, nothing heavy imported)
+and user errors (one line on stderr, status 2, no traceback), as real processes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+# Command line -> what its help must list: (flag or subcommand, default shown with it).
+HELP = {
+    "vit-train": [
+        ("--config.KEY=VALUE", None),
+        ("--workdir", None),
+        ("--heartbeat_timeout", "100"),
+    ],
+    "vit-predict": [("--checkpoint", None), ("--top_k", "5"), ("--batch_size", "32")],
+    "vit-export": [("--workdir", None), ("--out", None), ("timm_safetensors", None)],
+    "vit-fewshot": [("--dataset", None), ("--shots", "1,5,10,25"), ("--holdout_per_class", "5")],
+    "vit-visualize": [(figure, None) for figure in ("rollout", "posemb", "distance", "filters")],
+    "vit-visualize distance": [("--num_images", "128"), ("--batch_size", "32"), ("--out", None)],
+    "vit-bench": [(mode, None) for mode in ("train", "infer", "input", "photos", "compile")]
+    + [("--steps", "10"), ("--count", "1000")],
+}
+HEAVY = ("jax", "tensorflow", "flax", "orbax")
+
+# Runs a console script's entry point in this interpreter; reports its exit status and which
+# heavy libraries it imported, as JSON on the last line of stderr.
+PROBE = f"""
+import json, sys
+from importlib.metadata import entry_points
+name, *args = sys.argv[1:]
+sys.argv = [name, *args]
+(entry,) = entry_points(group="console_scripts", name=name)
+try:
+    status = entry.load()()
+except SystemExit as e:
+    status = e.code
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+print(json.dumps(dict(status=status, heavy=heavy)), file=sys.stderr)
+"""
+
+
+def script(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+@pytest.mark.parametrize("command", HELP)
+def test_help_lists_the_command_s_own_flags_with_defaults_and_imports_nothing_heavy(command):
+    name, *subcommand = command.split()
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, name, *subcommand, "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    assert report == {"status": 0, "heavy": []}, result.stderr
+    text = result.stdout
+    for flag, default in HELP[command]:
+        assert flag in text, (flag, text)
+        if default is not None:  # On the flag's own entry, before the next flag.
+            entry = text[text.index(f"\n  {flag}") + 1 :].split("\n  -", 1)[0]
+            assert f"(default: {default})" in entry, (flag, entry)
+    assert "absl" not in text and "--helpfull" not in text  # Only the command's own flags.
+
+
+def ours(stderr: str) -> list[str]:
+    """stderr without native libraries' log lines (a CUDA plugin on a machine with no GPU)."""
+    native = r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog)"
+    return [line for line in stderr.splitlines() if line.strip() and not re.match(native, line)]
+
+
+RECIPE = f"{REPO}/configs/local.py"
+TRAIN = ("vit-train", "--config", RECIPE, "--workdir", "{tmp}/run")
+# A command line with one mistake ({tmp}: the test's directory, its working directory) -> what
+# the one line on stderr must say.
+USER_ERRORS = {
+    "config key typo": (
+        (*TRAIN, "--config.optim.lrr=1"),
+        "--config.optim.lrr: the recipe has no field 'lrr'. Did you mean \"lr\"",
+    ),
+    "bad config value": ((*TRAIN, "--config.optim.lr=fast"), "--config.optim.lr=fast"),
+    "bad recipe argument": (
+        ("vit-train", "--config", f"{RECIPE}:stepz=3", "--workdir", "w"),
+        "Bad recipe argument 'stepz=3'",
+    ),
+    "missing recipe": (
+        ("vit-train", "--config", "configs/nope.py", "--workdir", "w"),
+        "--config: cannot load the recipe: [Errno 2] No such file or directory",
+    ),
+    "workdir is a file": (
+        ("vit-train", "--config", RECIPE, "--workdir", "a_file"),
+        "--workdir {tmp}/a_file is a file",
+    ),
+    "unknown flag": ((*TRAIN, "--stepz=3"), "Unknown command line flag 'stepz'"),
+    "stray argument": ((*TRAIN, "run2"), "unexpected arguments ['run2']"),
+    "predict, missing checkpoint": (
+        ("vit-predict", "--checkpoint", "none", "x.png"),
+        "No such file or directory: '{tmp}/none'",
+    ),
+    "predict, bad flag value": (
+        ("vit-predict", "--checkpoint", "run", "--top_k", "many", "x.png"),
+        "argument --top_k: invalid int value: 'many'",
+    ),
+    "export, workdir missing": (
+        ("vit-export", "--workdir", "none", "--out", "x.npz"),
+        "'{tmp}/none' is not a directory: expected a vit_jax workdir",
+    ),
+    "export, format and extension disagree": (
+        ("vit-export", "--workdir", "w", "--out", "x.npz", "--format", "timm_safetensors"),
+        "--format timm_safetensors writes a .safetensors file, but --out ends in .npz",
+    ),
+    "fewshot, bad shots": (
+        ("vit-fewshot", "--checkpoint", "w", "--dataset", "digits", "--shots", "0"),
+        "--shots '0': expected positive integers",
+    ),
+    "visualize, not a workdir": (
+        ("vit-visualize", "curves", "--workdir", ".", "--out", "c.png"),
+        "{tmp}",
+    ),
+    "bench, no mode": (("vit-bench", "--steps", "3"), "Usage: vit-bench {{train|"),
+}
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (name, *args), message = USER_ERRORS[case]
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = subprocess.run(
+        [script(name), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = ours(result.stderr)
+    assert line.startswith(f"{name}: ") and message.format(tmp=tmp_path) in line, line
+    assert not (tmp_path / "run").exists()  # Refused before anything was written.

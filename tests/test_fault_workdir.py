@@ -1,5 +1,4 @@
-"""The workdir's contract, checked directly: one run per workdir, the same run on resume,
-metrics written once per step."""
+"""The workdir's contract, checked directly: one run per workdir, the same run on resume."""
 
 import json
 import os
@@ -8,11 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import tensorflow as tf
 from helpers import small_local_config
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vit_jax.metrics import MetricWriter
 from vit_jax.workdir import (
     LOCK_FILE,
     ConfigChangedError,
@@ -20,7 +16,6 @@ from vit_jax.workdir import (
     _process_start,
     check_config,
     claim,
-    repair_metrics,
 )
 
 
@@ -152,31 +147,3 @@ def test_process_count_is_part_of_the_contract(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(run | {"process_count": 4}))
     with pytest.raises(ConfigChangedError, match="process_count: 4 -> 1"):
         check_config(workdir, small_local_config(tmp_path), resuming=True)
-
-
-def test_metrics_after_the_resumed_step_are_dropped_once(tmp_path):
-    workdir = str(tmp_path)
-    writer = MetricWriter(workdir)
-    for step in range(1, 7):
-        writer.write(step, {"train/loss": float(step)})
-    writer.close()
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 7, "train/lo')  # Cut short by SIGKILL.
-    # An events file whose last record was cut short too.
-    events = tf.io.gfile.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))[0]
-    with open(events, "ab") as f:
-        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00\x01\x02")
-
-    repair_metrics(workdir, resumed_step=4)
-    writer = MetricWriter(workdir)
-    for step in range(5, 9):
-        writer.write(step, {"train/loss": 10.0 * step})
-    writer.close()
-
-    expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0), (8, 80.0)]
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [(x["step"], x["train/loss"]) for x in lines] == expected
-    reader = EventAccumulator(str(tmp_path / "tensorboard"))
-    reader.Reload()
-    shown = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in reader.Tensors("train/loss")]
-    assert shown == expected

@@ -10,9 +10,10 @@ import pytest
 
 from vit_jax import checkpoint, data, parallel
 from vit_jax.config import base_config
-from vit_jax.insight import fewshot
+from vit_jax.evaluators import fewshot
 from vit_jax.insight.cli import fewshot_main
 from vit_jax.models import abstract_params, create_model, scale_images
+from vit_jax.preemption import StopRequests
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,8 @@ def test_evaluator_on_a_mesh_matches_single_device_features(data_dir):
     rules = parallel.resolve_rules("dp")
     shardings = parallel.logical_shardings(abstract_params(model, 8), mesh, rules)
     params = init_params(model)
-    metrics = fewshot.FewShotEvaluator(config, model, mesh, rules, shardings).evaluate(params)
+    evaluator = fewshot.FewShotEvaluator(config, model, mesh, rules, shardings)
+    metrics = evaluator.run(params, StopRequests())
 
     expected = plain_accuracies(model, params, data_dir, (1, 5))
     assert set(metrics) == {"fewshot/digits_1shot", "fewshot/digits_5shot"}

@@ -14,6 +14,7 @@ from helpers import REPO, TINY, load_recipe, small_local_config
 from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
 from vit_jax.data.pipeline import open_source
+from vit_jax.metrics import read_records
 from vit_jax.models import parse_variant
 from vit_jax.parallel import make_mesh
 from vit_jax.train import train_and_evaluate
@@ -81,7 +82,7 @@ def test_main_job_writes_metrics_config_and_checkpoints(tmp_path):
     config.fewshot.update(datasets={"digits": ("digits", "train", "test")}, shots=(1, 5))
     final = train_and_evaluate(config, workdir)
     assert 0.0 <= final["eval/top1"] <= 1.0
-    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    lines = read_records(workdir)
     assert [line["step"] for line in lines] == [4, 6, 8, 12]
     # The few-shot probe runs at its interval (the recipe's 250) and at the last step.
     fewshot_keys = {"fewshot/digits_1shot", "fewshot/digits_5shot"}
@@ -132,10 +133,10 @@ def test_restart_resumes_bit_exactly(tmp_path, monkeypatch):
     train_and_evaluate(config, resumed)  # Restarts from step 6.
 
     jax.tree.map(np.testing.assert_array_equal, load_params(resumed), load_params(straight))
-    steps = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    steps = [record["step"] for record in read_records(resumed)]
     assert steps == [4, 8, 12]  # The interrupted run's step-8 line was replaced, not duplicated.
-    straight = {json.loads(x)["step"]: json.loads(x) for x in open(f"{straight}/metrics.jsonl")}
-    resumed = {json.loads(x)["step"]: json.loads(x) for x in open(f"{resumed}/metrics.jsonl")}
+    straight = {record["step"]: record for record in read_records(straight)}
+    resumed = {record["step"]: record for record in read_records(resumed)}
     # Step 8's mean covers only steps 7-8 after the restart; the others are the same windows.
     for step in (4, 12):
         assert resumed[step]["train/loss"] == straight[step]["train/loss"]
@@ -212,7 +213,7 @@ def test_console_shows_our_lines_only(tmp_path):
 def test_fsdp_run_has_the_same_loss_curve_as_data_parallel(tmp_path):
     def curve(config, name):
         train_and_evaluate(config, str(tmp_path / name))
-        return [json.loads(x)["train/loss"] for x in open(tmp_path / name / "metrics.jsonl")]
+        return [record["train/loss"] for record in read_records(str(tmp_path / name))]
 
     dp = small_local_config(tmp_path, total_steps=8, log_every=1, eval_every=8)
     fsdp = small_local_config(tmp_path, total_steps=8, log_every=1, eval_every=8)

@@ -1,7 +1,6 @@
 """Real two-process runs on one machine: jax.distributed, per-process data, one checkpoint,
 a preemption notice that every process obeys at the same step, and a process that dies."""
 
-import json
 import os
 import re
 import signal
@@ -15,9 +14,10 @@ import pytest
 from helpers import REPO, TINY, load_recipe
 
 from vit_jax.checkpoint import load_params
+from vit_jax.evaluators.classification import ClassificationEvaluator
+from vit_jax.metrics import read_records
 from vit_jax.parallel import make_mesh
-from vit_jax.preemption import PREEMPTED_EXIT_STATUS
-from vit_jax.train import evaluate
+from vit_jax.preemption import PREEMPTED_EXIT_STATUS, StopRequests
 from vit_jax.trainer import Trainer
 
 RECIPE = "local.py:steps=30,dataset=digits,batch=32"
@@ -84,7 +84,7 @@ def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tm
     assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     assert "step 30/30" in errors[0] and "step 30/30" not in errors[1]  # Process 0 reports.
 
-    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    lines = read_records(workdir)
     assert [x["step"] for x in lines] == [10, 20, 30]
     assert "30" in os.listdir(os.path.join(workdir, "checkpoints"))
 
@@ -97,7 +97,7 @@ def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tm
         config, make_mesh(config.mesh, config.dcn_mesh), num_classes=10, total_steps=30
     )
     params = jax.device_put(load_params(workdir), trainer.param_shardings)
-    local = evaluate(trainer, params)
+    local = ClassificationEvaluator(trainer).run(params, StopRequests())
     assert local["eval/top1"] == pytest.approx(lines[-1]["eval/top1"], abs=1e-6)
     assert local["eval/loss"] == pytest.approx(lines[-1]["eval/loss"], rel=1e-5)
 

@@ -1,6 +1,5 @@
 """Data, FSDP and tensor parallelism: the same training, parameters split as the rules ask."""
 
-import json
 import logging
 
 import jax
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import SGD, bytes_on_device0, run_steps, small_local_config, tiny_config
 
+from vit_jax.metrics import read_records
 from vit_jax.parallel import make_mesh
 from vit_jax.train import Trainer, train_and_evaluate
 
@@ -115,7 +115,7 @@ def _train_end_to_end(tmp_path, rules, mesh=None):
     if mesh:
         config.mesh.update(mesh)
     train_and_evaluate(config, str(tmp_path / "run"))
-    return [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    return read_records(str(tmp_path / "run"))
 
 
 @pytest.fixture(scope="module")

@@ -129,10 +129,10 @@ def test_curves_from_a_workdir(tmp_path):
         {"step": 20, "train/loss": 1.0, "train/lr": 5e-4, "eval/top1": 0.5, "fewshot/d_5shot": 0.4},
     ]
     half_written = '{"step": 30, "train/lo'  # What a SIGKILL during a write leaves.
-    (tmp_path / "metrics.jsonl").write_text(
-        "".join(json.dumps(x) + "\n" for x in lines) + half_written
-    )
-    series = maps.metric_series((tmp_path / "metrics.jsonl").read_text().splitlines())
+    chunk = tmp_path / "metrics" / "0000000010.jsonl"  # As vit-train writes them.
+    chunk.parent.mkdir()
+    chunk.write_text("".join(json.dumps(x) + "\n" for x in lines) + half_written)
+    series = maps.metric_series(chunk.read_text().splitlines())
     np.testing.assert_array_equal(series["train/loss"][0], [10, 20])
     np.testing.assert_array_equal(series["fewshot/d_5shot"][1], [0.4])
     out = tmp_path / "curves.png"

@@ -93,7 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.dcn_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = "dp"  # "dp" | "fsdp" | "tp"
 
-    # Few-shot linear evaluation during training (see vit_jax/insight/fewshot.py): metric
+    # Periodic evaluations (see vit_jax/evaluators), run in this order at their steps and at
+    # the last: a kind ("classification": every eval_every on eval_split; "fewshot": every
+    # fewshot.every, when fewshot.datasets is set) or "package.module:factory".
+    c.evaluators = ("classification", "fewshot")
+
+    # Few-shot linear evaluation during training (see vit_jax/evaluators/fewshot.py): metric
     # name -> (dataset, train_split, test_split), e.g. {"digits": ("digits", "train", "test")};
     # metrics `fewshot/<name>_<n>shot`. Empty: off.
     c.fewshot = ml_collections.ConfigDict()
@@ -111,6 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    # A jax.profiler trace of steps first_step.. (0: off) into <workdir>/tensorboard, for
+    # TensorBoard's profile plugin and Perfetto (vit_jax/profiling.py).
+    c.profile = ml_collections.ConfigDict({"first_step": 0, "steps": 5, "all_processes": False})
+    # jax.transfer_guard level for the loop: "disallow" makes an implicit host<->device copy
+    # an error (the tests run so); "log" reports them; "allow" is free.
+    c.transfer_guard = "allow"
     # Resuming checks that the fields deciding the trajectory are unchanged; name the ones
     # you change deliberately, e.g. "batch_size,optim.lr" ("process_count" too).
     c.allow_config_change = ""

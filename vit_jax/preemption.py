@@ -1,26 +1,34 @@
-"""Preemption: SIGTERM or SIGINT finish the current step, save it, and exit "resume me".
+"""Stop requests: SIGTERM, SIGINT or a preemption notice end the run at once, resumably.
 
-Preemptible VMs, SLURM's time limit and `scancel` send SIGTERM and then, after a grace
-period, SIGKILL. A stop request is honoured after the step under way: the loop saves a
-checkpoint at that step, waits for the write, skips evaluation and raises `Preempted`,
-which `vit-train` turns into exit status `PREEMPTED_EXIT_STATUS`.
+Preemptible VMs, SLURM's time limit, `scancel` and Kubernetes send SIGTERM and then, after
+a grace period (often 30 s), SIGKILL. From the moment a stop is requested no new work
+starts: the step under way finishes, an evaluation or any other periodic work in progress
+is abandoned at its next batch, the last completed step is saved, and the run raises
+`Preempted`, which `vit-train` turns into exit status `PREEMPTED_EXIT_STATUS` ("resume
+me": launch scripts requeue on it). A second signal exits with that status at once.
 
-Every process must stop at the same step, or the others would wait forever in the next
-collective. In multi-process runs JAX's preemption sync manager owns SIGTERM: it spreads
-a notice received by any process to all of them and names a common step (the largest
-step any of them has reached, plus one); SIGINT is forwarded to it as SIGTERM. A single
-process simply stops after the step it is running.
+Every process must abandon the same work at the same point, or the others would wait
+forever in the next collective. Stops are therefore decided at check points that every
+process passes in the same order (after each train step, after each batch of periodic
+work), numbered by a counter. In multi-process runs JAX's preemption sync manager owns
+SIGTERM: it spreads a notice received by any process to all of them and names a common
+check point (the largest any of them has reached, plus one); SIGINT is forwarded to it as
+SIGTERM. A single process stops at the check point after the signal.
+
+Imports only the standard library at module level: `vit-train` installs
+`exit_on_stop_during_start_up` before the seconds it takes to import JAX and TensorFlow.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType
-
-import jax
-from jax.experimental import multihost_utils
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +36,78 @@ log = logging.getLogger(__name__)
 # run is not finished: schedulers must not record success) and not 1 (an error).
 PREEMPTED_EXIT_STATUS = 75
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+T = TypeVar("T")
+
 
 class Preempted(Exception):
-    """The run stopped on request after saving a checkpoint at `step`."""
+    """The run stopped on request at `step`; every completed step up to it is saved."""
 
     def __init__(self, step: int):
+        saved = f"step {step} is saved" if step else "no step was trained yet"
         super().__init__(
-            f"Stopped at step {step} on a preemption notice or signal; a checkpoint of step "
-            f"{step} is saved. Rerun the same command to resume."
+            f"Stopped at step {step} on a stop request (SIGTERM, SIGINT or a preemption "
+            f"notice); {saved}. Rerun the same command to resume."
         )
         self.step = step
 
 
-class StopRequests:
-    """While active (`with`), SIGTERM and SIGINT ask the loop to stop after the current step.
+class StopRequested(Exception):
+    """Raised out of periodic work (an evaluation, a probe) abandoned on a stop request."""
 
-    A second signal of the same kind acts as it would without this object (SIGINT raises
-    KeyboardInterrupt, SIGTERM terminates), so an impatient user still gets out at once.
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    """Ends the process with status 75 without any cleanup that could hold the exit."""
+    del frame
+    sys.stderr.write(
+        f"{signal.Signals(signum).name} received: exiting at once with status "
+        f"{PREEMPTED_EXIT_STATUS} (rerun the same command to resume).\n"
+    )
+    sys.stderr.flush()
+    os._exit(PREEMPTED_EXIT_STATUS)
+
+
+def exit_on_stop_during_start_up() -> None:
+    """Until `StopRequests` takes over, SIGTERM and SIGINT exit with status 75 at once.
+
+    Nothing is worth saving before training starts, and a scheduler requeues only a run
+    that exits 75, not one killed by a signal (143, 130).
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _exit_now)
+
+
+def close_in_background(iterator: Iterator) -> None:
+    """Closes a generator (and the tf.data iterator it holds) on a daemon thread.
+
+    tf.data's iterator teardown waits for its thread pool's work in flight, seconds to
+    minutes on a busy input pipeline; nothing the run still does depends on it.
+    """
+    if hasattr(iterator, "close"):
+        threading.Thread(target=iterator.close, name="close iterator", daemon=True).start()
+
+
+class StopRequests:
+    """While active (`with`), SIGTERM and SIGINT ask the run to stop at the next check point.
+
+    `reached()` is a check point, `watch(items)` puts one after each item of periodic work.
+    Every process must pass the same check points in the same order (JAX counts them).
     """
 
     def __init__(self) -> None:
-        self._signal: int | None = None
+        self._requested: int | None = None  # The signal number, single process.
+        self._stopped = False
+        self._checks = 0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
+        import jax
+
         if threading.current_thread() is not threading.main_thread():
             return self  # Signal handlers can only be installed from the main thread.
-        multi_process = jax.process_count() > 1
-        handled = (signal.SIGINT,) if multi_process else (signal.SIGINT, signal.SIGTERM)
+        # Multi-process: JAX's notifier keeps SIGTERM; SIGINT is forwarded to it.
+        handled = (signal.SIGINT,) if jax.process_count() > 1 else STOP_SIGNALS
         for signum in handled:
             self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
@@ -66,19 +118,40 @@ class StopRequests:
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        signal.signal(signum, self._previous.pop(signum))
-        log.warning("%s received: stopping after this step.", signal.Signals(signum).name)
+        import jax
+
+        if self._requested is not None:
+            _exit_now(signum, frame)  # The user insists.
+        self._requested = signum
+        log.warning(
+            "%s received: stopping (a second signal exits at once).", signal.Signals(signum).name
+        )
         if jax.process_count() > 1:
             signal.raise_signal(signal.SIGTERM)  # To JAX's notifier, which tells every process.
-        else:
-            self._signal = signum
 
-    def reached(self, step: int) -> bool:
-        """Whether to stop after `step`; every process answers the same at every step.
+    def reached(self) -> bool:
+        """Whether to stop here; every process answers the same at the same check point.
 
-        Must be called after every step, by every process (JAX counts the calls).
+        Once True, stays True (and no longer counts as a check point).
         """
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._signal is not None
+        import jax
+        from jax.experimental import multihost_utils
+
+        if not self._stopped:
+            self._checks += 1
+            if jax.process_count() > 1:
+                self._stopped = multihost_utils.reached_preemption_sync_point(self._checks)
+            else:
+                self._stopped = self._requested is not None
+        return self._stopped
+
+    def watch(self, items: Iterator[T]) -> Iterator[T]:
+        """`items`, with a check point after each; on a stop, raises `StopRequested`.
+
+        The abandoned `items` are closed in the background (`close_in_background`).
+        """
+        for item in items:
+            yield item
+            if self.reached():
+                close_in_background(items)
+                raise StopRequested

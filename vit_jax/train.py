@@ -1,54 +1,40 @@
 """The training loop: what happens each step, wiring the input pipeline to `Trainer`.
 
-config -> `Trainer` (mesh, rules, model and optimizer in their shardings) -> host-local
+config -> mesh -> `Trainer` (rules, model and optimizer in their shardings) -> host-local
 uint8 batches -> global arrays (the next one transferred while the current step runs)
--> jitted `train_step` (state donated) -> metrics (process 0) -> Orbax async checkpoints.
+-> jitted `train_step` (state donated) -> periodic evaluators (vit_jax/evaluators) ->
+metrics (process 0, written off this thread) -> Orbax async checkpoints.
 Restarting in the same workdir resumes from the newest readable checkpoint and sees exactly
 the batches an uninterrupted run would have seen (vit_jax/workdir.py: what a restart checks).
+A stop request abandons whatever runs and saves the last completed step (vit_jax/preemption.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint, data, parallel
 from vit_jax.checkpoint.manager import Checkpointer
+from vit_jax.chrono import Chrono
 from vit_jax.config import check_intervals
-from vit_jax.insight.fewshot import FewShotEvaluator
+from vit_jax.evaluators import Evaluator, build_evaluators
 from vit_jax.metrics import MetricWriter, log_progress
-from vit_jax.preemption import Preempted, StopRequests
+from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
+from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import NONFINITE, Trainer, TrainState
-from vit_jax.workdir import check_config, claim, repair_metrics, restore_newest_readable
+from vit_jax.workdir import check_config, claim, restore_newest_readable
 
 log = logging.getLogger(__name__)
 
 # Steps the host may dispatch before the oldest of them has finished on the devices: enough
 # to keep an accelerator's queue full, few enough to bound what waits in it.
 STEPS_AHEAD = 2
-
-
-def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
-    """Top-1 and loss over the whole eval split, each example counted exactly once."""
-    totals = None
-    batches = parallel.prefetch_to_devices(
-        data.eval_batches(trainer.config), trainer.batch_sharding
-    )
-    for batch in batches:
-        sums = trainer.eval_step(params, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    return {
-        "eval/loss": float(totals["loss"] / totals["count"]),
-        "eval/top1": float(totals["correct"] / totals["count"]),
-    }
 
 
 def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
@@ -75,15 +61,16 @@ def _initial_state(trainer: Trainer, checkpointer: Checkpointer, pretrained: Any
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) in `workdir` and returns the final eval metrics.
+    """Trains (or resumes) in `workdir` and returns the evaluators' metrics at the last step.
 
-    Raises `Preempted` after saving a checkpoint when SIGTERM, SIGINT or a preemption
-    notice arrives. On any exit the checkpoints already started are completed, the
-    metrics files closed and the workdir's lock released.
+    Raises `Preempted` after saving the last completed step when SIGTERM, SIGINT or a
+    preemption notice arrives (an evaluation under way is abandoned). On any exit the
+    checkpoints already started are completed, the metrics written and the workdir's lock
+    released; the input pipelines are closed in the background, never holding the exit.
     """
     check_intervals(config)
-    # Stop requests count from the start, so a SIGTERM during start-up still ends in a
-    # checkpoint and status 75 (after one step) rather than a kill a scheduler won't requeue.
+    # Stop requests count from the start: one during start-up ends the run with status 75
+    # before its first step.
     with StopRequests() as stop_requests:
         # Everything a config can get wrong is refused here, before the workdir is touched.
         if config.model_init:  # The model takes the checkpoint's architecture.
@@ -102,11 +89,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 reset_head=config.model_init_reset_head,
             )
             del weights
-        fewshot = None
-        if config.fewshot.datasets:
-            fewshot = FewShotEvaluator(
-                config, trainer.model, trainer.mesh, trainer.rules, trainer.param_shardings
-            )
+        evaluators = build_evaluators(config, trainer)
+        profile = ProfileWindow.from_config(config.profile, workdir)
         metadata = {
             "class_names": list(info.class_names),
             "model": config.model.to_dict(),
@@ -121,11 +105,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 check_config(workdir, config, resuming=bool(checkpointer.steps()))
                 state = _initial_state(trainer, checkpointer, pretrained)
                 del pretrained  # Host copies: the state holds the parameters now.
-                repair_metrics(workdir, int(state.step))
-                writer = MetricWriter(workdir)
-                return _train_loop(
-                    trainer, fewshot, state, steps, checkpointer, writer, metadata, stop_requests
-                )
+                writer = MetricWriter(workdir, resumed_step=int(jax.device_get(state.step)))
+                # The loop reads from the host only where it means to (jax.device_get).
+                with jax.transfer_guard(config.transfer_guard):
+                    return _train_loop(
+                        trainer,
+                        evaluators,
+                        state,
+                        steps,
+                        checkpointer,
+                        writer,
+                        metadata,
+                        stop_requests,
+                        profile,
+                    )
             finally:
                 checkpointer.wait()
                 checkpointer.close()
@@ -171,67 +164,87 @@ def _summarize(metrics: list[dict]) -> dict[str, float]:
     return summary
 
 
+def _evaluate(
+    evaluators: list[Evaluator], params, chrono: Chrono, stop_requests: StopRequests
+) -> dict[str, float] | None:
+    """The evaluators' metrics, each timed as `time/<name>_s`; None when a stop abandoned one."""
+    metrics = {}
+    for evaluator in evaluators:
+        try:
+            with chrono.paused(evaluator.name):
+                metrics |= evaluator.run(params, stop_requests)
+        except StopRequested:
+            log.warning("Abandoned %s: a stop was requested.", evaluator.name)
+            return None
+    return metrics
+
+
 def _train_loop(
     trainer: Trainer,
-    fewshot: FewShotEvaluator | None,
+    evaluators: list[Evaluator],
     state: TrainState,
     steps: int,
     checkpointer: Checkpointer,
     writer: MetricWriter,
     metadata: dict,
     stop_requests: StopRequests,
+    profile: ProfileWindow,
 ) -> dict[str, float]:
-    config, start = trainer.config, int(state.step)
-    eval_metrics: dict[str, float] = {}
+    config, start = trainer.config, int(jax.device_get(state.step))
+    chrono = Chrono(steps, config.batch_size)
+    final: dict[str, float] = {}
+    if stop_requests.reached():  # Requested during start-up: nothing new to save.
+        raise Preempted(start)
     batches = parallel.prefetch_to_devices(
         data.train_batches(config, start_step=start), trainer.batch_sharding
     )
-    logged_at, logged_time, pending = start, time.perf_counter(), []
-    input_wait = 0.0  # Seconds the loop spent waiting for data since the last log.
-    for step in range(start + 1, steps + 1):
-        wait_start = time.perf_counter()
-        batch = next(batches)
-        input_wait += time.perf_counter() - wait_start
-        state, metrics = trainer.train_step(state, batch)
-        pending.append(metrics)
-        # Back-pressure: the host stays at most STEPS_AHEAD steps ahead of the devices (a log
-        # fetches the whole window, so the window's own steps are all that can be in flight).
-        if len(pending) > STEPS_AHEAD:
-            jax.block_until_ready(pending[-1 - STEPS_AHEAD])
-        stop = stop_requests.reached(step)
-        if step % config.checkpoint_every == 0 or step == steps or stop:
-            pending = _fetch_checked(pending, logged_at + 1, config, checkpointer)
-            checkpointer.save(step, state, metadata)
-        log_now = step % config.log_every == 0 or step == steps
-        eval_now = (step % config.eval_every == 0 or step == steps) and not stop
-        fewshot_now = (
-            fewshot is not None and (step % config.fewshot.every == 0 or step == steps) and not stop
-        )
-        summary = {}
-        if log_now:
-            summary = _summarize(_fetch_checked(pending, logged_at + 1, config, checkpointer))
-            elapsed = time.perf_counter() - logged_time
-            step_time = elapsed / (step - logged_at)
-            summary |= {
-                "train/step_time_s": step_time,
-                "train/img_per_s": config.batch_size / step_time,
-                "train/input_wait_frac": input_wait / elapsed,
-                "train/eta_s": step_time * (steps - step),
-            }
-            pending, input_wait = [], 0.0
-        if eval_now:
-            eval_metrics = evaluate(trainer, state.params)
-            summary |= eval_metrics
-        if fewshot_now:
-            summary |= fewshot.evaluate(state.params)
-        if summary:
-            writer.write(step, summary)
-            log_progress(step, steps, summary)
-        if log_now:
-            logged_at, logged_time = step, time.perf_counter()
-        if stop:  # Evaluation skipped: the grace period is for the checkpoint.
-            checkpointer.wait()
-            raise Preempted(step)
-    if not eval_metrics:  # Resumed a finished run: report where it stands.
-        eval_metrics = evaluate(trainer, state.params)
-    return eval_metrics
+    logged_at, pending = start, []
+    chrono.start(start)
+    try:
+        for step in range(start + 1, steps + 1):
+            with profile.step(step):
+                with chrono.input_wait():
+                    batch = next(batches)
+                state, metrics = trainer.train_step(state, batch)
+            profile.finish(step, metrics)
+            pending.append(metrics)
+            # Back-pressure: the host stays at most STEPS_AHEAD steps ahead of the devices (a
+            # log fetches the whole window, so its own steps are all that can be in flight).
+            if len(pending) > STEPS_AHEAD:
+                jax.block_until_ready(pending[-1 - STEPS_AHEAD])
+            stop = stop_requests.reached()
+            last = step == steps
+            summary = {}
+            due = [e for e in evaluators if step % e.every == 0 or last]
+            if due and not stop:
+                # Periodic work starts once the step is done: its time is not training time.
+                pending = _fetch_checked(pending, logged_at + 1, config, checkpointer)
+                results = _evaluate(due, state.params, chrono, stop_requests)
+                stop = results is None
+                summary = results or {}
+                final = summary if last else final
+            if step % config.log_every == 0 or last:
+                window = _fetch_checked(pending, logged_at + 1, config, checkpointer)
+                summary = _summarize(window) | chrono.report(step) | summary
+                logged_at, pending = step, []
+            if summary:
+                writer.write(step, summary)
+                log_progress(step, steps, summary)
+            if step % config.checkpoint_every == 0 or last or stop:
+                pending = _fetch_checked(pending, logged_at + 1, config, checkpointer)
+                with chrono.paused("checkpoint"):
+                    # What is logged up to this step is written before the checkpoint that
+                    # makes it final (a resume from it replays only the steps after it).
+                    writer.flush()
+                    checkpointer.save(step, state, metadata)
+            if stop:
+                checkpointer.wait()
+                raise Preempted(step)
+    finally:
+        profile.close()
+        close_in_background(batches)
+    if not final:  # Resumed a finished run: report where it stands.
+        final = _evaluate(evaluators, state.params, chrono, stop_requests)
+        if final is None:
+            raise Preempted(steps)
+    return final

@@ -10,8 +10,7 @@
 - `restore_newest_readable`: the newest checkpoint that can be read; damaged newer ones
   are reported (path and reason) and set aside. A workdir holding checkpoints never
   silently starts afresh.
-- `repair_metrics`: `metrics.jsonl` and TensorBoard events after the resumed step (and a
-  line half-written when the process was killed) are dropped, since they are replayed.
+- Metrics logged after the resumed step are dropped by their writer (`vit_jax.metrics`).
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ import numpy as np
 import tensorflow as tf
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from tensorboard.compat.proto import event_pb2
 
 from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError
-from vit_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +56,9 @@ BOOKKEEPING = (
     "model.attention_impl",
     "skip_nonfinite_updates",  # Turning the guard on after a non-finite stop is its purpose.
     "fewshot",  # A probe of the features: it changes nothing the run trains.
+    "evaluators",
+    "profile",
+    "transfer_guard",
     "allow_config_change",
 )
 
@@ -322,49 +322,3 @@ def restore_newest_readable(checkpointer: Checkpointer, abstract_state: Any) -> 
             "new --workdir."
         )
     return None
-
-
-# ---- metrics -------------------------------------------------------------------------------
-
-
-def repair_metrics(workdir: str, resumed_step: int) -> None:
-    """Drops what the interrupted run logged after `resumed_step` (process 0).
-
-    `metrics.jsonl` loses its later lines and a line half-written by a killed process;
-    TensorBoard event files lose their later events (and a truncated last record), so
-    replayed steps appear once: TensorBoard's own purge needs an event TF2 never writes.
-    """
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(workdir, METRICS_FILE)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            lines = f.read().splitlines()
-        kept = []
-        for number, line in enumerate(lines, 1):
-            record = parse_record(line)
-            if record is None:
-                log.warning("Dropped line %d of %s: not complete JSON (%r).", number, path, line)
-            elif record["step"] <= resumed_step:
-                kept.append(line + "\n")
-        if len(kept) != len(lines):
-            with tf.io.gfile.GFile(path, "w") as f:
-                f.write("".join(kept))
-    for events in tf.io.gfile.glob(os.path.join(workdir, TENSORBOARD_DIR, "events.out.tfevents.*")):
-        _drop_events_after(events, resumed_step)
-
-
-def _drop_events_after(path: str, step: int) -> None:
-    records, complete = [], True
-    try:
-        for record in tf.data.TFRecordDataset(path):
-            records.append(record.numpy())
-    except tf.errors.DataLossError:  # A record cut short by a kill.
-        complete = False
-    kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
-    if complete and len(kept) == len(records):
-        return
-    with tf.io.TFRecordWriter(path + ".tmp") as writer:
-        for record in kept:
-            writer.write(record)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)

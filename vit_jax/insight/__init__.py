@@ -1,7 +1,7 @@
-"""What a model learned: the paper's few-shot linear evaluation and its figures.
+"""What a model learned: the paper's figures (the few-shot probe is `vit_jax.evaluators`).
 
-`fewshot` is the evaluator (during pretraining and for any checkpoint), `maps` computes the
-figures' numbers (attention rollout, position-embedding similarity, attention distance,
-embedding-filter components), `plots` draws them, `loading` builds a model from any
-checkpoint, and `cli` holds the `vit-fewshot` and `vit-visualize` commands.
+`maps` computes the figures' numbers (attention rollout, position-embedding similarity,
+attention distance, embedding-filter components), `plots` draws them, `loading` builds a
+model from any checkpoint, `figures` and `cli` hold the `vit-fewshot` and `vit-visualize`
+commands.
 """

@@ -98,8 +98,9 @@ def _fewshot(args: argparse.Namespace) -> int:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from vit_jax import parallel
-    from vit_jax.insight.fewshot import FewShotEvaluator
+    from vit_jax.evaluators.fewshot import FewShotEvaluator
     from vit_jax.insight.loading import eval_config, load_features_model
+    from vit_jax.preemption import StopRequests
 
     model, params, run = load_features_model(
         args.checkpoint, model=args.model, image_size=args.image_size
@@ -115,7 +116,7 @@ def _fewshot(args: argparse.Namespace) -> int:
     replicated = NamedSharding(mesh, PartitionSpec())
     rules = parallel.resolve_rules(config.sharding_rules)
     evaluator = FewShotEvaluator(config, model, mesh, rules, replicated)
-    results = evaluator.evaluate(params)
+    results = evaluator.run(params, StopRequests())
     for metric, accuracy in results.items():
         print(f"{metric}  {accuracy:.4f}")
     return 0

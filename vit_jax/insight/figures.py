@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import metrics
 from vit_jax.insight import maps, plots
 from vit_jax.insight.loading import dataset_images, load_features_model
-from vit_jax.metrics import METRICS_FILE
 from vit_jax.predict import find_images, load_image
 
 
@@ -105,13 +105,9 @@ def _filters(args: argparse.Namespace) -> None:
 
 
 def _curves(args: argparse.Namespace) -> None:
-    path = os.path.join(args.workdir, METRICS_FILE)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"No {METRICS_FILE} in {args.workdir}: is it a vit-train workdir?")
-    with tf.io.gfile.GFile(path) as f:
-        series = maps.metric_series(f)
+    series = maps.metric_series(metrics.read_lines(args.workdir))
     if not series:
-        raise ValueError(f"{path} holds no metrics yet.")
+        raise ValueError(f"{args.workdir} holds no metrics yet.")
     plots.plot_training_curves(series, f"Training curves of {args.workdir}", args.out)
 
 

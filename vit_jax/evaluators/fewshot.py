@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vit_jax import data, parallel
 from vit_jax.metrics import fewshot_metric
 from vit_jax.models import scale_images
+from vit_jax.preemption import StopRequests
 
 # L2 strengths tried, relative to the mean squared norm of the centred train features, so
 # one grid serves features of any scale.
@@ -167,9 +168,11 @@ class FewShotEvaluator:
     """Few-shot linear accuracy of a model's frozen features on `config.fewshot.datasets`.
 
     Needs the model and the mesh, rules and parameter shardings (a tree, or one sharding for
-    every parameter) it trains under; reads `image_size`, `eval_batch_size`, `data_dir` and
-    `pp.eval_crop_fraction` from `config`.
+    every parameter) it trains under; reads `image_size`, `eval_batch_size`, `data_dir`,
+    `pp.eval_crop_fraction` and `fewshot.every` from `config`.
     """
+
+    name = "fewshot"
 
     def __init__(
         self,
@@ -180,6 +183,7 @@ class FewShotEvaluator:
         param_shardings: Any,
     ):
         self.config = config
+        self.every = int(config.fewshot.every)
         self.entries = dataset_entries(config)
         self.shots = tuple(int(n) for n in config.fewshot.shots)
         # Checked now: a wrong dataset name or a train split too small for the shots stops the
@@ -212,29 +216,37 @@ class FewShotEvaluator:
         config.dataset, config.eval_split = dataset, split
         return config
 
-    def features(self, params: Any, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Features and integer labels of the whole split, in its order, on every process."""
+    def features(
+        self, params: Any, dataset: str, split: str, stop: StopRequests
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features and integer labels of the whole split, in its order, on every process.
+
+        Raises `StopRequested` when a stop is requested before the split is done.
+        """
         config = self.split_config(dataset, split)
         batches = numbered_batches(
             data.eval_batches(config), jax.process_index(), data.num_eval_batches(config)
         )
         gathered = []
         with parallel.activate(self.mesh, self.rules):
-            for batch in parallel.prefetch_to_devices(batches, self.batch_sharding):
+            for batch in stop.watch(parallel.prefetch_to_devices(batches, self.batch_sharding)):
                 gathered.append(jax.device_get(self._embed(params, batch)))
         rows = {key: np.concatenate([g[key] for g in gathered]) for key in gathered[0]}
         order = split_order(rows["index"], rows["mask"])
         return rows["features"][order].astype(np.float64), rows["label"][order].astype(np.int64)
 
-    def evaluate(self, params: Any) -> dict[str, float]:
-        """`fewshot/<name>_<n>shot` accuracies for every configured dataset and shot count."""
+    def run(self, params: Any, stop: StopRequests) -> dict[str, float]:
+        """`fewshot/<name>_<n>shot` accuracies for every configured dataset and shot count.
+
+        Raises `StopRequested` when a stop is requested before the last feature is computed.
+        """
         # Placed once (a no-op for the train state's params): host arrays passed to the jitted
         # step would be copied to every device again for every batch.
         params = jax.device_put(params, self.param_shardings)
         metrics = {}
         for name, (dataset, train_split, test_split) in self.entries.items():
-            train_x, train_y = self.features(params, dataset, train_split)
-            test_x, test_y = self.features(params, dataset, test_split)
+            train_x, train_y = self.features(params, dataset, train_split, stop)
+            test_x, test_y = self.features(params, dataset, test_split, stop)
             accuracies = fewshot_accuracies(
                 train_x,
                 train_y,
@@ -246,3 +258,12 @@ class FewShotEvaluator:
             )
             metrics |= {fewshot_metric(name, n): acc for n, acc in accuracies.items()}
         return metrics
+
+
+def build(config: ml_collections.ConfigDict, trainer: Any) -> FewShotEvaluator | None:
+    """The probe under the trainer's model, mesh and shardings; None without datasets."""
+    if not config.fewshot.datasets:
+        return None
+    return FewShotEvaluator(
+        config, trainer.model, trainer.mesh, trainer.rules, trainer.param_shardings
+    )

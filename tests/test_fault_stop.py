@@ -1,0 +1,138 @@
+"""Stop requests with real processes and real signals, at every kind of periodic work.
+
+From a stop request on, no new work starts: an evaluation or few-shot probe in progress is
+abandoned, the last completed step is saved and `vit-train` exits 75, whatever holds the
+run; during start-up it exits 75 too; nothing after the save holds the exit; a second
+signal exits at once. Each run's evaluation is in progress for as long as no stop is
+agreed on (tests/evaluator_support.py), so no outcome depends on timing.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from evaluator_support import EVALUATION_RUNNING
+from helpers import REPO, TINY
+
+from vit_jax import metrics
+from vit_jax.preemption import PREEMPTED_EXIT_STATUS
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+RECIPE = "configs/local.py:steps=12,dataset=digits,batch=32"
+SETTINGS = TINY | {
+    "log_every": 1,
+    "eval_every": 6,
+    "checkpoint_every": 100,  # Only the stop (or the last step) saves.
+    "fewshot.every": 6,
+    "fewshot.shots": "(1,)",
+    "transfer_guard": "disallow",
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One prepared copy of the digits dataset for this file's runs."""
+    return tmp_path_factory.mktemp("digits") / "tfds"
+
+
+def _start(data_dir, workdir, evaluators, *flags, before_main="") -> subprocess.Popen:
+    """`vit-train` in a new process, with `evaluators` ("module:factory" entries)."""
+    settings = SETTINGS | {"evaluators": repr(tuple(evaluators)), "data_dir": data_dir}
+    command = [
+        sys.executable, *flags, "-c", f"{before_main}\nfrom vit_jax.main import main\nmain()",
+        "--config", RECIPE, "--workdir", str(workdir),
+        *(f"--config.{key}={value}" for key, value in settings.items()),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]))
+    return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _read_until(run: subprocess.Popen, done) -> list[str]:
+    lines = []
+    for line in run.stderr:
+        lines.append(line)
+        if done(line):
+            return lines
+    raise AssertionError("".join(lines[-50:]) + f"\nexited {run.wait()} before the line")
+
+
+def _finish(run: subprocess.Popen, lines: list[str]) -> str:
+    """Everything the run wrote, once it has exited (a hang fails after 10 minutes)."""
+    lines.append(run.communicate(timeout=600)[1])
+    return "".join(lines)
+
+
+def _checkpoints(workdir) -> list[str]:
+    path = os.path.join(workdir, "checkpoints")
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+@pytest.mark.parametrize(
+    "evaluator, signum",
+    [
+        ("endless_classification", signal.SIGTERM),
+        ("endless_classification", signal.SIGINT),
+        ("endless_fewshot", signal.SIGTERM),
+    ],
+)
+def test_a_stop_abandons_the_evaluation_and_saves_its_step(
+    tmp_path, data_dir, evaluator, signum
+):
+    workdir = tmp_path / "run"
+    run = _start(data_dir, workdir, [f"evaluator_support:{evaluator}"])  # Probes: the recipe's.
+    lines = _read_until(run, lambda line: EVALUATION_RUNNING in line)  # At step 6.
+    run.send_signal(signum)
+    output = _finish(run, lines)
+    assert run.returncode == PREEMPTED_EXIT_STATUS, output[-3000:]
+    assert "Stopped at step 6" in output and "Abandoned" in output
+    assert _checkpoints(workdir) == ["6"]  # The step the evaluation was of, not one after.
+    records = metrics.read_records(str(workdir))
+    assert [r["step"] for r in records] == list(range(1, 7))  # Written before the save.
+    assert not any(k.startswith(("eval/", "fewshot/")) for r in records for k in r)
+
+
+def test_a_second_signal_exits_at_once(tmp_path, data_dir):
+    # This evaluator never looks at stop requests: the first signal cannot end it.
+    workdir = tmp_path / "run"
+    run = _start(data_dir, workdir, ["evaluator_support:deaf"])
+    lines = _read_until(run, lambda line: EVALUATION_RUNNING in line)
+    run.send_signal(signal.SIGTERM)
+    lines += _read_until(run, lambda line: "SIGTERM received: stopping" in line)
+    run.send_signal(signal.SIGINT)
+    output = _finish(run, lines)
+    assert run.returncode == PREEMPTED_EXIT_STATUS, output[-3000:]
+    assert "SIGINT received: exiting at once" in output
+    assert _checkpoints(workdir) == []  # Nothing was saved: the user insisted.
+
+
+def test_a_stop_during_start_up_exits_75(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    # -X importtime reports each module once imported: JAX loads after the handler is in.
+    run = _start(data_dir, workdir, ["classification"], "-X", "importtime")
+    lines = _read_until(run, lambda line: line.rstrip().endswith("| jax"))
+    run.send_signal(signal.SIGTERM)
+    output = _finish(run, lines)
+    assert run.returncode == PREEMPTED_EXIT_STATUS, output[-3000:]
+    assert _checkpoints(workdir) == [] and "step 1/" not in output
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop):
+    """Closing the train stream blocks forever here: a run that waited for it would hang."""
+    workdir = tmp_path / "run"
+    evaluator = "endless_classification" if stop else "classification"
+    run = _start(
+        data_dir,
+        workdir,
+        [f"evaluator_support:{evaluator}"] if stop else [evaluator],
+        before_main="import evaluator_support\nevaluator_support.block_train_stream_teardown()",
+    )
+    lines = []
+    if stop:
+        lines = _read_until(run, lambda line: EVALUATION_RUNNING in line)
+        run.send_signal(signal.SIGTERM)
+    output = _finish(run, lines)
+    assert run.returncode == (PREEMPTED_EXIT_STATUS if stop else 0), output[-3000:]
+    assert _checkpoints(workdir) == (["6"] if stop else ["12"])

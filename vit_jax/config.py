@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.momentum = 0.9
     c.optim.nesterov = False
+    c.optim.mu_dtype = placeholder(str)  # "bfloat16": Adam's first moment / SGD momentum.
     c.optim.weight_decay = 0.0
     c.optim.grad_clip_norm = 1.0
     c.optim.frozen = ""  # Regex over "/"-joined parameter paths.
@@ -87,7 +88,6 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Parallelism (see vit_jax/parallel.py make_mesh). `mesh`: each axis's size inside one
     # TPU slice or GPU node (fast ICI / NVLink); `dcn_mesh`: how many slices or nodes it
-    c.optim.mu_dtype = placeholder(str)  # "bfloat16": Adam's first moment / SGD momentum.
     # spans (data-center network). One axis of each may be -1 (all that the others leave).
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.dcn_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    # JAX's persistent compilation cache (vit_jax/workdir.py use_compilation_cache): "workdir"
+    # keeps compiled programs in <workdir>/compilation_cache so a restart skips compiling;
+    # a path (local or gs://) shares them between runs; "" leaves JAX's own setting.
+    c.compilation_cache_dir = "workdir"
     # A jax.profiler trace of steps first_step.. (0: off) into <workdir>/tensorboard, for
     # TensorBoard's profile plugin and Perfetto (vit_jax/profiling.py).
     c.profile = ml_collections.ConfigDict({"first_step": 0, "steps": 5, "all_processes": False})

@@ -28,7 +28,7 @@ from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import NONFINITE, Trainer, TrainState
-from vit_jax.workdir import check_config, claim, restore_newest_readable
+from vit_jax.workdir import check_config, claim, restore_newest_readable, use_compilation_cache
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "dataset": config.dataset,
         }
         with claim(workdir):
+            use_compilation_cache(config, workdir)
             checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
             writer = None
             try:

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from flax import traverse_util
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
 from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError
 
@@ -47,6 +48,7 @@ BOOKKEEPING = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "compilation_cache_dir",
     "data_dir",  # The same dataset read from another place.
     "eval_batch_size",  # Evaluation sums are exact at any batch size.
     "mesh",
@@ -322,3 +324,21 @@ def restore_newest_readable(checkpointer: Checkpointer, abstract_state: Any) -> 
             "new --workdir."
         )
     return None
+
+
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a restarted run skips compiling.
+
+    `config.compilation_cache_dir`: "workdir" (default) keeps it in `<workdir>/
+    compilation_cache`, so a preempted and requeued job finds its programs there (local or
+    gs://), unless JAX_COMPILATION_CACHE_DIR already names one; a path shares one cache
+    between runs; "" leaves JAX's setting alone. Returns the directory in use, or None.
+    Called once the workdir is claimed, so that a refused config leaves nothing behind.
+    """
+    where = config.compilation_cache_dir
+    if where == "workdir":
+        where = jax.config.jax_compilation_cache_dir or os.path.join(workdir, "compilation_cache")
+    if where and where != jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", where)
+        compilation_cache.reset_cache()  # Takes effect even after an earlier compile.
+    return jax.config.jax_compilation_cache_dir

@@ -25,6 +25,7 @@ from vit_jax.chrono import Chrono
 from vit_jax.config import check_intervals
 from vit_jax.evaluators import Evaluator, build_evaluators
 from vit_jax.metrics import MetricWriter, log_progress
+from vit_jax.models import build_model
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import NONFINITE, Trainer, TrainState
@@ -77,6 +78,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             weights = checkpoint.read_weights(config.model_init)
             config = config.copy_and_resolve_references()
             config.model.update(checkpoint.model_init_changes(config.model, weights))
+        # Before the data is opened (a folder's first opening writes its manifest).
+        build_model(config.model, num_classes=1).check_image_size(config.image_size)
         info = data.get_dataset_info(config.dataset, config.data_dir)
         steps = total_steps(config, data.num_train_examples(config))
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)

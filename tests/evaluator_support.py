@@ -4,6 +4,8 @@
 configures them; the loop runs them knowing nothing of their kinds.
 
 - `params_norm`: a custom evaluator (`params/l2_norm`), checked against the checkpoint.
+- `stalling`: an evaluator that moves `CLOCK` (the loop's clock in a test) 1000 s on.
+- `implicit_transfer`: an evaluator that reads a device value implicitly (`float(x)`).
 - `endless_classification`, `endless_fewshot`: the real evaluators, each reading its first
   batch again and again after printing `EVALUATION_RUNNING`, so that an evaluation is in
   progress for as long as no stop is agreed on: a test can signal it without a race.
@@ -47,6 +49,53 @@ class ParamsNorm:
 def params_norm(config, trainer) -> ParamsNorm:
     del trainer
     return ParamsNorm(config.eval_every)
+
+
+class FakeClock:
+    """Seconds that pass only when told: every reading is one second later."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        self.seconds += 1.0
+        return self.seconds
+
+
+CLOCK = FakeClock()
+
+
+class _Stalling:
+    name = "stalling"
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def run(self, params: Any, stop) -> dict[str, float]:
+        del params, stop
+        CLOCK.seconds += 1000.0
+        return {}
+
+
+def stalling(config, trainer) -> _Stalling:
+    del trainer
+    return _Stalling(config.eval_every)
+
+
+class _ImplicitTransfer:
+    name = "implicit"
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def run(self, params: Any, stop) -> dict[str, float]:
+        del stop
+        return {"params/first": float(jax.tree.leaves(params)[0].ravel()[0])}
+
+
+def implicit_transfer(config, trainer) -> _ImplicitTransfer:
+    del trainer
+    return _ImplicitTransfer(config.eval_every)
 
 
 class _EndlessStop:

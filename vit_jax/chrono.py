@@ -23,8 +23,7 @@ class Chrono:
         self, total_steps: int, batch_size: int, now: Callable[[], float] = time.perf_counter
     ):
         self.total_steps, self.batch_size, self.now = total_steps, batch_size, now
-        self._window_start = now()
-        self._window_first_step: int | None = None
+        self._window_start, self._window_first_step = 0.0, 0  # Set by `start`.
         self._paused_in_window = 0.0
         self._input_wait = 0.0
         self._durations: dict[str, float] = {}

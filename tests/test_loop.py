@@ -1,0 +1,110 @@
+"""The loop's parts: its clock, evaluators configured as a list, the transfer guard and the
+profiler window, each through a real (small) run."""
+
+import functools
+import glob
+import gzip
+import json
+import os
+
+import evaluator_support
+import jax
+import numpy as np
+import pytest
+from helpers import small_local_config
+
+from vit_jax import train
+from vit_jax.checkpoint import load_params
+from vit_jax.chrono import Chrono
+from vit_jax.metrics import read_records
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Where this file's runs share one prepared copy of the digits dataset."""
+    return tmp_path_factory.mktemp("digits")
+
+
+def _config(data_root, evaluators, **changes):
+    return small_local_config(
+        data_root, evaluators=tuple(evaluators), transfer_guard="disallow", **changes
+    )
+
+
+def test_chrono_keeps_periodic_work_out_of_the_step_time():
+    now = evaluator_support.FakeClock()
+    chrono = Chrono(total_steps=10, batch_size=8, now=now)
+    chrono.start(0)  # t = 1
+    now.seconds += 3.0  # Steps 1-2: 3 s, of which the input wait below takes 1 s.
+    with chrono.input_wait():  # Reads t = 5, 6.
+        pass
+    with chrono.paused("eval"):  # Reads t = 7, then 107.
+        now.seconds += 99.0
+    metrics = chrono.report(4)  # t = 108: 107 s of wall time, 100 of them in evaluation.
+    assert metrics["time/eval_s"] == 100.0
+    assert metrics["train/step_time_s"] == 7.0 / 4 and metrics["train/img_per_s"] == 8 / 1.75
+    assert metrics["train/input_wait_frac"] == 1.0 / 7.0
+    # The ETA counts the pauses at their rate so far: (1.75 + 100 / 4) s for 6 steps.
+    assert metrics["train/eta_s"] == (1.75 + 25.0) * 6
+    assert "time/eval_s" not in chrono.report(5)  # Each window reports its own pauses.
+
+
+def test_an_evaluation_between_logs_is_not_counted_as_training(data_root, monkeypatch):
+    # The loop's clock advances one second per reading, and the evaluation at step 6 (between
+    # the logs at 4 and 8) 1000 s more: counted as training time, step 8's window of four
+    # steps would average over 250 s per step.
+    evaluator_support.CLOCK.seconds = 0.0
+    monkeypatch.setattr(train, "Chrono", functools.partial(Chrono, now=evaluator_support.CLOCK))
+    config = _config(data_root, ["evaluator_support:stalling"], checkpoint_every=100)
+    workdir = str(data_root / "stalling")
+    train.train_and_evaluate(config, workdir)
+    records = {r["step"]: r for r in read_records(workdir)}
+    assert records[8]["time/stalling_s"] >= 1000.0
+    assert records[8]["train/step_time_s"] < 50.0  # Only the loop's own few readings a step.
+    assert "time/stalling_s" not in records[4]
+
+
+def test_a_custom_evaluator_is_configured_and_run_by_the_loop(data_root):
+    config = _config(data_root, ["classification", "evaluator_support:params_norm"])
+    workdir = str(data_root / "custom")
+    final = train.train_and_evaluate(config, workdir)
+    params = load_params(workdir)  # Step 12's, saved after the evaluators ran.
+    norm = np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(params)))
+    assert final["params/l2_norm"] == pytest.approx(norm, rel=1e-5)
+    assert 0.0 <= final["eval/top1"] <= 1.0
+    records = {r["step"]: r for r in read_records(workdir)}
+    assert {"params/l2_norm", "eval/top1", "time/params_norm_s"} <= set(records[12])
+    assert "params/l2_norm" in records[6]  # At its interval (eval_every) too.
+
+
+def test_an_unknown_evaluator_is_refused_before_the_workdir_is_touched(data_root):
+    workdir = data_root / "unknown"
+    with pytest.raises(ValueError, match=r"'knn'.*'classification'.*package.module:factory"):
+        train.train_and_evaluate(_config(data_root, ["knn"]), str(workdir))
+    with pytest.raises(ValueError, match="cannot import 'nothing' from 'evaluator_support'"):
+        train.train_and_evaluate(_config(data_root, ["evaluator_support:nothing"]), str(workdir))
+    assert not workdir.exists()
+
+
+def test_the_transfer_guard_catches_an_implicit_host_read(data_root):
+    config = _config(data_root, ["evaluator_support:implicit_transfer"])
+    with pytest.raises(Exception, match=r"[Dd]isallowed .*transfer"):
+        train.train_and_evaluate(config, str(data_root / "guarded"))
+    config.transfer_guard = "allow"
+    final = train.train_and_evaluate(config, str(data_root / "unguarded"))
+    assert np.isfinite(final["params/first"])
+
+
+def test_profile_window_traces_the_annotated_steps(data_root):
+    config = _config(data_root, ["classification"])
+    config.profile.update(first_step=3, steps=2)
+    workdir = str(data_root / "profiled")
+    train.train_and_evaluate(config, workdir)
+    runs = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*"))
+    assert len(runs) == 1  # One window: what TensorBoard's profile plugin lists.
+    assert glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+    with gzip.open(os.path.join(runs[0], "perfetto_trace.json.gz")) as f:
+        trace = json.load(f)  # The Chrome trace format Perfetto opens.
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    steps = [e["args"]["step_num"] for e in events if e.get("name") == "train"]
+    assert sorted(int(s) for s in steps) == [3, 4]

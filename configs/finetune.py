@@ -13,9 +13,11 @@ pooling, activation, ...: vit_jax.checkpoint.model_init_changes); variant (the m
 trained from scratch, default "B/16", and the name of a hybrid `.npz`, e.g. "R50+B/16",
 whose weights do not say their stem); accum_steps (split each batch of 512 into that many
 micro-batches on small accelerators: same update, less memory); image_size; local (the
-same recipe at a laptop CPU's size: 28 px, batch 32, 200 steps, "Ti/7" from scratch;
-28 px suits the main job's 7 px patches, pass image_size for others); and overrides for
-the sweep: lr, steps, train_split, eval_split.
+recipe at a laptop CPU's size: 28 px, which suits the main job's 7 px patches (pass
+image_size for others), whole images resized instead of Inception crops (5% of 28 px is a
+6 px crop), batch 32, 500 steps at lr 0.03, the best of configs/fewshot_digits.py's sweep
+for the main job's model, and "Ti/7" when training from scratch); and overrides for the
+sweep: lr, steps, train_split, eval_split.
 
 All: SGD momentum 0.9, batch 512, no weight decay, cosine decay, global-norm clip 1.0,
 384 px; the head is a fresh zero-initialised one, the representation layer (`pre_logits`)
@@ -53,7 +55,7 @@ DATASETS = {
     "oxford_flowers102": (500, 0.01, "train+validation", "test"),
 }
 VTAB = (2_500, 0.01, "train", "test")
-LOCAL_STEPS, LOCAL_IMAGE_SIZE, LOCAL_BATCH = 200, 28, 32
+LOCAL_STEPS, LOCAL_LR, LOCAL_IMAGE_SIZE, LOCAL_BATCH = 500, 0.03, 28, 32
 MAX_WARMUP_STEPS = 500
 
 
@@ -94,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dataset = args.dataset or ("digits" if args.local else "cifar10")
     steps, lr, train_split, eval_split = DATASETS.get(dataset, VTAB)
     if args.local:
-        steps = LOCAL_STEPS
+        steps, lr = LOCAL_STEPS, LOCAL_LR
     c = base_config()
     c.dataset = dataset
     c.train_split = args.train_split or train_split
@@ -104,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = c.eval_batch_size = LOCAL_BATCH if args.local else 512
     c.accum_steps = args.accum_steps
     c.shuffle_buffer = 5_000 if args.local else 50_000
-    c.pp.train_crop = "inception"
+    c.pp.train_crop = "resize" if args.local else "inception"
     c.pp.flip = True
     c.pp.eval_crop_fraction = 1.0
 

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from test_train_step import SGD, run, tiny_config
+from helpers import SGD, run_steps, tiny_config
 
 from vit_jax.parallel import device_slices, make_mesh
 
@@ -70,10 +70,10 @@ def test_devices_group_by_process_without_slice_index():
 
 def test_training_over_two_slices_follows_the_data_parallel_loss_curve():
     config = tiny_config(batch_size=16, **SGD)
-    _, _, single = run(config, steps=4)
+    _, _, single = run_steps(config, steps=4)
     config.mesh.update(data=1, fsdp=-1)
     config.sharding_rules = "fsdp"
-    _, state, multi = run(config, steps=4, slices=_two_slices())
+    _, state, multi = run_steps(config, steps=4, slices=_two_slices())
     np.testing.assert_allclose(multi, single, rtol=2e-5)
     kernel = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
     assert tuple(kernel.sharding.spec) == ("fsdp", None)

@@ -25,7 +25,6 @@ from vit_jax.checkpoint.describe import (
     WEIGHT_BOUND_FIELDS,
     describe_checkpoint,
     description_path,
-    weight_bound_fields,
 )
 from vit_jax.checkpoint.fit import load_pretrained
 from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
@@ -154,7 +153,8 @@ def test_big_vision_checkpoints_compute_big_vision_logits(
     assert layout.top_level_posemb and str(layout).startswith("big_vision")
     # Fine-tuning reads the structure under the prefix, its positions under their own name.
     structure = dict(pool=pool, fc_norm=False, num_registers=0, posemb="learn")
-    assert weight_bound_fields(path) == structure
+    described = describe_checkpoint(path).model
+    assert {key: described[key] for key in structure} == structure
     target = create_model(
         "Ti/4", num_classes=3, width=8, depth=2, mlp_dim=16, num_heads=2, pool=pool,
         scan=target_scanned,
@@ -428,8 +428,7 @@ def test_flax_model_matches_the_reference_on_the_exported_file(tmp_path, overrid
 def test_describe_and_fine_tuning_read_the_architecture_from_an_npz(tmp_path, overrides):
     """What vit-predict builds a bare file's model from, and what `model_init` sets.
 
-    Both come from the file's arrays (`weight_bound_fields` from a few small ones); an .npz
-    states no activation.
+    Both come from the file's arrays; an .npz states no activation.
     """
     model = tiny(**overrides)
     path = tmp_path / "model.npz"
@@ -441,19 +440,18 @@ def test_describe_and_fine_tuning_read_the_architecture_from_an_npz(tmp_path, ov
     learned = overrides["posemb"] == "learn"
     assert (described.num_classes, described.image_size) == (10, 32 if learned else None)
     assert "original ViT/AugReg layout" in described.source
-    bound = {key: value for key, value in overrides.items() if key in WEIGHT_BOUND_FIELDS}
-    assert weight_bound_fields(path) == bound
 
 
 def test_fine_tuning_takes_the_exported_description_over_the_npz(tmp_path):
     """vit-export's `.json` beside an `.npz` states the activation the arrays cannot."""
     path = tmp_path / "model.npz"
     save_npz(random_params(tiny(pool="gap", activation="gelu_exact")), path)
-    assert weight_bound_fields(path)["pool"] == "gap"
-    assert "activation" not in weight_bound_fields(path)
+    assert describe_checkpoint(path).model["pool"] == "gap"
+    assert "activation" not in describe_checkpoint(path).model
     model = {"name": "Ti/16", "pool": "gap", "activation": "gelu_exact", "width": 32}
     description_path(path).write_text(json.dumps({"model": model}))
-    assert weight_bound_fields(path) == {
+    described = describe_checkpoint(path).model
+    assert {key: described[key] for key in WEIGHT_BOUND_FIELDS} == {
         "pool": "gap",
         "activation": "gelu_exact",
         "fc_norm": False,

@@ -9,7 +9,6 @@ from vit_jax.checkpoint.describe import (
     description_path,
     model_init_changes,
     read_weights,
-    weight_bound_fields,
 )
 from vit_jax.checkpoint.fit import load_pretrained
 from vit_jax.checkpoint.loading import load_model, run_description
@@ -34,5 +33,4 @@ __all__ = [
     "resample_posemb",
     "run_description",
     "save_npz",
-    "weight_bound_fields",
 ]

@@ -22,7 +22,7 @@ from etils import epath
 from flax import traverse_util
 
 from vit_jax.checkpoint import hub
-from vit_jax.checkpoint.npz import POSEMB, canonicalize, read_npz, read_npz_model_arrays
+from vit_jax.checkpoint.npz import POSEMB, canonicalize, read_npz
 from vit_jax.models.variants import SIZES, parse_variant
 
 # Model fields that must follow the checkpoint for its weights to mean what they meant.
@@ -33,8 +33,6 @@ WEIGHT_BOUND_FIELDS = ("activation", "pool", "fc_norm", "num_registers", "posemb
 # drops as the paper does (a target without one), stay the config's.
 _SIZES = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
 ARCHITECTURE_FIELDS = ("name", *_SIZES, *WEIGHT_BOUND_FIELDS)
-# The arrays whose presence (and, for registers, shape) fixes the structural fields.
-_STRUCTURE_ARRAYS = ("cls", "registers", "MAPHead_0/probe", "fc_norm/scale", POSEMB)
 _BLOCK0 = "Transformer/encoderblock_0/"
 
 logger = logging.getLogger(__name__)
@@ -162,22 +160,6 @@ def model_init_changes(model: Mapping[str, Any], source: Source) -> dict[str, An
     return changes
 
 
-def weight_bound_fields(path: str | os.PathLike) -> dict[str, Any]:
-    """The `WEIGHT_BOUND_FIELDS` of a checkpoint, without reading its blocks' arrays.
-
-    What a model computing with the checkpoint at `path` must be built with: hub files
-    state them (header and `config.json`), workdirs in their metadata, files from
-    vit-export in the description beside them. A bare `.npz` shows its structure in a few
-    small arrays and states no activation (the config's applies; Google's files use the
-    default "gelu_tanh").
-    """
-    kind = _kind(path)
-    stated = _stated_fields(path, kind)
-    if kind == "npz":
-        stated = _structural_fields(read_npz_model_arrays(path, _STRUCTURE_ARRAYS)) | stated
-    return {key: stated[key] for key in WEIGHT_BOUND_FIELDS if key in stated}
-
-
 def description_path(weights_path: str | os.PathLike) -> epath.Path:
     """Where vit-export describes the file it wrote (class names, model, ...): `.json` beside it."""
     path = epath.Path(weights_path)
@@ -227,7 +209,7 @@ def _sizes(params: dict[str, Any], weights: PretrainedWeights) -> dict[str, int]
 
 
 def _structural_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """The fields the presence of `_STRUCTURE_ARRAYS` tells: pooling, fc_norm, registers, posemb."""
+    """What the presence of a few arrays tells: pooling, fc_norm, registers, posemb."""
     if "cls" in params:
         pool = "token"
     else:

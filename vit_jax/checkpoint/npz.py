@@ -92,20 +92,6 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {key: loaded[key] for key in loaded.files}
 
 
-def read_npz_model_arrays(path: str | os.PathLike, names: Collection[str]) -> dict[str, np.ndarray]:
-    """Only the arrays `names` of the file's model, keyed by `names`, leaving the rest unread.
-
-    For parameters outside the blocks, whose path every layout shares below the model's
-    prefix (`cls`, `head/bias`, ...), and the position embedding under either name.
-    """
-    with _open_npz(path) as loaded:
-        prefix = _model_prefix(loaded.files)
-        stored = {prefix + name: name for name in names}
-        if POSEMB in names:
-            stored[prefix + _BIG_VISION_POSEMB] = POSEMB
-        return {ours: loaded[key] for key, ours in stored.items() if key in loaded.files}
-
-
 @contextlib.contextmanager
 def _open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
     """The archive, whose arrays are read only when indexed."""

@@ -27,11 +27,11 @@ from vit_jax.models.variants import SIZES, parse_variant
 
 # Model fields that must follow the checkpoint for its weights to mean what they meant.
 WEIGHT_BOUND_FIELDS = ("activation", "pool", "fc_norm", "num_registers", "posemb")
+_SIZES = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
 # Every field of a model that starts from a checkpoint (`config.model_init`) and that the
 # checkpoint fixes: its shapes and what its weights were trained to compute with. Training
 # settings (dropout, dtype, scan, ...) and the representation layer, which fine-tuning
 # drops as the paper does (a target without one), stay the config's.
-_SIZES = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
 ARCHITECTURE_FIELDS = ("name", *_SIZES, *WEIGHT_BOUND_FIELDS)
 _BLOCK0 = "Transformer/encoderblock_0/"
 

@@ -107,12 +107,21 @@ def test_size_overrides_are_config_fields_the_checkpoint_settles(main_job, image
     assert changes == dict(name="Ti/4", depth=1, mlp_dim=64, num_heads=2)
 
 
-def test_a_failed_start_leaves_no_workdir(main_job, images, tmp_path):
-    """A model the checkpoint cannot fill (a representation layer it lacks) is refused
-    before anything is written."""
-    config = load_recipe("finetune.py", f"dataset={images},model_init={main_job},local=true")
-    config.model.representation_size = 16
+@pytest.mark.parametrize(
+    "problem, error, message",
+    [
+        # A model the checkpoint cannot fill: a representation layer it lacks.
+        ("representation", ValueError, "missing from the checkpoint: pre_logits/bias"),
+        ("missing", FileNotFoundError, "No checkpoint at .*: expected a vit_jax workdir"),
+    ],
+)
+def test_a_failed_start_leaves_no_workdir(main_job, images, tmp_path, problem, error, message):
+    """A start refused for its model_init writes nothing."""
+    source = main_job if problem == "representation" else str(tmp_path / "no_such_run")
+    config = load_recipe("finetune.py", f"dataset={images},model_init={source},local=true")
+    if problem == "representation":
+        config.model.representation_size = 16
     workdir = tmp_path / "finetuned"
-    with pytest.raises(ValueError, match="missing from the checkpoint: pre_logits/bias"):
+    with pytest.raises(error, match=message):
         train_and_evaluate(config, str(workdir))
     assert not workdir.exists()

@@ -57,7 +57,16 @@ Source = str | os.PathLike | PretrainedWeights
 
 
 def read_weights(path: str | os.PathLike) -> PretrainedWeights:
-    """Reads any checkpoint `load_pretrained` takes, for `describe_checkpoint` and loading."""
+    """Reads any checkpoint `load_pretrained` takes, for `describe_checkpoint` and loading.
+
+    Raises:
+      FileNotFoundError: nothing at `path`, in one line saying what is expected there.
+      ValueError: a file in no layout we read, saying which layouts there are.
+    """
+    if not epath.Path(path).exists():
+        raise FileNotFoundError(
+            f"No checkpoint at {path}: expected a vit_jax workdir, an .npz or a .safetensors file."
+        )
     kind = _kind(path)
     if kind == "hub":
         params, layout = hub.read_params(path)

@@ -27,6 +27,7 @@ from absl import app, flags
 
 USAGE_ERROR = 2  # Exit status of every user error, as argparse and the launch scripts use it.
 HELP = ("-h", "--help", "--helpshort")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # Where vit_jax's code is.
 
 
 class UsageError(Exception):
@@ -94,12 +95,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(prog: str, body: Callable[[], int | None]) -> int:
-    """`body()`'s exit status, or `USAGE_ERROR` after one line on stderr for a user error."""
+    """`body()`'s exit status, or `USAGE_ERROR` after one line on stderr for a user error.
+
+    A ValueError counts as one only when vit_jax raised it (on purpose, with its message);
+    one from inside a library (JAX, NumPy, ...) is a bug and keeps its traceback.
+    """
     try:
         return body() or 0
     except USER_ERRORS as e:
+        if isinstance(e, ValueError) and not _raised_here(e):
+            raise
         print(f"{prog}: {_message(e)}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether the innermost frame of `error`'s traceback is vit_jax's code."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_PACKAGE)
 
 
 def _message(error: BaseException) -> str:

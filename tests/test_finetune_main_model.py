@@ -125,3 +125,14 @@ def test_a_failed_start_leaves_no_workdir(main_job, images, tmp_path, problem, e
     with pytest.raises(error, match=message):
         train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
+
+
+def test_a_fine_tuning_run_resumes_under_the_config_it_was_given(main_job, images, tmp_path):
+    """The architecture taken from model_init is taken again on restart: the resume check
+    sees the run's own config, and the model keeps its shapes."""
+    config = load_recipe(
+        "finetune.py", f"dataset={images},model_init={main_job},local=true,steps=2"
+    )
+    workdir = str(tmp_path / "finetuned")
+    first = train_and_evaluate(config, workdir)
+    assert train_and_evaluate(config, workdir) == first  # A finished run: evaluated again.

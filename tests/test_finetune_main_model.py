@@ -5,6 +5,7 @@ from what vit-export made of it, and builds the model the checkpoint holds, what
 model the recipe names: the architecture comes from the checkpoint.
 """
 
+import json
 import os
 
 import numpy as np
@@ -136,3 +137,14 @@ def test_a_fine_tuning_run_resumes_under_the_config_it_was_given(main_job, image
     workdir = str(tmp_path / "finetuned")
     first = train_and_evaluate(config, workdir)
     assert train_and_evaluate(config, workdir) == first  # A finished run: evaluated again.
+
+
+def test_a_workdir_from_before_the_size_fields_resumes(tmp_path):
+    """Older code saved no `model.patch_size`: a field left None is no change."""
+    workdir = tmp_path / "run"
+    config = small_local_config(tmp_path, total_steps=4)
+    train_and_evaluate(config, str(workdir))
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"].pop("patch_size") is None
+    (workdir / "config.json").write_text(json.dumps(saved))
+    train_and_evaluate(config, str(workdir))  # No ConfigChangedError.

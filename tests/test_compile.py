@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import BLOCK_TENSORFLOW, REPO
 
 from vit_jax.bench import hlo
 from vit_jax.bench.compile import compile_recipe
@@ -103,8 +103,10 @@ def test_a_setting_that_cannot_fit_reports_the_compilers_refusal():
 
 @GPU
 def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_path):
+    # TensorFlow blocked: compiling a recipe never needs the input pipeline.
+    run_cli = BLOCK_TENSORFLOW + "\nfrom vit_jax.bench.cli import main\nmain()"
     command = [
-        sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x8", "--json",
+        sys.executable, "-c", run_cli, "compile", "--target", "h100x8", "--json",
         "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
         "--config.eval_batch_size=8", *(f"--config.{k}={v}" for k, v in HUGE.items()),
         "--config.model.depth=6",  # ~54 GiB of state: beyond JAX's 75% of an H100's 80 GB.
@@ -168,3 +170,40 @@ def test_collectives_in_a_loop_count_once_per_iteration():
     assert (found["all-gather"].executions, found["all-gather"].bytes) == (1, 128)
     assert found["all-gather"].cross_slice
     assert np.isclose(hlo.bytes_sent(found["all-gather"]), 0.75 * 128)
+
+
+def test_kernel_traffic_counts_what_crosses_hbm_once_per_loop_iteration():
+    """A loop of 10 iterations: one fusion reads a 1 KB slice of a 10 KB stacked buffer
+    and a 1 KB activation, and writes 1 KB in place into another 10 KB buffer."""
+    text = "\n".join([
+        "%fused (param_0: f32[10,256], param_1: f32[256], param_2: f32[10,256], i: s32[])"
+        " -> f32[10,256] {",
+        "  %param_0 = f32[10,256]{1,0} parameter(0)",
+        "  %param_1 = f32[256]{0} parameter(1)",
+        "  %param_2 = f32[10,256]{1,0} parameter(2)",
+        "  %i = s32[] parameter(3)",
+        "  %ds = f32[1,256]{1,0} dynamic-slice(%param_0, %i, %i), dynamic_slice_sizes={1,256}",
+        "  %r = f32[1,256]{1,0} reshape(%param_1)",
+        "  %m = f32[1,256]{1,0} multiply(%ds, %r)",
+        "  ROOT %dus = f32[10,256]{1,0} dynamic-update-slice(%param_2, %m, %i, %i)",
+        "}",
+        "%body (p: (s32[], f32[10,256], f32[256], f32[10,256])) -> (s32[], f32[10,256]) {",
+        "  %p = (s32[], f32[10,256], f32[256], f32[10,256]) parameter(0)",
+        "  %i = s32[] get-tuple-element(%p), index=0",
+        "  %w = f32[10,256]{1,0} get-tuple-element(%p), index=1",
+        "  %x = f32[256]{0} get-tuple-element(%p), index=2",
+        "  %acc = f32[10,256]{1,0} get-tuple-element(%p), index=3",
+        "  %f = f32[10,256]{1,0} fusion(%w, %x, %acc, %i), kind=kLoop, calls=%fused",
+        "  ROOT %t = (s32[], f32[10,256]) tuple(%i, %f)",
+        "}",
+        "ENTRY %main (a: f32[256]) -> f32[256] {",
+        "  %a = f32[256]{0} parameter(0)",
+        "  %n = f32[256]{0} negate(%a)",
+        '  %w = (s32[], f32[10,256]) while(%t0), condition=%cond, body=%body, '
+        'backend_config={"known_trip_count":{"n":"10"}}',
+        "}",
+    ])  # fmt: skip
+    # Slice read, activation read, the s32 index read, update written.
+    per_iteration = 1024 + 1024 + 4 + 1024
+    entry = 1024 + 1024  # The negate reads and writes 1 KB.
+    assert hlo.kernel_bytes(text) == 10 * per_iteration + entry

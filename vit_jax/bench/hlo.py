@@ -106,8 +106,11 @@ def _groups(line: str, num_devices: int) -> list[list[int]]:
     return [list(range(num_devices))]
 
 
-def _executions(text: str) -> dict[str, int]:
-    """How many times each computation runs per execution of the entry computation."""
+def _executions(text: str, kernels_only: bool = False) -> dict[str, int]:
+    """How many times each computation runs per execution of the entry computation.
+
+    `kernels_only`: leave out what runs inside a kernel (fusion bodies, reducers).
+    """
     calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     entry, current = None, None
     for line in text.splitlines():
@@ -120,6 +123,8 @@ def _executions(text: str) -> dict[str, int]:
             continue
         trip = _TRIP.search(line)
         for called in _CALLED.finditer(line):
+            if kernels_only and (called.group(1) == "to_apply" or " fusion(" in line):
+                continue
             factor = int(trip.group(1)) if trip and called.group(1) == "body" else 1
             for name in re.findall(r"[\w.\-]+", called.group(2)):
                 calls[current].append((name, factor))
@@ -189,3 +194,108 @@ def bytes_sent(c: Collective) -> float:
         return 0.0
     share = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(c.kind, (n - 1) / n)
     return share * c.bytes
+
+
+# Instructions that move no data of their own (views, tuples, control flow).
+_NO_TRAFFIC = {
+    "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
+    "conditional", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
+}  # fmt: skip
+
+
+def _definition(line: str) -> tuple[str, str, str, str] | None:
+    """(name, result type, opcode, operand text) of an instruction line, or None."""
+    head = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
+    if head is None:
+        return None
+    rest = line[head.end() :]
+    if rest.startswith("("):  # A tuple type, whose layouts may nest parentheses.
+        end = len(_operands(rest, 1)) + 2
+        kind, rest = rest[:end], rest[end:].lstrip()
+    else:
+        kind, _, rest = rest.partition(" ")
+    op = re.match(r"([\w\-]+)\(", rest)
+    if op is None:
+        return None
+    return head.group(1), kind, op.group(1), _operands(rest, op.end())
+
+
+def _computations(text: str) -> dict[str, dict]:
+    """Per computation: its instructions (name -> result bytes, opcode, operand names),
+    parameter names by index, and the root's name."""
+    found: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = found.setdefault(header.group(2), {"instrs": {}, "params": {}, "root": None})
+            continue
+        definition = _definition(line) if current is not None else None
+        if definition is None:
+            continue
+        name, kind, op, operands = definition
+        current["instrs"][name] = (
+            sum(_array_bytes(kind)),
+            op,
+            re.findall(r"%([\w.\-]+)", operands),
+            line,
+        )
+        if op == "parameter":
+            current["params"][int(re.search(r"parameter\((\d+)\)", line).group(1))] = name
+        if line.lstrip().startswith("ROOT"):
+            current["root"] = name
+    return found
+
+
+def _fusion_traffic(body: dict, operand_bytes: list[int], result_bytes: int) -> int:
+    """Bytes a fusion kernel moves: operands read only through dynamic slices count their
+    slices, the buffer a root dynamic-update-slice updates in place counts its update."""
+    instrs, root = body["instrs"], body["root"]
+    users: dict[str, list[tuple[str, int]]] = {}
+    for name, (_, _, operands, _) in instrs.items():
+        for position, operand in enumerate(operands):
+            users.setdefault(operand, []).append((name, position))
+    in_place, written = None, result_bytes
+    if root is not None and instrs[root][1] == "dynamic-update-slice":
+        in_place, written = instrs[root][2][0], instrs[instrs[root][2][1]][0]
+    read = 0
+    for index, size in enumerate(operand_bytes):
+        param = body["params"].get(index)
+        uses = users.get(param, [])
+        if param == in_place:
+            continue
+        if uses and all(instrs[u][1] == "dynamic-slice" and pos == 0 for u, pos in uses):
+            size = min(size, sum(instrs[u][0] for u, _ in uses))
+        read += size
+    return read + written
+
+
+def kernel_bytes(text: str) -> int:
+    """HBM bytes the program's kernels read and write per step, loops multiplied.
+
+    Every instruction outside fusion bodies is one kernel (a fusion, a GEMM, a copy, a
+    collective): it reads its operands and writes its result through HBM, while what a
+    fusion computes inside stays on chip. In a loop, a kernel that slices a stacked
+    buffer (a scanned layer's weights or saved activations) reads the slice, and one that
+    updates a slice in place writes the update.
+    """
+    runs = _executions(text, kernels_only=True)
+    computations = _computations(text)
+    total = 0
+    for name, times in runs.items():
+        instrs = computations.get(name, {"instrs": {}})["instrs"]
+        for size, op, operands, line in instrs.values():
+            if op in _NO_TRAFFIC or op.endswith("-done"):
+                continue
+            operand_bytes = [instrs[o][0] if o in instrs else 0 for o in operands]
+            if op == "dynamic-slice":
+                moved = 2 * size
+            elif op == "dynamic-update-slice":
+                moved = 2 * operand_bytes[1]
+            elif op == "fusion":
+                body = computations[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
+                moved = _fusion_traffic(body, operand_bytes, size)
+            else:
+                moved = sum(operand_bytes) + size
+            total += moved * times
+    return total

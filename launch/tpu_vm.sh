@@ -9,7 +9,11 @@
 #   launch/tpu_vm.sh configs/pretrain.py:variant=B/16 gs://bucket/runs/b16 [--config.k=v ...]
 #   launch/tpu_vm.sh configs/local.py gs://bucket/runs/smoke --dry-run      # print, don't run
 #
-# Optional: BRANCH (default main), SPOT=1 (spot capacity), MAX_ATTEMPTS (default 10).
+# Optional: BRANCH (default main), SPOT=1 (spot capacity), MAX_ATTEMPTS (default 10),
+# NUM_SLICES=N for a multi-slice run (N slices of ACCELERATOR_TYPE joined by the data-center
+# network; config.dcn_mesh puts data parallelism across them), CHECK_FIT=1 to compile the
+# recipe for the target here first (vit-bench compile, the compile extra) and stop if it
+# does not fit.
 # The workdir and any data_dir must be on GCS: every worker writes there and a new slice
 # starts with empty disks; RECIPE is a path inside the repository clone on the workers.
 # jax.distributed detects the slice by itself (--distributed).
@@ -25,6 +29,7 @@ esac
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${ACCELERATOR_TYPE:?set ACCELERATOR_TYPE}"
 : "${RUNTIME_VERSION:?set RUNTIME_VERSION}" "${REPO:?set REPO to the git URL of vit_jax}"
 BRANCH=${BRANCH:-main}
+NUM_SLICES=${NUM_SLICES:-1}
 QUEUED=${TPU_NAME}-queued
 TPUS=(gcloud compute tpus)
 SPOT_FLAG=()
@@ -45,8 +50,16 @@ $(quote env VIT_RUN_ID="$RUN_ID" VIT_RUN_ATTEMPT="$1" "${TRAIN_COMMAND[@]}") --d
 echo \$? > ~/vit_train_status"
 }
 
+# Worker $1 ("all" or an index) of every slice; the status is read from slice 0's worker 0.
 on_workers() {
-  run "${TPUS[@]}" tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker="$1" --command "$2"
+  if [ "$NUM_SLICES" = 1 ]; then
+    run "${TPUS[@]}" tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker="$1" --command "$2"
+  else
+    local node=all
+    [ "$1" = all ] || node=0
+    run "${TPUS[@]}" queued-resources ssh "$QUEUED" --zone "$ZONE" --node="$node" \
+      --worker="$1" --command "$2"
+  fi
 }
 
 wait_until_active() {
@@ -79,9 +92,18 @@ delete_slice() {
   run "${TPUS[@]}" queued-resources delete "$QUEUED" --zone "$ZONE" --force --quiet "$@"
 }
 
+# One slice by its name, or NUM_SLICES of them named TPU_NAME-0, TPU_NAME-1, ...
+NODES=(--node-id "$TPU_NAME")
+[ "$NUM_SLICES" = 1 ] || NODES=(--node-count "$NUM_SLICES" --node-prefix "$TPU_NAME")
+
+if [ "${CHECK_FIT:-0}" = 1 ]; then # Exit status 3: it does not fit; nothing is created.
+  run vit-bench compile --target "$ACCELERATOR_TYPE" --slices "$NUM_SLICES" \
+    --config "${TRAIN_COMMAND[2]}" "${TRAIN_COMMAND[@]:5}"
+fi
+
 trap 'if [ "$DRY_RUN" = 0 ]; then delete_slice --async; fi' EXIT # Never leave a slice billing.
 for attempt in $(seq "${MAX_ATTEMPTS:-10}"); do
-  run "${TPUS[@]}" queued-resources create "$QUEUED" --node-id "$TPU_NAME" --zone "$ZONE" \
+  run "${TPUS[@]}" queued-resources create "$QUEUED" "${NODES[@]}" --zone "$ZONE" \
     --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" "${SPOT_FLAG[@]}"
   wait_until_active
   on_workers all "$INSTALL"

@@ -1,0 +1,44 @@
+"""launch/tpu_vm.sh across several slices: one queued resource of NUM_SLICES slices, the
+same vit-train on every worker of every slice, and an optional fit check before any."""
+
+import os
+import subprocess
+
+from helpers import REPO
+
+ENV = dict(
+    TPU_NAME="vit", ZONE="us-east5-b", ACCELERATOR_TYPE="v5e-256",
+    RUNTIME_VERSION="v2-alpha-tpuv5-lite", REPO="https://example.org/vit_jax.git",
+)  # fmt: skip
+
+
+def dry_run(**env) -> list[str]:
+    command = ["bash", "launch/tpu_vm.sh", "configs/pretrain.py:variant=B/16", "gs://b/run",
+               "--config.batch_size=4096", "--dry-run"]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, env=os.environ | ENV | env, capture_output=True, text=True, check=True
+    )
+    return result.stdout.splitlines()
+
+
+def test_multi_slice_creates_every_slice_and_runs_on_all_their_workers():
+    lines = dry_run(NUM_SLICES="4")
+    (create,) = [line for line in lines if "queued-resources create" in line]
+    assert "--node-count 4 --node-prefix vit" in create and "--node-id" not in create
+    train = [line for line in lines if "vit-train --config" in line]
+    assert len(train) == 1 and "queued-resources ssh vit-queued" in train[0]
+    assert "--node=all --worker=all" in train[0] and "--distributed" in train[0]
+    (status,) = [line for line in lines if "vit_train_status" in line and "cat" in line]
+    assert "--node=0 --worker=0" in status
+    assert not any(line.startswith("vit-bench compile") for line in lines)
+
+
+def test_one_slice_keeps_its_name_and_the_fit_check_comes_first():
+    lines = dry_run(CHECK_FIT="1")
+    assert lines[0] == (
+        "vit-bench compile --target v5e-256 --slices 1 --config "
+        "configs/pretrain.py:variant=B/16 --config.batch_size=4096"
+    )
+    (create,) = [line for line in lines if "queued-resources create" in line]
+    assert "--node-id vit" in create
+    assert any("tpu-vm ssh vit --zone us-east5-b --worker=all" in line for line in lines)

@@ -30,8 +30,8 @@ EXTRAS = {
         ("torch", "torchvision", "timm", "transformers", "safetensors"),
         'pip install -e ".[test,interop]"',
     ),
-    # `@pytest.mark.compile("libtpu")` names the one compiler a test needs.
-    "compile": (("libtpu", "jax_cuda12_plugin"), 'pip install -e ".[test,compile]"'),
+    # TPU targets by default; `@pytest.mark.compile("jax_plugins.xla_cuda12")` for GPU ones.
+    "compile": (("libtpu",), 'pip install -e ".[test,compile]"'),
 }
 
 
@@ -77,6 +77,7 @@ TINY = {
     "model.mlp_dim": 64,
     "model.num_heads": 2,
     "eval_batch_size": 128,
+    "transfer_guard": "disallow",  # An implicit host<->device copy in the loop fails a test.
 }
 
 

@@ -1,5 +1,7 @@
 """Model family: published parameter counts, options, scan layout, dtypes, dropout, gradients."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -439,7 +441,10 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("pool, representation_size", [("token", None), ("gap", 16)])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param(f, marks=pytest.mark.slow) if f in ("R50+", "R26+") else f for f in FAMILIES],
+)
 def test_logits_match_the_float64_reference(tmp_path, family, pool, representation_size):
     """Every family against the independent numpy model on the same exported weights."""
     options, size = FAMILIES[family]
@@ -459,3 +464,29 @@ def test_logits_match_the_float64_reference(tmp_path, family, pool, representati
     assert np.abs(expected).max() > 0.1  # Non-trivial logits.
     got = np.asarray(model.apply({"params": params}, images, train=False), np.float64)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _cudnn_error(num_registers: int, train: bool) -> str:
+    """The error applying a cuDNN-attention model gives on this CPU: ours, or the backend's."""
+    model = create_model(
+        "Ti/16", num_classes=5, attention_impl="cudnn", dtype=jnp.bfloat16,
+        num_registers=num_registers,
+    )  # fmt: skip
+    images = jnp.zeros((2, 32, 32, 3))  # 4 patches + the class token.
+    try:
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+        jax.eval_shape(lambda v: model.apply(v, images, train=train), variables)
+    except Exception as e:  # noqa: BLE001 - any failure is reported for the assertions.
+        return str(e)
+    return ""
+
+
+def test_cudnn_attention_with_an_odd_token_count_is_refused_in_training_with_the_fix():
+    assert re.search(
+        r"attention_impl='cudnn' trains only on an even number of tokens; this model has 5 "
+        r"\(4 patches \+ 1 class token \+ 0 registers\)\. Add a register token "
+        r"\(num_registers=1\)",
+        _cudnn_error(num_registers=0, train=True),
+    )
+    assert "even number of tokens" not in _cudnn_error(num_registers=1, train=True)
+    assert "even number of tokens" not in _cudnn_error(num_registers=0, train=False)

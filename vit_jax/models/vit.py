@@ -506,6 +506,16 @@ class VisionTransformer(nn.Module):
                 (1, self.num_registers, c),
             )
             registers = jnp.tile(registers.astype(x.dtype), (n, 1, 1))
+        tokens = x.shape[1] + self.num_registers
+        if self.attention_impl == "cudnn" and train and tokens % 2:
+            # cuDNN's fused attention refuses odd sequence lengths in training, deep inside
+            # JAX ("Unsupported sequence length Q 197, KV 197").
+            raise ValueError(
+                f"attention_impl='cudnn' trains only on an even number of tokens; this model "
+                f"has {tokens} ({x.shape[1] - num_prefix} patches + {num_prefix} class token"
+                f" + {self.num_registers} registers). Add a register token (num_registers="
+                f"{self.num_registers + 1}) or use attention_impl='xla'."
+            )
 
         x = Encoder(
             depth=self.depth,

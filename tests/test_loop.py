@@ -11,9 +11,10 @@ import evaluator_support
 import jax
 import numpy as np
 import pytest
-from helpers import small_local_config
+from helpers import load_recipe, small_local_config
 
 from vit_jax import train
+from vit_jax.bench.steps import benchmark_steps
 from vit_jax.checkpoint import load_params
 from vit_jax.chrono import Chrono
 from vit_jax.metrics import read_records
@@ -95,16 +96,27 @@ def test_the_transfer_guard_catches_an_implicit_host_read(data_root):
     assert np.isfinite(final["params/first"])
 
 
-def test_profile_window_traces_the_annotated_steps(data_root):
-    config = _config(data_root, ["classification"])
-    config.profile.update(first_step=3, steps=2)
-    workdir = str(data_root / "profiled")
-    train.train_and_evaluate(config, workdir)
-    runs = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*"))
+def _traced_steps(profile_dir: str, name: str) -> list[int]:
+    """Step numbers annotated as `name` in the one trace under `profile_dir`."""
+    runs = glob.glob(os.path.join(profile_dir, "plugins", "profile", "*"))
     assert len(runs) == 1  # One window: what TensorBoard's profile plugin lists.
     assert glob.glob(os.path.join(runs[0], "*.xplane.pb"))
     with gzip.open(os.path.join(runs[0], "perfetto_trace.json.gz")) as f:
         trace = json.load(f)  # The Chrome trace format Perfetto opens.
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    steps = [e["args"]["step_num"] for e in events if e.get("name") == "train"]
-    assert sorted(int(s) for s in steps) == [3, 4]
+    return sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == name)
+
+
+def test_profile_window_traces_the_annotated_steps(data_root):
+    config = _config(data_root, ["classification"])
+    config.profile.update(first_step=3, steps=2)
+    workdir = str(data_root / "profiled")
+    train.train_and_evaluate(config, workdir)
+    assert _traced_steps(os.path.join(workdir, "tensorboard"), "train") == [3, 4]
+
+
+def test_bench_profiles_its_timed_steps(tmp_path):
+    config = load_recipe("local.py", "batch=16")
+    config.update(eval_batch_size=16)
+    benchmark_steps(config, "train", steps=2, profile_dir=str(tmp_path))
+    assert _traced_steps(str(tmp_path), "train") == [0, 1]

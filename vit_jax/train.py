@@ -33,6 +33,10 @@ from vit_jax.workdir import check_config, claim, restore_newest_readable, use_co
 
 log = logging.getLogger(__name__)
 
+# Checkpoint metadata: the per-step train metrics since the last log, so that the first log
+# after a resume from this checkpoint averages the same steps as an uninterrupted run's.
+UNLOGGED = "unlogged_steps"
+
 # Steps the host may dispatch before the oldest of them has finished on the devices: enough
 # to keep an accelerator's queue full, few enough to bound what waits in it.
 STEPS_AHEAD = 2
@@ -202,7 +206,8 @@ def _train_loop(
     batches = parallel.prefetch_to_devices(
         data.train_batches(config, start_step=start), trainer.batch_sharding
     )
-    logged_at, pending = start, []
+    pending = checkpointer.restore_metadata(start).get(UNLOGGED, []) if start else []
+    logged_at = start - len(pending)
     chrono.start(start)
     try:
         for step in range(start + 1, steps + 1):
@@ -240,7 +245,8 @@ def _train_loop(
                     # What is logged up to this step is written before the checkpoint that
                     # makes it final (a resume from it replays only the steps after it).
                     writer.flush()
-                    checkpointer.save(step, state, metadata)
+                    unlogged = [{k: float(v) for k, v in m.items()} for m in pending]
+                    checkpointer.save(step, state, metadata | {UNLOGGED: unlogged})
             if stop:
                 checkpointer.wait()
                 raise Preempted(step)

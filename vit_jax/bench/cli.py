@@ -26,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file[:args].",
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of lines.")
 _STEPS = flags.DEFINE_integer("steps", 10, "train/infer: timed steps after one warm-up step.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: table).")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "train/infer: a jax.profiler trace of the timed steps into this folder."
+)
 _BATCHES = flags.DEFINE_integer("batches", 20, "input: timed batches after the warm-up.")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "input: which pipeline.")
 _OUT = flags.DEFINE_string("out", None, "photos: folder to write.")
@@ -84,7 +87,7 @@ def _main(argv: list[str]) -> None:
         return _compile(_CONFIG.value)
     from vit_jax.bench.steps import benchmark_steps
 
-    _show(benchmark_steps(_CONFIG.value, mode, _STEPS.value, _PEAK.value))
+    _show(benchmark_steps(_CONFIG.value, mode, _STEPS.value, _PEAK.value, _PROFILE.value))
 
 
 def _compile(config) -> int:

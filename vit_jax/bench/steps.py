@@ -7,6 +7,7 @@ one-hot on the device included. No TensorFlow is imported.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,14 +36,24 @@ def _synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, eval_ma
     return batch
 
 
-def _time(run: Callable[[], Any], steps: int) -> float:
-    """Seconds per call after one warm-up call, waiting for the device each time round."""
+def _time(run: Callable[[], Any], steps: int, name: str, profile_dir: str | None) -> float:
+    """Seconds per call after one warm-up call, waiting for the device each time round.
+
+    With `profile_dir`, the timed calls are traced there (`jax.profiler`: TensorBoard's
+    profile plugin and Perfetto), each annotated as step `name` (`StepTraceAnnotation`).
+    """
     jax.block_until_ready(run())
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = run()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / steps
+    trace = contextlib.nullcontext()
+    if profile_dir:
+        trace = jax.profiler.trace(profile_dir, create_perfetto_trace=True)
+    with trace:
+        start = time.perf_counter()
+        for step in range(steps):
+            with jax.profiler.StepTraceAnnotation(name, step_num=step):
+                out = run()
+        jax.block_until_ready(out)
+        seconds = time.perf_counter() - start
+    return seconds / steps
 
 
 def _peak_bytes(compiled: jax.stages.Compiled) -> float:
@@ -59,9 +70,14 @@ def _peak_bytes(compiled: jax.stages.Compiled) -> float:
 
 
 def benchmark_steps(
-    config: ml_collections.ConfigDict, mode: str, steps: int, peak: float | None = None
+    config: ml_collections.ConfigDict,
+    mode: str,
+    steps: int,
+    peak: float | None = None,
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Figures of `mode` "train" (one optimizer step) or "infer" (forward at eval batch)."""
+    """Figures of `mode` "train" (one optimizer step) or "infer" (forward at eval batch);
+    with `profile_dir`, a profiler trace of the timed steps there."""
     if mode not in ("train", "infer"):
         raise ValueError(f"mode={mode!r}: choose 'train' or 'infer'.")
     # A schedule long enough for the recipe's warmup; the timed steps don't depend on it.
@@ -97,7 +113,7 @@ def benchmark_steps(
     # XLA's count is one device's share and includes recomputation (hardware FLOPs); it
     # sees a scanned loop's body once, and GPUs do not report it.
     xla_flops = (compiled.cost_analysis() or {}).get("flops")
-    step_s = _time(run, steps)
+    step_s = _time(run, steps, mode, profile_dir)
     device = jax.devices()[0]
     dtype = str(config.model.dtype)
     peak = peak or peak_tflops(device.device_kind, dtype)

@@ -102,6 +102,11 @@ class Checkpointer:
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
         return self._manager.restore(step, args=args)[STATE_ITEM]
 
+    def restore_metadata(self, step: int) -> dict:
+        """The JSON metadata saved with `step`."""
+        args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args)["metadata"]
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -185,3 +185,31 @@ def test_losses_against_hand_computation():
     sig = per_example_loss(logits, labels, "sigmoid_xent")[0]
     expected = np.log1p(np.exp(-np.array([-2.0, 0.0, 1.0]))).sum()  # softplus(z) - z*y per class
     assert float(sig) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("optimizer, fraction", [("adamw", 0.75), ("sgd", 0.5)])
+def test_mu_dtype_keeps_the_first_moment_in_bfloat16(optimizer, fraction):
+    """Adam's first moment (or SGD's momentum) in bfloat16: that state takes half the bytes,
+    the second moment stays float32, and training still follows the float32 run closely."""
+
+    def moments(config):
+        trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), 4, total_steps=20)
+        leaves = jax.tree.leaves(trainer.abstract_state().opt_state)
+        arrays = [x for x in leaves if x.ndim > 0]
+        return sum(x.size * x.dtype.itemsize for x in arrays), {x.dtype for x in arrays}
+
+    full = tiny_config(**{"optim.name": optimizer})
+    half = tiny_config(**{"optim.name": optimizer, "optim.mu_dtype": "bfloat16"})
+    (full_bytes, full_dtypes), (half_bytes, half_dtypes) = moments(full), moments(half)
+    assert full_dtypes == {jnp.dtype("float32")}
+    assert jnp.dtype("bfloat16") in half_dtypes
+    assert half_bytes == pytest.approx(fraction * full_bytes, rel=1e-6)
+    _, _, full_losses = run_steps(full, steps=4)
+    _, _, half_losses = run_steps(half, steps=4)
+    np.testing.assert_allclose(half_losses, full_losses, rtol=2e-2)
+
+
+def test_an_unknown_mu_dtype_is_refused():
+    config = tiny_config(**{"optim.mu_dtype": "int8"})
+    with pytest.raises(ValueError, match=r"optim.mu_dtype='int8': choose one of"):
+        Trainer(config, make_mesh(config.mesh, config.dcn_mesh), 4, total_steps=20)

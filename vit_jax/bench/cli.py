@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -93,6 +94,12 @@ def _main(argv: list[str]) -> None:
 def _compile(config) -> int:
     if not _TARGET.value:
         raise cli.UsageError("vit-bench compile needs --target (e.g. v5e-16 or h100x8).")
+    import jax
+
+    # The target's devices are compile-only: no local accelerator is opened, so the plugins
+    # (libtpu, CUDA) need not find one, and say nothing about it.
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
     from vit_jax.bench import targets
     from vit_jax.bench.compile import DOES_NOT_FIT, FITS, compile_recipe
 

@@ -156,8 +156,12 @@ def topology_devices(target: Target) -> list:
     """
     from jax.experimental import topologies
 
-    # Compile-only: no chip is opened, so processes (a sweep's workers, tests) may share libtpu.
+    # Compile-only: no chip is opened, so processes (a sweep's workers, tests) may share
+    # libtpu, and libtpu need not look for the VM's TPU (it warns at length when it can't).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if target.platform == "tpu":
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name.replace("v5e-", "v5litepod-"))
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         if target.platform == "tpu":
             topology = topologies.get_topology_desc(

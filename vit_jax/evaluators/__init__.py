@@ -23,8 +23,8 @@ from vit_jax.preemption import StopRequests
 class Evaluator(Protocol):
     """What the loop runs every `every` steps and at the last step.
 
-    `name` prefixes nothing by itself: it names the evaluator's time, `time/<name>_s`.
-    `run` returns scalar metrics (names with their own prefix, e.g. "eval/top1"). It must
+    `name` names the evaluator's time metric, `time/<name>_s`; `run` returns scalar metrics
+    named with their own prefix (e.g. "eval/top1"). It must
     read its batches through `stop.watch(...)` (or call `stop.reached()` after each unit of
     work, identically on every process), so that a stop request abandons it at the next
     batch with `StopRequested`; it must not change `params` (the train state's, not donated).

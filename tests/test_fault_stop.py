@@ -9,6 +9,7 @@ agreed on (tests/evaluator_support.py), so no outcome depends on timing.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -37,15 +38,15 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("digits") / "tfds"
 
 
-def _start(data_dir, workdir, evaluators, *flags, before_main="") -> subprocess.Popen:
+def _start(data_dir, workdir, evaluators, *flags, before_main="", env=None) -> subprocess.Popen:
     """`vit-train` in a new process, with `evaluators` ("module:factory" entries)."""
     settings = SETTINGS | {"evaluators": repr(tuple(evaluators)), "data_dir": data_dir}
     command = [
-        sys.executable, *flags, "-c", f"{before_main}\nfrom vit_jax.main import main\nmain()",
+        sys.executable, "-c", f"{before_main}\nfrom vit_jax.main import main\nmain()",
         "--config", RECIPE, "--workdir", str(workdir),
-        *(f"--config.{key}={value}" for key, value in settings.items()),
+        *(f"--config.{key}={value}" for key, value in settings.items()), *flags,
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]))
+    env = dict(env or os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]))
     return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -77,9 +78,7 @@ def _checkpoints(workdir) -> list[str]:
         ("endless_fewshot", signal.SIGTERM),
     ],
 )
-def test_a_stop_abandons_the_evaluation_and_saves_its_step(
-    tmp_path, data_dir, evaluator, signum
-):
+def test_a_stop_abandons_the_evaluation_and_saves_its_step(tmp_path, data_dir, evaluator, signum):
     workdir = tmp_path / "run"
     run = _start(data_dir, workdir, [f"evaluator_support:{evaluator}"])  # Probes: the recipe's.
     lines = _read_until(run, lambda line: EVALUATION_RUNNING in line)  # At step 6.
@@ -109,8 +108,10 @@ def test_a_second_signal_exits_at_once(tmp_path, data_dir):
 
 def test_a_stop_during_start_up_exits_75(tmp_path, data_dir):
     workdir = tmp_path / "run"
-    # -X importtime reports each module once imported: JAX loads after the handler is in.
-    run = _start(data_dir, workdir, ["classification"], "-X", "importtime")
+    # PYTHONPROFILEIMPORTTIME reports each module once imported: JAX loads after the handler.
+    run = _start(
+        data_dir, workdir, ["classification"], env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    )
     lines = _read_until(run, lambda line: line.rstrip().endswith("| jax"))
     run.send_signal(signal.SIGTERM)
     output = _finish(run, lines)
@@ -136,3 +137,34 @@ def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop)
     output = _finish(run, lines)
     assert run.returncode == (PREEMPTED_EXIT_STATUS if stop else 0), output[-3000:]
     assert _checkpoints(workdir) == (["6"] if stop else ["12"])
+
+
+@pytest.mark.slow
+def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir):
+    """SIGTERM to process 1 only, during the evaluation: both abandon it at the same batch
+    (or one would wait forever in the next collective), save step 6 and exit 75."""
+    workdir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    runs = [
+        _start(
+            tmp_path / f"tfds{i}",  # Each process prepares its own copy.
+            workdir,
+            ["evaluator_support:endless_classification"],
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            env=dict(os.environ, XLA_FLAGS=xla_flags),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    lines = [_read_until(run, lambda line: EVALUATION_RUNNING in line) for run in runs]
+    runs[1].send_signal(signal.SIGTERM)
+    outputs = [_finish(run, text) for run, text in zip(runs, lines, strict=True)]
+    assert [run.returncode for run in runs] == [PREEMPTED_EXIT_STATUS] * 2, outputs[1][-3000:]
+    assert all("Stopped at step 6" in output for output in outputs)
+    assert _checkpoints(workdir) == ["6"]
+    records = metrics.read_records(str(workdir))
+    assert not any(k.startswith("eval/") for r in records for k in r)

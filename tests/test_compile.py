@@ -207,3 +207,23 @@ def test_kernel_traffic_counts_what_crosses_hbm_once_per_loop_iteration():
     per_iteration = 1024 + 1024 + 4 + 1024
     entry = 1024 + 1024  # The negate reads and writes 1 KB.
     assert hlo.kernel_bytes(text) == 10 * per_iteration + entry
+
+
+@GPU
+def test_sweep_ranks_the_settings_that_fit_and_gives_flags_that_reproduce_the_best():
+    from vit_jax.bench.sweep import sweep
+
+    target = parse_target("h100x2")
+    ranked = sweep(tiny(), target, devices_per_slice=2, workers=2)
+    settings = {(f["setting"].rules, f["setting"].fsdp, f["setting"].tensor) for f in ranked}
+    assert settings == {("dp", 1, 1), ("fsdp", 2, 1), ("tp", 1, 2)}
+    assert all(f["fits"] and f["setting"].remat_policy == "none" for f in ranked)
+    speeds = [f["estimate_img_per_s"] for f in ranked]
+    assert speeds == sorted(speeds, reverse=True)
+    top = ranked[0]["setting"]
+    for key, value in top.overrides().items():  # The printed flags say the same.
+        assert f"--config.{key}={str(value).lower()}" in ranked[0]["flags"]
+    best = tiny()
+    best.update_from_flattened_dict(top.overrides())
+    again = compile_recipe(best, target)
+    assert again["estimate_img_per_s"] == pytest.approx(speeds[0], rel=1e-6)

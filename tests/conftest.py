@@ -28,6 +28,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The tests' models are tiny: optimising their machine code costs more time than it saves
+# (Flax's example tests do the same). It lowers the backend's (LLVM's) optimisation level;
+# sharding, collectives and results are the same programs'.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # The interop extra's torch build brings triton (a GPU kernel compiler), which crashes the
 # process when loaded after TensorFlow; torch on CPU never needs it, so it is kept out.

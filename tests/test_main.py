@@ -104,6 +104,7 @@ def test_main_job_writes_metrics_config_and_checkpoints(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_restart_resumes_bit_exactly(tmp_path, monkeypatch):
     config = small_local_config(tmp_path, **{"eval_every": 100})
     config.pp.mixup_alpha = 0.2  # The data stream's randomness must replay too.
@@ -187,6 +188,7 @@ def test_command_line_rejects_unknown_keys(tmp_path):
     assert "no_such_key" in result.stderr
 
 
+@pytest.mark.slow
 def test_console_shows_our_lines_only(tmp_path):
     """No TensorFlow banner, no library warning: every line is one of vit_jax's own."""
     data_dir = str(tmp_path / "tfds")
@@ -213,6 +215,7 @@ def test_console_shows_our_lines_only(tmp_path):
     assert not strangers, strangers
 
 
+@pytest.mark.slow
 def test_fsdp_run_has_the_same_loss_curve_as_data_parallel(tmp_path):
     def curve(config, name):
         train_and_evaluate(config, str(tmp_path / name))

@@ -30,8 +30,16 @@ def _config(model="plain", scan=False, mesh=None, rules="dp", **model_changes):
     return config
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize(
+    "model, scan",
+    [
+        ("plain", False),
+        pytest.param("plain", True, marks=pytest.mark.slow),
+        pytest.param("hybrid", False, marks=pytest.mark.slow),
+        pytest.param("hybrid", True, marks=pytest.mark.slow),
+    ],
+    ids=["plain-unrolled", "plain-scanned", "hybrid-unrolled", "hybrid-scanned"],
+)
 def test_tensor_parallel_loss_curves_equal_data_parallel(model, scan):
     # SGD keeps updates linear in the gradients; what differs between meshes is only the
     # float32 summation order of split matmuls and all-reduces (~1e-7 relative per op).
@@ -123,6 +131,7 @@ def data_parallel_metrics(tmp_path_factory):
     return _train_end_to_end(tmp_path_factory.mktemp("dp"), "dp")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=1, tensor=4), dict(data=1, fsdp=1, tensor=8)])
 def test_training_end_to_end_on_a_tensor_mesh_equals_data_parallel(
     tmp_path, mesh, data_parallel_metrics

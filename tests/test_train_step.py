@@ -52,7 +52,9 @@ def test_gradient_accumulation_keeps_each_devices_rows():
 def test_gradient_accumulation_draws_new_dropout_for_each_micro_batch():
     def first_grad_norm(accum_steps, dropout):
         config = tiny_config(
-            batch_size=8 * accum_steps, accum_steps=accum_steps, **{"model.dropout": dropout}
+            batch_size=8 * accum_steps,
+            accum_steps=accum_steps,
+            **{"model.dropout": dropout, "model.depth": 1},
         )
         trainer = Trainer(
             config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=20
@@ -153,7 +155,7 @@ def test_weight_decay_touches_kernels_only():
     state = trainer.init_state()
     # Zero gradients: only weight decay moves parameters.
     zero = jax.tree.map(jnp.zeros_like, state.params)
-    updates, _ = trainer.tx.update(zero, state.opt_state, state.params)
+    updates, _ = jax.jit(trainer.tx.update)(zero, state.opt_state, state.params)
     ln = updates["Transformer"]["encoderblock_0"]["LayerNorm_0"]
     np.testing.assert_array_equal(ln["scale"], 0.0)
     np.testing.assert_array_equal(updates["Transformer"]["posembed_input"]["pos_embedding"], 0.0)

@@ -75,7 +75,10 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(
+    scope="module",
+    params=["plain", *(pytest.param(m, marks=pytest.mark.slow) for m in ("scanned", "hybrid"))],
+)
 def npz(request, tmp_path_factory):
     name, options = MODELS[request.param]
     options = dict(width=32, depth=2, mlp_dim=64, num_heads=2) | options

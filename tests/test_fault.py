@@ -6,13 +6,21 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, TINY, load_recipe, small_local_config
+from helpers import (
+    PAUSED_TRAIN,
+    REPO,
+    TINY,
+    load_recipe,
+    small_local_config,
+    wait_until_paused,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vit_jax.checkpoint import load_params
@@ -41,27 +49,37 @@ def _config(digits):
     return config
 
 
-def _start(digits, workdir) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "vit_jax.main", "--config", f"configs/local.py:{RECIPE_ARG}",
+def _command(digits, workdir, pause_at: int | None = None) -> list[str]:
+    """The main job's command; paused before step `pause_at` + 1 (tests/paused_train.py)."""
+    main = ["-m", "vit_jax.main"] if pause_at is None else [PAUSED_TRAIN, str(pause_at)]
+    return [
+        sys.executable, *main, "--config", f"configs/local.py:{RECIPE_ARG}",
         f"--config.data_dir={digits / 'tfds'}", "--workdir", str(workdir),
         *(f"--config.{key}={value}" for key, value in SETTINGS.items()),
     ]  # fmt: skip
-    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
 
 
-def _signal_at(run: subprocess.Popen, step: int, signum: int) -> tuple[str, float]:
-    """Sends `signum` once `run` has logged `step`; its stderr, seconds from signal to exit."""
-    lines = []
-    for line in run.stderr:
-        lines.append(line)
-        if f"step {step}/" in line:
-            break
-    run.send_signal(signum)
-    sent = time.perf_counter()
-    lines.append(run.stderr.read())
-    run.wait(timeout=300)
-    return "".join(lines), time.perf_counter() - sent
+def _signal_at(digits, workdir, step: int, signum: int) -> tuple[int, str, float]:
+    """Runs the main job and sends it `signum` while it waits before step `step` + 1.
+
+    The signal thus arrives during step `step` + 1, however fast the machine. Returns the
+    exit status, the stderr and the seconds from the signal to the exit.
+    """
+    with tempfile.TemporaryFile("w+") as stderr:
+        run = subprocess.Popen(
+            _command(digits, workdir, pause_at=step), cwd=REPO, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+        )  # fmt: skip
+        paused = wait_until_paused(run, step)
+        if paused:
+            run.send_signal(signum)
+        sent = time.perf_counter()
+        run.communicate("\n", timeout=300)  # Lets a paused run go on.
+        seconds = time.perf_counter() - sent
+        stderr.seek(0)
+        text = stderr.read()
+    assert paused, text[-3000:]
+    return run.returncode, text, seconds
 
 
 def _metrics(workdir) -> dict[int, dict]:
@@ -81,21 +99,22 @@ def test_sigterm_and_sigkill_resume_bit_exactly(tmp_path, digits):
     train_and_evaluate(_config(digits), str(straight))
 
     workdir = tmp_path / "interrupted"
-    run = _start(digits, workdir)
-    stderr, seconds = _signal_at(run, 5, signal.SIGTERM)
-    assert run.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
-    stop = int(re.search(r"Stopped at step (\d+)", stderr).group(1))
-    assert 5 <= stop < 50 and _checkpoints(workdir) == [str(stop)]  # Saved where it stopped.
-    print(f"SIGTERM at step >= 5: saved step {stop}, exited {seconds:.1f} s after the signal")
+    status, stderr, seconds = _signal_at(digits, workdir, 5, signal.SIGTERM)
+    assert status == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    # The step under way when the signal came (6) finishes and is saved; nothing after it.
+    assert re.search(r"Stopped at step 6\b", stderr), stderr[-3000:]
+    assert _checkpoints(workdir) == ["6"] and max(_metrics(workdir)) == 6
+    print(f"SIGTERM during step 6: saved step 6, exited {seconds:.1f} s after the signal")
 
-    run = _start(digits, workdir)
-    stderr, _ = _signal_at(run, 120, signal.SIGKILL)  # After the periodic checkpoint at 100.
-    assert run.returncode == -signal.SIGKILL, stderr[-3000:]
-    run = _start(digits, workdir)
-    stderr = run.communicate(timeout=300)[1]
-    assert run.returncode == 0, stderr[-3000:]
-    resumed_from = int(re.search(r"Resumed from step (\d+)\.", stderr).group(1))
-    # A periodic checkpoint (100, or 50 when the kill beat 100's async write): steps replayed.
+    # Killed during step 121: the newest checkpoint is the periodic one of step 100, or 50
+    # if the kill came before 100's asynchronous write completed (both replay exactly).
+    status, stderr, _ = _signal_at(digits, workdir, 120, signal.SIGKILL)
+    assert status == -signal.SIGKILL, stderr[-3000:]
+    run = subprocess.run(
+        _command(digits, workdir), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed_from = int(re.search(r"Resumed from step (\d+)\.", run.stderr).group(1))
     assert resumed_from in (50, 100)
 
     jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(straight))

@@ -11,7 +11,7 @@ import time
 
 import jax
 import pytest
-from helpers import REPO, TINY, load_recipe
+from helpers import PAUSED_TRAIN, REPO, TINY, load_recipe, wait_until_paused
 
 from vit_jax.checkpoint import load_params
 from vit_jax.evaluators.classification import ClassificationEvaluator
@@ -35,22 +35,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, workdir, *flags) -> list[subprocess.Popen]:
-    """Two processes of one run, 4 simulated devices each."""
+def _launch(tmp_path, workdir, *flags, pause_at: int | None = None) -> list[subprocess.Popen]:
+    """Two processes of one run, 4 simulated devices each; paused before step `pause_at` + 1
+    (tests/paused_train.py) until a line arrives on their stdin."""
     port = _free_port()
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
     env = dict(os.environ, XLA_FLAGS=xla_flags)
+    main = ["-m", "vit_jax.main"] if pause_at is None else [PAUSED_TRAIN, str(pause_at)]
     procs = []
     for i in range(2):
         command = [
-            sys.executable, "-m", "vit_jax.main", "--config", f"configs/{RECIPE}",
+            sys.executable, *main, "--config", f"configs/{RECIPE}",
             f"--config.data_dir={tmp_path}/tfds{i}", "--workdir", workdir,
             "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
             "--process_id", str(i), *overrides, *flags,
         ]  # fmt: skip
         procs.append(
-            subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         )
     return procs
 
@@ -67,13 +77,17 @@ def _wait_for_line(process: subprocess.Popen, text: str) -> str:
 @pytest.mark.slow
 def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tmp_path):
     workdir = str(tmp_path / "run")
-    procs = _launch(tmp_path, workdir)
-    # SIGTERM to process 1 only (one VM of a slice being preempted): JAX's preemption sync
-    # tells process 0, and both save the same step and exit "resume me".
-    head = _wait_for_line(procs[0], "step 10/30")
+    procs = _launch(tmp_path, workdir, pause_at=10)
+    paused = [wait_until_paused(p, 10) for p in procs]
+    assert all(paused), [p.stderr.read()[-3000:] for p in procs]
+    # SIGTERM to process 1 only (one VM of a slice being preempted) while both wait before
+    # step 11: JAX's preemption sync tells process 0, and both save the same step and exit
+    # "resume me". The notice needs milliseconds; the run has 19 more steps to go.
     procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+        p.stdin.write("\n")
+        p.stdin.flush()
     errors = [p.communicate(timeout=600)[1] for p in procs]
-    errors[0] = head + errors[0]
     assert [p.returncode for p in procs] == [PREEMPTED_EXIT_STATUS] * 2, errors[1][-3000:]
     stops = [int(re.search(r"Stopped at step (\d+)", e).group(1)) for e in errors]
     assert stops[0] == stops[1] and 10 < stops[0] < 30, stops

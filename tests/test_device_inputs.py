@@ -114,6 +114,7 @@ def test_model_and_steps_run_without_tensorflow():
         import numpy as np
         from vit_jax import parallel
         from vit_jax.config import base_config
+        from vit_jax.parallel import make_mesh
         from vit_jax.trainer import Trainer
 
         c = base_config()

@@ -185,8 +185,6 @@ def test_fewshot_command_on_an_exported_npz(data_dir, tmp_path, capsys):
     checkpoint.save_npz(params, path)
     argv = ["--checkpoint", str(path), "--dataset", "digits", "--shots", "1,10"]
     argv += ["--data_dir", data_dir, "--batch_size", "64"]
-    assert fewshot_main(argv) == 2  # A bare .npz does not say what it is.
-    assert "--model" in capsys.readouterr().err
 
     run = {"model": {"name": "Ti/4", "width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2}}
     run |= {"image_size": 8, "num_classes": 10, "eval_crop_fraction": 1.0}

@@ -48,7 +48,7 @@ def test_recipes_build_a_trainer(recipe, arg):
     mesh = make_mesh(config.mesh, config.dcn_mesh)
     trainer = Trainer(config, mesh, num_classes=10, total_steps=config.optim.warmup_steps + 100)
     variant = parse_variant(config.model.name)
-    expected_width = config.model.get("width", variant.width)
+    expected_width = config.model.get("width") or variant.width
     assert (trainer.model.num_classes, trainer.model.width) == (10, expected_width)
     assert float(trainer.schedule(config.optim.warmup_steps)) == pytest.approx(config.optim.lr)
     assert trainer.mesh.devices.size == jax.device_count()

@@ -71,7 +71,7 @@ def test_local_attention_is_shorter_than_uniform():
 MODELS = {
     "plain": ("Ti/7", {}),
     "scanned": ("Ti/7", {"scan": True, "num_registers": 2}),
-    "hybrid": ("R+Ti/4", {"pool": "gap"}),
+    "hybrid": ("R+Ti/2", {"pool": "gap"}),  # Stem /4, patch 1: 7x7 tokens at 28 px.
 }
 
 

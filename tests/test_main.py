@@ -140,7 +140,9 @@ def test_restart_resumes_bit_exactly(tmp_path, monkeypatch):
     resumed = {record["step"]: record for record in read_records(resumed)}
     # Step 8's mean covers steps 5-8 in both: the checkpoint of step 6 carries steps 5 and 6.
     for step in (4, 8, 12):
-        assert resumed[step]["train/loss"] == straight[step]["train/loss"]
+        # Parameters are bit-exact (above); a window averaged partly from the steps carried
+        # in the checkpoint is summed in another order: equal to float32 rounding.
+        assert resumed[step]["train/loss"] == pytest.approx(straight[step]["train/loss"], rel=1e-6)
     assert resumed[12]["eval/top1"] == straight[12]["eval/top1"]
 
 

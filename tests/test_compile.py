@@ -210,6 +210,7 @@ def test_kernel_traffic_counts_what_crosses_hbm_once_per_loop_iteration():
 
 
 @GPU
+@pytest.mark.slow  # Three compiles: the full suite runs it, the fast lane does not.
 def test_sweep_ranks_the_settings_that_fit_and_gives_flags_that_reproduce_the_best():
     from vit_jax.bench.sweep import sweep
 

@@ -129,6 +129,12 @@ def parse_target(name: str, slices: int = 1) -> Target:
         else:
             raise UnknownTargetError(f"{name}: {prefix} slices have {sorted(TORUS_2D)} chips.")
         return Target(name, "tpu", f"{prefix}:{shape}", slices, device)
+    if re.fullmatch(r"v4-\d+", name):
+        raise UnknownTargetError(
+            f"{name}: not offered. libtpu's compile-only v4 devices are single TensorCores, "
+            "while JAX on a v4 slice runs one device per chip (both cores as one, megacore): "
+            "the program compiled would not be the one that runs. Known: " + known_targets()
+        )
     gpu = re.fullmatch(r"(h100|h200|a100)x(\d+)(?:x(\d+))?", name)
     if gpu:
         if slices != 1:

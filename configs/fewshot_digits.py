@@ -16,9 +16,7 @@ with it), so the baseline is not handicapped by an optimizer chosen for fine-tun
 The learning rates are the best of a small sweep for each mode (fine-tuning: 0.01, 0.03,
 0.1; scratch: 3e-4 to 1e-2). As in the paper, fine-tuning starts from a zero head.
 
-Measured on a 2-core CPU (seed 0; seeds 1 and 2 in brackets): pretraining 96.8% on
-mnist5k test (4.7 min); fine-tuned 94.8% (93.1, 93.4) in 55 s; from scratch 87.9%
-(86.3, 85.4) in 55 s.
+What the two runs reach, with the commands, hardware and date: docs/insight.md.
 
 Arguments: init (a vit_jax workdir or `.npz` of the main job's model; empty: from
 scratch), shots (training images per class), image_size, steps, batch, lr (0: the

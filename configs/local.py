@@ -32,8 +32,8 @@ def get_config(arg: str | None = None):
     c.optim.decay = "cosine"
     c.total_steps = args.steps
 
-    # Few-shot linear accuracy on the embedded digits, as the paper tracks pretraining (the
-    # README follows the 10-shot number).
+    # Few-shot linear accuracy on the embedded digits, as the paper tracks pretraining
+    # (docs/insight.md follows the 10-shot number).
     c.fewshot.datasets = {"digits": ("digits", "train", "test")}
     c.fewshot.shots = (1, 5, 10, 25)
     c.fewshot.every = 250

@@ -59,7 +59,7 @@ def test_finetune_recipe_overrides():
 def test_pretraining_beats_training_from_scratch_on_few_shots(tmp_path):
     """The few-shot digits recipes, both ways, after a short mnist5k pretraining.
 
-    At this budget (full runs: README) fine-tuning reaches 56-62% and training from
+    At this budget (full runs: docs/insight.md) fine-tuning reaches 56-62% and training from
     scratch 32-39% over seeds 0-2; the margin asserted is half the smallest gap seen (0.17).
     """
     data_dir = str(tmp_path / "tfds")

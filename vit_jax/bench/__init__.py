@@ -1,4 +1,5 @@
-"""`vit-bench`: figures for the README, from the real code paths of any recipe.
+"""`vit-bench`: step, input and compile figures from the real code paths of any recipe
+(docs/performance.md, docs/scale.md).
 
     vit-bench train --config configs/pretrain.py:variant=B/16 --config.batch_size=256
     vit-bench infer --config configs/pretrain.py:variant=B/16 --json

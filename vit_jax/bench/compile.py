@@ -8,7 +8,7 @@ estimate, not a measurement: the matmuls at the device's dense peak (the step's 
 FLOPs, counted from its jaxpr), plus the HBM traffic of every kernel of the optimized
 program at the HBM bandwidth (`hlo.kernel_bytes`), or the collectives' ring traffic at
 ICI or DCN bandwidth where that takes longer (they overlap with the kernels). Real
-kernels run below peak, so measured steps are slower: README "Scale" compares the two.
+kernels run below peak, so measured steps are slower: docs/scale.md compares the two.
 """
 
 from __future__ import annotations

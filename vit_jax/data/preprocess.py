@@ -17,7 +17,7 @@ fixed cost comparable to the arithmetic itself.
 
 Resizing is bilinear without antialiasing by default, as in the original ViT input pipeline
 and big_vision's `inception_crop`/`resize`: with antialiasing the pipeline runs at 0.43x
-its throughput on 224 px crops of ImageNet-sized photos (see README, Performance).
+its throughput on 224 px crops of ImageNet-sized photos (docs/performance.md).
 """
 
 import tensorflow as tf

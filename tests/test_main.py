@@ -33,6 +33,7 @@ def test_recipe_arguments():
         parse_args("steps=ten", {"steps": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, arg",
     [
@@ -76,6 +77,7 @@ def test_pretrain_recipe_matches_the_paper():
     assert (jft.optim.lr, jft.optim.weight_decay, jft.model.dropout) == (3e-4, 0.1, 0.0)
 
 
+@pytest.mark.slow
 def test_main_job_writes_metrics_config_and_checkpoints(tmp_path):
     workdir = str(tmp_path / "run")
     config = small_local_config(tmp_path)
@@ -140,12 +142,11 @@ def test_restart_resumes_bit_exactly(tmp_path, monkeypatch):
     resumed = {record["step"]: record for record in read_records(resumed)}
     # Step 8's mean covers steps 5-8 in both: the checkpoint of step 6 carries steps 5 and 6.
     for step in (4, 8, 12):
-        # Parameters are bit-exact (above); a window averaged partly from the steps carried
-        # in the checkpoint is summed in another order: equal to float32 rounding.
-        assert resumed[step]["train/loss"] == pytest.approx(straight[step]["train/loss"], rel=1e-6)
+        assert resumed[step]["train/loss"] == straight[step]["train/loss"]
     assert resumed[12]["eval/top1"] == straight[12]["eval/top1"]
 
 
+@pytest.mark.slow
 def test_restart_with_another_model_is_refused(tmp_path):
     workdir = str(tmp_path / "run")
     train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)

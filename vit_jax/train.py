@@ -164,9 +164,13 @@ def _fetch_checked(
 
 
 def _summarize(metrics: list[dict]) -> dict[str, float]:
-    """Means over the window of finite steps; the learning rate at its end; skips counted."""
+    """Means over the window of finite steps; the learning rate at its end; skips counted.
+
+    Summed in float64 whether a step's metrics are the device's float32 values or the
+    Python floats a checkpoint carried, so a resumed run logs the very same means.
+    """
     finite = [m for m in metrics if not m[NONFINITE]] or metrics
-    summary = {k: float(np.mean([m[k] for m in finite])) for k in metrics[0]}
+    summary = {k: float(np.mean([m[k] for m in finite], dtype=np.float64)) for k in metrics[0]}
     summary["train/lr"] = float(metrics[-1]["train/lr"])
     summary[NONFINITE] = float(sum(m[NONFINITE] for m in metrics))
     return summary

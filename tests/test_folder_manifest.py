@@ -63,6 +63,7 @@ def test_undecodable_names_what_is_wrong_with_a_file(tmp_path):
     assert folder_manifest.undecodable(str(html)) == "not a JPEG or PNG file"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_a_truncated_jpeg_is_named_and_skipped_and_the_run_finishes(tmp_path, split, caplog):
     """The file used to stop training at its turn (train) or every evaluation (test), at the
@@ -165,6 +166,23 @@ def test_a_writer_that_cannot_write_the_manifest(tmp_path, monkeypatch, caplog):
         single = FolderSource(str(tmp_path))
     assert "the next run checks the folder again" in caplog.text
     assert single.info.split_sizes == {"train": 2, "test": 2}
+
+
+@pytest.mark.slow
+def test_a_file_that_cannot_be_read_stops_vit_train_in_one_line(tmp_path):
+    """A broken link is not a damaged image: skipping it on one process could give the
+    processes different splits, so the run stops naming it (status 1, no traceback)."""
+    make_photos(tmp_path / "photos", per_class=2)
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "photos" / "train" / "a" / "link.jpg")
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "vit-train"),
+         "--config", f"{REPO}/configs/local.py:dataset=folder:photos", "--workdir", "run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("vit-train:")]
+    assert "Cannot read " in line and "link.jpg" in line, line
 
 
 # One process of a two-process run opening a folder: what it decoded and what it sees.

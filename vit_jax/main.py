@@ -75,6 +75,7 @@ def _main(argv: list[str]) -> int:
         jax.device_count(),
         jax.devices()[0].device_kind,
     )
+    from vit_jax.data.folder_manifest import FolderUnreadableError
     from vit_jax.train import train_and_evaluate
     from vit_jax.workdir import UnreadableCheckpointsError, WorkdirLockedError
 
@@ -85,7 +86,8 @@ def _main(argv: list[str]) -> int:
         return PREEMPTED_EXIT_STATUS
     except WorkdirLockedError as e:  # Another run holds it: the user picks another workdir.
         raise cli.UsageError(str(e)) from None
-    except (FloatingPointError, UnreadableCheckpointsError) as e:  # The run failed; no bug.
+    except (FloatingPointError, UnreadableCheckpointsError, FolderUnreadableError) as e:
+        # The run failed, for a reason the message gives; not a bug.
         print(f"vit-train: {e}", file=sys.stderr)
         return 1
     log.info("Final: %s", ", ".join(f"{k} {v:.4f}" for k, v in final.items()))

@@ -54,7 +54,7 @@ class FolderSource:
         Raises:
           FileNotFoundError: no folder, no splits, or a class directory without images.
           ValueError: splits with different class directories.
-          OSError: a file that cannot be read, named.
+          FolderUnreadableError: a file that cannot be read, named.
         """
         self.root = root.rstrip("/")
         images, rejected = validated_listing(

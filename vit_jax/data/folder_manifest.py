@@ -35,6 +35,12 @@ _CHECK_THREADS = 32  # Reads dominate on gs://; decoding releases the GIL.
 
 log = logging.getLogger(__name__)
 
+
+class FolderUnreadableError(OSError):
+    """A folder's file that cannot be read, or its manifest that cannot be written: the
+    run stops, naming it (every process must see the same images)."""
+
+
 # split -> class -> sorted file names; the files of one split: "class/file" -> reason.
 Images = dict[str, dict[str, list[str]]]
 Rejected = dict[str, dict[str, str]]
@@ -55,14 +61,14 @@ def undecodable(path: str) -> str | None:
     decodes there, whatever crop is taken of it.
 
     Raises:
-      OSError: the file cannot be read, naming it.
+      FolderUnreadableError: the file cannot be read, naming it.
     """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             encoded = f.read()
     except (OSError, tf.errors.OpError) as e:
         reason = str(getattr(e, "message", e)).splitlines()[0]
-        raise OSError(
+        raise FolderUnreadableError(
             f"Cannot read {path} ({reason}). Every process of a run must see the same images: "
             "fix or remove the file, or retry if the storage had a passing error."
         ) from e
@@ -177,8 +183,8 @@ def validated_listing(
 
     Raises:
       FileNotFoundError: no folder at `root`, no splits, or (not the writer) no manifest.
-      OSError: a file cannot be read, or the writer of a multi-process run cannot write
-        the manifest.
+      FolderUnreadableError: a file cannot be read, or the writer of a multi-process run
+        cannot write the manifest.
     """
     path = manifest_path(root, manifest_dir)
     if writer:
@@ -197,7 +203,7 @@ def validated_listing(
                 _write(path, root, images, rejected)
             except (OSError, tf.errors.OpError) as e:
                 if barrier is not None:
-                    raise OSError(
+                    raise FolderUnreadableError(
                         f"Cannot write the manifest of image folder {root} to {path} ({e}); "
                         "the other processes read it from there. Set config.data_dir to a "
                         "writable directory (local or gs://) to keep it there instead."

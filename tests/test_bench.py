@@ -69,6 +69,7 @@ def vit_forward_flops(image, patch, width, depth, mlp_dim, classes) -> int:
     return embedding + depth * block + 2 * width * classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_step_figures_match_a_known_step_time_and_a_hand_count(mode):
     figures = bench(mode, *TINY, "--peak_tflops", "1", prelude=BLOCK_TENSORFLOW + SLEEPING_STEPS)
@@ -89,6 +90,7 @@ def test_step_figures_match_a_known_step_time_and_a_hand_count(mode):
     assert figures["peak_bytes_per_device"] > 0 and figures["compile_s"] > 0
 
 
+@pytest.mark.slow
 def test_train_runs_tensor_parallel_meshes():
     figures = bench(
         "train", *TINY, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",

@@ -97,6 +97,7 @@ def test_original_release_layout(tmp_path):
     np.testing.assert_array_equal(logits(model, loaded), logits(model, params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, overrides",
     [
@@ -133,6 +134,7 @@ def test_linen_names_under_optimizer_prefix(tmp_path):
     assert_trees_equal(loaded, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target_scanned", [False, True])
 @pytest.mark.parametrize(
     "case, pool, file_scanned, prefix",

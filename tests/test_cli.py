@@ -56,6 +56,7 @@ def softmax_of_eval_pipeline(config, folder, params) -> dict[str, np.ndarray]:
     return dict(zip(paths, np.asarray(probs), strict=False))
 
 
+@pytest.mark.slow
 def test_predict_matches_evaluation_and_orders_top_k(run, images, capsys):
     workdir, config = run
     folder = str(images)
@@ -132,6 +133,7 @@ def test_export_round_trip(run, images, tmp_path, capsys):
     assert capsys.readouterr().out == from_workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [

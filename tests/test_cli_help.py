@@ -127,7 +127,14 @@ USER_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("case", USER_ERRORS)
+# These load a model or a checkpoint library before the mistake shows: full suite only.
+NEEDS_JAX = ("predict, missing checkpoint", "visualize, not a workdir")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in NEEDS_JAX else c for c in USER_ERRORS],
+)
 def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
     (tmp_path / "a_file").write_text("")
     (name, *args), message = USER_ERRORS[case]

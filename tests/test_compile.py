@@ -12,6 +12,7 @@ from helpers import BLOCK_TENSORFLOW, REPO
 
 from vit_jax.bench import hlo
 from vit_jax.bench.compile import compile_recipe
+from vit_jax.bench.sweep import Setting, meshes
 from vit_jax.bench.targets import UnknownTargetError, parse_target
 from vit_jax.config import base_config
 
@@ -50,6 +51,7 @@ def hand_count_forward(batch: int) -> int:
     return batch * (embedding + DEPTH * (attention + mlp) + head)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "target, slices",
     [pytest.param("v5e-4", 1, marks=TPU), pytest.param("v5e-4", 2, marks=TPU),
@@ -73,7 +75,11 @@ def test_fsdp_splits_the_train_state_and_never_needs_more_than_data_parallel(tar
 
 
 @pytest.mark.parametrize(
-    "target, slices", [pytest.param("v5e-4", 2, marks=TPU), pytest.param("h100x4x2", 1, marks=GPU)]
+    "target, slices",
+    [
+        pytest.param("v5e-4", 2, marks=[TPU, pytest.mark.slow]),
+        pytest.param("h100x4x2", 1, marks=GPU),
+    ],
 )
 def test_across_slices_only_the_gradient_reduction_travels(target, slices):
     """Data parallelism over the slices (or nodes), FSDP inside: the one collective on the
@@ -101,6 +107,7 @@ def test_a_setting_that_cannot_fit_reports_the_compilers_refusal():
     assert f["param_bytes"] + f["optimizer_bytes"] > 15.75 * 2**30
 
 
+@pytest.mark.slow
 @GPU
 def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_path):
     # TensorFlow blocked: compiling a recipe never needs the input pipeline.
@@ -127,11 +134,13 @@ def test_targets_by_the_names_users_rent():
     assert (h100.topology, h100.slices, h100.platform) == ("1x4x8", 4, "cuda")
 
 
-@pytest.mark.parametrize("name", ["v9-8", "v5e-12", "h100", "tpu"])
+@pytest.mark.parametrize("name", ["v9-8", "v5e-12", "h100", "tpu", "v4-32"])
 def test_an_unknown_target_names_the_known_ones(name):
     with pytest.raises(UnknownTargetError) as error:
         parse_target(name)
     assert "v5e-16" in str(error.value) or "chips" in str(error.value)
+    if name == "v4-32":  # Compile-only v4 devices are TensorCores, not what JAX runs on.
+        assert "megacore" in str(error.value)
     if name in ("v9-8", "tpu"):
         assert "h100x8x4" in str(error.value) and "v6e-64" in str(error.value)
 
@@ -210,6 +219,14 @@ def test_kernel_traffic_counts_what_crosses_hbm_once_per_loop_iteration():
 
 
 @GPU
+def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
+    assert list(meshes(8)) == [("dp", 1, 1), ("fsdp", 8, 1), ("tp", 4, 2), ("tp", 2, 4)]
+    assert list(meshes(6)) == [("dp", 1, 1), ("fsdp", 6, 1), ("tp", 3, 2)]
+    flags = Setting("tp", 2, 4, "dots", 2).flags().split()
+    assert "--config.mesh.tensor=4" in flags and "--config.model.remat_policy=dots" in flags
+    assert "--config.accum_steps=2" in flags and "--config.model.scan=true" in flags
+
+
 @pytest.mark.slow  # Three compiles: the full suite runs it, the fast lane does not.
 def test_sweep_ranks_the_settings_that_fit_and_gives_flags_that_reproduce_the_best():
     from vit_jax.bench.sweep import sweep

@@ -67,6 +67,7 @@ def expected_embedded(name: str) -> dict[str, collections.Counter]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, sizes, per_class",
     [
@@ -131,6 +132,7 @@ def test_train_batch_must_divide_across_processes(data_dir):
         data.train_batches(data_config(data_dir), process_index=0, process_count=4)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_with_all_augmentations(data_dir):
     settings = dict(
         train_split="train[:50]",

@@ -58,6 +58,7 @@ def test_prepared_batch_is_scaled_images_and_one_hot_targets():
     np.testing.assert_array_equal(prepared["labels"], np.eye(NUM_CLASSES)[batch["label"]])
 
 
+@pytest.mark.slow
 def test_mixup_mixes_images_and_targets_with_one_ratio_from_seed_and_step():
     trainer = tiny_trainer(**{"pp.mixup_alpha": 1.0})
     batch = host_batch()
@@ -108,6 +109,7 @@ def run_without_tensorflow(code: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_model_and_steps_run_without_tensorflow():
     result = run_without_tensorflow(
         """

@@ -66,6 +66,7 @@ def printed_timm_lines(capsys) -> tuple[str, str]:
     return code, npz_line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 def test_help_lines_load_an_export_of_any_size_into_timm(size, tmp_path, capsys):
     fields, image_size, num_classes = SIZES[size]

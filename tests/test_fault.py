@@ -145,6 +145,7 @@ def test_stop_requests_stop_at_the_next_check_point_and_restore_the_handlers():
         signal.signal(signal.SIGINT, outer)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path, digits):
     # Adam's first steps move every weight by ~lr: at 1e30 the logits overflow a few steps in.
     config = small_local_config(digits, checkpoint_every=1, keep_checkpoints=1, eval_every=100)
@@ -169,6 +170,7 @@ def test_nonfinite_loss_stops_before_writing_a_bad_checkpoint(tmp_path, digits):
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_skipped_update_leaves_the_state_unchanged(digits):
     config = small_local_config(digits, skip_nonfinite_updates=True)
     trainer = Trainer(
@@ -208,6 +210,7 @@ def _delete_state_metadata(step_dir):
     os.remove(os.path.join(step_dir, "state", "_METADATA"))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digits, caplog):
     config = small_local_config(digits, eval_every=100)  # Checkpoints at 6 and 12.
     workdir = tmp_path / "run"

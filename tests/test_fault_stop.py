@@ -70,6 +70,7 @@ def _checkpoints(workdir) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "evaluator, signum",
     [
@@ -92,6 +93,7 @@ def test_a_stop_abandons_the_evaluation_and_saves_its_step(tmp_path, data_dir, e
     assert not any(k.startswith(("eval/", "fewshot/")) for r in records for k in r)
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path, data_dir):
     # This evaluator never looks at stop requests: the first signal cannot end it.
     workdir = tmp_path / "run"
@@ -119,6 +121,7 @@ def test_a_stop_during_start_up_exits_75(tmp_path, data_dir):
     assert _checkpoints(workdir) == [] and "step 1/" not in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [False, True])
 def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop):
     """Closing the train stream blocks forever here: a run that waited for it would hang."""

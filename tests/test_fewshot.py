@@ -99,6 +99,7 @@ def eval_config(data_dir, split, batch_size):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 3, 4])
 def test_every_example_counted_once_over_processes(data_dir, processes):
     """Simulated processes: every step's global batch is the processes' batches stacked, in
@@ -157,6 +158,7 @@ def plain_accuracies(model, params, data_dir, shots, holdout_per_class=5):
     )
 
 
+@pytest.mark.slow
 def test_evaluator_on_a_mesh_matches_single_device_features(data_dir):
     """8 devices, padded batches: the same accuracies as features computed plainly."""
     model = tiny_model()
@@ -178,6 +180,7 @@ def test_evaluator_on_a_mesh_matches_single_device_features(data_dir):
     assert metrics["fewshot/digits_5shot"] > 0.3  # Random features of 8x8 digits: far above 10%.
 
 
+@pytest.mark.slow
 def test_fewshot_command_on_an_exported_npz(data_dir, tmp_path, capsys):
     model = tiny_model()
     params = init_params(model, seed=1)

@@ -52,6 +52,7 @@ def _source(main_job, kind, tmp_path):
     return str(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["workdir", "npz", "safetensors", "bare npz"])
 def test_finetune_recipe_fine_tunes_the_main_jobs_model_on_an_image_folder(
     main_job, images, kind, tmp_path
@@ -128,6 +129,7 @@ def test_a_failed_start_leaves_no_workdir(main_job, images, tmp_path, problem, e
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_run_resumes_under_the_config_it_was_given(main_job, images, tmp_path):
     """The architecture taken from model_init is taken again on restart: the resume check
     sees the run's own config, and the model keeps its shapes."""
@@ -139,6 +141,7 @@ def test_a_fine_tuning_run_resumes_under_the_config_it_was_given(main_job, image
     assert train_and_evaluate(config, workdir) == first  # A finished run: evaluated again.
 
 
+@pytest.mark.slow
 def test_a_workdir_from_before_the_size_fields_resumes(tmp_path):
     """Older code saved no `model.patch_size`: a field left None is no change."""
     workdir = tmp_path / "run"

@@ -68,6 +68,7 @@ def test_model_refuses_either_side_of_a_non_square_image():
     create_model("Ti/16", num_classes=3).check_image_size((224, 192))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, step", [("Ti/16", 16), ("R+Ti/16", 32), ("R26+S/32", 32), ("R50+B/16", 16)]
 )
@@ -102,6 +103,7 @@ def test_vit_train_refuses_before_anything_is_written(tmp_path):
     assert _files(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_refuses_before_anything_is_written(tmp_path):
     data.get_dataset_info("digits", small_local_config(tmp_path).data_dir)
     config = small_local_config(tmp_path, image_size=10)

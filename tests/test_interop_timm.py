@@ -72,6 +72,7 @@ IMPORTABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", IMPORTABLE)
 def test_timm_models_import_with_timm_logits(family, tmp_path):
     kwargs, fields = IMPORTABLE[family]
@@ -180,6 +181,7 @@ EXPORTABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", EXPORTABLE)
 def test_exports_load_into_timm_with_our_logits(case, tmp_path):
     fields, file_format = EXPORTABLE[case]

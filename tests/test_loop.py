@@ -50,6 +50,7 @@ def test_chrono_keeps_periodic_work_out_of_the_step_time():
     assert "time/eval_s" not in chrono.report(5)  # Each window reports its own pauses.
 
 
+@pytest.mark.slow
 def test_an_evaluation_between_logs_is_not_counted_as_training(data_root, monkeypatch):
     # The loop's clock advances one second per reading, and the evaluation at step 6 (between
     # the logs at 4 and 8) 1000 s more: counted as training time, step 8's window of four
@@ -65,6 +66,7 @@ def test_an_evaluation_between_logs_is_not_counted_as_training(data_root, monkey
     assert "time/stalling_s" not in records[4]
 
 
+@pytest.mark.slow
 def test_a_custom_evaluator_is_configured_and_run_by_the_loop(data_root):
     config = _config(data_root, ["classification", "evaluator_support:params_norm"])
     workdir = str(data_root / "custom")
@@ -87,6 +89,7 @@ def test_an_unknown_evaluator_is_refused_before_the_workdir_is_touched(data_root
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_the_transfer_guard_catches_an_implicit_host_read(data_root):
     config = _config(data_root, ["evaluator_support:implicit_transfer"])
     with pytest.raises(Exception, match=r"[Dd]isallowed .*transfer"):
@@ -107,6 +110,7 @@ def _traced_steps(profile_dir: str, name: str) -> list[int]:
     return sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == name)
 
 
+@pytest.mark.slow
 def test_profile_window_traces_the_annotated_steps(data_root):
     config = _config(data_root, ["classification"])
     config.profile.update(first_step=3, steps=2)
@@ -115,6 +119,7 @@ def test_profile_window_traces_the_annotated_steps(data_root):
     assert _traced_steps(os.path.join(workdir, "tensorboard"), "train") == [3, 4]
 
 
+@pytest.mark.slow
 def test_bench_profiles_its_timed_steps(tmp_path):
     config = load_recipe("local.py", "batch=16")
     config.update(eval_batch_size=16)

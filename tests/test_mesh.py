@@ -68,6 +68,7 @@ def test_devices_group_by_process_without_slice_index():
     assert device_slices(jax.devices()) == [jax.devices()]
 
 
+@pytest.mark.slow
 def test_training_over_two_slices_follows_the_data_parallel_loss_curve():
     config = tiny_config(batch_size=16, **SGD)
     _, _, single = run_steps(config, steps=4)

@@ -42,6 +42,7 @@ def _randomize(params, seed=0):
 
 
 # The paper's models (Dosovitskiy et al. Table 1, AugReg hybrids) at 224 px, 1,000 classes.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, expected",
     [
@@ -164,6 +165,7 @@ def test_hybrid_stem_keys_are_the_published_npz_names():
     assert keys == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["token", "gap", "map"])
 @pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
 def test_output_shapes_for_every_pool_and_posemb(pool, posemb):
@@ -195,6 +197,7 @@ def test_head_is_zero_initialised_with_configurable_bias():
     np.testing.assert_allclose(model.apply(variables, images, train=False), -6.9, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_published_initialisers():
     model = create_model("Ti/8", num_classes=4, **TINY)
     params = nn.unbox(
@@ -209,6 +212,7 @@ def test_published_initialisers():
     assert np.max(np.abs(q)) <= limit and np.max(np.abs(q)) > 0.9 * limit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["token", "map"])
 def test_scanned_and_unrolled_give_the_same_logits(pool):
     unrolled = create_model("Ti/8", num_classes=5, pool=pool, **TINY)
@@ -225,6 +229,7 @@ def test_scanned_and_unrolled_give_the_same_logits(pool):
     jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_finite_and_close_to_float32():
     f32 = create_model("Ti/8", num_classes=5, **TINY)
     bf16 = create_model("Ti/8", num_classes=5, dtype=jnp.bfloat16, **TINY)
@@ -258,6 +263,7 @@ def test_dropout_is_off_in_eval_and_deterministic_given_rng():
     assert not np.allclose(train(1), eval_a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_stochastic_depth_drops_each_block_at_its_own_linear_rate(scan):
     depth, batch = 4, 2048
@@ -297,6 +303,7 @@ def test_stochastic_depth_drops_each_block_at_its_own_linear_rate(scan):
     assert (dropped[3, 0] & dropped[3, 1]).mean() == pytest.approx(rates[3] ** 2, abs=0.05)
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter():
     model = create_model(
         "Ti/8", num_classes=5, pool="map", representation_size=16, stochastic_depth=0.1, **TINY
@@ -318,6 +325,7 @@ def test_gradients_reach_every_parameter():
     assert not zero, f"parameters without gradient: {zero}"
 
 
+@pytest.mark.slow
 def test_hybrid_forward_and_gradients():
     model = create_model("R+Ti/8", num_classes=3, **TINY)
     variables, images = _init(model, size=32)
@@ -364,6 +372,7 @@ def _with_registers(params, registers):
     return {**params, "registers": registers}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
 def test_registers_sit_after_the_class_token_without_a_position(scan, posemb):
@@ -407,6 +416,7 @@ def test_pooling_ignores_the_registers(pool):
     np.testing.assert_array_equal(model.apply({"params": changed}, images, train=False), logits)
 
 
+@pytest.mark.slow
 def test_registers_start_distinct_and_learn():
     model = create_model("Ti/8", num_classes=5, num_registers=4, pool="gap", **TINY)
     variables, images = _init(model)

@@ -58,6 +58,7 @@ def test_tensor_parallel_loss_curves_equal_data_parallel(model, scan):
     assert dp_losses[-1] < dp_losses[0]  # The curves being compared do move.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model, changes",
     [("plain", dict(pool="map", representation_size=32)), ("hybrid", dict(pool="gap"))],

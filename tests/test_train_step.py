@@ -14,11 +14,13 @@ from vit_jax.parallel import make_mesh
 from vit_jax.trainer import Trainer, per_example_loss
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_tiny_model():
     _, _, losses = run_steps(tiny_config(**{"optim.decay": "constant"}), steps=80)
     assert np.mean(losses[-5:]) < 0.4 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_large_batch():
     _, big, big_losses = run_steps(tiny_config(), steps=2)
     _, acc, acc_losses = run_steps(tiny_config(accum_steps=2), steps=2)
@@ -42,6 +44,7 @@ def _train_step_collectives(config) -> set[str]:
     return set(re.findall(rf"\b({kinds})\b", hlo))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_keeps_each_devices_rows():
     # Micro-batches made of every device's own rows need no data moved between devices:
     # the gradients' all-reduce is the only collective, as without accumulation.
@@ -49,6 +52,7 @@ def test_gradient_accumulation_keeps_each_devices_rows():
     assert _train_step_collectives(tiny_config(accum_steps=2)) == {"all-reduce"}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_draws_new_dropout_for_each_micro_batch():
     def first_grad_norm(accum_steps, dropout):
         config = tiny_config(
@@ -72,6 +76,7 @@ def test_gradient_accumulation_draws_new_dropout_for_each_micro_batch():
     assert first_grad_norm(2, 0.3) != pytest.approx(first_grad_norm(4, 0.3), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_eight_device_data_parallel_equals_one_device():
     assert jax.device_count() == 8
     # SGD: updates are linear in the gradients, so reduction-order noise stays tiny
@@ -84,6 +89,7 @@ def test_eight_device_data_parallel_equals_one_device():
     )
 
 
+@pytest.mark.slow
 def test_fsdp_shards_parameters_and_matches_data_parallel():
     fsdp_config = tiny_config(sharding_rules="fsdp", **SGD)
     fsdp_config.mesh.update(data=1, fsdp=8)
@@ -106,6 +112,7 @@ def test_fsdp_shards_parameters_and_matches_data_parallel():
     assert qkv.sharding.spec[0] == "fsdp"
 
 
+@pytest.mark.slow
 def test_init_params_are_the_fresh_states_parameters_in_their_shardings():
     config = tiny_config(sharding_rules="fsdp")
     config.mesh.update(data=1, fsdp=8)
@@ -128,6 +135,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
         Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=10)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_do_not_change():
     config = tiny_config()
     config.optim.frozen = "^(embedding|Transformer/encoderblock_0)/"
@@ -149,6 +157,7 @@ def test_frozen_parameters_do_not_change():
         Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=10)
 
 
+@pytest.mark.slow
 def test_weight_decay_touches_kernels_only():
     config = tiny_config(**{"optim.lr": 1e-2, "optim.weight_decay": 10.0, "optim.warmup_steps": 0})
     trainer = Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=20)
@@ -189,6 +198,7 @@ def test_losses_against_hand_computation():
     assert float(sig) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, fraction", [("adamw", 0.75), ("sgd", 0.5)])
 def test_mu_dtype_keeps_the_first_moment_in_bfloat16(optimizer, fraction):
     """Adam's first moment (or SGD's momentum) in bfloat16: that state takes half the bytes,

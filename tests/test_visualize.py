@@ -105,6 +105,7 @@ def png_size(path):
         return image.size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "figure, extra, size",
     [
@@ -161,6 +162,7 @@ def model_params(model, size):
     return nn.unbox(model.init(jax.random.key(0), images, train=False)["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool, registers, prefix", [("token", 1, 2), ("gap", 2, 2), ("map", 1, 1)])
 def test_attention_weights_are_distributions_and_pooling_weighs_what_the_model_pools(
     pool, registers, prefix
@@ -185,6 +187,7 @@ def test_attention_weights_are_distributions_and_pooling_weighs_what_the_model_p
         assert np.ptp(attention.pooled[:, prefix:]) > 1e-4
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_models_give_the_same_attention():
     unrolled = small_model("Ti/7", num_registers=2)
     params = model_params(unrolled, 28)
@@ -214,6 +217,7 @@ def test_attention_distance_on_the_device_equals_a_brute_force_on_the_weights():
     np.testing.assert_allclose(distance, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_hybrid_filters_are_the_kernel_the_stem_convolves_with():
     """The root convolution's output equals the input convolved with `pixel_filters`."""
     model = small_model("R+Ti/4", pool="gap")

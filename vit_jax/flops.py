@@ -34,15 +34,14 @@ def _count(jaxpr: core.Jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        out = math.prod(eqn.outvars[0].aval.shape)
         if name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * out * math.prod(lhs[d] for d in contracting)
+            lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+            total += 2 * math.prod(out) * math.prod(lhs[d] for d in contracting)
         elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
+            rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
             out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2 * out * math.prod(rhs) // out_features
+            total += 2 * math.prod(out) * math.prod(rhs) // out_features
         subs = [_count(sub) for sub in _sub_jaxprs(eqn.params)]
         if name == "cond":  # One branch runs.
             total += max(subs, default=0)

@@ -10,7 +10,6 @@ import subprocess
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from PIL import Image
 
 from vit_jax import parallel
 from vit_jax.config import base_config
+from vit_jax.models import abstract_params
 from vit_jax.parallel import make_mesh
 from vit_jax.trainer import Trainer
 
@@ -208,12 +208,6 @@ def make_folder(root, layout: dict[str, dict[str, int]]) -> dict[int, tuple[str,
                 where[level] = (split, name)
                 level += 12
     return where
-
-
-def abstract_params(model: nn.Module, image_shape: tuple[int, int] = (32, 32)):
-    """The model's boxed parameter shapes and dtypes, without initialising anything."""
-    images = jnp.zeros((1, *image_shape, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
 
 
 def random_params(model: nn.Module, image_shape=(32, 32), seed: int = 0) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from flax import traverse_util
-from helpers import REPO, abstract_params, random_params
+from helpers import REPO, random_params
 from reference_vit import vit_logits
 
 from vit_jax.checkpoint.describe import (
@@ -29,7 +29,7 @@ from vit_jax.checkpoint.describe import (
 from vit_jax.checkpoint.fit import load_pretrained
 from vit_jax.checkpoint.npz import detect_layout, read_npz, save_npz
 from vit_jax.checkpoint.posemb import resample_posemb
-from vit_jax.models import create_model, unstack_blocks
+from vit_jax.models import abstract_params, create_model, unstack_blocks
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -92,7 +92,7 @@ def test_original_release_layout(tmp_path):
 
     layout = detect_layout(read_npz(path))
     assert (layout.pre_linen, layout.prefix, layout.scanned) == (True, "", False)
-    loaded = load_pretrained(path, init_params=abstract_params(model))
+    loaded = load_pretrained(path, init_params=abstract_params(model, 32))
     assert_trees_equal(loaded, params)
     np.testing.assert_array_equal(logits(model, loaded), logits(model, params))
 
@@ -117,7 +117,7 @@ def test_hybrid_with_old_groupnorm_shapes(tmp_path, name, overrides):
 
     layout = detect_layout(read_npz(path))
     assert layout.old_groupnorm and layout.pre_linen
-    loaded = load_pretrained(path, init_params=abstract_params(model))
+    loaded = load_pretrained(path, init_params=abstract_params(model, 32))
     assert_trees_equal(loaded, params)
     np.testing.assert_array_equal(logits(model, loaded), logits(model, params))
 
@@ -130,7 +130,7 @@ def test_linen_names_under_optimizer_prefix(tmp_path):
 
     layout = detect_layout(read_npz(path))
     assert (layout.pre_linen, layout.prefix) == (False, "opt/target/")
-    loaded = load_pretrained(path, init_params=abstract_params(model))
+    loaded = load_pretrained(path, init_params=abstract_params(model, 32))
     assert_trees_equal(loaded, params)
 
 
@@ -307,7 +307,7 @@ def test_representation_layer_follows_the_target(
     save_npz(params, path)
 
     target = tiny(representation_size=representation_size, num_classes=num_classes)
-    loaded = load_pretrained(path, init_params=abstract_params(target))
+    loaded = load_pretrained(path, init_params=abstract_params(target, 32))
     assert ("pre_logits" in loaded) == (representation_size is not None)
     if representation_size:
         assert_trees_equal(loaded["pre_logits"], params["pre_logits"])
@@ -349,7 +349,7 @@ def test_mismatch_lists_keys_and_shapes(tmp_path, target, expected):
     path = tmp_path / "ckpt.npz"
     save_npz(random_params(tiny()), path)
     with pytest.raises(ValueError, match="does not fit the model") as error:
-        load_pretrained(path, init_params=abstract_params(tiny(**target)))
+        load_pretrained(path, init_params=abstract_params(tiny(**target), 32))
     message = str(error.value)
     assert "original ViT/AugReg layout" in message
     for line in expected:
@@ -360,7 +360,7 @@ def test_loading_never_unpickles(tmp_path):
     path = tmp_path / "pickled.npz"
     np.savez(path, **{"embedding/kernel": np.array([{"code": "runs"}], dtype=object)})
     with pytest.raises(ValueError, match="allow_pickle=False"):
-        load_pretrained(path, init_params=abstract_params(tiny()))
+        load_pretrained(path, init_params=abstract_params(tiny(), 32))
 
 
 # --- Export. ------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_export_writes_the_original_layout_and_round_trips(tmp_path):
     }
     assert arrays[POSEMB].shape == (1, 17, 32) and "pre_logits/kernel" in arrays
 
-    loaded = load_pretrained(path, init_params=abstract_params(model))
+    loaded = load_pretrained(path, init_params=abstract_params(model, 32))
     assert_trees_equal(loaded, params)
     np.testing.assert_array_equal(logits(model, loaded), logits(model, params))
 
@@ -398,10 +398,10 @@ def test_export_of_scanned_bfloat16_params_round_trips(tmp_path):
     assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in arrays
     assert {value.dtype for value in arrays.values()} == {np.dtype(np.float32)}
     as_float32 = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    loaded = load_pretrained(path, init_params=abstract_params(model))
+    loaded = load_pretrained(path, init_params=abstract_params(model, 32))
     assert_trees_equal(loaded, as_float32)
     np.testing.assert_array_equal(logits(model, loaded), logits(model, as_float32))
-    unrolled = load_pretrained(path, init_params=abstract_params(tiny(pool="map")))
+    unrolled = load_pretrained(path, init_params=abstract_params(tiny(pool="map"), 32))
     assert_trees_equal(unrolled, unstack_blocks(as_float32))
 
 

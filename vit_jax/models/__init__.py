@@ -68,7 +68,11 @@ def build_model(model: Mapping[str, Any], num_classes: int) -> VisionTransformer
     return create_model(name, num_classes=num_classes, **overrides)
 
 
-def abstract_params(model: VisionTransformer, image_size: int) -> Any:
-    """Shapes, dtypes and logical axes (boxed) of `model`'s parameters; nothing computed."""
-    images = jnp.zeros((1, image_size, image_size, 3))
+def abstract_params(model: VisionTransformer, image_size: int | tuple[int, int]) -> Any:
+    """Shapes, dtypes and logical axes (boxed) of `model`'s parameters; nothing computed.
+
+    `image_size`: pixels of a square image, or (height, width).
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    images = jnp.zeros((1, height, width, 3))
     return jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]

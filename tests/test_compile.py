@@ -3,6 +3,7 @@ machine does not have (libtpu and the CUDA plugin's compile-only devices)."""
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -123,6 +124,24 @@ def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_
     f = json.loads(result.stdout)
     assert f["fits"] is False and f["total_bytes"] > f["device_memory_bytes"]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@GPU
+def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
+    """No JAX_PLATFORMS set, as users run it: the sweep's worker processes must still keep
+    off the local backends, or the CUDA plugin refuses a machine without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    command = [
+        sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x2", "--sweep",
+        "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
+        "--config.eval_batch_size=8",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--config.sharding_rules=" in result.stdout, result.stdout
 
 
 def test_targets_by_the_names_users_rent():

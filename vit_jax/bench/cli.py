@@ -97,8 +97,10 @@ def _compile(config) -> int:
     import jax
 
     # The target's devices are compile-only: no local accelerator is opened, so the plugins
-    # (libtpu, CUDA) need not find one, and say nothing about it.
+    # (libtpu, CUDA) need not find one, and say nothing about it. The environment carries
+    # it to --sweep's worker processes.
     if not os.environ.get("JAX_PLATFORMS"):
+        os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
     from vit_jax.bench import targets
     from vit_jax.bench.compile import DOES_NOT_FIT, FITS, compile_recipe

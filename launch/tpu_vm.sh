@@ -13,7 +13,8 @@
 # NUM_SLICES=N for a multi-slice run (N slices of ACCELERATOR_TYPE joined by the data-center
 # network; config.dcn_mesh puts data parallelism across them), CHECK_FIT=1 to compile the
 # recipe for the target here first (vit-bench compile, the compile extra) and stop if it
-# does not fit.
+# does not fit. LIBTPU_INIT_ARGS, when set, reaches vit-train on every worker: the TPU compiler
+# flags the fit check compiled with are the ones the slice runs with.
 # The workdir and any data_dir must be on GCS: every worker writes there and a new slice
 # starts with empty disks; RECIPE is a path inside the repository clone on the workers.
 # jax.distributed detects the slice by itself (--distributed).
@@ -42,11 +43,13 @@ python3 -m venv .venv; . .venv/bin/activate; pip install -q -e . 'jax[tpu]' \
 # One id for every slice of this run: a slice that died holding the workdir's lock is
 # recognised by the next one (vit_jax/workdir.py) as an earlier try of the same run.
 RUN_ID=${TPU_NAME}-$(date -u +%Y%m%dT%H%M%S)
+TRAIN_ENV=(VIT_RUN_ID="$RUN_ID")
+[ -z "${LIBTPU_INIT_ARGS:-}" ] || TRAIN_ENV+=(LIBTPU_INIT_ARGS="$LIBTPU_INIT_ARGS")
 
 # What each worker runs for try $1; it keeps vit-train's exit status for worker 0 to report.
 train_on_workers() {
   on_workers all "cd vit_jax && . .venv/bin/activate && \
-$(quote env VIT_RUN_ID="$RUN_ID" VIT_RUN_ATTEMPT="$1" "${TRAIN_COMMAND[@]}") --distributed; \
+$(quote env "${TRAIN_ENV[@]}" VIT_RUN_ATTEMPT="$1" "${TRAIN_COMMAND[@]}") --distributed; \
 echo \$? > ~/vit_train_status"
 }
 

@@ -15,8 +15,9 @@ ENV = dict(
 def dry_run(**env) -> list[str]:
     command = ["bash", "launch/tpu_vm.sh", "configs/pretrain.py:variant=B/16", "gs://b/run",
                "--config.batch_size=4096", "--dry-run"]  # fmt: skip
+    base = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
     result = subprocess.run(
-        command, cwd=REPO, env=os.environ | ENV | env, capture_output=True, text=True, check=True
+        command, cwd=REPO, env=base | ENV | env, capture_output=True, text=True, check=True
     )
     return result.stdout.splitlines()
 
@@ -42,3 +43,11 @@ def test_one_slice_keeps_its_name_and_the_fit_check_comes_first():
     (create,) = [line for line in lines if "queued-resources create" in line]
     assert "--node-id vit" in create
     assert any("tpu-vm ssh vit --zone us-east5-b --worker=all" in line for line in lines)
+
+
+def test_tpu_compiler_flags_set_here_reach_vit_train_on_every_worker():
+    flags = "--xla_tpu_enable_latency_hiding_scheduler=false --xla_x=1"
+    (train,) = [line for line in dry_run(LIBTPU_INIT_ARGS=flags) if "vit-train --config" in line]
+    assert f"'LIBTPU_INIT_ARGS={flags}'" in train
+    (train,) = [line for line in dry_run() if "vit-train --config" in line]
+    assert "LIBTPU_INIT_ARGS" not in train

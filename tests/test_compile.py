@@ -130,8 +130,11 @@ def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_
 @GPU
 def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     """No JAX_PLATFORMS set, as users run it: the sweep's worker processes must still keep
-    off the local backends, or the CUDA plugin refuses a machine without a GPU."""
+    off the local backends, or the CUDA plugin refuses a machine without a GPU. A persistent
+    cache in the environment gets none of the compile-only programs (they cannot be loaded
+    back: JAX warns on reading them)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "cache")
     command = [
         sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x2", "--sweep",
         "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
@@ -142,6 +145,8 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--config.sharding_rules=" in result.stdout, result.stdout
+    cached = list((tmp_path / "cache").glob("*step*")) if (tmp_path / "cache").exists() else []
+    assert not cached and "persistent compilation cache" not in result.stderr, cached
 
 
 def test_targets_by_the_names_users_rent():

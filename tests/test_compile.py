@@ -205,6 +205,84 @@ def test_collectives_in_a_loop_count_once_per_iteration():
     assert np.isclose(hlo.bytes_sent(found["all-gather"]), 0.75 * 128)
 
 
+def test_a_loop_without_a_known_trip_count_runs_as_often_as_its_condition_says():
+    """The TPU compiler's form: no known_trip_count; the condition is `counter < 6`, the
+    counter starting at 2."""
+    text = "\n".join([
+        "%cond (p: (s32[], f32[8])) -> pred[] {",
+        "  %p = (s32[], f32[8]) parameter(0)",
+        "  %i = s32[] get-tuple-element(%p), index=0",
+        "  %n = s32[] constant(6)",
+        "  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+        "}",
+        "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+        "  %ar = f32[8]{0} all-reduce(f32[8]{0} %x), replica_groups={{0,1,2,3}}, to_apply=%add",
+        "}",
+        "ENTRY %main (a: f32[8]) -> f32[8] {",
+        "  %a = f32[8]{0} parameter(0)",
+        "  %start = s32[] constant(2)",
+        "  %t = (s32[], f32[8]) tuple(%start, %a)",
+        "  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body",
+        "}",
+    ])  # fmt: skip
+    (found,) = hlo.collectives(text, [0, 0, 0, 0])
+    assert found.executions == 4
+
+
+def test_a_multi_output_fusion_updates_in_place_and_slices_inside_a_nested_fusion():
+    """The TPU compiler's forms: one kernel saves two activations into stacked [10,256]
+    buffers (a root tuple of dynamic-update-slices) and reads a stacked buffer through a
+    fusion nested in it: it moves its slices and updates, not the stacks."""
+    text = "\n".join([
+        "%inner (q: f32[10,256], j: s32[]) -> f32[1,256] {",
+        "  %q = f32[10,256]{1,0} parameter(0)",
+        "  %j = s32[] parameter(1)",
+        "  ROOT %s = f32[1,256]{1,0} dynamic-slice(%q, %j, %j), dynamic_slice_sizes={1,256}",
+        "}",
+        "%outer (p0: f32[10,256], p1: f32[10,256], p2: f32[10,256], i: s32[]) -> "
+        "(f32[10,256], f32[10,256]) {",
+        "  %p0 = f32[10,256]{1,0} parameter(0)",
+        "  %p1 = f32[10,256]{1,0} parameter(1)",
+        "  %p2 = f32[10,256]{1,0} parameter(2)",
+        "  %i = s32[] parameter(3)",
+        "  %x = f32[1,256]{1,0} fusion(%p2, %i), kind=kLoop, calls=%inner",
+        "  %y = f32[1,256]{1,0} negate(%x)",
+        "  %u0 = f32[10,256]{1,0} dynamic-update-slice(%p0, %x, %i, %i)",
+        "  %u1 = f32[10,256]{1,0} dynamic-update-slice(%p1, %y, %i, %i)",
+        "  ROOT %t = (f32[10,256]{1,0}, f32[10,256]{1,0}) tuple(%u0, %u1)",
+        "}",
+        "ENTRY %main (a: f32[10,256], b: f32[10,256], c: f32[10,256], i: s32[]) -> f32[10,256] {",
+        "  %a = f32[10,256]{1,0} parameter(0)",
+        "  %b = f32[10,256]{1,0} parameter(1)",
+        "  %c = f32[10,256]{1,0} parameter(2)",
+        "  %i = s32[] parameter(3)",
+        "  %f = (f32[10,256]{1,0}, f32[10,256]{1,0}) fusion(%a, %b, %c, %i), kind=kLoop, "
+        "calls=%outer",
+        "}",
+    ])  # fmt: skip
+    # The slice of c read, the index read, two 1 KB updates written.
+    assert hlo.kernel_bytes(text) == 1024 + 4 + 2 * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "target", [pytest.param("v5e-4", marks=TPU), pytest.param("h100x8", marks=GPU)]
+)
+def test_a_scanned_program_counts_its_loop_once_per_block(target):
+    """Twice the blocks in the scan: the FSDP gathers and the HBM traffic nearly double
+    (the patch embedding and head are outside the loop), on TPU and GPU alike."""
+    shallow, deep = (
+        compile_recipe(
+            tiny("fsdp", **{"model.scan": True, "model.depth": depth}), parse_target(target)
+        )
+        for depth in (2, 4)
+    )
+    gathered = [f["collectives"]["all-gather"]["bytes"] for f in (shallow, deep)]
+    assert 1.6 < gathered[1] / gathered[0] < 2.0, gathered
+    traffic = [f["estimate_memory_s"] for f in (shallow, deep)]
+    assert 1.5 < traffic[1] / traffic[0] < 2.0, traffic
+
+
 def test_kernel_traffic_counts_what_crosses_hbm_once_per_loop_iteration():
     """A loop of 10 iterations: one fusion reads a 1 KB slice of a 10 KB stacked buffer
     and a 1 KB activation, and writes 1 KB in place into another 10 KB buffer."""

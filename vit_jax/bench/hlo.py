@@ -7,7 +7,9 @@ its replica groups (listed, XLA's iota form `[G,S]<=[dims]T(perm)`, or its mesh 
 the cross-slice part of a collective to the DCN runtime as a host-transfer `send` marked
 with its transfer type; those count as cross-slice collectives. A collective inside a
 while loop (a scanned encoder, gradient accumulation) runs once per iteration: its count
-and bytes are multiplied by the loop's known trip count.
+and bytes are multiplied by the loop's trip count (the GPU compiler writes it on the loop
+as `known_trip_count`; the TPU compiler does not, and it is read from the loop's condition,
+`counter < N` from a constant start, the form JAX's scan and fori_loop lower to).
 """
 
 from __future__ import annotations
@@ -106,11 +108,42 @@ def _groups(line: str, num_devices: int) -> list[list[int]]:
     return [list(range(num_devices))]
 
 
+def _constant(instr: tuple | None) -> int | None:
+    if instr is None or instr[1] != "constant":
+        return None
+    value = re.search(r"constant\((-?\d+)\)", instr[3])
+    return int(value.group(1)) if value else None
+
+
+def _trip_counts(text: str) -> dict[str, int]:
+    """Trip count by the name of a while loop's body, for loops that run `counter < N`
+    (N a constant) with the counter starting from a constant, 0 when it is not one."""
+    computations = _computations(text)
+    found = {}
+    for computation in computations.values():
+        instrs = computation["instrs"]
+        for _, op, operands, line in instrs.values():
+            loop = re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
+            if op != "while" or loop is None or loop.group(1) not in computations:
+                continue
+            condition = computations[loop.group(1)]
+            root = condition["instrs"].get(condition["root"])
+            if root is None or root[1] != "compare" or "direction=LT" not in root[3]:
+                continue
+            bound = _constant(condition["instrs"].get(root[2][-1]))
+            init = instrs.get(operands[0]) if operands else None
+            start = _constant(instrs.get(init[2][0])) if init and init[1] == "tuple" else None
+            if bound is not None:
+                found[loop.group(2)] = max(bound - (start or 0), 0)
+    return found
+
+
 def _executions(text: str, kernels_only: bool = False) -> dict[str, int]:
     """How many times each computation runs per execution of the entry computation.
 
     `kernels_only`: leave out what runs inside a kernel (fusion bodies, reducers).
     """
+    trip_counts = None
     calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     entry, current = None, None
     for line in text.splitlines():
@@ -125,8 +158,14 @@ def _executions(text: str, kernels_only: bool = False) -> dict[str, int]:
         for called in _CALLED.finditer(line):
             if kernels_only and (called.group(1) == "to_apply" or " fusion(" in line):
                 continue
-            factor = int(trip.group(1)) if trip and called.group(1) == "body" else 1
-            for name in re.findall(r"[\w.\-]+", called.group(2)):
+            names = re.findall(r"[\w.\-]+", called.group(2))
+            factor = 1
+            if called.group(1) == "body" and trip:
+                factor = int(trip.group(1))
+            elif called.group(1) == "body":
+                trip_counts = _trip_counts(text) if trip_counts is None else trip_counts
+                factor = trip_counts.get(names[0], 1)
+            for name in names:
                 calls[current].append((name, factor))
     counts: dict[str, int] = collections.defaultdict(int)
 
@@ -247,26 +286,52 @@ def _computations(text: str) -> dict[str, dict]:
     return found
 
 
-def _fusion_traffic(body: dict, operand_bytes: list[int], result_bytes: int) -> int:
-    """Bytes a fusion kernel moves: operands read only through dynamic slices count their
-    slices, the buffer a root dynamic-update-slice updates in place counts its update."""
-    instrs, root = body["instrs"], body["root"]
-    users: dict[str, list[tuple[str, int]]] = {}
-    for name, (_, _, operands, _) in instrs.items():
+def _users(body: dict) -> dict[str, list[tuple[str, int]]]:
+    found: dict[str, list[tuple[str, int]]] = {}
+    for name, (_, _, operands, _) in body["instrs"].items():
         for position, operand in enumerate(operands):
-            users.setdefault(operand, []).append((name, position))
-    in_place, written = None, result_bytes
-    if root is not None and instrs[root][1] == "dynamic-update-slice":
-        in_place, written = instrs[root][2][0], instrs[instrs[root][2][1]][0]
+            found.setdefault(operand, []).append((name, position))
+    return found
+
+
+def _parameter_read(computations: dict, body: dict, param: str | None, size: int) -> int:
+    """Bytes a fusion reads of one operand: the slices when it is only dynamically sliced
+    (directly or inside a nested fusion), all of it otherwise."""
+    uses = _users(body).get(param, [])
+    read = 0
+    for user, position in uses:
+        user_bytes, op, _, line = body["instrs"][user]
+        if op == "dynamic-slice" and position == 0:
+            read += user_bytes
+        elif op == "fusion":
+            nested = computations[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
+            read += _parameter_read(computations, nested, nested["params"].get(position), size)
+        else:
+            return size
+    return min(read, size) if uses else size
+
+
+def _fusion_traffic(
+    computations: dict, body: dict, operand_bytes: list[int], result_bytes: int
+) -> int:
+    """Bytes a fusion kernel moves: operands read only through dynamic slices count their
+    slices, a buffer that a dynamic-update-slice among the results (the root, or an element
+    of a multi-output fusion's root tuple) updates in place counts its update."""
+    instrs, root = body["instrs"], body["root"]
+    results = instrs[root][2] if root is not None and instrs[root][1] == "tuple" else [root]
+    in_place, written = set(), 0
+    for result in results:
+        size, op, operands, _ = instrs.get(result, (result_bytes, None, [], ""))
+        if op == "dynamic-update-slice":
+            in_place.add(operands[0])
+            written += instrs[operands[1]][0]
+        else:
+            written += size
     read = 0
     for index, size in enumerate(operand_bytes):
         param = body["params"].get(index)
-        uses = users.get(param, [])
-        if param == in_place:
-            continue
-        if uses and all(instrs[u][1] == "dynamic-slice" and pos == 0 for u, pos in uses):
-            size = min(size, sum(instrs[u][0] for u, _ in uses))
-        read += size
+        if param not in in_place:
+            read += _parameter_read(computations, body, param, size)
     return read + written
 
 
@@ -294,7 +359,7 @@ def kernel_bytes(text: str) -> int:
                 moved = 2 * operand_bytes[1]
             elif op == "fusion":
                 body = computations[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
-                moved = _fusion_traffic(body, operand_bytes, size)
+                moved = _fusion_traffic(computations, body, operand_bytes, size)
             else:
                 moved = sum(operand_bytes) + size
             total += moved * times

@@ -229,6 +229,29 @@ def test_a_loop_without_a_known_trip_count_runs_as_often_as_its_condition_says()
     assert found.executions == 4
 
 
+def test_arrays_in_a_tpus_on_chip_memory_move_no_hbm_bytes():
+    """A 1 KB prefetch into VMEM (memory space S(1)) reads HBM once; an add of the
+    prefetched copy to itself reads nothing from HBM and writes its 1 KB result there; an
+    asynchronous 1 KB slice of a 10 KB buffer into VMEM reads the slice."""
+    text = "\n".join([
+        "%async_slice (p: f32[10,256]) -> f32[1,256] {",
+        "  %p = f32[10,256]{1,0} parameter(0)",
+        "  ROOT %s = f32[1,256]{1,0:S(1)} slice(%p), slice={[0:1], [0:256]}",
+        "}",
+        "ENTRY %main (a: f32[256], b: f32[10,256]) -> f32[256] {",
+        "  %a = f32[256]{0} parameter(0)",
+        "  %b = f32[10,256]{1,0} parameter(1)",
+        "  %cs = (f32[256]{0}, f32[256]{0:S(1)}, u32[]{:S(2)}) copy-start(%a)",
+        "  %cd = f32[256]{0:S(1)} copy-done(%cs)",
+        "  %ss = ((f32[10,256]{1,0}), f32[1,256]{1,0:S(1)}, s32[]{:S(2)}) async-start(%b), "
+        "calls=%async_slice",
+        "  %sd = f32[1,256]{1,0:S(1)} async-done(%ss)",
+        "  ROOT %n = f32[256]{0} add(%cd, %cd)",
+        "}",
+    ])  # fmt: skip
+    assert hlo.kernel_bytes(text) == 1024 + 1024 + 1024
+
+
 def test_a_multi_output_fusion_updates_in_place_and_slices_inside_a_nested_fusion():
     """The TPU compiler's forms: one kernel saves two activations into stacked [10,256]
     buffers (a root tuple of dynamic-update-slices) and reads a stacked buffer through a

@@ -33,6 +33,7 @@ _INSTRUCTION = re.compile(
     r"=\s*(?P<shape>.+?)\s+(?P<kind>" + "|".join(KINDS) + r")(?P<start>-start)?\("
 )
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+_LAID_OUT = re.compile(_ARRAY.pattern + r"(\{[^}]*\})?")
 _CALLED = re.compile(
     r"\b(calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)"
 )
@@ -49,11 +50,15 @@ class Collective:
     executions: int  # Per step: the trip counts of the loops around it multiplied.
 
 
-def _array_bytes(shape_text: str) -> list[int]:
+def _array_bytes(shape_text: str, hbm_only: bool = False) -> list[int]:
+    """Bytes of each array in a type. `hbm_only`: 0 for an array whose layout places it in
+    another memory space (`S(n)`, n > 0: a TPU's on-chip VMEM, SMEM, ...)."""
     sizes = []
-    for dtype, dims in _ARRAY.findall(shape_text):
+    for dtype, dims, layout in _LAID_OUT.findall(shape_text):
         if dtype in DTYPE_BYTES:
-            sizes.append(DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d])))
+            on_chip = hbm_only and re.search(r"S\([1-9]\d*\)", layout)
+            size = DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+            sizes.append(0 if on_chip else size)
     return sizes
 
 
@@ -122,7 +127,7 @@ def _trip_counts(text: str) -> dict[str, int]:
     found = {}
     for computation in computations.values():
         instrs = computation["instrs"]
-        for _, op, operands, line in instrs.values():
+        for _, op, operands, line, _ in instrs.values():
             loop = re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
             if op != "while" or loop is None or loop.group(1) not in computations:
                 continue
@@ -239,6 +244,7 @@ def bytes_sent(c: Collective) -> float:
 _NO_TRAFFIC = {
     "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
     "conditional", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
+    "async-start",  # Its called computation's kernels are counted where they run.
 }  # fmt: skip
 
 
@@ -260,8 +266,8 @@ def _definition(line: str) -> tuple[str, str, str, str] | None:
 
 
 def _computations(text: str) -> dict[str, dict]:
-    """Per computation: its instructions (name -> result bytes, opcode, operand names),
-    parameter names by index, and the root's name."""
+    """Per computation: its instructions (name -> result bytes in HBM, opcode, operand
+    names, line, result bytes), parameter names by index, and the root's name."""
     found: dict[str, dict] = {}
     current = None
     for line in text.splitlines():
@@ -274,10 +280,11 @@ def _computations(text: str) -> dict[str, dict]:
             continue
         name, kind, op, operands = definition
         current["instrs"][name] = (
-            sum(_array_bytes(kind)),
+            sum(_array_bytes(kind, hbm_only=True)),
             op,
             re.findall(r"%([\w.\-]+)", operands),
             line,
+            sum(_array_bytes(kind)),
         )
         if op == "parameter":
             current["params"][int(re.search(r"parameter\((\d+)\)", line).group(1))] = name
@@ -288,7 +295,7 @@ def _computations(text: str) -> dict[str, dict]:
 
 def _users(body: dict) -> dict[str, list[tuple[str, int]]]:
     found: dict[str, list[tuple[str, int]]] = {}
-    for name, (_, _, operands, _) in body["instrs"].items():
+    for name, (_, _, operands, *_) in body["instrs"].items():
         for position, operand in enumerate(operands):
             found.setdefault(operand, []).append((name, position))
     return found
@@ -300,7 +307,7 @@ def _parameter_read(computations: dict, body: dict, param: str | None, size: int
     uses = _users(body).get(param, [])
     read = 0
     for user, position in uses:
-        user_bytes, op, _, line = body["instrs"][user]
+        _, op, _, line, user_bytes = body["instrs"][user]
         if op == "dynamic-slice" and position == 0:
             read += user_bytes
         elif op == "fusion":
@@ -321,10 +328,10 @@ def _fusion_traffic(
     results = instrs[root][2] if root is not None and instrs[root][1] == "tuple" else [root]
     in_place, written = set(), 0
     for result in results:
-        size, op, operands, _ = instrs.get(result, (result_bytes, None, [], ""))
+        size, op, operands, *_ = instrs.get(result, (result_bytes, None, []))
         if op == "dynamic-update-slice":
             in_place.add(operands[0])
-            written += instrs[operands[1]][0]
+            written += instrs[operands[1]][4] if size else 0
         else:
             written += size
     read = 0
@@ -340,23 +347,26 @@ def kernel_bytes(text: str) -> int:
 
     Every instruction outside fusion bodies is one kernel (a fusion, a GEMM, a copy, a
     collective): it reads its operands and writes its result through HBM, while what a
-    fusion computes inside stays on chip. In a loop, a kernel that slices a stacked
-    buffer (a scanned layer's weights or saved activations) reads the slice, and one that
-    updates a slice in place writes the update.
+    fusion computes inside stays on chip, and so do arrays the TPU compiler placed in its
+    on-chip memories (an asynchronous copy between the two moves its HBM side once). In a
+    loop, a kernel that slices a stacked buffer (a scanned layer's weights or saved
+    activations) reads the slice, and one that updates a slice in place writes the update.
     """
     runs = _executions(text, kernels_only=True)
     computations = _computations(text)
     total = 0
     for name, times in runs.items():
         instrs = computations.get(name, {"instrs": {}})["instrs"]
-        for size, op, operands, line in instrs.values():
-            if op in _NO_TRAFFIC or op.endswith("-done"):
+        for size, op, operands, line, full in instrs.values():
+            if op in _NO_TRAFFIC or op.endswith(("-done", "-update")):
                 continue
             operand_bytes = [instrs[o][0] if o in instrs else 0 for o in operands]
-            if op == "dynamic-slice":
-                moved = 2 * size
+            if op in ("slice", "dynamic-slice"):
+                moved = min(operand_bytes[0], full) + size
             elif op == "dynamic-update-slice":
-                moved = 2 * operand_bytes[1]
+                moved = operand_bytes[1] + (instrs[operands[1]][4] if size else 0)
+            elif op == "copy-start":  # (source, destination, context): read, then written.
+                moved = operand_bytes[0] + _array_bytes(_definition(line)[1], hbm_only=True)[1]
             elif op == "fusion":
                 body = computations[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
                 moved = _fusion_traffic(computations, body, operand_bytes, size)

@@ -353,6 +353,9 @@ def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
 
 
 @pytest.mark.slow  # Three compiles: the full suite runs it, the fast lane does not.
+# The workers keep their programs out of the tests' persistent cache: reading one back here
+# would warn that a compile-only program cannot be loaded.
+@pytest.mark.filterwarnings("error:Error reading persistent compilation cache")
 def test_sweep_ranks_the_settings_that_fit_and_gives_flags_that_reproduce_the_best():
     from vit_jax.bench.sweep import sweep
 

@@ -61,8 +61,13 @@ def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
 def _compile_one(
     config: ml_collections.ConfigDict, target: Target, num_classes: int | None, setting: Setting
 ) -> dict[str, Any]:
+    import jax
+
     from vit_jax.bench.compile import compile_recipe
 
+    # A compile-only program cannot be loaded back from JAX's persistent cache: a worker
+    # keeps its programs out of one (the setting holds from before its first compile).
+    jax.config.update("jax_enable_compilation_cache", False)
     config = config.copy_and_resolve_references()
     config.update_from_flattened_dict(setting.overrides())
     try:

@@ -103,9 +103,7 @@ def _compile(config) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
     # A compile-only program cannot be loaded back from JAX's persistent cache: keep them
-    # out of one that JAX_COMPILATION_CACHE_DIR names, so it fills with no dead entries and
-    # a later compile warns of none.
-    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    # out of one that JAX_COMPILATION_CACHE_DIR names (--sweep's workers do the same).
     jax.config.update("jax_enable_compilation_cache", False)
     from vit_jax.bench import targets
     from vit_jax.bench.compile import DOES_NOT_FIT, FITS, compile_recipe

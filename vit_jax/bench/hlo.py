@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 
@@ -265,15 +266,19 @@ def _definition(line: str) -> tuple[str, str, str, str] | None:
     return head.group(1), kind, op.group(1), _operands(rest, op.end())
 
 
+@functools.lru_cache(maxsize=1)  # Parsed once for the loops' trip counts and the traffic.
 def _computations(text: str) -> dict[str, dict]:
     """Per computation: its instructions (name -> result bytes in HBM, opcode, operand
-    names, line, result bytes), parameter names by index, and the root's name."""
+    names, line, result bytes), parameter names by index, the root's name, and the users
+    of each value (name -> (user, operand position))."""
     found: dict[str, dict] = {}
     current = None
     for line in text.splitlines():
         header = _COMPUTATION.match(line)
         if header:
-            current = found.setdefault(header.group(2), {"instrs": {}, "params": {}, "root": None})
+            current = found.setdefault(
+                header.group(2), {"instrs": {}, "params": {}, "root": None, "users": {}}
+            )
             continue
         definition = _definition(line) if current is not None else None
         if definition is None:
@@ -286,6 +291,8 @@ def _computations(text: str) -> dict[str, dict]:
             line,
             sum(_array_bytes(kind)),
         )
+        for position, operand in enumerate(current["instrs"][name][2]):
+            current["users"].setdefault(operand, []).append((name, position))
         if op == "parameter":
             current["params"][int(re.search(r"parameter\((\d+)\)", line).group(1))] = name
         if line.lstrip().startswith("ROOT"):
@@ -293,18 +300,10 @@ def _computations(text: str) -> dict[str, dict]:
     return found
 
 
-def _users(body: dict) -> dict[str, list[tuple[str, int]]]:
-    found: dict[str, list[tuple[str, int]]] = {}
-    for name, (_, _, operands, *_) in body["instrs"].items():
-        for position, operand in enumerate(operands):
-            found.setdefault(operand, []).append((name, position))
-    return found
-
-
 def _parameter_read(computations: dict, body: dict, param: str | None, size: int) -> int:
     """Bytes a fusion reads of one operand: the slices when it is only dynamically sliced
     (directly or inside a nested fusion), all of it otherwise."""
-    uses = _users(body).get(param, [])
+    uses = body["users"].get(param, [])
     read = 0
     for user, position in uses:
         _, op, _, line, user_bytes = body["instrs"][user]

@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import TypeVar
@@ -79,9 +78,6 @@ def exit_on_stop_during_start_up() -> None:
         signal.signal(signum, _exit_now)
 
 
-_closing: list[threading.Thread] = []
-
-
 def close_in_background(iterator: Iterator) -> None:
     """Closes a generator (and the tf.data iterator it holds) on a daemon thread.
 
@@ -89,27 +85,7 @@ def close_in_background(iterator: Iterator) -> None:
     minutes on a busy input pipeline; nothing the run still does depends on it.
     """
     if hasattr(iterator, "close"):
-        thread = threading.Thread(target=iterator.close, name="close iterator", daemon=True)
-        thread.start()
-        _closing.append(thread)
-
-
-def exit_past_background_closes(status: int, wait_s: float = 5.0) -> int:
-    """`status`, once every `close_in_background` close has ended, waiting `wait_s` at most.
-
-    If one is still running, the process ends here with `status` (streams flushed, no
-    interpreter finalization): finalization would stop that thread inside tf.data's C++
-    teardown and abort the process (SIGABRT, "FATAL: exception not rethrown"), and a
-    scheduler would see a crash instead of `status`.
-    """
-    deadline = time.monotonic() + wait_s
-    for thread in _closing:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if any(thread.is_alive() for thread in _closing):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status
+        threading.Thread(target=iterator.close, name="close iterator", daemon=True).start()
 
 
 class StopRequests:

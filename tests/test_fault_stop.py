@@ -30,6 +30,9 @@ SETTINGS = TINY | {
     "fewshot.shots": "(1,)",
     "transfer_guard": "disallow",
 }
+BLOCK_TRAIN_STREAM_TEARDOWN = (
+    "import evaluator_support\nevaluator_support.block_train_stream_teardown()"
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +134,7 @@ def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop)
         data_dir,
         workdir,
         [f"evaluator_support:{evaluator}"] if stop else [evaluator],
-        before_main="import evaluator_support\nevaluator_support.block_train_stream_teardown()",
+        before_main=BLOCK_TRAIN_STREAM_TEARDOWN,
     )
     lines = []
     if stop:
@@ -143,9 +146,14 @@ def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop)
 
 
 @pytest.mark.slow
-def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir):
+@pytest.mark.parametrize("blocked_teardown", [False, True])
+def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir, blocked_teardown):
     """SIGTERM to process 1 only, during the evaluation: both abandon it at the same batch
-    (or one would wait forever in the next collective), save step 6 and exit 75."""
+    (or one would wait forever in the next collective), save step 6 and exit 75.
+
+    With the train stream's teardown blocked, each process ends past it; JAX's distributed
+    shutdown still runs in both (a process that skipped it would hold the other's exit).
+    """
     workdir = tmp_path / "run"
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -159,6 +167,7 @@ def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir):
             f"--coordinator_address=localhost:{port}",
             "--num_processes=2",
             f"--process_id={i}",
+            before_main=BLOCK_TRAIN_STREAM_TEARDOWN if blocked_teardown else "",
             env=dict(os.environ, XLA_FLAGS=xla_flags),
         )  # fmt: skip
         for i in range(2)

@@ -26,7 +26,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli
-from vit_jax.preemption import PREEMPTED_EXIT_STATUS, Preempted, exit_on_stop_during_start_up
+from vit_jax.preemption import (
+    PREEMPTED_EXIT_STATUS,
+    Preempted,
+    exit_on_stop_during_start_up,
+    exit_status_once_closed,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file[:args].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
@@ -96,7 +101,7 @@ def _main(argv: list[str]) -> int:
 
 def main() -> None:
     exit_on_stop_during_start_up()  # Before JAX and TensorFlow load: a stop exits 75.
-    cli.run_with_flags("vit-train", __doc__, _main)
+    cli.run_with_flags("vit-train", __doc__, lambda argv: exit_status_once_closed(_main(argv)))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ Imports only the standard library at module level: `vit-train` installs
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import TypeVar
@@ -78,6 +80,9 @@ def exit_on_stop_during_start_up() -> None:
         signal.signal(signum, _exit_now)
 
 
+_closing: list[threading.Thread] = []  # Every close_in_background thread.
+
+
 def close_in_background(iterator: Iterator) -> None:
     """Closes a generator (and the tf.data iterator it holds) on a daemon thread.
 
@@ -85,7 +90,30 @@ def close_in_background(iterator: Iterator) -> None:
     minutes on a busy input pipeline; nothing the run still does depends on it.
     """
     if hasattr(iterator, "close"):
-        threading.Thread(target=iterator.close, name="close iterator", daemon=True).start()
+        thread = threading.Thread(target=iterator.close, name="close iterator", daemon=True)
+        thread.start()
+        _closing.append(thread)
+
+
+def exit_status_once_closed(status: int, wait_s: float = 5.0) -> int:
+    """`status`, once every `close_in_background` close has ended, waiting `wait_s` at most.
+
+    If one is still running then, the process ends here with `status`: the atexit handlers
+    run (JAX's among them, whose distributed shutdown the other processes of the run wait
+    for), then `os._exit`. Interpreter finalization would stop the closing thread inside
+    tf.data's C++ teardown and abort the process (SIGABRT, "FATAL: exception not
+    rethrown"), and a scheduler would see a crash instead of `status`.
+    """
+    deadline = time.monotonic() + wait_s
+    for thread in _closing:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in _closing):
+        log.warning("An input pipeline is still closing: exiting without waiting for it.")
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 class StopRequests:

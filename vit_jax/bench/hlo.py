@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,6 +50,16 @@ class Collective:
     group_size: int
     cross_slice: bool
     executions: int  # Per step: the trip counts of the loops around it multiplied.
+
+
+class Instruction(NamedTuple):
+    """One instruction of a parsed computation."""
+
+    hbm_bytes: int  # Of its result in HBM (0 for arrays placed in on-chip memory).
+    op: str
+    operands: list[str]  # Names.
+    line: str
+    bytes: int  # Of its result, wherever it lies.
 
 
 def _array_bytes(shape_text: str, hbm_only: bool = False) -> list[int]:
@@ -114,10 +125,10 @@ def _groups(line: str, num_devices: int) -> list[list[int]]:
     return [list(range(num_devices))]
 
 
-def _constant(instr: tuple | None) -> int | None:
-    if instr is None or instr[1] != "constant":
+def _constant(instr: Instruction | None) -> int | None:
+    if instr is None or instr.op != "constant":
         return None
-    value = re.search(r"constant\((-?\d+)\)", instr[3])
+    value = re.search(r"constant\((-?\d+)\)", instr.line)
     return int(value.group(1)) if value else None
 
 
@@ -128,17 +139,19 @@ def _trip_counts(text: str) -> dict[str, int]:
     found = {}
     for computation in computations.values():
         instrs = computation["instrs"]
-        for _, op, operands, line, _ in instrs.values():
-            loop = re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
-            if op != "while" or loop is None or loop.group(1) not in computations:
+        for instr in instrs.values():
+            loop = re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", instr.line)
+            if instr.op != "while" or loop is None or loop.group(1) not in computations:
                 continue
             condition = computations[loop.group(1)]
             root = condition["instrs"].get(condition["root"])
-            if root is None or root[1] != "compare" or "direction=LT" not in root[3]:
+            if root is None or root.op != "compare" or "direction=LT" not in root.line:
                 continue
-            bound = _constant(condition["instrs"].get(root[2][-1]))
-            init = instrs.get(operands[0]) if operands else None
-            start = _constant(instrs.get(init[2][0])) if init and init[1] == "tuple" else None
+            bound = _constant(condition["instrs"].get(root.operands[-1]))
+            init = instrs.get(instr.operands[0]) if instr.operands else None
+            start = None
+            if init is not None and init.op == "tuple":
+                start = _constant(instrs.get(init.operands[0]))
             if bound is not None:
                 found[loop.group(2)] = max(bound - (start or 0), 0)
     return found
@@ -268,9 +281,8 @@ def _definition(line: str) -> tuple[str, str, str, str] | None:
 
 @functools.lru_cache(maxsize=1)  # Parsed once for the loops' trip counts and the traffic.
 def _computations(text: str) -> dict[str, dict]:
-    """Per computation: its instructions (name -> result bytes in HBM, opcode, operand
-    names, line, result bytes), parameter names by index, the root's name, and the users
-    of each value (name -> (user, operand position))."""
+    """Per computation: its instructions (name -> `Instruction`), parameter names by
+    index, the root's name, and the users of each value (name -> (user, operand position))."""
     found: dict[str, dict] = {}
     current = None
     for line in text.splitlines():
@@ -284,14 +296,14 @@ def _computations(text: str) -> dict[str, dict]:
         if definition is None:
             continue
         name, kind, op, operands = definition
-        current["instrs"][name] = (
-            sum(_array_bytes(kind, hbm_only=True)),
-            op,
-            re.findall(r"%([\w.\-]+)", operands),
-            line,
-            sum(_array_bytes(kind)),
+        current["instrs"][name] = Instruction(
+            hbm_bytes=sum(_array_bytes(kind, hbm_only=True)),
+            op=op,
+            operands=re.findall(r"%([\w.\-]+)", operands),
+            line=line,
+            bytes=sum(_array_bytes(kind)),
         )
-        for position, operand in enumerate(current["instrs"][name][2]):
+        for position, operand in enumerate(current["instrs"][name].operands):
             current["users"].setdefault(operand, []).append((name, position))
         if op == "parameter":
             current["params"][int(re.search(r"parameter\((\d+)\)", line).group(1))] = name
@@ -306,11 +318,11 @@ def _parameter_read(computations: dict, body: dict, param: str | None, size: int
     uses = body["users"].get(param, [])
     read = 0
     for user, position in uses:
-        _, op, _, line, user_bytes = body["instrs"][user]
-        if op == "dynamic-slice" and position == 0:
-            read += user_bytes
-        elif op == "fusion":
-            nested = computations[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
+        instr = body["instrs"][user]
+        if instr.op == "dynamic-slice" and position == 0:
+            read += instr.bytes
+        elif instr.op == "fusion":
+            nested = computations[re.search(r"calls=%?([\w.\-]+)", instr.line).group(1)]
             read += _parameter_read(computations, nested, nested["params"].get(position), size)
         else:
             return size
@@ -324,15 +336,17 @@ def _fusion_traffic(
     slices, a buffer that a dynamic-update-slice among the results (the root, or an element
     of a multi-output fusion's root tuple) updates in place counts its update."""
     instrs, root = body["instrs"], body["root"]
-    results = instrs[root][2] if root is not None and instrs[root][1] == "tuple" else [root]
+    results = [root]
+    if root is not None and instrs[root].op == "tuple":
+        results = instrs[root].operands
     in_place, written = set(), 0
     for result in results:
-        size, op, operands, *_ = instrs.get(result, (result_bytes, None, []))
-        if op == "dynamic-update-slice":
-            in_place.add(operands[0])
-            written += instrs[operands[1]][4] if size else 0
+        instr = instrs.get(result)
+        if instr is not None and instr.op == "dynamic-update-slice":
+            in_place.add(instr.operands[0])
+            written += instrs[instr.operands[1]].bytes if instr.hbm_bytes else 0
         else:
-            written += size
+            written += result_bytes if instr is None else instr.hbm_bytes
     read = 0
     for index, size in enumerate(operand_bytes):
         param = body["params"].get(index)
@@ -359,11 +373,11 @@ def kernel_bytes(text: str) -> int:
         for size, op, operands, line, full in instrs.values():
             if op in _NO_TRAFFIC or op.endswith(("-done", "-update")):
                 continue
-            operand_bytes = [instrs[o][0] if o in instrs else 0 for o in operands]
+            operand_bytes = [instrs[o].hbm_bytes if o in instrs else 0 for o in operands]
             if op in ("slice", "dynamic-slice"):
                 moved = min(operand_bytes[0], full) + size
             elif op == "dynamic-update-slice":
-                moved = operand_bytes[1] + (instrs[operands[1]][4] if size else 0)
+                moved = operand_bytes[1] + (instrs[operands[1]].bytes if size else 0)
             elif op == "copy-start":  # (source, destination, context): read, then written.
                 moved = operand_bytes[0] + _array_bytes(_definition(line)[1], hbm_only=True)[1]
             elif op == "fusion":

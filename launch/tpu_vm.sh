@@ -4,17 +4,17 @@
 # their logs streamed here, then delete the slice. If the slice is preempted (vit-train
 # exits 75 after saving, or the slice is gone), a new one is created and the run resumes.
 #
-#   export TPU_NAME=vit ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 \
-#          RUNTIME_VERSION=tpu-ubuntu2204-base REPO=https://github.com/you/vit_jax.git
+#   export TPU_NAME=vit ZONE=us-central1-a ACCELERATOR_TYPE=v5litepod-16 \
+#          RUNTIME_VERSION=v2-alpha-tpuv5-lite REPO=https://github.com/you/vit_jax.git
 #   launch/tpu_vm.sh configs/pretrain.py:variant=B/16 gs://bucket/runs/b16 [--config.k=v ...]
 #   launch/tpu_vm.sh configs/local.py gs://bucket/runs/smoke --dry-run      # print, don't run
 #
 # Optional: BRANCH (default main), SPOT=1 (spot capacity), MAX_ATTEMPTS (default 10),
 # NUM_SLICES=N for a multi-slice run (N slices of ACCELERATOR_TYPE joined by the data-center
 # network; config.dcn_mesh puts data parallelism across them), CHECK_FIT=1 to compile the
-# recipe for the target here first (vit-bench compile, the compile extra) and stop if it
-# does not fit. LIBTPU_INIT_ARGS, when set, reaches vit-train on every worker: the TPU compiler
-# flags the fit check compiled with are the ones the slice runs with.
+# recipe for the target here first (vit-bench compile, the compile extra; v5e, v5p and v6e)
+# and stop if it does not fit. LIBTPU_INIT_ARGS, when set, reaches vit-train on every
+# worker: the TPU compiler flags the fit check compiled with are the ones the slice runs with.
 # The workdir and any data_dir must be on GCS: every worker writes there and a new slice
 # starts with empty disks; RECIPE is a path inside the repository clone on the workers.
 # jax.distributed detects the slice by itself (--distributed).

@@ -1,4 +1,5 @@
-"""Sharded train step: learning, gradient accumulation, DP and FSDP equivalence, schedules."""
+"""Sharded train step: learning, gradient accumulation, DP and FSDP equivalence, schedules,
+and how far the host dispatches steps ahead of the devices."""
 
 import re
 
@@ -225,3 +226,25 @@ def test_an_unknown_mu_dtype_is_refused():
     config = tiny_config(**{"optim.mu_dtype": "int8"})
     with pytest.raises(ValueError, match=r"optim.mu_dtype='int8': choose one of"):
         Trainer(config, make_mesh(config.mesh, config.dcn_mesh), 4, total_steps=20)
+
+
+def test_the_dispatch_window_keeps_the_host_at_most_two_steps_ahead_of_the_devices():
+    """Dispatch is asynchronous: without the window the host runs ahead by every step."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    @jax.jit
+    def step(x):  # Milliseconds of work per device; dispatching it takes microseconds.
+        for _ in range(4):
+            x = jnp.tanh(x @ (x[:512].T @ x[:512]) / 512)
+        return x
+
+    x = jax.device_put(np.ones((jax.device_count() * 256, 512), np.float32), sharding)
+    step(x).block_until_ready()  # Compiled before the count starts.
+    window, outputs, unfinished = parallel.DispatchWindow(), [], []
+    for _ in range(12):
+        unfinished.append(sum(not o.is_ready() for o in outputs))
+        x = step(x)
+        outputs.append(x)
+        window.add(x)
+    assert max(unfinished) == window.ahead == 2, unfinished

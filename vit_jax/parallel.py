@@ -279,6 +279,27 @@ def prefetch_to_devices(
     yield from queue
 
 
+class DispatchWindow:
+    """Back-pressure: the host stays at most `ahead` dispatched steps ahead of the devices.
+
+    Call `add(outputs)` after dispatching each step (a train step, an eval batch): it waits
+    until the step `ahead` steps earlier has finished. Enough steps to keep an accelerator's
+    queue full; few enough to bound the device memory their inputs hold, and on CPU to stay
+    under XLA's limit of computations in flight, past which a multi-process collective
+    deadlocks.
+    """
+
+    def __init__(self, ahead: int = 2):
+        self.ahead = ahead
+        self._in_flight: collections.deque = collections.deque()
+
+    def add(self, outputs: Any) -> None:
+        """Records a dispatched step's outputs (any pytree of arrays)."""
+        self._in_flight.append(outputs)
+        if len(self._in_flight) > self.ahead:
+            jax.block_until_ready(self._in_flight.popleft())
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Makes `mesh` and `rules` current, so that a jitted function traced inside sees the

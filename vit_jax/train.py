@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 # after a resume from this checkpoint averages the same steps as an uninterrupted run's.
 UNLOGGED = "unlogged_steps"
 
-# Steps the host may dispatch before the oldest of them has finished on the devices: enough
-# to keep an accelerator's queue full, few enough to bound what waits in it.
-STEPS_AHEAD = 2
-
 
 def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
     """`config.total_steps`, or `config.num_epochs` worth of steps over the train split."""
@@ -212,6 +208,7 @@ def _train_loop(
     )
     pending = checkpointer.restore_metadata(start).get(UNLOGGED, []) if start else []
     logged_at = start - len(pending)
+    dispatched = parallel.DispatchWindow()
     chrono.start(start)
     try:
         for step in range(start + 1, steps + 1):
@@ -221,10 +218,7 @@ def _train_loop(
                 state, metrics = trainer.train_step(state, batch)
             profile.finish(step, metrics)
             pending.append(metrics)
-            # Back-pressure: the host stays at most STEPS_AHEAD steps ahead of the devices (a
-            # log fetches the whole window, so its own steps are all that can be in flight).
-            if len(pending) > STEPS_AHEAD:
-                jax.block_until_ready(pending[-1 - STEPS_AHEAD])
+            dispatched.add(metrics)
             stop = stop_requests.reached()
             last = step == steps
             summary = {}

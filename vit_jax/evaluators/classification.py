@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 from typing import Any
 
 import jax
@@ -11,10 +10,6 @@ import ml_collections
 
 from vit_jax import data, parallel
 from vit_jax.preemption import StopRequests
-
-# Back-pressure, as in the train loop: the host dispatches at most this many batches ahead of
-# the devices, which bounds the device memory their inputs hold however fast the input is.
-BATCHES_AHEAD = 2
 
 
 class ClassificationEvaluator:
@@ -31,16 +26,14 @@ class ClassificationEvaluator:
 
     def run(self, params: Any, stop: StopRequests) -> dict[str, float]:
         """Raises `StopRequested` when a stop is requested before the split is done."""
-        totals, in_flight = None, collections.deque()
+        totals, dispatched = None, parallel.DispatchWindow()
         batches = parallel.prefetch_to_devices(
             data.eval_batches(self.trainer.config), self.trainer.batch_sharding
         )
         for batch in stop.watch(batches):
             sums = self.trainer.eval_step(params, batch)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            in_flight.append(totals)
-            if len(in_flight) > BATCHES_AHEAD:
-                jax.block_until_ready(in_flight.popleft())
+            dispatched.add(totals)
         totals = jax.device_get(totals)
         return {
             "eval/loss": float(totals["loss"] / totals["count"]),

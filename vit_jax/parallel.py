@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -144,6 +145,26 @@ def make_mesh(
         [d * i for d, i in zip(dcn_sizes, ici_sizes, strict=True)]
     )
     return Mesh(array, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+# The TPU compiler turns an all-gather that feeds a matmul into a windowed einsum: a loop of
+# collective-permutes that keeps float32 partial sums the size of the matmul's output. For
+# FSDP's gathered weights these made the forward pass need more memory than data parallelism's
+# (1.2-1.9x for the eval step, docs/scale.md "FSDP against data parallelism"); a plain
+# all-gather of the weights, which the scheduler overlaps with the layers before it, does not.
+TPU_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
+
+
+def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+    """Options for compiling the run's programs on `mesh`'s devices (`jax.jit`'s).
+
+    TPU_COMPILER_OPTIONS on a TPU, except a flag LIBTPU_INIT_ARGS names (a user's setting
+    wins); None elsewhere.
+    """
+    if mesh.devices.flat[0].platform != "tpu":
+        return None
+    user_flags = os.environ.get("LIBTPU_INIT_ARGS", "")
+    return {k: v for k, v in TPU_COMPILER_OPTIONS.items() if k not in user_flags} or None
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -122,16 +122,19 @@ class Trainer:
             params=self.param_shardings,
             opt_state=parallel.optimizer_shardings(abstract_opt, self.param_shardings, self.mesh),
         )
+        options = parallel.compiler_options(mesh)
         self._jit_train_step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
+            compiler_options=options,
         )
         self._jit_eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=replicated,
+            compiler_options=options,
         )
 
     # ---- state ---------------------------------------------------------------------------

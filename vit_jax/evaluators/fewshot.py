@@ -203,6 +203,7 @@ class FewShotEvaluator:
             self._embed_batch,
             in_shardings=(param_shardings, self.batch_sharding),
             out_shardings=NamedSharding(mesh, PartitionSpec()),
+            compiler_options=parallel.compiler_options(mesh),
         )
 
     def _embed_batch(self, params: Any, batch: dict) -> dict:

@@ -264,11 +264,6 @@ class Encoder(nn.Module):
     """Position embedding, `depth` blocks (unrolled or scanned) and the final norm.
 
     `final_norm=False` leaves the norm to the model, which applies it after pooling (`fc_norm`).
-    `output_tokens=k` returns only the first k tokens, cut before the final norm: a
-    token-pooled head reads the class token alone, and LayerNorm works token by token, so
-    norming the other tokens would be discarded work. Under FSDP the TPU compiler did that
-    work and kept two float32 [batch, tokens, width] arrays of it for the backward pass
-    (docs/scale.md).
     """
 
     depth: int
@@ -284,7 +279,6 @@ class Encoder(nn.Module):
     remat_policy: str = "none"
     activation: str = "gelu_tanh"
     final_norm: bool = True
-    output_tokens: int | None = None
 
     @nn.compact
     def __call__(
@@ -334,7 +328,6 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block(name=f"encoderblock_{i}", **block_kwargs)(x, float(rates[i]), train)
-        x = x[:, : self.output_tokens]
         return _layer_norm("encoder_norm", self.dtype)(x) if self.final_norm else x
 
 
@@ -538,25 +531,24 @@ class VisionTransformer(nn.Module):
             remat_policy=self.remat_policy,
             activation=self.activation,
             final_norm=not self.fc_norm,
-            output_tokens=1 if self.pool == "token" else None,
             name="Transformer",
         )(x, (h, w), num_prefix, train, registers)
 
+        # Pooling sees the class token or the patch tokens, never the registers.
+        patches = x[:, num_prefix + self.num_registers :]
         if self.pool == "token":
             x = x[:, 0]
-        else:  # The patch tokens, never the class token or the registers.
-            patches = x[:, num_prefix + self.num_registers :]
-            if self.pool == "gap":
-                x = jnp.mean(patches, axis=1)
-            else:
-                x = MAPHead(
-                    self.mlp_dim,
-                    self.num_heads,
-                    self.dtype,
-                    self.attention_impl,
-                    self.activation,
-                    name="MAPHead_0",
-                )(patches, train)
+        elif self.pool == "gap":
+            x = jnp.mean(patches, axis=1)
+        else:
+            x = MAPHead(
+                self.mlp_dim,
+                self.num_heads,
+                self.dtype,
+                self.attention_impl,
+                self.activation,
+                name="MAPHead_0",
+            )(patches, train)
         if self.fc_norm:
             x = _layer_norm("fc_norm", self.dtype)(x)
 

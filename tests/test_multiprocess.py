@@ -21,6 +21,7 @@ from vit_jax.preemption import PREEMPTED_EXIT_STATUS, StopRequests
 from vit_jax.trainer import Trainer
 
 RECIPE = "local.py:steps=30,dataset=digits,batch=32"
+SIGTERM_NOTIFIER_INTERVAL_S = 1  # kListenInterval, xla/tsl/.../preemption_notifier.cc
 OVERRIDES = TINY | {
     "eval_batch_size": 64,
     "log_every": 10,
@@ -82,8 +83,11 @@ def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tm
     assert all(paused), [p.stderr.read()[-3000:] for p in procs]
     # SIGTERM to process 1 only (one VM of a slice being preempted) while both wait before
     # step 11: JAX's preemption sync tells process 0, and both save the same step and exit
-    # "resume me". The notice needs milliseconds; the run has 19 more steps to go.
+    # "resume me". JAX's notifier (TSL's SigtermNotifier) looks for the signal once a
+    # second, so the pause outlasts two looks: the notice arrives right after the step-10
+    # checkpoint, where Orbax's own question to the sync point once made it unanswerable.
     procs[1].send_signal(signal.SIGTERM)
+    time.sleep(2 * SIGTERM_NOTIFIER_INTERVAL_S)
     for p in procs:
         p.stdin.write("\n")
         p.stdin.flush()

@@ -31,6 +31,20 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, CHECKPOINT_DIR)
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+    """Orbax's manager, minus its own look at JAX's preemption sync point.
+
+    JAX agrees on a sync point by counting calls: the point is one past the highest count any
+    process has reached, and only a call with exactly that count answers True. Orbax's save
+    asks with the step number, `preemption.StopRequests` with its own count of check points;
+    a notice that arrived after a save was answered at a count neither would pass again, and
+    every process trained on until it was killed. The run's stops are StopRequests' alone.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with the state/metadata layout above."""
 
@@ -40,7 +54,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(
+        self._manager = _CheckpointManager(
             checkpoint_dir(absolute_path(workdir)),
             options=options,
             handler_registry=_handlers(ocp.StandardCheckpointHandler()),

@@ -7,15 +7,13 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import BLOCK_TENSORFLOW, REPO
 
 from vit_jax import parallel
 from vit_jax.bench import hlo
-from vit_jax.bench.compile import compile_recipe, topology_devices
+from vit_jax.bench.compile import abstract_batch, compile_recipe, memory_figures, topology_devices
 from vit_jax.bench.sweep import Setting, meshes
 from vit_jax.bench.targets import UnknownTargetError, parse_target
 from vit_jax.config import base_config
@@ -107,17 +105,9 @@ def eval_step_bytes(rules: str) -> int:
         config.mesh.update(data=1, fsdp=-1)
     mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, topology_devices(parse_target("v5e-4")))
     trainer = Trainer(config, mesh, num_classes=1000, total_steps=100)
-    batch = {"image": ((256, 224, 224, 3), jnp.uint8), "label": ((256,), jnp.int32),
-             "mask": ((256,), jnp.float32)}  # fmt: skip
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
-        for k, (shape, dtype) in batch.items()
-    }
-    memory = trainer.compile_eval_step(trainer.abstract_state().params, batch).memory_analysis()
-    return (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-    )  # fmt: skip
+    batch = abstract_batch(config, trainer, 256, eval_mask=True)
+    compiled = trainer.compile_eval_step(trainer.abstract_state().params, batch)
+    return memory_figures(compiled)["total_bytes"]
 
 
 @TPU

@@ -45,7 +45,10 @@ def num_classes_of(config: ml_collections.ConfigDict, given: int | None) -> int:
     raise ValueError(f"Pass --num_classes: the class count of {config.dataset!r} is not known.")
 
 
-def _abstract_batch(config, trainer: Trainer, size: int, eval_mask: bool) -> dict:
+def abstract_batch(config, trainer: Trainer, size: int, eval_mask: bool) -> dict:
+    """A batch of `size` as sharded `ShapeDtypeStruct`s: uint8 images, int32 labels and, for
+    evaluation, the float32 mask."""
+
     def sds(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
 
@@ -75,7 +78,8 @@ def _compile(lowerable, *args) -> tuple[jax.stages.Compiled | None, str | None, 
         return None, str(e).strip().splitlines()[0], time.perf_counter() - start
 
 
-def _memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+def memory_figures(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """Bytes per device of a compiled program; `total_bytes` counts donated buffers once."""
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     return {
@@ -119,8 +123,8 @@ def compile_recipe(
     total_steps = config.get("total_steps") or config.optim.warmup_steps + 1000
     trainer = Trainer(config, mesh, num_classes_of(config, num_classes), total_steps)
     state = trainer.abstract_state()
-    train_batch = _abstract_batch(config, trainer, config.batch_size, eval_mask=False)
-    eval_batch = _abstract_batch(config, trainer, config.eval_batch_size, eval_mask=True)
+    train_batch = abstract_batch(config, trainer, config.batch_size, eval_mask=False)
+    eval_batch = abstract_batch(config, trainer, config.eval_batch_size, eval_mask=True)
     n = len(devices)
 
     forward = trainer.forward_flops(
@@ -166,10 +170,10 @@ def compile_recipe(
     }
     if compiled is None:
         return figures | {"fits": False, "compiler_message": oom}
-    memory = _memory(compiled)
+    memory = memory_figures(compiled)
     cost = compiled.cost_analysis() or {}
     kinds, sent = _collective_figures(compiled, mesh)
-    eval_total = _memory(eval_compiled)["total_bytes"] if eval_compiled else None
+    eval_total = memory_figures(eval_compiled)["total_bytes"] if eval_compiled else None
     fits = memory["total_bytes"] <= device.memory_bytes and eval_compiled is not None
     fits = fits and eval_total <= device.memory_bytes
     figures |= memory | {

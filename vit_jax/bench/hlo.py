@@ -370,20 +370,23 @@ def kernel_bytes(text: str) -> int:
     total = 0
     for name, times in runs.items():
         instrs = computations.get(name, {"instrs": {}})["instrs"]
-        for size, op, operands, line, full in instrs.values():
+        for instr in instrs.values():
+            op, written = instr.op, instr.hbm_bytes
             if op in _NO_TRAFFIC or op.endswith(("-done", "-update")):
                 continue
-            operand_bytes = [instrs[o].hbm_bytes if o in instrs else 0 for o in operands]
+            operand_bytes = [instrs[o].hbm_bytes if o in instrs else 0 for o in instr.operands]
             if op in ("slice", "dynamic-slice"):
-                moved = min(operand_bytes[0], full) + size
+                moved = min(operand_bytes[0], instr.bytes) + written
             elif op == "dynamic-update-slice":
-                moved = operand_bytes[1] + (instrs[operands[1]].bytes if size else 0)
+                update = instrs[instr.operands[1]].bytes
+                moved = operand_bytes[1] + (update if written else 0)
             elif op == "copy-start":  # (source, destination, context): read, then written.
-                moved = operand_bytes[0] + _array_bytes(_definition(line)[1], hbm_only=True)[1]
+                destination = _array_bytes(_definition(instr.line)[1], hbm_only=True)[1]
+                moved = operand_bytes[0] + destination
             elif op == "fusion":
-                body = computations[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
-                moved = _fusion_traffic(computations, body, operand_bytes, size)
+                body = computations[re.search(r"calls=%?([\w.\-]+)", instr.line).group(1)]
+                moved = _fusion_traffic(computations, body, operand_bytes, written)
             else:
-                moved = sum(operand_bytes) + size
+                moved = sum(operand_bytes) + written
             total += moved * times
     return total

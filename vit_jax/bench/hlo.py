@@ -378,8 +378,7 @@ def kernel_bytes(text: str) -> int:
             if op in ("slice", "dynamic-slice"):
                 moved = min(operand_bytes[0], instr.bytes) + written
             elif op == "dynamic-update-slice":
-                update = instrs[instr.operands[1]].bytes
-                moved = operand_bytes[1] + (update if written else 0)
+                moved = operand_bytes[1] + (instrs[instr.operands[1]].bytes if written else 0)
             elif op == "copy-start":  # (source, destination, context): read, then written.
                 destination = _array_bytes(_definition(instr.line)[1], hbm_only=True)[1]
                 moved = operand_bytes[0] + destination

@@ -13,7 +13,13 @@ from helpers import BLOCK_TENSORFLOW, REPO
 
 from vit_jax import parallel
 from vit_jax.bench import hlo
-from vit_jax.bench.compile import abstract_batch, compile_recipe, memory_figures, topology_devices
+from vit_jax.bench.compile import (
+    abstract_batch,
+    compile_recipe,
+    memory_figures,
+    summarize,
+    topology_devices,
+)
 from vit_jax.bench.sweep import Setting, meshes
 from vit_jax.bench.targets import UnknownTargetError, parse_target
 from vit_jax.config import base_config
@@ -139,6 +145,7 @@ def test_a_setting_that_cannot_fit_reports_the_compilers_refusal():
     assert f["fits"] is False
     assert "RESOURCE_EXHAUSTED: Ran out of memory on HBM" in f["compiler_message"]
     assert f["param_bytes"] + f["optimizer_bytes"] > 15.75 * 2**30
+    assert summarize(f).startswith("does not fit: the compiler ran out of 15.75 GiB per device")
 
 
 @pytest.mark.slow
@@ -157,6 +164,28 @@ def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_
     f = json.loads(result.stdout)
     assert f["fits"] is False and f["total_bytes"] > f["device_memory_bytes"]
     assert "Traceback" not in result.stderr
+    assert summarize(f).startswith("does not fit: train step ")
+
+
+def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
+    gib = 2**30
+    f = {
+        "device_memory_bytes": 16 * gib, "param_bytes": gib // 4, "optimizer_bytes": gib // 2,
+        "batch_bytes": 0, "temp_bytes": 3 * gib, "total_bytes": 4 * gib,
+        "eval_total_bytes": gib, "fits": True, "estimate_step_s": 0.5,
+        "estimate_img_per_s": 12345.6, "estimate_mfu": 0.456, "estimate_bound": "compute",
+    }  # fmt: skip
+    assert summarize(f) == (
+        "fits: train step 4.00 of 16.00 GiB per device (parameters 0.25, optimizer state "
+        "0.50, batch 0.00, temporaries 3.00), eval step 1.00 GiB; estimated 12,346 img/s, "
+        "MFU 45.6%, bound by compute (kernels at peak FLOP/s and HBM bandwidth: a real step "
+        "runs slower)"
+    )
+    unknown_peak = {k: v for k, v in f.items() if not k.startswith("estimate")}
+    assert summarize(unknown_peak).endswith("no estimate: the device's peak FLOP/s is not known")
+    short = f | {"fits": False, "total_bytes": 20 * gib, "eval_total_bytes": None}
+    assert summarize(short).startswith("does not fit: train step 20.00 of 16.00 GiB")
+    assert "eval step does not fit; " in summarize(short) and "--sweep" in summarize(short)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ Modes: train | infer | input | photos | compile (see `vit_jax.bench`). Prints on
 
 compiles the recipe's train and eval steps for a TPU slice or GPU node on this machine and
 reports memory per device, fits yes/no, FLOPs, collectives and a roofline estimate of the
-step. Exit status: 0 when it fits, 3 when it does not, 2 on a bad target or config.
+step, then a `summary` line (not with --json). Exit status: 0 when it fits, 3 when it does not, 2 on a bad target or config.
 """
 
 from __future__ import annotations
@@ -106,13 +106,15 @@ def _compile(config) -> int:
     # out of one that JAX_COMPILATION_CACHE_DIR names (--sweep's workers do the same).
     jax.config.update("jax_enable_compilation_cache", False)
     from vit_jax.bench import targets
-    from vit_jax.bench.compile import DOES_NOT_FIT, FITS, compile_recipe
+    from vit_jax.bench.compile import DOES_NOT_FIT, FITS, compile_recipe, summarize
 
     target = targets.parse_target(_TARGET.value, _SLICES.value)
     try:
         if not _SWEEP.value:
             figures = compile_recipe(config, target, _NUM_CLASSES.value)
             _show(figures)
+            if not _JSON.value:
+                print(f"summary {summarize(figures)}")
             return FITS if figures["fits"] else DOES_NOT_FIT
         from vit_jax.bench.sweep import sweep
 

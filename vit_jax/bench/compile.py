@@ -210,3 +210,43 @@ def compile_recipe(
         "estimate_img_per_s": config.batch_size / step_s,
         "estimate_mfu": 3 * forward / n / (step_s * peak * 1e12),
     }
+
+
+def summarize(figures: dict[str, Any]) -> str:
+    """One sentence a person reads first: fits or not, GiB per device and their parts,
+    the estimate and what bounds it, and what to change when the run does not fit.
+
+    `figures` is what `compile_recipe` returns.
+    """
+    gib = 1024**3
+    advice = (
+        "fewer images per device (batch_size or more accum_steps), scan=true with a remat "
+        "policy, or fsdp rules shrink it; --sweep searches them"
+    )
+    device = figures["device_memory_bytes"] / gib
+    if "total_bytes" not in figures:
+        return f"does not fit: the compiler ran out of {device:.2f} GiB per device; {advice}"
+    parts = ", ".join(
+        f"{name} {figures[key] / gib:.2f}"
+        for name, key in (
+            ("parameters", "param_bytes"),
+            ("optimizer state", "optimizer_bytes"),
+            ("batch", "batch_bytes"),
+            ("temporaries", "temp_bytes"),
+        )
+    )
+    eval_total = figures["eval_total_bytes"]
+    eval_step = "does not fit" if eval_total is None else f"{eval_total / gib:.2f} GiB"
+    memory = (
+        f"train step {figures['total_bytes'] / gib:.2f} of {device:.2f} GiB per device "
+        f"({parts}), eval step {eval_step}"
+    )
+    if not figures["fits"]:
+        return f"does not fit: {memory}; {advice}"
+    if "estimate_step_s" not in figures:
+        return f"fits: {memory}; no estimate: the device's peak FLOP/s is not known"
+    return (
+        f"fits: {memory}; estimated {figures['estimate_img_per_s']:,.0f} img/s, "
+        f"MFU {figures['estimate_mfu']:.1%}, bound by {figures['estimate_bound']} "
+        "(kernels at peak FLOP/s and HBM bandwidth: a real step runs slower)"
+    )

@@ -33,25 +33,25 @@ class Device:
     """Figures of one device kind: `kind` is what `jax.Device.device_kind` reports."""
 
     kind: str
-    memory_bytes: float  # What a program may use on one device.
+    memory_bytes: int  # What a program may use on one device.
     hbm_bytes_per_s: float
     ici_bytes_per_s: float  # Inside a slice or node (ICI, NVLink).
     dcn_bytes_per_s: float  # Between slices or nodes.
 
 
 TPUS = {  # family -> (topology prefix, chips per counted unit, figures)
-    "v5e": ("v5e", 1, Device("TPU v5 lite", 15.75 * GIB, 819e9, 200e9, 12.5e9)),
-    "v5litepod": ("v5e", 1, Device("TPU v5 lite", 15.75 * GIB, 819e9, 200e9, 12.5e9)),
+    "v5e": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 12.5e9)),
+    "v5litepod": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 12.5e9)),
     "v5p": ("v5p", 2, Device("TPU v5", 95 * GIB, 2765e9, 600e9, 12.5e9)),
-    "v6e": ("v6e", 1, Device("TPU v6 lite", 31.25 * GIB, 1640e9, 448e9, 12.5e9)),
+    "v6e": ("v6e", 1, Device("TPU v6 lite", int(31.25 * GIB), 1640e9, 448e9, 12.5e9)),
 }
 GPUS = {  # name -> figures; the target description ships as gpu_targets/<name>.txtpb
     "h100": Device(
-        "NVIDIA H100 80GB HBM3", 85520809984 * GPU_MEMORY_FRACTION, 3.35e12, 450e9, 50e9
+        "NVIDIA H100 80GB HBM3", int(85520809984 * GPU_MEMORY_FRACTION), 3.35e12, 450e9, 50e9
     ),
-    "h200": Device("NVIDIA H200", 150754820096 * GPU_MEMORY_FRACTION, 4.8e12, 450e9, 50e9),
+    "h200": Device("NVIDIA H200", int(150754820096 * GPU_MEMORY_FRACTION), 4.8e12, 450e9, 50e9),
     "a100": Device(
-        "NVIDIA A100-SXM4-80GB", 85899345920 * GPU_MEMORY_FRACTION, 2.039e12, 300e9, 25e9
+        "NVIDIA A100-SXM4-80GB", int(85899345920 * GPU_MEMORY_FRACTION), 2.039e12, 300e9, 25e9
     ),
 }
 # Two-dimensional slices (v5e, v6e) by chip count.

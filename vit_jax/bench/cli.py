@@ -7,7 +7,8 @@ Modes: train | infer | input | photos | compile (see `vit_jax.bench`). Prints on
 
 compiles the recipe's train and eval steps for a TPU slice or GPU node on this machine and
 reports memory per device, fits yes/no, FLOPs, collectives and a roofline estimate of the
-step, then a `summary` line (not with --json). Exit status: 0 when it fits, 3 when it does not, 2 on a bad target or config.
+step, then a `summary` line (not with --json). Exit status: 0 when it fits, 3 when it does
+not, 2 on a bad target or config.
 """
 
 from __future__ import annotations

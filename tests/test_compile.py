@@ -16,14 +16,13 @@ from vit_jax.bench import hlo
 from vit_jax.bench.compile import (
     abstract_batch,
     compile_recipe,
-    memory_figures,
     summarize,
     topology_devices,
 )
 from vit_jax.bench.sweep import Setting, meshes
 from vit_jax.bench.targets import UnknownTargetError, parse_target
 from vit_jax.config import base_config
-from vit_jax.trainer import Trainer
+from vit_jax.trainer import Trainer, compiled_memory
 
 TPU = pytest.mark.compile
 GPU = pytest.mark.compile("jax_plugins.xla_cuda12")
@@ -113,7 +112,7 @@ def eval_step_bytes(rules: str) -> int:
     trainer = Trainer(config, mesh, num_classes=1000, total_steps=100)
     batch = abstract_batch(config, trainer, 256, eval_mask=True)
     compiled = trainer.compile_eval_step(trainer.abstract_state().params, batch)
-    return memory_figures(compiled)["total_bytes"]
+    return compiled_memory(compiled)["total_bytes"]
 
 
 @TPU

@@ -5,7 +5,9 @@ import functools
 import glob
 import gzip
 import json
+import logging
 import os
+import re
 
 import evaluator_support
 import jax
@@ -78,6 +80,23 @@ def test_a_custom_evaluator_is_configured_and_run_by_the_loop(data_root):
     records = {r["step"]: r for r in read_records(workdir)}
     assert {"params/l2_norm", "eval/top1", "time/params_norm_s"} <= set(records[12])
     assert "params/l2_norm" in records[6]  # At its interval (eval_every) too.
+
+
+@pytest.mark.slow
+def test_the_train_step_compiles_once_and_logs_its_bytes_per_device(data_root, caplog):
+    config = _config(data_root, ["classification"])
+    with jax.log_compiles(True), caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, str(data_root / "compiled"))
+    messages = [r.getMessage() for r in caplog.records]
+    # Compiled ahead of the first step, for the log below; the step's call reuses it.
+    assert sum("XLA compilation of jit(_train_step)" in m for m in messages) == 1, messages
+    logged = [m for m in messages if m.startswith("Compiled the train step in ")]
+    assert len(logged) == 1
+    assert re.fullmatch(
+        r"Compiled the train step in [\d.]+ s: [\d.]+ GiB per device \(arguments [\d.]+ GiB, "
+        r"temporaries [\d.]+ GiB\)\.",
+        logged[0],
+    )
 
 
 def test_an_unknown_evaluator_is_refused_before_the_workdir_is_touched(data_root):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import build_model
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
 from vit_jax.profiling import ProfileWindow
-from vit_jax.trainer import NONFINITE, Trainer, TrainState
+from vit_jax.trainer import NONFINITE, Trainer, TrainState, compiled_memory
 from vit_jax.workdir import check_config, claim, restore_newest_readable, use_compilation_cache
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     writer.close()
 
 
+def _compile_train_step(trainer: Trainer, state: TrainState, batch: dict) -> None:
+    """Compiles the train step before its first call (the call then reuses the program) and
+    logs what the compiler says it needs per device: the figure `vit-bench compile`
+    predicts, now for the devices the run has."""
+    start = time.perf_counter()
+    memory = compiled_memory(trainer.compile_train_step(state, batch))
+    seconds = time.perf_counter() - start
+    if memory is None:
+        log.info("Compiled the train step in %.1f s.", seconds)
+        return
+    gib = 1024**3
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    log.info(
+        "Compiled the train step in %.1f s: %.2f GiB per device%s (arguments %.2f GiB, "
+        "temporaries %.2f GiB).",
+        seconds,
+        memory["total_bytes"] / gib,
+        f" of {limit / gib:.2f} GiB" if limit else "",
+        memory["argument_bytes"] / gib,
+        memory["temp_bytes"] / gib,
+    )
+
+
 def _fetch_checked(
     pending: list[dict],
     first_step: int,
@@ -215,6 +239,8 @@ def _train_loop(
             with profile.step(step):
                 with chrono.input_wait():
                     batch = next(batches)
+                if step == start + 1:
+                    _compile_train_step(trainer, state, batch)
                 state, metrics = trainer.train_step(state, batch)
             profile.finish(step, metrics)
             pending.append(metrics)

@@ -72,6 +72,24 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
 NONFINITE = "train/nonfinite_updates"
 
 
+def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int] | None:
+    """Bytes per device of a compiled program, as its compiler reports them
+    (`memory_analysis`): arguments, outputs, the outputs aliased to donated arguments,
+    temporaries, and `total_bytes`, which counts a donated buffer once. None where the
+    backend reports nothing."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return {
+        "argument_bytes": m.argument_size_in_bytes,
+        "output_bytes": m.output_size_in_bytes,
+        "alias_bytes": m.alias_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "total_bytes": total + m.temp_size_in_bytes,
+    }
+
+
 class Trainer:
     """Holds what the steps need: model, optimizer, mesh, rules and shardings."""
 

@@ -26,7 +26,7 @@ from vit_jax import parallel
 from vit_jax.bench import hlo
 from vit_jax.bench.peaks import peak_tflops
 from vit_jax.bench.targets import Target, topology_devices
-from vit_jax.trainer import Trainer
+from vit_jax.trainer import Trainer, compiled_memory
 
 # Classes of the datasets the recipes name; others need --num_classes.
 NUM_CLASSES = {
@@ -76,19 +76,6 @@ def _compile(lowerable, *args) -> tuple[jax.stages.Compiled | None, str | None, 
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return None, str(e).strip().splitlines()[0], time.perf_counter() - start
-
-
-def memory_figures(compiled: jax.stages.Compiled) -> dict[str, int]:
-    """Bytes per device of a compiled program; `total_bytes` counts donated buffers once."""
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return {
-        "argument_bytes": m.argument_size_in_bytes,
-        "output_bytes": m.output_size_in_bytes,
-        "alias_bytes": m.alias_size_in_bytes,
-        "temp_bytes": m.temp_size_in_bytes,
-        "total_bytes": total + m.temp_size_in_bytes,
-    }
 
 
 def _collective_figures(compiled: jax.stages.Compiled, mesh) -> tuple[dict, dict[str, float]]:
@@ -170,10 +157,10 @@ def compile_recipe(
     }
     if compiled is None:
         return figures | {"fits": False, "compiler_message": oom}
-    memory = memory_figures(compiled)
+    memory = compiled_memory(compiled)
     cost = compiled.cost_analysis() or {}
     kinds, sent = _collective_figures(compiled, mesh)
-    eval_total = memory_figures(eval_compiled)["total_bytes"] if eval_compiled else None
+    eval_total = compiled_memory(eval_compiled)["total_bytes"] if eval_compiled else None
     fits = memory["total_bytes"] <= device.memory_bytes and eval_compiled is not None
     fits = fits and eval_total <= device.memory_bytes
     figures |= memory | {

@@ -19,7 +19,7 @@ import numpy as np
 
 from vit_jax import parallel
 from vit_jax.bench.peaks import peak_tflops
-from vit_jax.trainer import Trainer
+from vit_jax.trainer import Trainer, compiled_memory
 
 NUM_CLASSES = 1000
 
@@ -54,19 +54,6 @@ def _time(run: Callable[[], Any], steps: int, name: str, profile_dir: str | None
         jax.block_until_ready(out)
         seconds = time.perf_counter() - start
     return seconds / steps
-
-
-def _peak_bytes(compiled: jax.stages.Compiled) -> float:
-    """Bytes the compiled program needs on one device: arguments, outputs and temporaries."""
-    memory = compiled.memory_analysis()
-    if memory is None:
-        return float("nan")
-    return float(
-        memory.temp_size_in_bytes
-        + memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
 
 
 def benchmark_steps(
@@ -113,6 +100,7 @@ def benchmark_steps(
     # XLA's count is one device's share and includes recomputation (hardware FLOPs); it
     # sees a scanned loop's body once, and GPUs do not report it.
     xla_flops = (compiled.cost_analysis() or {}).get("flops")
+    memory = compiled_memory(compiled) or {}
     step_s = _time(run, steps, mode, profile_dir)
     device = jax.devices()[0]
     dtype = str(config.model.dtype)
@@ -140,7 +128,7 @@ def benchmark_steps(
         "xla_tflops_per_device": None if xla_flops is None else xla_flops / step_s / 1e12,
         "peak_tflops_per_device": peak,
         "mfu": tflops / peak if peak else None,
-        "peak_bytes_per_device": _peak_bytes(compiled),
+        "peak_bytes_per_device": memory.get("total_bytes", float("nan")),
     }
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:

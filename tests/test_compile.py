@@ -411,9 +411,10 @@ def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
     flags = Setting("tp", 2, 4, "dots", 2).flags().split()
     assert "--config.mesh.tensor=4" in flags and "--config.model.remat_policy=dots" in flags
     assert "--config.accum_steps=2" in flags and "--config.model.scan=true" in flags
+    assert "--config.model.scan=false" in Setting("dp", 1, 1, "none", 1, scan=False).flags()
 
 
-@pytest.mark.slow  # Three compiles: the full suite runs it, the fast lane does not.
+@pytest.mark.slow  # Six compiles: the full suite runs it, the fast lane does not.
 # The workers keep their programs out of the tests' persistent cache: reading one back here
 # would warn that a compile-only program cannot be loaded.
 @pytest.mark.filterwarnings("error:Error reading persistent compilation cache")
@@ -422,9 +423,12 @@ def test_sweep_ranks_the_settings_that_fit_and_gives_flags_that_reproduce_the_be
 
     target = parse_target("h100x2")
     ranked = sweep(tiny(), target, devices_per_slice=2, workers=2)
-    settings = {(f["setting"].rules, f["setting"].fsdp, f["setting"].tensor) for f in ranked}
-    assert settings == {("dp", 1, 1), ("fsdp", 2, 1), ("tp", 1, 2)}
+    settings = [(f["setting"].rules, f["setting"].fsdp, f["setting"].tensor) for f in ranked]
+    assert sorted(set(settings)) == [("dp", 1, 1), ("fsdp", 2, 1), ("tp", 1, 2)]
     assert all(f["fits"] and f["setting"].remat_policy == "none" for f in ranked)
+    # On a GPU target each mesh's fit is compiled again with unrolled blocks.
+    layouts = sorted((mesh, f["setting"].scan) for mesh, f in zip(settings, ranked, strict=True))
+    assert layouts == sorted((mesh, scan) for mesh in set(settings) for scan in (False, True))
     speeds = [f["estimate_img_per_s"] for f in ranked]
     assert speeds == sorted(speeds, reverse=True)
     top = ranked[0]["setting"]

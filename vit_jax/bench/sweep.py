@@ -3,15 +3,17 @@
 Candidates vary what changes memory and speed but not what the run computes: sharding
 rules and mesh shape (data parallelism, FSDP inside each slice or node, tensor
 parallelism of 1, 2 or 4), scanned or unrolled blocks, the remat policy and gradient
-accumulation. For each mesh (and layout) the policies are tried from the cheapest in
+accumulation. For each mesh the policies are tried on scanned blocks from the cheapest in
 compute (none, dots, full) and accumulation from none up; the first that fits ends that
-search, since the ones after it only add work. Candidates compile in parallel worker
-processes (each loads the compiler itself).
+mesh's search, since the ones after it only add work. Candidates compile in parallel
+worker processes (each loads the compiler itself).
 
-Blocks are scanned on TPU targets: the TPU compiler takes minutes for an unrolled program
-and fits it only by rematerialising on its own. GPU targets try the unrolled program too:
-XLA's GPU compiler builds it in seconds to a minute, and it moves fewer bytes than the
-scanned one (no stacking copies); on an H200 it ran 1.47x faster (docs/scale.md).
+On GPU targets the fitting setting of each mesh is compiled once more with unrolled
+blocks: that program moves fewer bytes (no stacking copies) and ran 1.47x faster on an
+H200 (docs/scale.md), but compiles for minutes at H/14 and G/14 depth, so it is tried
+once per mesh, not for every candidate. TPU targets keep scanned blocks: the TPU compiler
+takes minutes for an unrolled program at any size and fits it only by rematerialising
+on its own.
 """
 
 from __future__ import annotations
@@ -95,23 +97,25 @@ def sweep(
     context = multiprocessing.get_context("spawn")  # A fresh compiler per worker.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
 
-        def search(rules: str, fsdp: int, tensor: int, scan: bool) -> list[dict[str, Any]]:
+        def compile_one(setting: Setting) -> dict[str, Any]:
+            figures = pool.submit(_compile_one, config, target, num_classes, setting).result()
+            return figures | {"setting": setting, "flags": setting.flags()}
+
+        def search(rules: str, fsdp: int, tensor: int) -> list[dict[str, Any]]:
             tried = []
             for accum in ACCUM_STEPS:
                 if config.batch_size % accum:
                     break
                 for policy in REMAT_POLICIES:
-                    setting = Setting(rules, fsdp, tensor, policy, accum, scan)
-                    figures = pool.submit(_compile_one, config, target, num_classes, setting)
-                    figures = figures.result() | {"setting": setting, "flags": setting.flags()}
-                    tried.append(figures)
-                    if figures["fits"]:
+                    tried.append(compile_one(Setting(rules, fsdp, tensor, policy, accum)))
+                    if tried[-1]["fits"]:
+                        if target.platform == "cuda":
+                            unrolled = dataclasses.replace(tried[-1]["setting"], scan=False)
+                            tried.append(compile_one(unrolled))
                         return tried
             return tried
 
-        scans = (True, False) if target.platform == "cuda" else (True,)
-        searches = [(*mesh, scan) for mesh in meshes(devices_per_slice) for scan in scans]
         with concurrent.futures.ThreadPoolExecutor(workers) as threads:
-            for found in threads.map(lambda m: search(*m), searches):
+            for found in threads.map(lambda m: search(*m), meshes(devices_per_slice)):
                 results.extend(found)
     return sorted(results, key=lambda f: (not f["fits"], -(f.get("estimate_img_per_s") or 0)))

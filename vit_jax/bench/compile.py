@@ -25,7 +25,7 @@ import ml_collections
 from vit_jax import parallel
 from vit_jax.bench import hlo
 from vit_jax.bench.peaks import peak_tflops
-from vit_jax.bench.targets import Target, topology_devices
+from vit_jax.bench.targets import GIB, Target, topology_devices
 from vit_jax.trainer import Trainer, compiled_memory
 
 # Classes of the datasets the recipes name; others need --num_classes.
@@ -205,16 +205,15 @@ def summarize(figures: dict[str, Any]) -> str:
 
     `figures` is what `compile_recipe` returns.
     """
-    gib = 1024**3
     advice = (
         "fewer images per device (batch_size or more accum_steps), scan=true with a remat "
         "policy, or fsdp rules shrink it; --sweep searches them"
     )
-    device = figures["device_memory_bytes"] / gib
+    device = figures["device_memory_bytes"] / GIB
     if "total_bytes" not in figures:
         return f"does not fit: the compiler ran out of {device:.2f} GiB per device; {advice}"
     parts = ", ".join(
-        f"{name} {figures[key] / gib:.2f}"
+        f"{name} {figures[key] / GIB:.2f}"
         for name, key in (
             ("parameters", "param_bytes"),
             ("optimizer state", "optimizer_bytes"),
@@ -223,9 +222,9 @@ def summarize(figures: dict[str, Any]) -> str:
         )
     )
     eval_total = figures["eval_total_bytes"]
-    eval_step = "does not fit" if eval_total is None else f"{eval_total / gib:.2f} GiB"
+    eval_step = "does not fit" if eval_total is None else f"{eval_total / GIB:.2f} GiB"
     memory = (
-        f"train step {figures['total_bytes'] / gib:.2f} of {device:.2f} GiB per device "
+        f"train step {figures['total_bytes'] / GIB:.2f} of {device:.2f} GiB per device "
         f"({parts}), eval step {eval_step}"
     )
     if not figures["fits"]:

@@ -123,6 +123,23 @@ def test_fsdps_forward_pass_needs_no_more_memory_than_data_parallels_at_vit_b_wi
     assert eval_step_bytes("fsdp") <= eval_step_bytes("dp")
 
 
+@GPU
+def test_unrolled_blocks_with_remat_need_no_more_than_scanned_ones_on_a_gpu_node():
+    """Data parallelism on 8 GPUs, four blocks with full remat: without the barrier that
+    finishes each block's parameter gradients first (models/vit.py) the unrolled step
+    kept every block's recomputed activations and needed 1.55x the scanned step's
+    temporaries (77 against 50 MB); with it, 47 MB."""
+    sizes = {"model.depth": 4, "model.width": 256, "model.mlp_dim": 1024, "batch_size": 512}
+    temp_bytes = {
+        scan: compile_recipe(
+            tiny(**sizes, **{"model.scan": scan, "model.remat_policy": "full"}),
+            parse_target("h100x8"),
+        )["temp_bytes"]
+        for scan in (False, True)
+    }
+    assert temp_bytes[False] <= 1.1 * temp_bytes[True]
+
+
 @TPU
 def test_tpu_compiler_options_yield_to_the_users_libtpu_flags(monkeypatch):
     mesh = parallel.make_mesh({"data": -1}, None, topology_devices(parse_target("v5e-4")))

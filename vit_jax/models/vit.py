@@ -260,6 +260,33 @@ class AddPositionEmbs(nn.Module):
         return x + pe.astype(x.dtype)
 
 
+def _apply_block(block: nn.Module, x, drop_path, train):
+    return block(x, drop_path, train)
+
+
+def _apply_block_forward(block: nn.Module, x, drop_path, train):
+    return nn.vjp(lambda mdl, x: mdl(x, drop_path, train), block, x)
+
+
+def _apply_block_backward(drop_path, train, vjp_fn, y_t):
+    # The barrier hands the input's gradient on only together with the parameters'.
+    return jax.lax.optimization_barrier(vjp_fn(y_t))
+
+
+# An unrolled block whose backward pass finishes its parameter gradients before the block
+# below starts its own, as each iteration of a scanned loop does. Left free, XLA's GPU
+# compiler moved a data-parallel step's weight-gradient matmuls to the end of the backward
+# pass and kept every block's recomputed activations live until then: B/16 with full
+# remat at 256 images per GPU on 8 H100s needed 19.3 GiB per GPU, 4.9 GiB with the
+# barrier (5.2 GiB scanned). The gradients are the same.
+_apply_block_in_order = nn.custom_vjp(
+    _apply_block,
+    forward_fn=_apply_block_forward,
+    backward_fn=_apply_block_backward,
+    nondiff_argnums=(2, 3),
+)
+
+
 class Encoder(nn.Module):
     """Position embedding, `depth` blocks (unrolled or scanned) and the final norm.
 
@@ -327,7 +354,8 @@ class Encoder(nn.Module):
             x, _ = scanned(name="encoderblock", **block_kwargs)(x, jnp.asarray(rates), train)
         else:
             for i in range(self.depth):
-                x, _ = block(name=f"encoderblock_{i}", **block_kwargs)(x, float(rates[i]), train)
+                layer = block(name=f"encoderblock_{i}", **block_kwargs)
+                x, _ = _apply_block_in_order(layer, x, float(rates[i]), train)
         return _layer_norm("encoder_norm", self.dtype)(x) if self.final_norm else x
 
 

@@ -19,7 +19,7 @@ from vit_jax.bench.compile import (
     summarize,
     topology_devices,
 )
-from vit_jax.bench.sweep import Setting, meshes
+from vit_jax.bench.sweep import Setting, meshes, search_mesh
 from vit_jax.bench.targets import UnknownTargetError, parse_target
 from vit_jax.config import base_config
 from vit_jax.trainer import Trainer, compiled_memory
@@ -429,6 +429,32 @@ def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
     assert "--config.mesh.tensor=4" in flags and "--config.model.remat_policy=dots" in flags
     assert "--config.accum_steps=2" in flags and "--config.model.scan=true" in flags
     assert "--config.model.scan=false" in Setting("dp", 1, 1, "none", 1, scan=False).flags()
+
+
+def test_a_mesh_search_stops_at_the_first_fit_then_tries_cheaper_unrolled_programs():
+    """Scanned blocks fit only with dots or full remat here, unrolled ones with none or dots
+    (a made-up memory table: no compiler runs)."""
+    fits = {(True, "none", 1): False, (True, "dots", 1): True, (False, "none", 1): True}
+
+    def compile_one(setting: Setting) -> dict:
+        key = (setting.scan, setting.remat_policy, setting.accum_steps)
+        return {"fits": fits.get(key, False), "setting": setting}
+
+    def order(batch_size: int, try_unrolled: bool) -> list[tuple[bool, str, int]]:
+        tried = search_mesh(compile_one, "fsdp", 8, 1, batch_size, try_unrolled)
+        return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
+                for f in tried]  # fmt: skip
+
+    scanned = [(True, "none", 1), (True, "dots", 1)]
+    assert order(64, try_unrolled=False) == scanned
+    assert order(64, try_unrolled=True) == scanned + [(False, "none", 1)]
+    fits[False, "none", 1] = False  # The unrolled program stops at the scanned fit's policy.
+    assert order(64, try_unrolled=True) == scanned + [(False, "none", 1), (False, "dots", 1)]
+    fits[True, "dots", 1] = False  # Accumulation comes after every policy; 2 divides 6.
+    fits[True, "none", 2] = True
+    policies = [(True, p, 1) for p in ("none", "dots", "full")]
+    assert order(6, try_unrolled=True) == policies + [(True, "none", 2), (False, "none", 2)]
+    assert order(5, try_unrolled=True) == policies  # 2 does not divide 5: nothing fits.
 
 
 @pytest.mark.slow  # Six compiles: the full suite runs it, the fast lane does not.

@@ -8,12 +8,13 @@ compute (none, dots, full) and accumulation from none up; the first that fits en
 mesh's search, since the ones after it only add work. Candidates compile in parallel
 worker processes (each loads the compiler itself).
 
-On GPU targets the fitting setting of each mesh is compiled once more with unrolled
-blocks: that program moves fewer bytes (no stacking copies) and ran 1.47x faster on an
-H200 (docs/scale.md), but compiles for minutes at H/14 and G/14 depth, so it is tried
-once per mesh, not for every candidate. TPU targets keep scanned blocks: the TPU compiler
-takes minutes for an unrolled program at any size and fits it only by rematerialising
-on its own.
+On GPU targets each mesh's fit is followed by unrolled blocks, at the policies from the
+cheapest up to the fit's, until one fits: that program moves fewer bytes (no stacking
+copies), ran 1.47x faster on an H200 (docs/scale.md) and keeps no stacked activations, so
+it may fit with less recomputation. It compiles for minutes at H/14 and G/14 depth, so it
+is tried with the fit's accumulation only. TPU targets keep scanned blocks: the TPU
+compiler takes minutes for an unrolled program at any size and fits it only by
+rematerialising on its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
@@ -85,6 +86,39 @@ def _compile_one(
     return figures
 
 
+def search_mesh(
+    compile_one: Callable[[Setting], dict[str, Any]],
+    rules: str,
+    fsdp: int,
+    tensor: int,
+    batch_size: int,
+    try_unrolled: bool,
+) -> list[dict[str, Any]]:
+    """The figures of one mesh's candidates, in the order compiled, up to the first fit.
+
+    Scanned blocks: each remat policy from the cheapest, then the same with gradient
+    accumulation. With `try_unrolled`, the fit is followed by unrolled blocks at the
+    policies from the cheapest up to the fit's: an unrolled program keeps no stacked
+    activations and may fit with less recomputation than the scanned one.
+    """
+    tried = []
+    for accum in ACCUM_STEPS:
+        if batch_size % accum:
+            break
+        for policy in REMAT_POLICIES:
+            tried.append(compile_one(Setting(rules, fsdp, tensor, policy, accum)))
+            if tried[-1]["fits"]:
+                scanned = tried[-1]["setting"]
+                if try_unrolled:
+                    for cheaper in REMAT_POLICIES[: REMAT_POLICIES.index(policy) + 1]:
+                        unrolled = dataclasses.replace(scanned, scan=False, remat_policy=cheaper)
+                        tried.append(compile_one(unrolled))
+                        if tried[-1]["fits"]:
+                            break
+                return tried
+    return tried
+
+
 def sweep(
     config: ml_collections.ConfigDict,
     target: Target,
@@ -101,21 +135,10 @@ def sweep(
             figures = pool.submit(_compile_one, config, target, num_classes, setting).result()
             return figures | {"setting": setting, "flags": setting.flags()}
 
-        def search(rules: str, fsdp: int, tensor: int) -> list[dict[str, Any]]:
-            tried = []
-            for accum in ACCUM_STEPS:
-                if config.batch_size % accum:
-                    break
-                for policy in REMAT_POLICIES:
-                    tried.append(compile_one(Setting(rules, fsdp, tensor, policy, accum)))
-                    if tried[-1]["fits"]:
-                        if target.platform == "cuda":
-                            unrolled = dataclasses.replace(tried[-1]["setting"], scan=False)
-                            tried.append(compile_one(unrolled))
-                        return tried
-            return tried
+        def search(mesh: tuple[str, int, int]) -> list[dict[str, Any]]:
+            return search_mesh(compile_one, *mesh, config.batch_size, target.platform == "cuda")
 
         with concurrent.futures.ThreadPoolExecutor(workers) as threads:
-            for found in threads.map(lambda m: search(*m), meshes(devices_per_slice)):
+            for found in threads.map(search, meshes(devices_per_slice)):
                 results.extend(found)
     return sorted(results, key=lambda f: (not f["fits"], -(f.get("estimate_img_per_s") or 0)))

@@ -278,7 +278,8 @@ def _apply_block_backward(drop_path, train, vjp_fn, y_t):
 # compiler moved a data-parallel step's weight-gradient matmuls to the end of the backward
 # pass and kept every block's recomputed activations live until then: B/16 with full
 # remat at 256 images per GPU on 8 H100s needed 19.3 GiB per GPU, 4.9 GiB with the
-# barrier (5.2 GiB scanned). The gradients are the same.
+# barrier (5.2 GiB scanned). The gradients are the same. The TPU compiler schedules for
+# memory itself, and there the barrier made a tiny FSDP step need more than a DP one.
 _apply_block_in_order = nn.custom_vjp(
     _apply_block,
     forward_fn=_apply_block_forward,
@@ -304,6 +305,7 @@ class Encoder(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    ordered_backward: bool = True
     activation: str = "gelu_tanh"
     final_norm: bool = True
 
@@ -355,7 +357,8 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 layer = block(name=f"encoderblock_{i}", **block_kwargs)
-                x, _ = _apply_block_in_order(layer, x, float(rates[i]), train)
+                apply = _apply_block_in_order if self.ordered_backward else _apply_block
+                x, _ = apply(layer, x, float(rates[i]), train)
         return _layer_norm("encoder_norm", self.dtype)(x) if self.final_norm else x
 
 
@@ -414,6 +417,9 @@ class VisionTransformer(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    # Unrolled blocks finish their parameter gradients before the block below starts
+    # (`_apply_block_in_order`); the Trainer turns it off for TPUs.
+    ordered_backward: bool = True
     activation: str = "gelu_tanh"
     fc_norm: bool = False
 
@@ -557,6 +563,7 @@ class VisionTransformer(nn.Module):
             attention_impl=self.attention_impl,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            ordered_backward=self.ordered_backward,
             activation=self.activation,
             final_norm=not self.fc_norm,
             name="Transformer",

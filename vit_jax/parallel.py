@@ -155,13 +155,18 @@ def make_mesh(
 TPU_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
 
 
+def on_tpu(mesh: Mesh) -> bool:
+    """Whether `mesh`'s devices are TPUs (real or a target's compile-only devices)."""
+    return mesh.devices.flat[0].platform == "tpu"
+
+
 def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     """Options for compiling the run's programs on `mesh`'s devices (`jax.jit`'s).
 
     TPU_COMPILER_OPTIONS on a TPU, except a flag LIBTPU_INIT_ARGS names (a user's setting
     wins); None elsewhere.
     """
-    if mesh.devices.flat[0].platform != "tpu":
+    if not on_tpu(mesh):
         return None
     user_flags = os.environ.get("LIBTPU_INIT_ARGS", "")
     return {k: v for k, v in TPU_COMPILER_OPTIONS.items() if k not in user_flags} or None

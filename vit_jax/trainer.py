@@ -108,8 +108,8 @@ class Trainer:
             or a negative mixup alpha.
         """
         self.config = config
-        on_tpu = mesh.devices.flat[0].platform == "tpu"
-        self.model = build_model(config.model, num_classes).clone(ordered_backward=not on_tpu)
+        model = build_model(config.model, num_classes)
+        self.model = model.clone(ordered_backward=not parallel.on_tpu(mesh))
         self.tx, self.schedule = make_optimizer(config, total_steps)
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)

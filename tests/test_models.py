@@ -28,7 +28,9 @@ def _init(model, size=32, batch=2, seed=0):
     images = jax.random.uniform(
         jax.random.key(seed + 1), (batch, size, size, 3), minval=-1, maxval=1
     )
-    variables = nn.unbox(model.init(jax.random.key(seed), images, train=False))
+    # Compiled whole: op by op, a hybrid's initialisation compiles hundreds of small programs.
+    init = jax.jit(lambda key, x: model.init(key, x, train=False))
+    variables = nn.unbox(init(jax.random.key(seed), images))
     return variables, images
 
 
@@ -316,7 +318,7 @@ def test_gradients_reach_every_parameter():
         logits = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(0)})
         return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     zero = [
         jax.tree_util.keystr(path)
         for path, g in jax.tree_util.tree_leaves_with_path(grads)
@@ -329,11 +331,9 @@ def test_gradients_reach_every_parameter():
 def test_hybrid_forward_and_gradients():
     model = create_model("R+Ti/8", num_classes=3, **TINY)
     variables, images = _init(model, size=32)
-    assert model.apply(variables, images, train=False).shape == (2, 3)
-    params = _randomize(variables["params"])
-    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images, train=False) ** 2))(
-        params
-    )
+    apply = jax.jit(lambda p: model.apply({"params": p}, images, train=False))
+    assert apply(variables["params"]).shape == (2, 3)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(apply(p) ** 2)))(_randomize(variables["params"]))
     assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
 
 
@@ -472,7 +472,8 @@ def test_logits_match_the_float64_reference(tmp_path, family, pool, representati
 
     expected = vit_logits(read_npz(path), np.asarray(images))
     assert np.abs(expected).max() > 0.1  # Non-trivial logits.
-    got = np.asarray(model.apply({"params": params}, images, train=False), np.float64)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    got = np.asarray(apply(params, images), np.float64)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 

@@ -227,18 +227,18 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("rules")))
-    rows = [line.split() for line in lines[header + 1 : header + 7]]
+    best = lines.index(next(line for line in lines if line.startswith("best: vit-train ... ")))
+    rows = [line.split() for line in lines[header + 1 : best]]
     # rules fsdp tp blocks remat accum GiB/dev fits img/s MFU bound: each mesh, compiled
     # scanned, is compiled again unrolled on a GPU target; all fit without remat.
     layouts = sorted(tuple(row[:4]) for row in rows)
-    meshes_ = [("dp", "1", "1"), ("fsdp", "2", "1"), ("tp", "1", "2")]
+    mesh_shapes = [("dp", "1", "1"), ("fsdp", "2", "1"), ("tp", "1", "2")]
     blocks = ("scanned", "unrolled")
-    assert layouts == sorted((*mesh, layout) for mesh in meshes_ for layout in blocks)
+    assert layouts == sorted((*mesh, layout) for mesh in mesh_shapes for layout in blocks)
     assert all(row[4] == "none" and row[7] == "true" for row in rows), rows
     speeds = [float(row[8]) for row in rows]
     assert speeds == sorted(speeds, reverse=True)
-    best = next(line for line in lines if line.startswith("best: vit-train ... "))
-    flags = best.removeprefix("best: vit-train ... ").split()
+    flags = lines[best].removeprefix("best: vit-train ... ").split()
     assert f"--config.sharding_rules={rows[0][0]}" in flags, flags
     again = run([*command, *flags, "--json"])
     assert again.returncode == 0, again.stderr[-3000:]

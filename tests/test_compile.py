@@ -445,6 +445,7 @@ def test_kernel_traffic_counts_what_crosses_hbm_once_per_loop_iteration():
 def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
     assert list(meshes(8)) == [("dp", 1, 1), ("fsdp", 8, 1), ("tp", 4, 2), ("tp", 2, 4)]
     assert list(meshes(6)) == [("dp", 1, 1), ("fsdp", 6, 1), ("tp", 3, 2)]
+    assert list(meshes(1)) == [("dp", 1, 1)]  # One GPU: FSDP over it is data parallelism.
     flags = Setting("tp", 2, 4, "dots", 2).flags().split()
     assert "--config.mesh.tensor=4" in flags and "--config.model.remat_policy=dots" in flags
     assert "--config.accum_steps=2" in flags and "--config.model.scan=true" in flags

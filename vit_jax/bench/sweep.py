@@ -59,9 +59,14 @@ class Setting:
 
 
 def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
-    """(rules, fsdp, tensor): data parallel, FSDP over the whole slice, and with tensor > 1."""
+    """(rules, fsdp, tensor): data parallel, FSDP over the whole slice, and with tensor > 1.
+
+    One device per slice or node gives data parallelism only: FSDP over one device is the
+    same program.
+    """
     yield "dp", 1, 1
-    yield "fsdp", devices_per_slice, 1
+    if devices_per_slice > 1:
+        yield "fsdp", devices_per_slice, 1
     for tensor in TENSOR_SIZES[1:]:
         if devices_per_slice % tensor == 0:
             yield "tp", devices_per_slice // tensor, tensor

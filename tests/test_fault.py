@@ -32,8 +32,15 @@ from vit_jax.trainer import NONFINITE, Trainer
 from vit_jax.workdir import UnreadableCheckpointsError
 
 RECIPE_ARG = "steps=300,dataset=digits,batch=32"
-# Every step logged, so each step's loss can be compared with the uninterrupted run's.
-SETTINGS = TINY | {"log_every": 1, "eval_every": 1000, "checkpoint_every": 50}
+# Every step logged, so each step's loss can be compared with the uninterrupted run's;
+# mixup and dropout, so the data stream's and the model's random draws must replay too.
+SETTINGS = TINY | {
+    "log_every": 1,
+    "eval_every": 1000,
+    "checkpoint_every": 50,
+    "pp.mixup_alpha": 0.2,
+    "model.dropout": 0.1,
+}
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     command = [
         sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x2",
         "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
-        "--config.eval_batch_size=8",
+        "--config.eval_batch_size=8", "--config.model.depth=1",
     ]  # fmt: skip
     run = functools.partial(
         subprocess.run, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env

@@ -355,9 +355,9 @@ class Encoder(nn.Module):
             )
             x, _ = scanned(name="encoderblock", **block_kwargs)(x, jnp.asarray(rates), train)
         else:
+            apply = _apply_block_in_order if self.ordered_backward else _apply_block
             for i in range(self.depth):
                 layer = block(name=f"encoderblock_{i}", **block_kwargs)
-                apply = _apply_block_in_order if self.ordered_backward else _apply_block
                 x, _ = apply(layer, x, float(rates[i]), train)
         return _layer_norm("encoder_norm", self.dtype)(x) if self.final_norm else x
 

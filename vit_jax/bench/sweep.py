@@ -101,10 +101,9 @@ def search_mesh(
 ) -> list[dict[str, Any]]:
     """The figures of one mesh's candidates, in the order compiled, up to the first fit.
 
-    Scanned blocks: each remat policy from the cheapest, then the same with gradient
-    accumulation. With `try_unrolled`, the fit is followed by unrolled blocks at the
-    policies from the cheapest up to the fit's: an unrolled program keeps no stacked
-    activations and may fit with less recomputation than the scanned one.
+    The order is the module's: scanned blocks, then, with `try_unrolled` (GPU targets),
+    unrolled blocks after the fit. `compile_one` gives a setting's figures with `fits`
+    and the `setting` itself.
     """
     tried = []
     for accum in ACCUM_STEPS:

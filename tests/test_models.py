@@ -424,8 +424,11 @@ def test_registers_start_distinct_and_learn():
     # Identical registers would get identical updates forever: the init must break symmetry.
     assert abs(float(np.std(registers)) - 0.02) < 0.006
     params = _randomize(variables["params"])
-    apply = jax.jit(lambda p: model.apply({"params": p}, images, train=False))
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(apply(p) ** 2)))(params)["registers"][0]
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, images, train=False) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)["registers"][0]
     assert np.all(np.abs(grads).max(axis=-1) > 0)
     assert not np.allclose(grads[0], grads[1])
 

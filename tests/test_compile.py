@@ -2,6 +2,7 @@
 machine does not have (libtpu and the CUDA plugin's compile-only devices)."""
 
 import functools
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from vit_jax.bench.compile import (
     topology_devices,
 )
 from vit_jax.bench.sweep import Setting, meshes, search_mesh
-from vit_jax.bench.targets import UnknownTargetError, parse_target
+from vit_jax.bench.targets import UnknownTargetError, compiler_version, parse_target
 from vit_jax.config import base_config
 from vit_jax.trainer import Trainer, compiled_memory
 
@@ -75,6 +76,7 @@ def test_fsdp_splits_the_train_state_and_never_needs_more_than_data_parallel(tar
         assert fsdp[part] == pytest.approx(dp[part] / shards, rel=0.07), part
     assert dp["fits"] and fsdp["fits"]
     assert fsdp["total_bytes"] <= dp["total_bytes"]
+    assert dp["compiler"] == compiler_version(parse_target(target, slices))
     assert dp["model_flops_per_step"] == 3 * hand_count_forward(64)
     # The backward needs no gradient of the input image: exactly one patch-embedding
     # matmul less than 3x the forward.
@@ -245,6 +247,17 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     assert json.loads(again.stdout)["estimate_img_per_s"] == pytest.approx(speeds[0], abs=0.5)
     cached = list((tmp_path / "cache").glob("*step*")) if (tmp_path / "cache").exists() else []
     assert not cached and "persistent compilation cache" not in result.stderr, cached
+
+
+@pytest.mark.compile("libtpu", "jax_plugins.xla_cuda12")
+def test_the_figures_name_the_compiler_they_hold_for(monkeypatch):
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+    libtpu = importlib.metadata.version("libtpu")
+    assert compiler_version(parse_target("v5e-4")) == f"libtpu {libtpu}"
+    pjrt = importlib.metadata.version("jax-cuda12-pjrt")
+    assert compiler_version(parse_target("h100x8")) == f"jax-cuda12-pjrt {pjrt}"
+    monkeypatch.setenv("TPU_LIBRARY_PATH", "/opt/libtpu/libtpu.so")
+    assert compiler_version(parse_target("v5e-4")) == "/opt/libtpu/libtpu.so"
 
 
 def test_targets_by_the_names_users_rent():

@@ -25,7 +25,7 @@ import ml_collections
 from vit_jax import parallel
 from vit_jax.bench import hlo
 from vit_jax.bench.peaks import peak_tflops
-from vit_jax.bench.targets import GIB, Target, topology_devices
+from vit_jax.bench.targets import GIB, Target, compiler_version, topology_devices
 from vit_jax.trainer import Trainer, compiled_memory
 
 # Classes of the datasets the recipes name; others need --num_classes.
@@ -132,6 +132,7 @@ def compile_recipe(
         "target": target.name,
         "topology": target.topology,
         "slices": target.slices,
+        "compiler": compiler_version(target),
         "device_kind": device.kind,
         "num_devices": n,
         "model": config.model.name,

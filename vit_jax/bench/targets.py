@@ -18,6 +18,7 @@ Gb/s) InfiniBand adapter per GPU, as in DGX systems.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.resources
 import os
 import re
@@ -184,3 +185,16 @@ def topology_devices(target: Target) -> list:
             f"'vit_jax[compile]'). The plugin said: {type(e).__name__}: {e}"
         ) from e
     return list(topology.devices)
+
+
+def compiler_version(target: Target) -> str:
+    """The compiler that compiles for `target`, as "<package> <version>" (a library path
+    where `TPU_LIBRARY_PATH` names one). Memory and collectives change between compiler
+    releases (docs/scale.md), so a plan holds for the version it was compiled with."""
+    if target.platform == "tpu" and os.environ.get("TPU_LIBRARY_PATH"):
+        return os.environ["TPU_LIBRARY_PATH"]
+    package = "libtpu" if target.platform == "tpu" else "jax-cuda12-pjrt"
+    try:
+        return f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{package}, version unknown"

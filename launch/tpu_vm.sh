@@ -14,7 +14,8 @@
 # network; config.dcn_mesh puts data parallelism across them), CHECK_FIT=1 to compile the
 # recipe for the target here first (vit-bench compile, the compile extra; v5e, v5p and v6e)
 # and stop if it does not fit. LIBTPU_INIT_ARGS, when set, reaches vit-train on every
-# worker: the TPU compiler flags the fit check compiled with are the ones the slice runs with.
+# worker: the TPU compiler flags the fit check compiled with are the ones the slice runs with,
+# and the workers install the libtpu release it compiled with (the tpu extra).
 # The workdir and any data_dir must be on GCS: every worker writes there and a new slice
 # starts with empty disks; RECIPE is a path inside the repository clone on the workers.
 # jax.distributed detects the slice by itself (--distributed).
@@ -38,8 +39,7 @@ SPOT_FLAG=()
 
 INSTALL="set -e; [ -d vit_jax ] || git clone -q $(quote "$REPO") vit_jax; cd vit_jax; \
 git fetch -q origin $(quote "$BRANCH"); git checkout -q FETCH_HEAD; \
-python3 -m venv .venv; . .venv/bin/activate; pip install -q -e . 'jax[tpu]' \
--f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+python3 -m venv .venv; . .venv/bin/activate; pip install -q -e '.[tpu]'"
 # One id for every slice of this run: a slice that died holding the workdir's lock is
 # recognised by the next one (vit_jax/workdir.py) as an earlier try of the same run.
 RUN_ID=${TPU_NAME}-$(date -u +%Y%m%dT%H%M%S)

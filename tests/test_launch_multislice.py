@@ -2,7 +2,9 @@
 same vit-train on every worker of every slice, and an optional fit check before any."""
 
 import os
+import shlex
 import subprocess
+import tomllib
 
 from helpers import REPO
 
@@ -51,3 +53,16 @@ def test_tpu_compiler_flags_set_here_reach_vit_train_on_every_worker():
     assert f"'LIBTPU_INIT_ARGS={flags}'" in train
     (train,) = [line for line in dry_run() if "vit-train --config" in line]
     assert "LIBTPU_INIT_ARGS" not in train
+
+
+def test_the_workers_install_the_libtpu_release_the_fit_check_compiles_with():
+    """Compiler releases differ by gigabytes in what one program needs (docs/scale.md): the
+    slice must run the libtpu that `vit-bench compile` planned with, not the newest."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    (pin,) = extras["tpu"]
+    assert pin.startswith("jax[tpu]==")
+    assert "vit_jax[tpu]" in extras["compile"]
+    (install,) = [line for line in dry_run() if "pip install" in line]
+    worker_command = shlex.split(install)[-1]
+    assert worker_command.endswith("pip install -q -e '.[tpu]'"), worker_command

@@ -1,12 +1,12 @@
 """The fastest setting of a recipe that fits a target: compile candidates, rank the fits.
 
 Candidates vary what changes memory and speed but not what the run computes: sharding
-rules and mesh shape (data parallelism, FSDP inside each slice or node, tensor
-parallelism of 1, 2 or 4), scanned or unrolled blocks, the remat policy and gradient
-accumulation. For each mesh the policies are tried on scanned blocks from the cheapest in
-compute (none, dots, full) and accumulation from none up; the first that fits ends that
-mesh's search, since the ones after it only add work. Candidates compile in parallel
-worker processes (each loads the compiler itself).
+rules and mesh shape (data parallelism, FSDP over the whole slice or node or over halves
+of it down to 2 devices, tensor parallelism of 1, 2 or 4), scanned or unrolled blocks,
+the remat policy and gradient accumulation. For each mesh the policies are tried on
+scanned blocks from the cheapest in compute (none, dots, full) and accumulation from none
+up; the first that fits ends that mesh's search, since the ones after it only add work.
+Candidates compile in parallel worker processes (each loads the compiler itself).
 
 On GPU targets each mesh's fit is followed by unrolled blocks, at the policies from the
 cheapest up to the fit's, until one fits: that program moves fewer bytes (no stacking
@@ -59,14 +59,20 @@ class Setting:
 
 
 def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
-    """(rules, fsdp, tensor): data parallel, FSDP over the whole slice, and with tensor > 1.
+    """(rules, fsdp, tensor): data parallel; FSDP over the whole slice and over each half
+    of that down to 2 devices, with data parallelism over the rest; tensor parallelism
+    2 and 4 with FSDP over the rest of the slice.
 
-    One device per slice or node gives data parallelism only: FSDP over one device is the
-    same program.
+    A smaller FSDP group can be the faster plan (its all-gathers span fewer devices), and
+    the one that fits at all where a model's width does not divide by the slice: G/14's
+    1,664 over 256 chips (docs/scale.md). One device per slice or node gives data
+    parallelism only: FSDP over one device is the same program.
     """
     yield "dp", 1, 1
-    if devices_per_slice > 1:
-        yield "fsdp", devices_per_slice, 1
+    fsdp = devices_per_slice
+    while fsdp > 1 and devices_per_slice % fsdp == 0:
+        yield "fsdp", fsdp, 1
+        fsdp //= 2
     for tensor in TENSOR_SIZES[1:]:
         if devices_per_slice % tensor == 0:
             yield "tp", devices_per_slice // tensor, tensor

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.resources
+import importlib.util
 import os
 import re
 
@@ -188,13 +189,24 @@ def topology_devices(target: Target) -> list:
 
 
 def compiler_version(target: Target) -> str:
-    """The compiler that compiles for `target`, as "<package> <version>" (a library path
-    where `TPU_LIBRARY_PATH` names one). Memory and collectives change between compiler
-    releases (docs/scale.md), so a plan holds for the version it was compiled with."""
-    if target.platform == "tpu" and os.environ.get("TPU_LIBRARY_PATH"):
-        return os.environ["TPU_LIBRARY_PATH"]
+    """The compiler that compiles for `target`, as "<package> <version>", or the library
+    `TPU_LIBRARY_PATH` names when that is not the installed libtpu's (importing libtpu sets
+    it to its own). Memory and collectives change between compiler releases
+    (docs/scale.md), so a plan holds for the release it was compiled with."""
     package = "libtpu" if target.platform == "tpu" else "jax-cuda12-pjrt"
     try:
-        return f"{package} {importlib.metadata.version(package)}"
+        release = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        return f"{package}, version unknown"
+        release = None
+    chosen = os.environ.get("TPU_LIBRARY_PATH") if target.platform == "tpu" else None
+    if chosen and not (release and _is_installed_libtpu(chosen)):
+        return chosen
+    return f"{package} {release or '(version unknown)'}"
+
+
+def _is_installed_libtpu(path: str) -> bool:
+    spec = importlib.util.find_spec("libtpu")
+    if spec is None or spec.origin is None:
+        return False
+    installed = os.path.join(os.path.dirname(spec.origin), "libtpu.so")
+    return os.path.realpath(path) == os.path.realpath(installed)

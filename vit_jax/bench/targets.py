@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.resources
-import importlib.util
 import os
 import re
 
@@ -190,23 +189,16 @@ def topology_devices(target: Target) -> list:
 
 def compiler_version(target: Target) -> str:
     """The compiler that compiles for `target`, as "<package> <version>", or the library
-    `TPU_LIBRARY_PATH` names when that is not the installed libtpu's (importing libtpu sets
+    `TPU_LIBRARY_PATH` names when that is not the installed libtpu (importing libtpu sets
     it to its own). Memory and collectives change between compiler releases
     (docs/scale.md), so a plan holds for the release it was compiled with."""
-    package = "libtpu" if target.platform == "tpu" else "jax-cuda12-pjrt"
+    if target.platform != "tpu":
+        return f"jax-cuda12-pjrt {importlib.metadata.version('jax-cuda12-pjrt')}"
+    chosen = os.environ.get("TPU_LIBRARY_PATH")
     try:
-        release = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        release = None
-    chosen = os.environ.get("TPU_LIBRARY_PATH") if target.platform == "tpu" else None
-    if chosen and not (release and _is_installed_libtpu(chosen)):
+        import libtpu
+    except ImportError:
+        return chosen or "libtpu, not installed"
+    if chosen and os.path.realpath(chosen) != os.path.realpath(libtpu.get_library_path()):
         return chosen
-    return f"{package} {release or '(version unknown)'}"
-
-
-def _is_installed_libtpu(path: str) -> bool:
-    spec = importlib.util.find_spec("libtpu")
-    if spec is None or spec.origin is None:
-        return False
-    installed = os.path.join(os.path.dirname(spec.origin), "libtpu.so")
-    return os.path.realpath(path) == os.path.realpath(installed)
+    return f"libtpu {libtpu.__version__}"

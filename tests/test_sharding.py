@@ -93,6 +93,40 @@ def test_fsdp_splits_every_weight_matrix_head_included(model, changes):
     assert sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) > 1.9 * params_total
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_weights_are_gathered_over_fsdp_only_and_a_scanned_stack_a_layer_at_a_time(scan):
+    config = _config(scan=scan, mesh=dict(data=2, fsdp=2, tensor=2), rules="tp")
+    mesh = make_mesh(config.mesh, config.dcn_mesh)
+    trainer = Trainer(config, mesh, num_classes=4, total_steps=20)
+    stored, used = trainer.param_shardings, trainer.gathered_shardings
+    block = "encoderblock" if scan else "encoderblock_0"
+    for path, sharding in jax.tree_util.tree_leaves_with_path(stored):
+        name = jax.tree_util.keystr(path)
+        gathered = _at(used, [key.key for key in path])
+        if scan and f"'{block}'" in name:
+            # The whole stack gathered would hold every layer at once: the compiler
+            # gathers one layer per iteration of the loop instead.
+            assert gathered == sharding, name
+        else:
+            # FSDP's split undone, tensor parallelism's kept: the layout matmuls run in.
+            spec = [None if axes == "fsdp" else axes for axes in sharding.spec]
+            assert list(gathered.spec) == spec, name
+    mlp_in = ("Transformer", block, "MlpBlock_0", "Dense_0", "kernel")
+    assert "fsdp" in _at(stored, mlp_in).spec and "tensor" in _at(used, mlp_in).spec
+    assert _at(stored, ("head", "kernel")).spec[0] == "fsdp"
+    assert _at(used, ("head", "kernel")).spec[0] is None
+
+    dp = _config(scan=scan, mesh=dict(data=8))
+    trainer = Trainer(dp, make_mesh(dp.mesh, dp.dcn_mesh), num_classes=4, total_steps=20)
+    assert trainer.gathered_shardings == trainer.param_shardings
+
+
+def _at(tree, keys):
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
 def test_unshardable_parameters_are_named_once_in_a_warning(caplog):
     # B/16's problem in small: 12 heads over tensor=8.
     config = _config(mesh=dict(data=1, fsdp=1, tensor=8), rules="tp", width=48, num_heads=12)

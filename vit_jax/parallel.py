@@ -186,8 +186,7 @@ def batch_size_per_shard(
     Raises:
       ValueError: naming `config.<field>` and the nearest sizes that split evenly.
     """
-    axes = batch_sharding(mesh, rules).spec[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = _axis_names(batch_sharding(mesh, rules).spec[0])
     shards = int(np.prod([mesh.shape[a] for a in axes]))
     if global_batch % shards:
         lower = global_batch // shards * shards
@@ -214,7 +213,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
         for size, name, axes in zip(
             value.shape, logical_names, nn.logical_to_mesh_axes(logical_names, rules), strict=True
         ):
-            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            names = _axis_names(axes)
             shards = int(np.prod([mesh.shape[a] for a in names]))
             if size % shards:
                 replicated[(name, names, shards, size)].append(_path(path))
@@ -243,6 +242,65 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
             size,
         )
     return shardings
+
+
+def gathered_shardings(abstract_boxed: Any, param_shardings: Any, rules: Rules) -> Any:
+    """Where each parameter is gathered to before the layer that uses it.
+
+    A parameter's sharding without the mesh axes that also split the batch: FSDP stores a
+    weight split over those axes and computes with it whole (tensor-parallel splits stay).
+    Stacked weights of a scanned encoder (logical axis "layers") keep their sharding: whole,
+    the stack would hold every layer's weights at once; the compiler gathers one layer per
+    iteration of the loop. Data parallelism's shardings come back unchanged.
+
+    Why gather explicitly: left to place FSDP's gathers and gradient reductions itself, the
+    TPU compiler kept bfloat16 copies of each block's inputs for its reduce-scatter windowed
+    einsums, and an unrolled train step needed more memory than data parallelism's (docs/
+    scale.md "The unrolled train step on TPU").
+    """
+    batch_axes = set(_axis_names(nn.logical_to_mesh_axes(("activation_batch",), rules)[0]))
+
+    def gathered(logical_spec: PartitionSpec, sharding: NamedSharding) -> NamedSharding:
+        if "layers" in tuple(logical_spec):
+            return sharding
+        dims = []
+        for axes in sharding.spec:
+            kept = tuple(a for a in _axis_names(axes) if a not in batch_axes)
+            dims.append(kept[0] if len(kept) == 1 else kept or None)
+        return NamedSharding(sharding.mesh, PartitionSpec(*dims))
+
+    return jax.tree.map(
+        gathered,
+        nn.get_partition_spec(abstract_boxed),
+        param_shardings,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def gather(params: Any, gathered: Any, reduced: Any) -> Any:
+    """`params` constrained to `gathered` (`gathered_shardings`), their gradients to `reduced`.
+
+    `reduced` the stored shardings: each device reduces only its shard of the gradient (a
+    reduce-scatter); `reduced` = `gathered`: the whole gradient is reduced (an all-reduce)
+    and each device keeps its shard.
+    """
+
+    @jax.custom_vjp
+    def constrain(p):
+        return jax.lax.with_sharding_constraint(p, gathered)
+
+    def forward(p):
+        return constrain(p), None
+
+    def backward(_, g):
+        return (jax.lax.with_sharding_constraint(g, reduced),)
+
+    constrain.defvjp(forward, backward)
+    return constrain(params)
+
+
+def _axis_names(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def optimizer_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:

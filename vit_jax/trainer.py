@@ -133,6 +133,16 @@ class Trainer:
         self._init_params = lambda rng: self.model.init(rng, image, train=False)["params"]
         boxed = jax.eval_shape(self._init_params, jax.random.key(0))
         self.param_shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
+        self.gathered_shardings = parallel.gathered_shardings(
+            boxed, self.param_shardings, self.rules
+        )
+        # On one TPU slice FSDP's gradients are reduced whole, over ICI: reduced into their
+        # shards, the TPU compiler keeps copies of every block's inputs for its reduce-scatter
+        # windowed einsums (docs/scale.md "The unrolled train step on TPU"). Across slices
+        # or on GPUs each device reduces only its shard: the network carries 1/fsdp of it.
+        one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
+        whole = parallel.on_tpu(mesh) and one_slice
+        self.gradient_shardings = self.gathered_shardings if whole else self.param_shardings
         frozen_paths(config, nn.unbox(boxed))  # Fails early on a pattern matching nothing.
         abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(boxed))
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -193,8 +203,13 @@ class Trainer:
 
     # ---- steps ---------------------------------------------------------------------------
 
+    def _apply(self, params: Any, images: jax.Array, **kwargs) -> jax.Array:
+        # FSDP's weights are gathered whole where they are used (parallel.gathered_shardings).
+        params = parallel.gather(params, self.gathered_shardings, self.gradient_shardings)
+        return self.model.apply({"params": params}, images, **kwargs)
+
     def _loss(self, params, images, labels, rng):
-        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        logits = self._apply(params, images, train=True, rngs={"dropout": rng})
         losses = per_example_loss(logits, labels, self.config.loss, self.config.label_smoothing)
         return jnp.mean(losses)
 
@@ -298,7 +313,7 @@ class Trainer:
 
     def _eval_step(self, params: Any, batch: dict) -> dict:
         images, targets = self._scaled_and_one_hot(batch)
-        logits = self.model.apply({"params": params}, images, train=False)
+        logits = self._apply(params, images, train=False)
         losses = per_example_loss(logits, targets, self.config.loss)
         correct = jnp.argmax(logits, -1) == batch["label"]
         mask = batch["mask"]

@@ -251,12 +251,8 @@ def gathered_shardings(abstract_boxed: Any, param_shardings: Any, rules: Rules) 
     weight split over those axes and computes with it whole (tensor-parallel splits stay).
     Stacked weights of a scanned encoder (logical axis "layers") keep their sharding: whole,
     the stack would hold every layer's weights at once; the compiler gathers one layer per
-    iteration of the loop. Data parallelism's shardings come back unchanged.
-
-    Why gather explicitly: left to place FSDP's gathers and gradient reductions itself, the
-    TPU compiler kept bfloat16 copies of each block's inputs for its reduce-scatter windowed
-    einsums, and an unrolled train step needed more memory than data parallelism's (docs/
-    scale.md "The unrolled train step on TPU").
+    iteration of the loop. Data parallelism's shardings come back unchanged. `Trainer`
+    constrains the parameters to these on one TPU slice (why: its comment there).
     """
     batch_axes = set(_axis_names(nn.logical_to_mesh_axes(("activation_batch",), rules)[0]))
 
@@ -275,28 +271,6 @@ def gathered_shardings(abstract_boxed: Any, param_shardings: Any, rules: Rules) 
         param_shardings,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-
-
-def gather(params: Any, gathered: Any, reduced: Any) -> Any:
-    """`params` constrained to `gathered` (`gathered_shardings`), their gradients to `reduced`.
-
-    `reduced` the stored shardings: each device reduces only its shard of the gradient (a
-    reduce-scatter); `reduced` = `gathered`: the whole gradient is reduced (an all-reduce)
-    and each device keeps its shard.
-    """
-
-    @jax.custom_vjp
-    def constrain(p):
-        return jax.lax.with_sharding_constraint(p, gathered)
-
-    def forward(p):
-        return constrain(p), None
-
-    def backward(_, g):
-        return (jax.lax.with_sharding_constraint(g, reduced),)
-
-    constrain.defvjp(forward, backward)
-    return constrain(params)
 
 
 def _axis_names(axes: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -136,13 +136,15 @@ class Trainer:
         self.gathered_shardings = parallel.gathered_shardings(
             boxed, self.param_shardings, self.rules
         )
-        # On one TPU slice FSDP's gradients are reduced whole, over ICI: reduced into their
-        # shards, the TPU compiler keeps copies of every block's inputs for its reduce-scatter
-        # windowed einsums (docs/scale.md "The unrolled train step on TPU"). Across slices
-        # or on GPUs each device reduces only its shard: the network carries 1/fsdp of it.
+        # On one TPU slice FSDP's weights are gathered where they are used, so their
+        # gradients are reduced whole over ICI before each chip keeps its shard. Left to
+        # itself the TPU compiler reduce-scatters them in windowed einsums that keep copies
+        # of every block's inputs: its unrolled step needed more memory than data
+        # parallelism's (docs/scale.md "The unrolled train step on TPU"). Across slices and
+        # on GPUs the compiler places FSDP's collectives itself: only a gradient shard
+        # crosses the slower network.
         one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
-        whole = parallel.on_tpu(mesh) and one_slice
-        self.gradient_shardings = self.gathered_shardings if whole else self.param_shardings
+        self.gathers_weights = parallel.on_tpu(mesh) and one_slice
         frozen_paths(config, nn.unbox(boxed))  # Fails early on a pattern matching nothing.
         abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(boxed))
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -204,8 +206,8 @@ class Trainer:
     # ---- steps ---------------------------------------------------------------------------
 
     def _apply(self, params: Any, images: jax.Array, **kwargs) -> jax.Array:
-        # FSDP's weights are gathered whole where they are used (parallel.gathered_shardings).
-        params = parallel.gather(params, self.gathered_shardings, self.gradient_shardings)
+        if self.gathers_weights:
+            params = jax.lax.with_sharding_constraint(params, self.gathered_shardings)
         return self.model.apply({"params": params}, images, **kwargs)
 
     def _loss(self, params, images, labels, rng):

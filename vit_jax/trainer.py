@@ -109,7 +109,18 @@ class Trainer:
         """
         self.config = config
         model = build_model(config.model, num_classes)
-        self.model = model.clone(ordered_backward=not parallel.on_tpu(mesh))
+        # On one TPU slice FSDP's weights are gathered where they are used, so their
+        # gradients are reduced whole over ICI before each chip keeps its shard. Left to
+        # itself the TPU compiler reduce-scatters them in windowed einsums that keep copies
+        # of every block's inputs: its unrolled step needed more memory than data
+        # parallelism's (docs/scale.md "The unrolled train step on TPU"). Across slices and
+        # on GPUs the compiler places FSDP's collectives itself: only a gradient shard
+        # crosses the slower network.
+        one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
+        self.gathers_weights = parallel.on_tpu(mesh) and one_slice
+        self.model = model.clone(
+            ordered_backward=not parallel.on_tpu(mesh), pooled_barrier=self.gathers_weights
+        )
         self.tx, self.schedule = make_optimizer(config, total_steps)
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
@@ -136,15 +147,6 @@ class Trainer:
         self.gathered_shardings = parallel.gathered_shardings(
             boxed, self.param_shardings, self.rules
         )
-        # On one TPU slice FSDP's weights are gathered where they are used, so their
-        # gradients are reduced whole over ICI before each chip keeps its shard. Left to
-        # itself the TPU compiler reduce-scatters them in windowed einsums that keep copies
-        # of every block's inputs: its unrolled step needed more memory than data
-        # parallelism's (docs/scale.md "The unrolled train step on TPU"). Across slices and
-        # on GPUs the compiler places FSDP's collectives itself: only a gradient shard
-        # crosses the slower network.
-        one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
-        self.gathers_weights = parallel.on_tpu(mesh) and one_slice
         frozen_paths(config, nn.unbox(boxed))  # Fails early on a pattern matching nothing.
         abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(boxed))
         replicated = NamedSharding(self.mesh, PartitionSpec())

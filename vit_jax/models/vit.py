@@ -420,6 +420,13 @@ class VisionTransformer(nn.Module):
     # Unrolled blocks finish their parameter gradients before the block below starts
     # (`_apply_block_in_order`); the Trainer turns it off for TPUs.
     ordered_backward: bool = True
+    # Materialises the pooled features ([n, width]) behind an optimisation barrier. Without
+    # it the TPU compiler fused the final norm's recomputation of them into the next layer's
+    # weight-gradient matmul, which then kept two residual-stream-sized inputs of the norm
+    # live until late in the backward pass: with FSDP's weights gathered where used, B/16 at
+    # depth 2 and 256 images per chip needed 0.9 GB more. The Trainer turns it on where it
+    # gathers them (one TPU slice); elsewhere it cost more than it saved.
+    pooled_barrier: bool = False
     activation: str = "gelu_tanh"
     fc_norm: bool = False
 
@@ -584,11 +591,8 @@ class VisionTransformer(nn.Module):
                 self.activation,
                 name="MAPHead_0",
             )(patches, train)
-        # Materialises the pooled features ([n, width]). Without it XLA fused the final norm's
-        # recomputation of them into the next layer's weight-gradient matmul, which then kept
-        # two residual-stream-sized inputs of the norm live until late in the backward pass
-        # (FSDP on TPU, B/16 at 256 images per chip: 0.3 GB; docs/scale.md).
-        x = jax.lax.optimization_barrier(x)
+        if self.pooled_barrier:
+            x = jax.lax.optimization_barrier(x)
         if self.fc_norm:
             x = _layer_norm("fc_norm", self.dtype)(x)
 

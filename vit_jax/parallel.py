@@ -244,17 +244,18 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     return shardings
 
 
-def gathered_shardings(abstract_boxed: Any, param_shardings: Any, rules: Rules) -> Any:
+def gathered_shardings(abstract_boxed: Any, param_shardings: Any, batch: NamedSharding) -> Any:
     """Where each parameter is gathered to before the layer that uses it.
 
-    A parameter's sharding without the mesh axes that also split the batch: FSDP stores a
-    weight split over those axes and computes with it whole (tensor-parallel splits stay).
-    Stacked weights of a scanned encoder (logical axis "layers") keep their sharding: whole,
-    the stack would hold every layer's weights at once; the compiler gathers one layer per
-    iteration of the loop. Data parallelism's shardings come back unchanged. `Trainer`
-    constrains the parameters to these on one TPU slice (why: its comment there).
+    A parameter's sharding without the mesh axes that also split the batch (`batch`, from
+    `batch_sharding`): FSDP stores a weight split over those axes and computes with it whole
+    (tensor-parallel splits stay). Stacked weights of a scanned encoder (logical axis
+    "layers") keep their sharding: whole, the stack would hold every layer's weights at
+    once; the compiler gathers one layer per iteration of the loop. Data parallelism's
+    shardings come back unchanged. `Trainer` constrains the parameters to these on one TPU
+    slice (why: its comment there).
     """
-    batch_axes = set(_axis_names(nn.logical_to_mesh_axes(("activation_batch",), rules)[0]))
+    batch_axes = set(_axis_names(batch.spec[0]))
 
     def gathered(logical_spec: PartitionSpec, sharding: NamedSharding) -> NamedSharding:
         if "layers" in tuple(logical_spec):

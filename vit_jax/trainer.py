@@ -116,11 +116,9 @@ class Trainer:
         # parallelism's (docs/scale.md "The unrolled train step on TPU"). Across slices and
         # on GPUs the compiler places FSDP's collectives itself: only a gradient shard
         # crosses the slower network.
-        one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
-        self.gathers_weights = parallel.on_tpu(mesh) and one_slice
-        self.model = model.clone(
-            ordered_backward=not parallel.on_tpu(mesh), pooled_barrier=self.gathers_weights
-        )
+        tpu = parallel.on_tpu(mesh)
+        self.gathers_weights = tpu and len(parallel.device_slices(mesh.devices.flat)) == 1
+        self.model = model.clone(ordered_backward=not tpu, pooled_barrier=self.gathers_weights)
         self.tx, self.schedule = make_optimizer(config, total_steps)
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
@@ -145,7 +143,7 @@ class Trainer:
         boxed = jax.eval_shape(self._init_params, jax.random.key(0))
         self.param_shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
         self.gathered_shardings = parallel.gathered_shardings(
-            boxed, self.param_shardings, self.rules
+            boxed, self.param_shardings, self.batch_sharding
         )
         frozen_paths(config, nn.unbox(boxed))  # Fails early on a pattern matching nothing.
         abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(boxed))

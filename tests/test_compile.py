@@ -20,7 +20,7 @@ from vit_jax.bench.compile import (
     summarize,
     topology_devices,
 )
-from vit_jax.bench.sweep import Setting, meshes, search_mesh
+from vit_jax.bench.sweep import REMAT_POLICIES, Setting, meshes, search_mesh
 from vit_jax.bench.targets import UnknownTargetError, compiler_version, parse_target
 from vit_jax.config import base_config
 from vit_jax.trainer import Trainer, compiled_memory
@@ -246,13 +246,14 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     header = lines.index(next(line for line in lines if line.startswith("rules")))
     best = lines.index(next(line for line in lines if line.startswith("best: vit-train ... ")))
     rows = [line.split() for line in lines[header + 1 : best]]
-    # rules fsdp tp blocks remat accum GiB/dev fits img/s MFU bound: each mesh, compiled
-    # scanned, is compiled again unrolled on a GPU target; all fit without remat.
-    layouts = sorted(tuple(row[:4]) for row in rows)
+    # rules fsdp tp blocks remat accum GiB/dev fits img/s MFU bound: each mesh compiled
+    # scanned at every policy (all fit), then unrolled without remat on a GPU target.
+    settings = sorted(tuple(row[:5]) for row in rows)
     mesh_shapes = [("dp", "1", "1"), ("fsdp", "2", "1"), ("tp", "1", "2")]
-    blocks = ("scanned", "unrolled")
-    assert layouts == sorted((*mesh, layout) for mesh in mesh_shapes for layout in blocks)
-    assert all(row[4] == "none" and row[7] == "true" for row in rows), rows
+    scanned = [(*mesh, "scanned", policy) for mesh in mesh_shapes for policy in REMAT_POLICIES]
+    unrolled = [(*mesh, "unrolled", "none") for mesh in mesh_shapes]
+    assert settings == sorted(scanned + unrolled)
+    assert all(row[7] == "true" for row in rows), rows
     speeds = [float(row[8]) for row in rows]
     assert speeds == sorted(speeds, reverse=True)
     flags = lines[best].removeprefix("best: vit-train ... ").split()
@@ -486,9 +487,10 @@ def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
     assert "--config.model.scan=false" in Setting("dp", 1, 1, "none", 1, scan=False).flags()
 
 
-def test_a_mesh_search_stops_at_the_first_fit_then_tries_cheaper_unrolled_programs():
+def test_a_mesh_search_compiles_every_policy_from_the_first_fit_then_cheaper_unrolled_ones():
     """Scanned blocks fit only with dots or full remat here, unrolled ones with none or dots
-    (a made-up memory table: no compiler runs)."""
+    (a made-up memory table: no compiler runs). The costlier policies after the first fit
+    are compiled too: a memory-bound step can run faster with more remat."""
     fits = {(True, "none", 1): False, (True, "dots", 1): True, (False, "none", 1): True}
 
     def compile_one(setting: Setting) -> dict:
@@ -500,7 +502,7 @@ def test_a_mesh_search_stops_at_the_first_fit_then_tries_cheaper_unrolled_progra
         return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
                 for f in tried]  # fmt: skip
 
-    scanned = [(True, "none", 1), (True, "dots", 1)]
+    scanned = [(True, "none", 1), (True, "dots", 1), (True, "full", 1)]
     assert order(64, try_unrolled=False) == scanned
     assert order(64, try_unrolled=True) == scanned + [(False, "none", 1)]
     fits[False, "none", 1] = False  # The unrolled program stops at the scanned fit's policy.
@@ -508,5 +510,6 @@ def test_a_mesh_search_stops_at_the_first_fit_then_tries_cheaper_unrolled_progra
     fits[True, "dots", 1] = False  # Accumulation comes after every policy; 2 divides 6.
     fits[True, "none", 2] = True
     policies = [(True, p, 1) for p in ("none", "dots", "full")]
-    assert order(6, try_unrolled=True) == policies + [(True, "none", 2), (False, "none", 2)]
+    after = [(True, p, 2) for p in ("none", "dots", "full")] + [(False, "none", 2)]
+    assert order(6, try_unrolled=True) == policies + after
     assert order(5, try_unrolled=True) == policies  # 2 does not divide 5: nothing fits.

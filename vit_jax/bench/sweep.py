@@ -5,7 +5,10 @@ rules and mesh shape (data parallelism, FSDP over the whole slice or node or ove
 of it down to 2 devices, tensor parallelism of 1, 2 or 4), scanned or unrolled blocks,
 the remat policy and gradient accumulation. For each mesh the policies are tried on
 scanned blocks from the cheapest in compute (none, dots, full) and accumulation from none
-up; the first that fits ends that mesh's search, since the ones after it only add work.
+up, until one fits; the costlier policies at the fit's accumulation are compiled too:
+where a step is bound by HBM traffic, recomputing can move fewer bytes (H/14 on v5p-256
+fits without remat, yet `dots` is estimated 1.22x faster: docs/scale.md). More
+accumulation only adds work, so the search ends there.
 Candidates compile in parallel worker processes (each loads the compiler itself).
 
 On GPU targets each mesh's fit is followed by unrolled blocks, at the policies from the
@@ -105,7 +108,8 @@ def search_mesh(
     batch_size: int,
     try_unrolled: bool,
 ) -> list[dict[str, Any]]:
-    """The figures of one mesh's candidates, in the order compiled, up to the first fit.
+    """The figures of one mesh's candidates, in the order compiled, up to the first fit and
+    the costlier policies after it.
 
     The order is the module's: scanned blocks, then, with `try_unrolled` (GPU targets),
     unrolled blocks after the fit. `compile_one` gives a setting's figures with `fits`
@@ -115,10 +119,12 @@ def search_mesh(
     for accum in ACCUM_STEPS:
         if batch_size % accum:
             break
-        for policy in REMAT_POLICIES:
+        for i, policy in enumerate(REMAT_POLICIES):
             tried.append(compile_one(Setting(rules, fsdp, tensor, policy, accum)))
             if tried[-1]["fits"]:
                 scanned = tried[-1]["setting"]
+                for costlier in REMAT_POLICIES[i + 1 :]:
+                    tried.append(compile_one(dataclasses.replace(scanned, remat_policy=costlier)))
                 if try_unrolled:
                     for cheaper in REMAT_POLICIES[: REMAT_POLICIES.index(policy) + 1]:
                         unrolled = dataclasses.replace(scanned, scan=False, remat_policy=cheaper)

@@ -126,7 +126,7 @@ def search_mesh(
                 for costlier in REMAT_POLICIES[i + 1 :]:
                     tried.append(compile_one(dataclasses.replace(scanned, remat_policy=costlier)))
                 if try_unrolled:
-                    for cheaper in REMAT_POLICIES[: REMAT_POLICIES.index(policy) + 1]:
+                    for cheaper in REMAT_POLICIES[: i + 1]:
                         unrolled = dataclasses.replace(scanned, scan=False, remat_policy=cheaper)
                         tried.append(compile_one(unrolled))
                         if tried[-1]["fits"]:

@@ -488,9 +488,9 @@ def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
 
 
 def test_a_mesh_search_compiles_every_policy_from_the_first_fit_then_cheaper_unrolled_ones():
-    """Scanned blocks fit only with dots or full remat here, unrolled ones with none or dots
-    (a made-up memory table: no compiler runs). The costlier policies after the first fit
-    are compiled too: a memory-bound step can run faster with more remat."""
+    """Scanned blocks fit only with dots or full remat here, unrolled ones with none or
+    selective (a made-up memory table: no compiler runs). The costlier policies after the
+    first fit are compiled too: a memory-bound step can run faster with more remat."""
     fits = {(True, "none", 1): False, (True, "dots", 1): True, (False, "none", 1): True}
 
     def compile_one(setting: Setting) -> dict:
@@ -502,14 +502,19 @@ def test_a_mesh_search_compiles_every_policy_from_the_first_fit_then_cheaper_unr
         return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
                 for f in tried]  # fmt: skip
 
-    scanned = [(True, "none", 1), (True, "dots", 1), (True, "full", 1)]
+    every = ("none", "selective", "dots", "full")
+    scanned = [(True, p, 1) for p in every]
     assert order(64, try_unrolled=False) == scanned
     assert order(64, try_unrolled=True) == scanned + [(False, "none", 1)]
     fits[False, "none", 1] = False  # The unrolled program stops at the scanned fit's policy.
-    assert order(64, try_unrolled=True) == scanned + [(False, "none", 1), (False, "dots", 1)]
+    fits[False, "selective", 1] = True
+    unrolled = [(False, "none", 1), (False, "selective", 1)]
+    assert order(64, try_unrolled=True) == scanned + unrolled
+    fits[False, "selective", 1] = False
+    assert order(64, try_unrolled=True) == scanned + unrolled + [(False, "dots", 1)]
     fits[True, "dots", 1] = False  # Accumulation comes after every policy; 2 divides 6.
     fits[True, "none", 2] = True
-    policies = [(True, p, 1) for p in ("none", "dots", "full")]
-    after = [(True, p, 2) for p in ("none", "dots", "full")] + [(False, "none", 2)]
+    policies = [(True, p, 1) for p in every]
+    after = [(True, p, 2) for p in every] + [(False, "none", 2)]
     assert order(6, try_unrolled=True) == policies + after
     assert order(5, try_unrolled=True) == policies  # 2 does not divide 5: nothing fits.

@@ -1,5 +1,6 @@
 """Model family: published parameter counts, options, scan layout, dtypes, dropout, gradients."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -325,6 +326,44 @@ def test_gradients_reach_every_parameter():
         if not np.any(np.asarray(g))
     ]
     assert not zero, f"parameters without gradient: {zero}"
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
+def test_selective_remat_keeps_no_attention_weights_and_gives_the_same_gradients(
+    scan, attention_dropout
+):
+    tokens = 17  # 4 x 4 patches of 8 px and the class token
+    variables, images = _init(create_model("Ti/8", num_classes=5, **TINY))
+    params = _randomize(variables["params"])
+
+    def backward(policy):
+        model = create_model(
+            "Ti/8",
+            num_classes=5,
+            scan=scan,
+            remat_policy=policy,
+            attention_dropout=attention_dropout,
+            **TINY,
+        )
+        params_in_layout = stack_blocks(params) if scan else params
+
+        def forward(p):
+            rngs = {"dropout": jax.random.key(3)}
+            return model.apply({"params": p}, images, train=True, rngs=rngs)
+
+        logits, vjp = jax.vjp(forward, params_in_layout)
+        (grads,) = vjp(jnp.ones_like(logits))
+        # What the backward pass keeps from the forward one: the vjp's residual arrays.
+        kept = [x.shape for x in jax.tree.leaves(vjp) if x.shape[-2:] == (tokens, tokens)]
+        return kept, unstack_blocks(grads) if scan else grads
+
+    weights_kept, expected = backward("none")
+    assert weights_kept, "without remat the backward pass keeps the attention weights"
+    weights_kept, grads = backward("selective")
+    assert weights_kept == []
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, grads, expected)
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
     c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16)
     c.model.scan = False
-    c.model.remat_policy = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    c.model.remat_policy = "none"  # "none" | "selective" | "dots" | "dots_no_batch" | "full"
     c.model.activation = "gelu_tanh"  # "gelu_tanh" (Google checkpoints) | "gelu_exact" (timm, HF)
     c.model.fc_norm = False  # LayerNorm after pooling instead of before it (timm gap models).
     # A checkpoint to start from (.npz, .safetensors or vit_jax workdir). Its architecture

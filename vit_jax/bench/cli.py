@@ -132,14 +132,14 @@ def _show_ranking(ranked: list[dict]) -> None:
         print(json.dumps([{k: v for k, v in f.items() if k != "setting"} for f in ranked]))
         return
     gib = 1024**3
-    print(f"{'rules':6} {'fsdp':>4} {'tp':>3} {'blocks':8} {'remat':6} {'accum':>5} "
+    print(f"{'rules':6} {'fsdp':>4} {'tp':>3} {'blocks':8} {'remat':9} {'accum':>5} "
           f"{'GiB/dev':>8} {'fits':5} {'est img/s':>10} {'est MFU':>8} bound")  # fmt: skip
     for f in ranked:
         s = f["setting"]
         total = f.get("total_bytes")
         blocks = "scanned" if s.scan else "unrolled"
         print(
-            f"{s.rules:6} {s.fsdp:>4} {s.tensor:>3} {blocks:8} {s.remat_policy:6} "
+            f"{s.rules:6} {s.fsdp:>4} {s.tensor:>3} {blocks:8} {s.remat_policy:9} "
             f"{s.accum_steps:>5} "
             f"{total / gib if total else float('nan'):>8.2f} {str(f['fits']).lower():5} "
             f"{f.get('estimate_img_per_s') or float('nan'):>10.0f} "

@@ -32,7 +32,9 @@ import ml_collections
 
 from vit_jax.bench.targets import Target
 
-REMAT_POLICIES = ("none", "dots", "full")
+# Cheapest first: "selective" recomputes only the attention weights, "dots" all but the
+# matmuls' outputs, "full" everything.
+REMAT_POLICIES = ("none", "selective", "dots", "full")
 ACCUM_STEPS = (1, 2, 4, 8)
 TENSOR_SIZES = (1, 2, 4)
 

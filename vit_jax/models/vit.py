@@ -31,8 +31,14 @@ ACTIVATIONS = {
 }
 POSEMBS = ("learn", "sincos2d")
 ATTENTION_IMPLS = ("xla", "cudnn")
+# What a block keeps for its backward pass; the rest is recomputed there. `None`: the block is
+# not rematerialised. "selective" recomputes only the attention's scores, softmax and
+# weighted sum, so their [batch, heads, tokens, tokens] float32 probabilities are not kept:
+# selective activation recomputation (Korthikanti et al. 2022, "Reducing Activation
+# Recomputation in Large Transformer Models", section 4.2).
 REMAT_POLICIES = {
     "none": None,
+    "selective": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -133,18 +139,37 @@ class HeadsDense(nn.Module):
         return jnp.tensordot(x, kernel, axes=self.num_in_dims) + bias
 
 
+def _attend_explicit(q, k, v, dropout_rng, *, rate: float, dtype: Dtype):
+    """Softmax attention with its weights (bhqk) returned and dropout on them at `rate`."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+    kept = weights
+    if dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, weights.shape)
+        kept = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", kept, v), weights
+
+
+def _attend_fused(q, k, v, dropout_rng, *, implementation: str):
+    del dropout_rng  # the fused path runs only without attention dropout
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation), None
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Multi-head attention with the published `query/key/value/out` layout.
 
     The fast path is `jax.nn.dot_product_attention` (`xla` or `cudnn`). The
     explicit softmax path runs when attention dropout is active or when the
-    caller collects `intermediates`, since only it has the weights.
+    caller collects `intermediates`, since only it has the weights. `recompute`
+    keeps only q, k and v for the backward pass, which computes the weights again
+    (remat policy "selective").
     """
 
     num_heads: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     implementation: str = "xla"
+    recompute: bool = False
 
     @nn.compact
     def __call__(self, q_in: jnp.ndarray, kv_in: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -164,14 +189,18 @@ class MultiHeadDotProductAttention(nn.Module):
 
         explicit = (train and self.dropout > 0.0) or self.is_mutable_collection("intermediates")
         if explicit:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-            weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
-            self.sow("intermediates", "attention_weights", weights)
-            weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            rate = self.dropout if train else 0.0
+            dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
+            attend = functools.partial(_attend_explicit, rate=rate, dtype=self.dtype)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-
+            dropout_rng = None
+            attend = functools.partial(_attend_fused, implementation=self.implementation)
+        # cuDNN's fused attention recomputes the probabilities in its backward pass itself.
+        if self.recompute and (explicit or self.implementation == "xla"):
+            attend = jax.checkpoint(attend)
+        out, weights = attend(q, k, v, dropout_rng)
+        if explicit:
+            self.sow("intermediates", "attention_weights", weights)
         return HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="out")(out)
 
 
@@ -198,6 +227,7 @@ class Encoder1DBlock(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     activation: str = "gelu_tanh"
+    recompute_attention: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, drop_path: float | jnp.ndarray, train: bool):
@@ -209,6 +239,7 @@ class Encoder1DBlock(nn.Module):
             self.attention_dropout,
             self.dtype,
             self.attention_impl,
+            self.recompute_attention,
             name="MultiHeadDotProductAttention_0",
         )(y, y, train)
         y = nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -325,7 +356,7 @@ class Encoder(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         block = Encoder1DBlock
-        if self.remat_policy != "none":
+        if REMAT_POLICIES[self.remat_policy] is not None:
             # Arguments: self=0, x=1, drop_path=2, train=3.
             block = nn.remat(
                 block,
@@ -341,6 +372,7 @@ class Encoder(nn.Module):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
             activation=self.activation,
+            recompute_attention=self.remat_policy == "selective",
         )
         # Stochastic depth grows linearly from 0 at the first block to its maximum at the last.
         rates = np.linspace(0.0, self.stochastic_depth, self.depth)

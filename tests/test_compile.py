@@ -254,6 +254,9 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     unrolled = [(*mesh, "unrolled", "none") for mesh in mesh_shapes]
     assert settings == sorted(scanned + unrolled)
     assert all(row[7] == "true" for row in rows), rows
+    # Each candidate's outcome reached stderr as it was compiled.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("compiled ")]
+    assert len(progress) == len(rows) and all(": fits: " in line for line in progress), progress
     speeds = [float(row[8]) for row in rows]
     assert speeds == sorted(speeds, reverse=True)
     flags = lines[best].removeprefix("best: vit-train ... ").split()

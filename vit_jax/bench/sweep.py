@@ -4,12 +4,13 @@ Candidates vary what changes memory and speed but not what the run computes: sha
 rules and mesh shape (data parallelism, FSDP over the whole slice or node or over halves
 of it down to 2 devices, tensor parallelism of 1, 2 or 4), scanned or unrolled blocks,
 the remat policy and gradient accumulation. For each mesh the policies are tried on
-scanned blocks from the cheapest in compute (none, dots, full) and accumulation from none
+scanned blocks from the cheapest in compute (none, selective, dots, full) and accumulation from none
 up, until one fits; the costlier policies at the fit's accumulation are compiled too:
 where a step is bound by HBM traffic, recomputing can move fewer bytes (H/14 on v5p-256
 fits without remat, yet `dots` is estimated 1.22x faster: docs/scale.md). More
 accumulation only adds work, so the search ends there.
-Candidates compile in parallel worker processes (each loads the compiler itself).
+Candidates compile in parallel worker processes (each loads the compiler itself); each
+one's outcome goes to stderr as it arrives.
 
 On GPU targets each mesh's fit is followed by unrolled blocks, at the policies from the
 cheapest up to the fit's, until one fits: that program moves fewer bytes (no stacking
@@ -25,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -137,6 +139,19 @@ def search_mesh(
     return tried
 
 
+def _outcome(figures: dict[str, Any]) -> str:
+    """One line on a compiled candidate, for the sweep's progress on stderr."""
+    if "error" in figures:
+        return f"not a valid setting: {figures['error']}"
+    if "total_bytes" not in figures:
+        return "does not fit: the compiler ran out of memory"
+    gib = figures["total_bytes"] / 1024**3
+    if not figures["fits"]:
+        return f"does not fit: {gib:.2f} GiB per device"
+    speed = figures.get("estimate_img_per_s")
+    return f"fits: {gib:.2f} GiB per device" + (f", est. {speed:,.0f} img/s" if speed else "")
+
+
 def sweep(
     config: ml_collections.ConfigDict,
     target: Target,
@@ -151,6 +166,7 @@ def sweep(
 
         def compile_one(setting: Setting) -> dict[str, Any]:
             figures = pool.submit(_compile_one, config, target, num_classes, setting).result()
+            print(f"compiled {setting.flags()}: {_outcome(figures)}", file=sys.stderr, flush=True)
             return figures | {"setting": setting, "flags": setting.flags()}
 
         def search(mesh: tuple[str, int, int]) -> list[dict[str, Any]]:

@@ -4,11 +4,11 @@ Candidates vary what changes memory and speed but not what the run computes: sha
 rules and mesh shape (data parallelism, FSDP over the whole slice or node or over halves
 of it down to 2 devices, tensor parallelism of 1, 2 or 4), scanned or unrolled blocks,
 the remat policy and gradient accumulation. For each mesh the policies are tried on
-scanned blocks from the cheapest in compute (none, selective, dots, full) and accumulation from none
-up, until one fits; the costlier policies at the fit's accumulation are compiled too:
-where a step is bound by HBM traffic, recomputing can move fewer bytes (H/14 on v5p-256
-fits without remat, yet `dots` is estimated 1.22x faster: docs/scale.md). More
-accumulation only adds work, so the search ends there.
+scanned blocks from the cheapest in compute (none, selective, dots, full) and
+accumulation from none up, until one fits; the costlier policies at the fit's
+accumulation are compiled too: where a step is bound by HBM traffic, recomputing can move
+fewer bytes (H/14 on v5p-256 fits without remat, yet `dots` is estimated 1.22x faster:
+docs/scale.md). More accumulation only adds work, so the search ends there.
 Candidates compile in parallel worker processes (each loads the compiler itself); each
 one's outcome goes to stderr as it arrives.
 

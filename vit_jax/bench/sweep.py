@@ -139,19 +139,6 @@ def search_mesh(
     return tried
 
 
-def _outcome(figures: dict[str, Any]) -> str:
-    """One line on a compiled candidate, for the sweep's progress on stderr."""
-    if "error" in figures:
-        return f"not a valid setting: {figures['error']}"
-    if "total_bytes" not in figures:
-        return "does not fit: the compiler ran out of memory"
-    gib = figures["total_bytes"] / 1024**3
-    if not figures["fits"]:
-        return f"does not fit: {gib:.2f} GiB per device"
-    speed = figures.get("estimate_img_per_s")
-    return f"fits: {gib:.2f} GiB per device" + (f", est. {speed:,.0f} img/s" if speed else "")
-
-
 def sweep(
     config: ml_collections.ConfigDict,
     target: Target,
@@ -160,14 +147,19 @@ def sweep(
     workers: int = 2,
 ) -> list[dict[str, Any]]:
     """Every compiled candidate's figures plus `setting` and `flags`; fits first, fastest first."""
+    from vit_jax.bench.compile import summarize
+
     results = []
     context = multiprocessing.get_context("spawn")  # A fresh compiler per worker.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
 
         def compile_one(setting: Setting) -> dict[str, Any]:
             figures = pool.submit(_compile_one, config, target, num_classes, setting).result()
-            print(f"compiled {setting.flags()}: {_outcome(figures)}", file=sys.stderr, flush=True)
-            return figures | {"setting": setting, "flags": setting.flags()}
+            flags = setting.flags()
+            error = figures.get("error")
+            outcome = f"not a valid setting: {error}" if error else summarize(figures)
+            print(f"compiled {flags}: {outcome}", file=sys.stderr, flush=True)
+            return figures | {"setting": setting, "flags": flags}
 
         def search(mesh: tuple[str, int, int]) -> list[dict[str, Any]]:
             return search_mesh(compile_one, *mesh, config.batch_size, target.platform == "cuda")

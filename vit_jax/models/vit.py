@@ -140,7 +140,11 @@ class HeadsDense(nn.Module):
 
 
 def _attend_explicit(q, k, v, dropout_rng, *, rate: float, dtype: Dtype):
-    """Softmax attention with its weights (bhqk) returned and dropout on them at `rate`."""
+    """Softmax attention with its weights (bhqk) returned and dropout on them at `rate`.
+
+    A pure function, mask included (`nn.Dropout` is a module), so that `jax.checkpoint`
+    can recompute it in the backward pass.
+    """
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
     weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
     kept = weights

@@ -274,6 +274,21 @@ def gathered_shardings(abstract_boxed: Any, param_shardings: Any, batch: NamedSh
     )
 
 
+def splits_over_batch(abstract_params: Any, param_shardings: Any, gathered: Any) -> bool:
+    """Whether any parameter is stored split over a mesh axis that also splits the batch
+    (FSDP of size > 1): its shard under `param_shardings` is smaller than under `gathered`
+    (`gathered_shardings`). `abstract_params`: unboxed shapes, e.g. from `jax.eval_shape`."""
+    return any(
+        stored.shard_shape(p.shape) != whole.shard_shape(p.shape)
+        for p, stored, whole in zip(
+            jax.tree.leaves(abstract_params),
+            jax.tree.leaves(param_shardings),
+            jax.tree.leaves(gathered),
+            strict=True,
+        )
+    )
+
+
 def _axis_names(axes: str | Sequence[str] | None) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 

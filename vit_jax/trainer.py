@@ -109,16 +109,6 @@ class Trainer:
         """
         self.config = config
         model = build_model(config.model, num_classes)
-        # On one TPU slice FSDP's weights are gathered where they are used, so their
-        # gradients are reduced whole over ICI before each chip keeps its shard. Left to
-        # itself the TPU compiler reduce-scatters them in windowed einsums that keep copies
-        # of every block's inputs: its unrolled step needed more memory than data
-        # parallelism's (docs/scale.md "The unrolled train step on TPU"). Across slices and
-        # on GPUs the compiler places FSDP's collectives itself: only a gradient shard
-        # crosses the slower network.
-        tpu = parallel.on_tpu(mesh)
-        self.gathers_weights = tpu and len(parallel.device_slices(mesh.devices.flat)) == 1
-        self.model = model.clone(ordered_backward=not tpu, pooled_barrier=self.gathers_weights)
         self.tx, self.schedule = make_optimizer(config, total_steps)
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
@@ -140,10 +130,30 @@ class Trainer:
 
         image = jnp.zeros((1, config.image_size, config.image_size, 3))
         self._init_params = lambda rng: self.model.init(rng, image, train=False)["params"]
+        self.model = model
         boxed = jax.eval_shape(self._init_params, jax.random.key(0))
         self.param_shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
         self.gathered_shardings = parallel.gathered_shardings(
             boxed, self.param_shardings, self.batch_sharding
+        )
+        # Left to itself the TPU compiler needed more memory for FSDP's unrolled train step
+        # than for data parallelism's (docs/scale.md "FSDP against data parallelism"). For
+        # FSDP on TPU each block finishes its weight gradients before the block below starts
+        # (ordered backward) and the pooled features are materialised (pooled barrier, as
+        # for every program on one slice); on one slice the weights are also gathered where
+        # they are used, so each gradient is reduced whole over ICI before each chip keeps
+        # its shard (across slices that needed more; the compiler places the collectives
+        # there). Every GPU program keeps the ordered backward; TPU data parallelism needed
+        # more with it, and across slices with the pooled barrier.
+        tpu = parallel.on_tpu(mesh)
+        one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
+        fsdp_on_tpu = tpu and parallel.splits_over_batch(
+            nn.unbox(boxed), self.param_shardings, self.gathered_shardings
+        )
+        self.gathers_weights = fsdp_on_tpu and one_slice
+        self.model = model.clone(
+            ordered_backward=fsdp_on_tpu or not tpu,
+            pooled_barrier=fsdp_on_tpu or (tpu and one_slice),
         )
         frozen_paths(config, nn.unbox(boxed))  # Fails early on a pattern matching nothing.
         abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(boxed))

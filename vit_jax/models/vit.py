@@ -313,8 +313,10 @@ def _apply_block_backward(drop_path, train, vjp_fn, y_t):
 # compiler moved a data-parallel step's weight-gradient matmuls to the end of the backward
 # pass and kept every block's recomputed activations live until then: B/16 with full
 # remat at 256 images per GPU on 8 H100s needed 19.3 GiB per GPU, 4.9 GiB with the
-# barrier (5.2 GiB scanned). The gradients are the same. The TPU compiler schedules for
-# memory itself, and there the barrier made a tiny FSDP step need more than a DP one.
+# barrier (5.2 GiB scanned). The gradients are the same. On TPU the compiler ran FSDP's
+# weight-gradient matmuls late in the same way (B/16 on two v5e-4 slices, 256 images per
+# chip: 16.73 GB, 15.43 with the barrier), but the barrier made a data-parallel step need
+# more (docs/scale.md "Across slices: the ordered backward").
 _apply_block_in_order = nn.custom_vjp(
     _apply_block,
     forward_fn=_apply_block_forward,
@@ -454,14 +456,15 @@ class VisionTransformer(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     # Unrolled blocks finish their parameter gradients before the block below starts
-    # (`_apply_block_in_order`); the Trainer turns it off for TPUs.
+    # (`_apply_block_in_order`); on TPUs the Trainer keeps it for FSDP only.
     ordered_backward: bool = True
     # Materialises the pooled features ([n, width]) behind an optimisation barrier. Without
     # it the TPU compiler fused the final norm's recomputation of them into the next layer's
     # weight-gradient matmul, which then kept two residual-stream-sized inputs of the norm
     # live until late in the backward pass: with FSDP's weights gathered where used, B/16 at
-    # depth 2 and 256 images per chip needed 0.9 GB more. The Trainer turns it on where it
-    # gathers them (one TPU slice); elsewhere it cost more than it saved.
+    # depth 2 and 256 images per chip needed 0.9 GB more. The Trainer turns it on on one TPU
+    # slice and for FSDP across slices (with the ordered backward there: 6.59 GB against
+    # 6.90); for data parallelism across slices and on GPUs it cost more than it saved.
     pooled_barrier: bool = False
     activation: str = "gelu_tanh"
     fc_norm: bool = False

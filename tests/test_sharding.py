@@ -8,7 +8,7 @@ import pytest
 from helpers import SGD, bytes_on_device0, run_steps, small_local_config, tiny_config
 
 from vit_jax.metrics import read_records
-from vit_jax.parallel import make_mesh
+from vit_jax.parallel import make_mesh, splits_over_batch
 from vit_jax.train import Trainer, train_and_evaluate
 
 # A plain ViT and a hybrid (root block and one bottleneck stage on 16 px: 4x4 tokens).
@@ -119,6 +119,21 @@ def test_weights_are_gathered_over_fsdp_only_and_a_scanned_stack_a_layer_at_a_ti
     dp = _config(scan=scan, mesh=dict(data=8))
     trainer = Trainer(dp, make_mesh(dp.mesh, dp.dcn_mesh), num_classes=4, total_steps=20)
     assert trainer.gathered_shardings == trainer.param_shardings
+
+
+@pytest.mark.parametrize(
+    "mesh, fsdp",
+    [(dict(data=2, fsdp=2, tensor=2), True), (dict(data=4, fsdp=1, tensor=2), False),
+     (dict(data=8), False)],
+)  # fmt: skip
+def test_fsdp_is_told_by_the_shards_not_by_the_rules(mesh, fsdp):
+    """What the Trainer builds FSDP's TPU step by: a parameter stored split over an axis
+    that also splits the batch. An FSDP axis of size 1 in the specs is not FSDP."""
+    config = _config(mesh=mesh, rules="tp")
+    mesh = make_mesh(config.mesh, config.dcn_mesh)
+    trainer = Trainer(config, mesh, num_classes=4, total_steps=20)
+    params = trainer.abstract_state().params
+    assert splits_over_batch(params, trainer.param_shardings, trainer.gathered_shardings) is fsdp
 
 
 def _at(tree, keys):

@@ -129,9 +129,10 @@ class Trainer:
             )
 
         image = jnp.zeros((1, config.image_size, config.image_size, 3))
-        self._init_params = lambda rng: self.model.init(rng, image, train=False)["params"]
-        self.model = model
+        # The flags the step's model is cloned with below create no parameter.
+        self._init_params = lambda rng: model.init(rng, image, train=False)["params"]
         boxed = jax.eval_shape(self._init_params, jax.random.key(0))
+        abstract_params = nn.unbox(boxed)
         self.param_shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
         self.gathered_shardings = parallel.gathered_shardings(
             boxed, self.param_shardings, self.batch_sharding
@@ -148,15 +149,15 @@ class Trainer:
         tpu = parallel.on_tpu(mesh)
         one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
         fsdp_on_tpu = tpu and parallel.splits_over_batch(
-            nn.unbox(boxed), self.param_shardings, self.gathered_shardings
+            abstract_params, self.param_shardings, self.gathered_shardings
         )
         self.gathers_weights = fsdp_on_tpu and one_slice
         self.model = model.clone(
             ordered_backward=fsdp_on_tpu or not tpu,
             pooled_barrier=fsdp_on_tpu or (tpu and one_slice),
         )
-        frozen_paths(config, nn.unbox(boxed))  # Fails early on a pattern matching nothing.
-        abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(boxed))
+        frozen_paths(config, abstract_params)  # Fails early on a pattern matching nothing.
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = TrainState(
             step=replicated,

@@ -221,6 +221,24 @@ def test_a_setting_that_cannot_fit_reports_the_compilers_refusal():
 
 
 @pytest.mark.slow
+@TPU
+def test_a_step_that_fits_only_as_the_compiler_recomputes_says_what_it_needs_as_written():
+    # 40,000 images of 65 tokens at width 256 on 4 chips: about 17 GiB per chip as written,
+    # beyond a v5e's 15.75; the compiler recomputes until it fits.
+    wide = {"model.name": "Ti/4", "model.width": 256, "model.mlp_dim": 1024}
+    f = compile_recipe(tiny(batch_size=40_000, **wide), parse_target("v5e-4"))
+    assert f["fits"] is True and f["compiler_recomputes"] is True
+    assert f["total_bytes"] <= f["device_memory_bytes"] < f["as_written_total_bytes"]
+    needs = f["as_written_total_bytes"] / 2**30
+    said = f"only as the compiler recomputes parts of it: as written the step needs {needs:.2f}"
+    assert said in summarize(f)
+    small = figures("v5e-4", 1, "dp")  # Far from the edge: the program as written.
+    assert small["compiler_recomputes"] is False
+    assert small["as_written_total_bytes"] == small["total_bytes"]
+    assert "recomputes" not in summarize(small)
+
+
+@pytest.mark.slow
 @GPU
 def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_path):
     # TensorFlow blocked: compiling a recipe never needs the input pipeline.

@@ -3,7 +3,9 @@ does not have, and reports what the run will need and roughly how fast it can go
 
 The program is the one `vit-train` runs: the same `Trainer`, mesh and logical rules,
 shardings and donation, from abstract state (`ShapeDtypeStruct`s): no array is created
-and TensorFlow is not imported. Memory figures are the compiler's. The step time is an
+and TensorFlow is not imported. Memory figures are the compiler's; on TPU they also say
+what the step needs as written, where the compiler recomputes parts of it to fit (a step
+that needs more than 95% of HBM). The step time is an
 estimate, not a measurement: the matmuls at the device's dense peak (the step's matmul
 FLOPs, counted from its jaxpr), plus the HBM traffic of every kernel of the optimized
 program at the HBM bandwidth (`hlo.kernel_bytes`), or the collectives' ring traffic at
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import math
+import os
+import re
 import time
 from typing import Any
 
@@ -35,6 +39,16 @@ NUM_CLASSES = {
     "digits": 10,
 }  # fmt: skip
 FITS, DOES_NOT_FIT = 0, 3  # `vit-bench compile`'s exit status, for launch scripts to gate on.
+# The TPU compiler recomputes parts of a program that needs more than 95% of HBM until it
+# fits: the step then runs slower than it reads, and its memory figure says where the
+# recomputation stopped, not what the step needs (docs/scale.md "At the edge of HBM"). With
+# this target far beyond any HBM the step is compiled as written; where it needs less than
+# the target, that is the program the defaults compile.
+REMAT_TARGET_FLAG = "xla_jf_rematerialization_percent_shared_memory_limit"
+AS_WRITTEN = {REMAT_TARGET_FLAG: 1000}
+# A step that needs more than this share of HBM as written is compiled again with the
+# compiler's defaults, which may recompute to fit it.
+AS_WRITTEN_SHARE = 0.9
 
 
 def num_classes_of(config: ml_collections.ConfigDict, given: int | None) -> int:
@@ -76,6 +90,34 @@ def _compile(lowerable, *args) -> tuple[jax.stages.Compiled | None, str | None, 
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return None, str(e).strip().splitlines()[0], time.perf_counter() - start
+
+
+def _refused_temporaries(message: str) -> int | None:
+    """Bytes of temporaries a TPU compiler's out-of-memory refusal names, if it names them
+    ("... required for HLO temporaries (23.86G) exceeds ...": GiB)."""
+    found = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
+    return round(float(found.group(1)) * GIB) if found else None
+
+
+def _compile_tpu_train_step(
+    trainer: Trainer, state, batch, arguments: int, device_memory: int
+) -> tuple[jax.stages.Compiled | None, str | None, float, int | None]:
+    """(compiled, refusal, seconds) as `_compile` gives them for the program a TPU slice
+    runs, and the bytes per device the step needs as written (None where not known).
+
+    A user's own rematerialisation target (in LIBTPU_INIT_ARGS) is kept: one compile.
+    """
+    if REMAT_TARGET_FLAG in os.environ.get("LIBTPU_INIT_ARGS", ""):
+        return *_compile(trainer.compile_train_step, state, batch, None), None
+    compiled, refusal, seconds = _compile(trainer.compile_train_step, state, batch, AS_WRITTEN)
+    if compiled is not None:
+        as_written = compiled_memory(compiled)["total_bytes"]
+        if as_written <= AS_WRITTEN_SHARE * device_memory:
+            return compiled, None, seconds, as_written
+    else:
+        temporaries = _refused_temporaries(refusal)
+        as_written = None if temporaries is None else arguments + temporaries
+    return *_compile(trainer.compile_train_step, state, batch, None), as_written
 
 
 def _collective_figures(compiled: jax.stages.Compiled, mesh) -> tuple[dict, dict[str, float]]:
@@ -121,11 +163,21 @@ def compile_recipe(
     # Without a device XLA cannot autotune Triton's GEMM tiling, and a bf16 ViT step fails
     # there ("Couldn't find output tile sizes"); cuBLAS GEMMs compile for any target.
     options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else None
-    compiled, oom, compile_s = _compile(trainer.compile_train_step, state, train_batch, options)
+    device = target.device
+    param_bytes = _bytes_per_device(state.params)
+    optimizer_bytes = _bytes_per_device(state.opt_state)
+    batch_bytes = _bytes_per_device(train_batch)
+    if target.platform == "tpu":
+        compiled, oom, compile_s, as_written = _compile_tpu_train_step(
+            trainer, state, train_batch, param_bytes + optimizer_bytes + batch_bytes,
+            device.memory_bytes,
+        )  # fmt: skip
+    else:
+        compiled, oom, compile_s = _compile(trainer.compile_train_step, state, train_batch, options)
+        as_written = None
     eval_compiled, eval_oom, eval_compile_s = _compile(
         trainer.compile_eval_step, state.params, eval_batch, options
     )
-    device = target.device
     dtype = str(config.model.dtype)
     peak = peak_tflops(device.kind, dtype)
     figures: dict[str, Any] = {
@@ -147,9 +199,11 @@ def compile_recipe(
         "sharding_rules": config.sharding_rules,
         "mesh": dict(mesh.shape),
         "device_memory_bytes": device.memory_bytes,
-        "param_bytes": _bytes_per_device(state.params),
-        "optimizer_bytes": _bytes_per_device(state.opt_state),
-        "batch_bytes": _bytes_per_device(train_batch),
+        "param_bytes": param_bytes,
+        "optimizer_bytes": optimizer_bytes,
+        "batch_bytes": batch_bytes,
+        # What the train step needs without the TPU compiler's own recomputation.
+        "as_written_total_bytes": as_written,
         "compile_s": compile_s,
         "eval_compile_s": eval_compile_s,
         "model_flops_per_step": 3 * forward,  # Forward, and twice that for the backward.
@@ -166,6 +220,7 @@ def compile_recipe(
     fits = fits and eval_total <= device.memory_bytes
     figures |= memory | {
         "fits": fits,
+        "compiler_recomputes": as_written is not None and as_written > memory["total_bytes"],
         "headroom_bytes": device.memory_bytes - memory["total_bytes"],
         "eval_total_bytes": eval_total,
         "xla_flops_per_device": cost.get("flops"),
@@ -230,6 +285,12 @@ def summarize(figures: dict[str, Any]) -> str:
     )
     if not figures["fits"]:
         return f"does not fit: {memory}; {advice}"
+    if figures.get("compiler_recomputes"):
+        memory += (
+            "; only as the compiler recomputes parts of it: as written the step needs "
+            f"{figures['as_written_total_bytes'] / GIB:.2f} GiB, and the estimate leaves that "
+            "recomputation out"
+        )
     if "estimate_step_s" not in figures:
         return f"fits: {memory}; no estimate: the device's peak FLOP/s is not known"
     return (

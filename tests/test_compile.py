@@ -278,6 +278,31 @@ def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
     assert "eval step does not fit; " in summarize(short) and "--sweep" in summarize(short)
 
 
+def test_the_ranking_marks_a_fit_that_needs_the_compilers_recomputation(capsys):
+    from absl import flags
+
+    from vit_jax.bench import cli
+
+    flags.FLAGS(["vit-bench"])  # --json off: the table.
+    gib = 2**30
+    plain = {
+        "fits": True, "total_bytes": 10 * gib, "estimate_img_per_s": 900.0,
+        "estimate_mfu": 0.4, "estimate_bound": "compute", "compiler_recomputes": False,
+    }  # fmt: skip
+    ranked = [
+        plain | {"setting": Setting("dp", 1, 1, "none", 1, scan=False), "flags": "--a",
+                 "total_bytes": 15 * gib, "estimate_img_per_s": 1000.0,
+                 "compiler_recomputes": True},
+        plain | {"setting": Setting("fsdp", 4, 1, "full", 1), "flags": "--b"},
+    ]  # fmt: skip
+    cli._show_ranking(ranked)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[7] for line in lines[1:3]] == ["true*", "true"]
+    assert lines[3].startswith("* fits only as the compiler recomputes parts of the step")
+    cli._show_ranking(ranked[1:])
+    assert not any(line.startswith("*") for line in capsys.readouterr().out.splitlines())
+
+
 @pytest.mark.slow
 @GPU
 def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):

@@ -127,6 +127,12 @@ def _compile(config) -> int:
     return FITS if ranked and ranked[0]["fits"] else DOES_NOT_FIT
 
 
+def _fits(figures: dict) -> str:
+    """The ranking's fits column: true, false, or true* for a step that fits only as the
+    TPU compiler recomputes parts of it."""
+    return str(figures["fits"]).lower() + ("*" if figures.get("compiler_recomputes") else "")
+
+
 def _show_ranking(ranked: list[dict]) -> None:
     if _JSON.value:
         print(json.dumps([{k: v for k, v in f.items() if k != "setting"} for f in ranked]))
@@ -141,9 +147,14 @@ def _show_ranking(ranked: list[dict]) -> None:
         print(
             f"{s.rules:6} {s.fsdp:>4} {s.tensor:>3} {blocks:8} {s.remat_policy:9} "
             f"{s.accum_steps:>5} "
-            f"{total / gib if total else float('nan'):>8.2f} {str(f['fits']).lower():5} "
+            f"{total / gib if total else float('nan'):>8.2f} {_fits(f):5} "
             f"{f.get('estimate_img_per_s') or float('nan'):>10.0f} "
             f"{f.get('estimate_mfu') or float('nan'):>8.1%} {f.get('estimate_bound', '-')}"
+        )
+    if any(f.get("compiler_recomputes") for f in ranked):
+        print(
+            "* fits only as the compiler recomputes parts of the step: as written it needs "
+            "more (as_written_total_bytes), and the estimate leaves that recomputation out"
         )
     if ranked and ranked[0]["fits"]:
         print(f"best: vit-train ... {ranked[0]['flags']}")

@@ -15,6 +15,7 @@ from helpers import BLOCK_TENSORFLOW, REPO
 from vit_jax import parallel
 from vit_jax.bench import hlo
 from vit_jax.bench.compile import (
+    REMAT_TARGET_FLAG,
     abstract_batch,
     compile_recipe,
     summarize,
@@ -276,6 +277,16 @@ def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
     short = f | {"fits": False, "total_bytes": 20 * gib, "eval_total_bytes": None}
     assert summarize(short).startswith("does not fit: train step 20.00 of 16.00 GiB")
     assert "eval step does not fit; " in summarize(short) and "--sweep" in summarize(short)
+
+
+@TPU
+def test_a_users_own_rematerialisation_target_is_kept(monkeypatch):
+    target = parse_target("v5e-4")
+    topology_devices(target)  # libtpu loaded before the variable: other tests keep 95%.
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", f"--{REMAT_TARGET_FLAG}=80")
+    f = compile_recipe(tiny(), target)
+    assert f["fits"] is True and f["as_written_total_bytes"] is None
+    assert f["compiler_recomputes"] is False
 
 
 def test_the_ranking_marks_a_fit_that_needs_the_compilers_recomputation(capsys):

@@ -160,16 +160,21 @@ def on_tpu(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform == "tpu"
 
 
+def set_by_user(tpu_flag: str) -> bool:
+    """Whether the user's TPU compiler flags (LIBTPU_INIT_ARGS) name `tpu_flag`: a user's
+    setting wins over any vit_jax would pass."""
+    return tpu_flag in os.environ.get("LIBTPU_INIT_ARGS", "")
+
+
 def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     """Options for compiling the run's programs on `mesh`'s devices (`jax.jit`'s).
 
-    TPU_COMPILER_OPTIONS on a TPU, except a flag LIBTPU_INIT_ARGS names (a user's setting
-    wins); None elsewhere.
+    TPU_COMPILER_OPTIONS on a TPU, except a flag the user sets (`set_by_user`); None
+    elsewhere.
     """
     if not on_tpu(mesh):
         return None
-    user_flags = os.environ.get("LIBTPU_INIT_ARGS", "")
-    return {k: v for k, v in TPU_COMPILER_OPTIONS.items() if k not in user_flags} or None
+    return {k: v for k, v in TPU_COMPILER_OPTIONS.items() if not set_by_user(k)} or None
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

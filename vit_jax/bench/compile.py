@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import re
 import time
 from typing import Any
@@ -107,7 +106,7 @@ def _compile_tpu_train_step(
 
     A user's own rematerialisation target (in LIBTPU_INIT_ARGS) is kept: one compile.
     """
-    if REMAT_TARGET_FLAG in os.environ.get("LIBTPU_INIT_ARGS", ""):
+    if parallel.set_by_user(REMAT_TARGET_FLAG):
         return *_compile(trainer.compile_train_step, state, batch, None), None
     compiled, refusal, seconds = _compile(trainer.compile_train_step, state, batch, AS_WRITTEN)
     if compiled is not None:

@@ -9,6 +9,7 @@ the libraries after this module.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 from helpers import EXTRAS, require_extra
@@ -29,8 +30,13 @@ TIMM_TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, mlp_ratio=4.0
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
 
 
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Noise on every parameter: a fresh init's zero biases and heads would hide mapping errors."""
+def randomize(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
+    """`build()` initialised from `seed` (torch draws a fresh init from its global generator,
+    which other tests advance), then noise on every parameter: a fresh init's zero biases
+    and heads would hide mapping errors. The same module whatever ran before."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = build()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in module.parameters():

@@ -45,7 +45,7 @@ def save_timm(module: torch.nn.Module, path) -> str:
 
 def timm_vit(architecture: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
     options = TIMM_TINY | dict(num_heads=2, num_classes=10) | kwargs
-    return randomize(timm.create_model(architecture, pretrained=False, **options))
+    return randomize(lambda: timm.create_model(architecture, pretrained=False, **options))
 
 
 # Each family timm builds that our model can express, and the fields it must map to.
@@ -147,7 +147,9 @@ def test_timm_models_our_vit_cannot_express_are_refused(feature, tmp_path):
 def test_predict_runs_a_bare_timm_checkpoint(tmp_path, capsys):
     """No flags: size, classes, resolution and activation all come from the file."""
     source = randomize(
-        timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=4)
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=4
+        )
     )
     path = save_timm(source, tmp_path / "model.safetensors")
     image_path = tmp_path / "image.png"

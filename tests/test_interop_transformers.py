@@ -34,7 +34,7 @@ def save_hf(module_class, directory, **config) -> tuple:
         patch_size=TINY["patch_size"],
         num_labels=10,
     )
-    module = randomize(module_class(ViTConfig(**(options | config))))
+    module = randomize(lambda: module_class(ViTConfig(**(options | config))))
     module.save_pretrained(str(directory))
     return module, str(directory / "model.safetensors")
 

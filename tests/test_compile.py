@@ -433,6 +433,46 @@ def test_collectives_in_a_loop_count_once_per_iteration():
     assert np.isclose(hlo.bytes_sent(found["all-gather"]), 0.75 * 128)
 
 
+def test_an_all_reduce_fused_with_the_slice_each_device_keeps_is_a_reduce_scatter():
+    """The TPU compiler's reduce-scatter kernel: an all-reduce and a dynamic slice of it in
+    one fusion (the full sum never reaches HBM). Unfused, the full sum is written, and it
+    stays an all-reduce."""
+    text = "\n".join([
+        "%all-reduce-scatter (input: f32[8,16]) -> f32[2,16] {",
+        "  %input = f32[8,16]{1,0} parameter(0)",
+        "  %ar = f32[8,16]{1,0} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add",
+        "  %id = u32[] partition-id()",
+        "  %two = u32[] constant(2)",
+        "  %at = u32[] multiply(%id, %two)",
+        "  %zero = u32[] constant(0)",
+        "  ROOT %ds = f32[2,16]{1,0} dynamic-slice(%ar, %at, %zero), dynamic_slice_sizes={2,16}",
+        "}",
+        "ENTRY %main (a: f32[8,16], b: f32[8,16]) -> (f32[2,16], f32[2,16]) {",
+        "  %a = f32[8,16]{1,0} parameter(0)",
+        "  %b = f32[8,16]{1,0} parameter(1)",
+        "  %rs = f32[2,16]{1,0} fusion(%a), kind=kCustom, calls=%all-reduce-scatter",
+        "  %full = f32[8,16]{1,0} all-reduce(%b), replica_groups={{0,1,2,3}}, to_apply=%add",
+        "  %c = u32[] constant(0)",
+        "  %kept = f32[2,16]{1,0} dynamic-slice(%full, %c, %c), dynamic_slice_sizes={2,16}",
+        "  ROOT %t = (f32[2,16], f32[2,16]) tuple(%rs, %kept)",
+        "}",
+    ])  # fmt: skip
+    found = {c.kind: c for c in hlo.collectives(text, [0, 0, 0, 0])}
+    assert (found["reduce-scatter"].bytes, found["reduce-scatter"].group_size) == (128, 4)
+    assert found["all-reduce"].bytes == 512
+
+
+def test_an_all_reduce_sends_what_its_reduce_scatter_and_all_gather_send():
+    """Ring algorithms: a reduce-scatter to one n-th of a buffer sends n - 1 such parts, an
+    all-gather of the buffer (n - 1) / n of it, and an all-reduce is the two in turn."""
+
+    def sent(kind, size):
+        return hlo.bytes_sent(hlo.Collective(kind, size, 4, False, 1))
+
+    assert sent("reduce-scatter", 256) == 3 * 256
+    assert sent("all-reduce", 1024) == sent("reduce-scatter", 256) + sent("all-gather", 1024)
+
+
 def test_a_loop_without_a_known_trip_count_runs_as_often_as_its_condition_says():
     """The TPU compiler's form: no known_trip_count; the condition is `counter < 6`, the
     counter starting at 2."""

@@ -225,7 +225,10 @@ def collectives(text: str, slice_of_device: Sequence[int]) -> list[Collective]:
         match = _INSTRUCTION.search(line)
         if match is None:
             continue
-        result = sum(_array_bytes(match.group("shape")))
+        kind, result = match.group("kind"), sum(_array_bytes(match.group("shape")))
+        scattered = _scattered_bytes(text, current, line) if kind == "all-reduce" else None
+        if scattered is not None:
+            kind, result = "reduce-scatter", scattered
         if not result:
             continue
         if match.group("start"):  # An async start's result holds its operands too.
@@ -235,7 +238,7 @@ def collectives(text: str, slice_of_device: Sequence[int]) -> list[Collective]:
         crosses = any(len({slice_of_device[i] for i in g}) > 1 for g in groups)
         found.append(
             Collective(
-                kind=match.group("kind"),
+                kind=kind,
                 bytes=result,
                 group_size=max(len(g) for g in groups),
                 cross_slice=crosses,
@@ -246,12 +249,41 @@ def collectives(text: str, slice_of_device: Sequence[int]) -> list[Collective]:
 
 
 def bytes_sent(c: Collective) -> float:
-    """Bytes one device sends per execution, in units of its buffer (ring algorithms)."""
+    """Bytes one device sends per execution, by the ring algorithms: n - 1 steps, each of
+    one n-th of the full buffer (a reduce-scatter's result is that n-th; an all-reduce is a
+    reduce-scatter and an all-gather)."""
     n = c.group_size
     if n <= 1:
         return 0.0
-    share = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(c.kind, (n - 1) / n)
-    return share * c.bytes
+    share = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1, "collective-permute": 1.0}
+    return share.get(c.kind, (n - 1) / n) * c.bytes
+
+
+@functools.lru_cache(maxsize=1)
+def _fusion_bodies(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r" fusion\(.*?\bcalls=%?([\w.\-]+)", text))
+
+
+def _scattered_bytes(text: str, computation: str | None, line: str) -> int | None:
+    """The bytes each device keeps of the all-reduce on `line` when it lies in a fusion whose
+    results are only dynamic slices of it: the TPU compiler's reduce-scatter kernel (the
+    full sum never reaches HBM). None for any other all-reduce."""
+    if computation not in _fusion_bodies(text):
+        return None
+    body = _computations(text)[computation]
+    name = _definition(line)[0]
+    instrs, root = body["instrs"], body["root"]
+    results = instrs[root].operands if instrs[root].op == "tuple" else [root]
+    kept = 0
+    for result in results:
+        instr = instrs[result]
+        source = instr.operands[0] if instr.operands else None
+        if source in instrs and instrs[source].op == "get-tuple-element":
+            source = instrs[source].operands[0]
+        if instr.op != "dynamic-slice" or source != name:
+            return None
+        kept += instr.bytes
+    return kept
 
 
 # Instructions that move no data of their own (views, tuples, control flow).

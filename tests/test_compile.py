@@ -109,6 +109,9 @@ def test_across_slices_only_the_gradient_reduction_travels(target, slices):
     crossing = {kind for kind, c in f["collectives"].items() if c["cross_slice_bytes"]}
     assert crossing == {"all-reduce"}
     assert f["collectives"]["all-gather"]["bytes"] > 0  # FSDP's gathers stay inside.
+    # Inside each slice the compiler reduce-scatters gradients (an all-reduce fused with the
+    # slice each device keeps): counted as the shards they leave, not as whole gradients.
+    assert 0 < f["collectives"]["reduce-scatter"]["bytes"] <= f["param_bytes"]
     # Each device sends its shard of the float32 gradient, and little else.
     cross = f["collectives"]["all-reduce"]["cross_slice_bytes"]
     assert f["param_bytes"] <= cross <= 8 * f["param_bytes"]
@@ -460,6 +463,23 @@ def test_an_all_reduce_fused_with_the_slice_each_device_keeps_is_a_reduce_scatte
     found = {c.kind: c for c in hlo.collectives(text, [0, 0, 0, 0])}
     assert (found["reduce-scatter"].bytes, found["reduce-scatter"].group_size) == (128, 4)
     assert found["all-reduce"].bytes == 512
+
+
+def test_an_async_collective_counts_its_result_without_the_operands_its_start_holds():
+    """The GPU compiler's asynchronous form: a start whose result holds the operands (named
+    without their types) beside the result."""
+    text = "\n".join([
+        "ENTRY %main (x: f32[8,16], y: f32[2,16]) -> (f32[2,16], f32[8,16]) {",
+        "  %x = f32[8,16]{1,0} parameter(0)",
+        "  %y = f32[2,16]{1,0} parameter(1)",
+        "  %rs = ((f32[8,16]{1,0}), f32[2,16]{1,0}) reduce-scatter-start(%x), "
+        "replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add",
+        "  %ag = (f32[2,16]{1,0}, f32[8,16]{1,0}) all-gather-start(%y), "
+        "replica_groups={{0,1,2,3}}, dimensions={0}",
+        "}",
+    ])  # fmt: skip
+    found = {c.kind: c.bytes for c in hlo.collectives(text, [0, 0, 0, 0])}
+    assert found == {"reduce-scatter": 128, "all-gather": 512}
 
 
 def test_an_all_reduce_sends_what_its_reduce_scatter_and_all_gather_send():

@@ -232,7 +232,7 @@ def collectives(text: str, slice_of_device: Sequence[int]) -> list[Collective]:
         if not result:
             continue
         if match.group("start"):  # An async start's result holds its operands too.
-            operands = sum(_array_bytes(_operands(line, match.end())))
+            operands = _operand_bytes(text, current, _operands(line, match.end()))
             result = result - operands if result > operands else result
         groups = _groups(line, len(slice_of_device))
         crosses = any(len({slice_of_device[i] for i in g}) > 1 for g in groups)
@@ -246,6 +246,18 @@ def collectives(text: str, slice_of_device: Sequence[int]) -> list[Collective]:
             )
         )
     return found
+
+
+def _operand_bytes(text: str, computation: str | None, operands: str) -> int:
+    """Bytes of an instruction's operands: from their types where the text gives them, else
+    from the instructions that define them (newer XLA prints operands by name alone)."""
+    typed = _array_bytes(operands)
+    if typed:
+        return sum(typed)
+    instrs = _computations(text).get(computation, {"instrs": {}})["instrs"]
+    return sum(
+        instrs[name].bytes for name in re.findall(r"%([\w.\-]+)", operands) if name in instrs
+    )
 
 
 def bytes_sent(c: Collective) -> float:

@@ -271,9 +271,19 @@ def bytes_sent(c: Collective) -> float:
     return share.get(c.kind, (n - 1) / n) * c.bytes
 
 
+def _fusion_body(instr: Instruction) -> str:
+    """The name of the computation a fusion instruction runs."""
+    return re.search(r"calls=%?([\w.\-]+)", instr.line).group(1)
+
+
 @functools.lru_cache(maxsize=1)
 def _fusion_bodies(text: str) -> frozenset[str]:
-    return frozenset(re.findall(r" fusion\(.*?\bcalls=%?([\w.\-]+)", text))
+    return frozenset(
+        _fusion_body(instr)
+        for computation in _computations(text).values()
+        for instr in computation["instrs"].values()
+        if instr.op == "fusion"
+    )
 
 
 def _scattered_bytes(text: str, computation: str | None, line: str) -> int | None:
@@ -366,7 +376,7 @@ def _parameter_read(computations: dict, body: dict, param: str | None, size: int
         if instr.op == "dynamic-slice" and position == 0:
             read += instr.bytes
         elif instr.op == "fusion":
-            nested = computations[re.search(r"calls=%?([\w.\-]+)", instr.line).group(1)]
+            nested = computations[_fusion_body(instr)]
             read += _parameter_read(computations, nested, nested["params"].get(position), size)
         else:
             return size
@@ -427,7 +437,7 @@ def kernel_bytes(text: str) -> int:
                 destination = _array_bytes(_definition(instr.line)[1], hbm_only=True)[1]
                 moved = operand_bytes[0] + destination
             elif op == "fusion":
-                body = computations[re.search(r"calls=%?([\w.\-]+)", instr.line).group(1)]
+                body = computations[_fusion_body(instr)]
                 moved = _fusion_traffic(computations, body, operand_bytes, written)
             else:
                 moved = sum(operand_bytes) + written

@@ -50,10 +50,11 @@ def tiny(rules="dp", **changes):
     return c
 
 
-# Tests that share a cached compile: `--dist loadgroup` (pyproject.toml) runs a group in one
-# worker process.
+# Tests that share a cached compile (`figures`, `step_bytes`): `--dist loadgroup`
+# (pyproject.toml) runs a group in one worker process.
 ONE_SLICE_GROUP = pytest.mark.xdist_group("tiny_one_v5e4")
 TWO_SLICES_GROUP = pytest.mark.xdist_group("tiny_two_v5e4")
+VIT_B_BFLOAT16_GROUP = pytest.mark.xdist_group("vit_b_bfloat16_v5e4")
 
 
 @functools.cache
@@ -153,15 +154,14 @@ def test_fsdps_forward_pass_needs_no_more_memory_than_data_parallels_at_vit_b_wi
     assert step_bytes("fsdp", "eval", 64) <= step_bytes("dp", "eval", 64)
 
 
-# Two bfloat16 ViT-B blocks at 64 images per chip on a v5e-4: data parallelism's step is
-# compiled once for the two tests of this group.
+# Two bfloat16 ViT-B blocks (64 images per chip below): data parallelism's step is
+# compiled once for the two tests of VIT_B_BFLOAT16_GROUP.
 VIT_B_BFLOAT16 = {"dtype": "bfloat16", "depth": 2}
-SHARED_VIT_B_STEP = pytest.mark.xdist_group("vit_b_bfloat16_v5e4")
 
 
 @TPU
 @pytest.mark.slow
-@SHARED_VIT_B_STEP
+@VIT_B_BFLOAT16_GROUP
 def test_fsdps_train_step_needs_no_more_memory_than_data_parallels_at_vit_b_width():
     """Left to place FSDP's gathers, gradient reductions and backward order, the TPU
     compiler's step needed 1.11 GB against data parallelism's 1.05 (one float32 block at
@@ -187,7 +187,7 @@ def test_fsdps_train_step_across_slices_needs_no_more_than_data_parallels_at_vit
 
 @TPU
 @pytest.mark.slow
-@SHARED_VIT_B_STEP
+@VIT_B_BFLOAT16_GROUP
 def test_selective_remat_leaves_the_attention_weights_out_of_the_compiled_train_step():
     """Two bfloat16 ViT-B blocks at 64 images per chip: the first block's float32 attention
     weights, [64, 12, 197, 197] per chip, are not kept through the second block (1.05 GB

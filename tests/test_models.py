@@ -328,6 +328,42 @@ def test_gradients_reach_every_parameter():
     assert not zero, f"parameters without gradient: {zero}"
 
 
+@pytest.mark.parametrize("remat_policy", ["none", "selective", "full"])
+def test_ordered_backward_barriers_each_layer_and_gives_the_same_gradients(remat_policy):
+    """Unrolled, each block and, without block remat, its attention and MLP layer hand
+    their input's gradient on through one optimization barrier with their parameters'."""
+    variables, images = _init(create_model("Ti/8", num_classes=5, **TINY))
+    params = _randomize(variables["params"])
+
+    def gradient(ordered_backward):
+        model = create_model(
+            "Ti/8",
+            num_classes=5,
+            remat_policy=remat_policy,
+            ordered_backward=ordered_backward,
+            dropout=0.1,
+            attention_dropout=0.1,
+            stochastic_depth=0.2,
+            **TINY,
+        )
+
+        def loss(p):
+            logits = model.apply(
+                {"params": p}, images, train=True, rngs={"dropout": jax.random.key(3)}
+            )
+            return jnp.sum(logits**2)
+
+        barriers = str(jax.make_jaxpr(jax.grad(loss))(params)).count("optimization_barrier")
+        return barriers, jax.jit(jax.grad(loss))(params)
+
+    barriers, expected = gradient(False)
+    ordered_barriers, grads = gradient(True)
+    per_block = 1 if remat_policy == "full" else 3  # The block; its attention and MLP.
+    assert ordered_barriers - barriers == per_block * TINY["depth"]
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, grads, expected)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
 def test_selective_remat_keeps_no_attention_weights_and_gives_the_same_gradients(

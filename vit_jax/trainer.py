@@ -139,8 +139,9 @@ class Trainer:
         )
         # Left to itself the TPU compiler needed more memory for FSDP's unrolled train step
         # than for data parallelism's (docs/scale.md "FSDP against data parallelism"). For
-        # FSDP on TPU each block finishes its weight gradients before the block below starts
-        # (ordered backward) and the pooled features are materialised (pooled barrier, as
+        # FSDP on TPU each block, and each attention and MLP layer in it, finishes its weight
+        # gradients before the layers below start their backward pass (ordered backward)
+        # and the pooled features are materialised (pooled barrier, as
         # for every program on one slice); on one slice the weights are also gathered where
         # they are used, so each gradient is reduced whole over ICI before each chip keeps
         # its shard (across slices that needed more; the compiler places the collectives

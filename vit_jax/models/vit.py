@@ -10,7 +10,7 @@ logical activation constraints: sharding is chosen by rules outside the model.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -221,6 +221,41 @@ class DropPath(nn.Module):
         return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 
 
+def _in_order(fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.Module, Any], Any]:
+    """`fn(module, x)` whose backward pass hands `x`'s gradient on only together with
+    `module`'s parameter gradients (one optimization barrier over both), so the layers
+    before `module` start their backward pass after its weight-gradient matmuls, as each
+    iteration of a scanned loop does. The gradients are the same, to float32 rounding."""
+
+    def forward(module, x):
+        return nn.vjp(fn, module, x)
+
+    def backward(vjp_fn, y_t):
+        return jax.lax.optimization_barrier(vjp_fn(y_t))
+
+    return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)
+
+
+def _maybe_in_order(ordered: bool, fn, module: nn.Module, x):
+    return _in_order(fn)(module, x) if ordered else fn(module, x)
+
+
+def _run_block(block: nn.Module, x, drop_path, train):
+    return block(x, drop_path, train)
+
+
+# Unrolled blocks, and the attention and MLP layers inside each, finish their parameter
+# gradients before the layers below start their backward pass (`ordered_backward`). Left
+# free, XLA's GPU compiler moved a data-parallel step's weight-gradient matmuls to the end
+# of the backward pass and kept every block's recomputed activations live until then: B/16
+# with full remat at 256 images per GPU on 8 H100s needed 19.3 GiB per GPU, 4.9 GiB with
+# blocks in order (5.2 GiB scanned). The TPU compiler ran FSDP's weight-gradient matmuls
+# late in the same way: B/16 at depth 2 on two v5e-4 slices (float32, 256 images per chip)
+# needed 7.60 GB, 6.59 with blocks in order and 5.80 with their layers in order too, against
+# data parallelism's 6.43; there the barriers made a data-parallel step need more
+# (docs/scale.md "Across slices: the ordered backward").
+
+
 class Encoder1DBlock(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
@@ -232,27 +267,30 @@ class Encoder1DBlock(nn.Module):
     attention_impl: str = "xla"
     activation: str = "gelu_tanh"
     recompute_attention: bool = False
+    # The attention and the MLP layer each finish their parameter gradients before the
+    # layers below start their backward pass (`_in_order`).
+    ordered_backward: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, drop_path: float | jnp.ndarray, train: bool):
         """Returns `(x, None)` so the same block serves `nn.scan` and a plain loop."""
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         y = _layer_norm("LayerNorm_0", self.dtype)(x)
-        y = MultiHeadDotProductAttention(
+        attention = MultiHeadDotProductAttention(
             self.num_heads,
             self.attention_dropout,
             self.dtype,
             self.attention_impl,
             self.recompute_attention,
             name="MultiHeadDotProductAttention_0",
-        )(y, y, train)
+        )
+        y = _maybe_in_order(self.ordered_backward, lambda m, y: m(y, y, train), attention, y)
         y = nn.Dropout(self.dropout)(y, deterministic=not train)
         x = x + DropPath()(y, drop_path, train)
 
         y = _layer_norm("LayerNorm_1", self.dtype)(x)
-        y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="MlpBlock_0")(
-            y, train
-        )
+        mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="MlpBlock_0")
+        y = _maybe_in_order(self.ordered_backward, lambda m, y: m(y, train), mlp, y)
         x = x + DropPath()(y, drop_path, train)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         self.sow("intermediates", "out", x)
@@ -293,36 +331,6 @@ class AddPositionEmbs(nn.Module):
             pe = jnp.asarray(sincos2d_posemb(*self.grid, width))
             pe = jnp.pad(pe, ((0, 0), (self.num_prefix, 0), (0, 0)))
         return x + pe.astype(x.dtype)
-
-
-def _apply_block(block: nn.Module, x, drop_path, train):
-    return block(x, drop_path, train)
-
-
-def _apply_block_forward(block: nn.Module, x, drop_path, train):
-    return nn.vjp(lambda mdl, x: mdl(x, drop_path, train), block, x)
-
-
-def _apply_block_backward(drop_path, train, vjp_fn, y_t):
-    # The barrier hands the input's gradient on only together with the parameters'.
-    return jax.lax.optimization_barrier(vjp_fn(y_t))
-
-
-# An unrolled block whose backward pass finishes its parameter gradients before the block
-# below starts its own, as each iteration of a scanned loop does. Left free, XLA's GPU
-# compiler moved a data-parallel step's weight-gradient matmuls to the end of the backward
-# pass and kept every block's recomputed activations live until then: B/16 with full
-# remat at 256 images per GPU on 8 H100s needed 19.3 GiB per GPU, 4.9 GiB with the
-# barrier (5.2 GiB scanned). The gradients are the same. On TPU the compiler ran FSDP's
-# weight-gradient matmuls late in the same way (B/16 on two v5e-4 slices, 256 images per
-# chip: 16.73 GB, 15.43 with the barrier), but the barrier made a data-parallel step need
-# more (docs/scale.md "Across slices: the ordered backward").
-_apply_block_in_order = nn.custom_vjp(
-    _apply_block,
-    forward_fn=_apply_block_forward,
-    backward_fn=_apply_block_backward,
-    nondiff_argnums=(2, 3),
-)
 
 
 class Encoder(nn.Module):
@@ -379,6 +387,12 @@ class Encoder(nn.Module):
             attention_impl=self.attention_impl,
             activation=self.activation,
             recompute_attention=self.remat_policy == "selective",
+            # A scanned loop runs each block's backward pass in order already. Inside a
+            # rematerialised block only the block is ordered: flax's custom_vjp under
+            # nn.remat leaks the dropout key's tracer.
+            ordered_backward=self.ordered_backward
+            and not self.scan
+            and REMAT_POLICIES[self.remat_policy] is None,
         )
         # Stochastic depth grows linearly from 0 at the first block to its maximum at the last.
         rates = np.linspace(0.0, self.stochastic_depth, self.depth)
@@ -393,10 +407,10 @@ class Encoder(nn.Module):
             )
             x, _ = scanned(name="encoderblock", **block_kwargs)(x, jnp.asarray(rates), train)
         else:
-            apply = _apply_block_in_order if self.ordered_backward else _apply_block
             for i in range(self.depth):
                 layer = block(name=f"encoderblock_{i}", **block_kwargs)
-                x, _ = apply(layer, x, float(rates[i]), train)
+                run = functools.partial(_run_block, drop_path=float(rates[i]), train=train)
+                x, _ = _maybe_in_order(self.ordered_backward, run, layer, x)
         return _layer_norm("encoder_norm", self.dtype)(x) if self.final_norm else x
 
 
@@ -456,15 +470,16 @@ class VisionTransformer(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     # Unrolled blocks finish their parameter gradients before the block below starts
-    # (`_apply_block_in_order`); on TPUs the Trainer keeps it for FSDP only.
+    # and, without block remat, their attention and MLP layers too (`_in_order`); on TPUs
+    # the Trainer keeps it for FSDP only.
     ordered_backward: bool = True
     # Materialises the pooled features ([n, width]) behind an optimisation barrier. Without
     # it the TPU compiler fused the final norm's recomputation of them into the next layer's
     # weight-gradient matmul, which then kept two residual-stream-sized inputs of the norm
     # live until late in the backward pass: with FSDP's weights gathered where used, B/16 at
     # depth 2 and 256 images per chip needed 0.9 GB more. The Trainer turns it on on one TPU
-    # slice and for FSDP across slices (with the ordered backward there: 6.59 GB against
-    # 6.90); for data parallelism across slices and on GPUs it cost more than it saved.
+    # slice and for FSDP across slices (with the ordered backward there: 5.80 GB against
+    # 6.11); for data parallelism across slices and on GPUs it cost more than it saved.
     pooled_barrier: bool = False
     activation: str = "gelu_tanh"
     fc_norm: bool = False

@@ -28,7 +28,10 @@ def keys(images: np.ndarray, labels: np.ndarray) -> collections.Counter:
 
 def stored_split(name: str, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A split read straight from tfds, in stored order, as uint8 RGB images."""
-    ds = tfds.builder(name, data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
+    builder = tfds.builder(name, data_dir=data_dir)
+    # Prepared here too: the test that prepares it may run in another xdist worker.
+    builder.download_and_prepare()
+    ds = builder.as_dataset(split=split, shuffle_files=False)
     examples = list(tfds.as_numpy(ds))
     images = np.stack([np.repeat(e["image"], 3, axis=-1) for e in examples])
     return images, np.array([e["label"] for e in examples])

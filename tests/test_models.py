@@ -353,8 +353,9 @@ def test_ordered_backward_barriers_each_layer_and_gives_the_same_gradients(remat
             )
             return jnp.sum(logits**2)
 
-        barriers = str(jax.make_jaxpr(jax.grad(loss))(params)).count("optimization_barrier")
-        return barriers, jax.jit(jax.grad(loss))(params)
+        grad = jax.grad(loss)
+        barriers = str(jax.make_jaxpr(grad)(params)).count("optimization_barrier")
+        return barriers, jax.jit(grad)(params)
 
     barriers, expected = gradient(False)
     ordered_barriers, grads = gradient(True)

@@ -155,9 +155,15 @@ def make_mesh(
 TPU_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
 
 
+def platform(mesh: Mesh) -> str:
+    """The platform of `mesh`'s devices ("tpu", "gpu", "cpu"; real or a target's
+    compile-only devices)."""
+    return mesh.devices.flat[0].platform
+
+
 def on_tpu(mesh: Mesh) -> bool:
-    """Whether `mesh`'s devices are TPUs (real or a target's compile-only devices)."""
-    return mesh.devices.flat[0].platform == "tpu"
+    """Whether `mesh`'s devices are TPUs."""
+    return platform(mesh) == "tpu"
 
 
 def set_by_user(tpu_flag: str) -> bool:

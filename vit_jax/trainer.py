@@ -148,15 +148,15 @@ class Trainer:
         # there). Every GPU program keeps the ordered backward; TPU data parallelism needed
         # more with it, and across slices with the pooled barrier. CPU programs (tests,
         # local runs) go without: there it saved nothing and moved the float32 rounding.
-        tpu = parallel.on_tpu(mesh)
-        cpu = mesh.devices.flat[0].platform == "cpu"
+        platform = parallel.platform(mesh)
+        tpu = platform == "tpu"
         one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1
         fsdp_on_tpu = tpu and parallel.splits_over_batch(
             abstract_params, self.param_shardings, self.gathered_shardings
         )
         self.gathers_weights = fsdp_on_tpu and one_slice
         self.model = model.clone(
-            ordered_backward=fsdp_on_tpu or not (tpu or cpu),
+            ordered_backward=fsdp_on_tpu or platform not in ("tpu", "cpu"),
             pooled_barrier=fsdp_on_tpu or (tpu and one_slice),
         )
         frozen_paths(config, abstract_params)  # Fails early on a pattern matching nothing.

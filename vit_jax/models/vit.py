@@ -370,13 +370,14 @@ class Encoder(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         block = Encoder1DBlock
-        if REMAT_POLICIES[self.remat_policy] is not None:
+        remat = REMAT_POLICIES[self.remat_policy]
+        if remat is not None:
             # Arguments: self=0, x=1, drop_path=2, train=3.
             block = nn.remat(
                 block,
                 prevent_cse=not self.scan,
                 static_argnums=(3,),
-                policy=REMAT_POLICIES[self.remat_policy],
+                policy=remat,
             )
         block_kwargs = dict(
             mlp_dim=self.mlp_dim,
@@ -390,9 +391,7 @@ class Encoder(nn.Module):
             # A scanned loop runs each block's backward pass in order already. Inside a
             # rematerialised block only the block is ordered: flax's custom_vjp under
             # nn.remat leaks the dropout key's tracer.
-            ordered_backward=self.ordered_backward
-            and not self.scan
-            and REMAT_POLICIES[self.remat_policy] is None,
+            ordered_backward=self.ordered_backward and not self.scan and remat is None,
         )
         # Stochastic depth grows linearly from 0 at the first block to its maximum at the last.
         rates = np.linspace(0.0, self.stochastic_depth, self.depth)

@@ -156,7 +156,7 @@ class Trainer:
         )
         self.gathers_weights = fsdp_on_tpu and one_slice
         self.model = model.clone(
-            ordered_backward=fsdp_on_tpu or platform not in ("tpu", "cpu"),
+            ordered_backward=fsdp_on_tpu or platform == "gpu",
             pooled_barrier=fsdp_on_tpu or (tpu and one_slice),
         )
         frozen_paths(config, abstract_params)  # Fails early on a pattern matching nothing.

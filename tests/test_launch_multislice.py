@@ -56,7 +56,7 @@ def test_tpu_compiler_flags_set_here_reach_vit_train_on_every_worker():
 
 
 def test_the_workers_install_the_libtpu_release_the_fit_check_compiles_with():
-    """Compiler releases differ by gigabytes in what one program needs (docs/scale.md): the
+    """Compiler releases differ by gigabytes in what one program needs (docs/fsdp-on-tpu.md): the
     slice must run the libtpu that `vit-bench compile` planned with, not the newest."""
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]

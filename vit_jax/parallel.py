@@ -150,8 +150,8 @@ def make_mesh(
 # The TPU compiler turns an all-gather that feeds a matmul into a windowed einsum: a loop of
 # collective-permutes that keeps float32 partial sums the size of the matmul's output. For
 # FSDP's gathered weights these made the forward pass need more memory than data parallelism's
-# (1.2-1.9x for the eval step, docs/scale.md "FSDP against data parallelism"); a plain
-# all-gather of the weights, which the scheduler overlaps with the layers before it, does not.
+# (1.2-1.9x for the eval step, docs/fsdp-on-tpu.md); a plain all-gather of the weights, which
+# the scheduler overlaps with the layers before it, does not.
 TPU_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
 
 

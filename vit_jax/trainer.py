@@ -138,16 +138,16 @@ class Trainer:
             boxed, self.param_shardings, self.batch_sharding
         )
         # Left to itself the TPU compiler needed more memory for FSDP's unrolled train step
-        # than for data parallelism's (docs/scale.md "FSDP against data parallelism"). For
-        # FSDP on TPU each block, and each attention and MLP layer in it, finishes its weight
-        # gradients before the layers below start their backward pass (ordered backward)
-        # and the pooled features are materialised (pooled barrier, as
-        # for every program on one slice); on one slice the weights are also gathered where
-        # they are used, so each gradient is reduced whole over ICI before each chip keeps
-        # its shard (across slices that needed more; the compiler places the collectives
-        # there). Every GPU program keeps the ordered backward; TPU data parallelism needed
-        # more with it, and across slices with the pooled barrier. CPU programs (tests,
-        # local runs) go without: there it saved nothing and moved the float32 rounding.
+        # than for data parallelism's (docs/fsdp-on-tpu.md). For FSDP on TPU each block, and
+        # each attention and MLP layer in it, finishes its weight gradients before the
+        # layers below start their backward pass (ordered backward) and the pooled features
+        # are materialised (pooled barrier, as for every program on one slice); on one
+        # slice the weights are also gathered where they are used, so each gradient is
+        # reduced whole over ICI before each chip keeps its shard (across slices that
+        # needed more; the compiler places the collectives there). Every GPU program keeps
+        # the ordered backward; TPU data parallelism needed more with it, and across slices
+        # with the pooled barrier. CPU programs (tests, local runs) go without: there it
+        # saved nothing and moved the float32 rounding.
         platform = parallel.platform(mesh)
         tpu = platform == "tpu"
         one_slice = len(parallel.device_slices(mesh.devices.flat)) == 1

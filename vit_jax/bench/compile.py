@@ -40,7 +40,7 @@ NUM_CLASSES = {
 FITS, DOES_NOT_FIT = 0, 3  # `vit-bench compile`'s exit status, for launch scripts to gate on.
 # The TPU compiler recomputes parts of a program that needs more than 95% of HBM until it
 # fits: the step then runs slower than it reads, and its memory figure says where the
-# recomputation stopped, not what the step needs (docs/scale.md "At the edge of HBM"). With
+# recomputation stopped, not what the step needs (docs/fsdp-on-tpu.md "At the edge of HBM"). With
 # this target far beyond any HBM the step is compiled as written; where it needs less than
 # the target, that is the program the defaults compile.
 REMAT_TARGET_FLAG = "xla_jf_rematerialization_percent_shared_memory_limit"

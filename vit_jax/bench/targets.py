@@ -191,7 +191,8 @@ def compiler_version(target: Target) -> str:
     """The compiler that compiles for `target`, as "<package> <version>", or the library
     `TPU_LIBRARY_PATH` names when that is not the installed libtpu (importing libtpu sets
     it to its own). Memory and collectives change between compiler releases
-    (docs/scale.md), so a plan holds for the release it was compiled with."""
+    (docs/fsdp-on-tpu.md, "A newer compiler is not the fix"), so a plan holds for the
+    release it was compiled with."""
     if target.platform != "tpu":
         return f"jax-cuda12-pjrt {importlib.metadata.version('jax-cuda12-pjrt')}"
     chosen = os.environ.get("TPU_LIBRARY_PATH")

@@ -253,7 +253,7 @@ def _run_block(block: nn.Module, x, drop_path, train):
 # late in the same way: B/16 at depth 2 on two v5e-4 slices (float32, 256 images per chip)
 # needed 7.60 GB, 6.59 with blocks in order and 5.80 with their layers in order too, against
 # data parallelism's 6.43; there the barriers made a data-parallel step need more
-# (docs/scale.md "Across slices: the ordered backward").
+# (docs/fsdp-on-tpu.md "Across slices: the ordered backward").
 
 
 class Encoder1DBlock(nn.Module):

@@ -9,9 +9,8 @@ accumulation from none up, until one fits; the costlier policies at the fit's
 accumulation are compiled too: where a step is bound by HBM traffic, recomputing can move
 fewer bytes (H/14 on v5p-256 fits without remat, yet `dots` is estimated 1.22x faster:
 docs/scale.md). Where the fastest of those scanned fits is still bound by HBM traffic,
-they are compiled again at twice the accumulation while that makes the fastest faster
-(smaller micro-batches keep more of the step on chip); otherwise more accumulation only
-adds work.
+they are compiled again at each larger accumulation (smaller micro-batches can keep more
+of the step on chip); otherwise more accumulation only adds work.
 Candidates compile in parallel worker processes (each loads the compiler itself); each
 one's outcome goes to stderr as it arrives.
 
@@ -139,7 +138,7 @@ def search_mesh(
                         if tried[-1]["fits"]:
                             break
                 fits = [f for f in tried if f["fits"] and f["setting"].scan]
-                return tried + accumulate_while_faster(compile_one, fits, batch_size)
+                return tried + accumulate_more(compile_one, fits, batch_size)
     return tried
 
 
@@ -147,31 +146,29 @@ def _img_per_s(figures: dict[str, Any]) -> float:
     return figures.get("estimate_img_per_s") or 0.0
 
 
-def accumulate_while_faster(
+def accumulate_more(
     compile_one: Callable[[Setting], dict[str, Any]], fits: list[dict[str, Any]], batch_size: int
 ) -> list[dict[str, Any]]:
-    """Scanned fits compiled again at twice their accumulation, and again, while the fastest
-    is bound by HBM traffic and each doubling makes the fastest faster.
+    """Scanned fits compiled again at each larger accumulation that divides the batch, where
+    the fastest of them is bound by HBM traffic.
 
-    Smaller micro-batches let the TPU compiler keep more of a step in on-chip memory: B/16
-    on a v6e-64 (FSDP 64) with remat `dots` at 4 steps of 16 images per chip was estimated
-    1.25x faster than the fastest setting at one step of 64 (docs/scale.md), while a step
-    bound by its matmuls only repeats the weights' gathers. `fits` are figures with
-    `setting`, all at one accumulation; returns the figures compiled here, in order.
+    Smaller micro-batches can let the TPU compiler keep more of a step in on-chip memory:
+    B/16 on a v6e-64 (FSDP 64) with remat `dots` at 4 steps of 16 images per chip was
+    estimated 1.25x faster than the fastest setting at one step of 64 (docs/scale.md). Not
+    steadily: L/16 there (data 2 x FSDP 32, `dots`) was estimated slower at 2 steps and
+    faster at 4, so every accumulation is compiled. A step bound by its matmuls only
+    repeats the weights' gathers. `fits` are figures with `setting`, all at one
+    accumulation; returns the figures compiled here, in order.
     """
+    if not fits or max(fits, key=_img_per_s).get("estimate_bound") != "memory":
+        return []
     tried: list[dict[str, Any]] = []
-    while fits:
-        fastest = max(fits, key=_img_per_s)
-        accum = 2 * fastest["setting"].accum_steps
-        if fastest.get("estimate_bound") != "memory" or accum > ACCUM_STEPS[-1]:
-            break
+    for accum in ACCUM_STEPS:
+        if accum <= fits[0]["setting"].accum_steps:
+            continue
         if batch_size % accum:
             break
-        level = [compile_one(dataclasses.replace(f["setting"], accum_steps=accum)) for f in fits]
-        tried += level
-        fits = [f for f in level if f["fits"]]
-        if max(map(_img_per_s, fits), default=0.0) <= _img_per_s(fastest):
-            break
+        tried += [compile_one(dataclasses.replace(f["setting"], accum_steps=accum)) for f in fits]
     return tried
 
 
@@ -203,4 +200,4 @@ def sweep(
         with concurrent.futures.ThreadPoolExecutor(workers) as threads:
             for found in threads.map(search, meshes(devices_per_slice)):
                 results.extend(found)
-    return sorted(results, key=lambda f: (not f["fits"], -(f.get("estimate_img_per_s") or 0)))
+    return sorted(results, key=lambda f: (not f["fits"], -_img_per_s(f)))

@@ -352,7 +352,7 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "cache")
     command = [
         sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x1",
-        "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
+        "--config", f"{REPO}/configs/local.py", "--config.batch_size=2",
         "--config.eval_batch_size=8", "--config.model.depth=1",
     ]  # fmt: skip
     run = functools.partial(
@@ -367,9 +367,10 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     # rules fsdp tp blocks remat accum GiB/dev fits img/s MFU bound: one GPU's one mesh
     # (which meshes a node gets: test_sweep_candidates_...) compiled scanned at every
     # policy (all fit), then unrolled without remat on a GPU target; the step is bound by
-    # HBM traffic, so the scanned fits again at 2, 4 and 8 steps of accumulation.
+    # HBM traffic, so the scanned fits again at 2 steps of accumulation (a batch of 2 has
+    # no larger one).
     settings = sorted(tuple(row[:6]) for row in rows)
-    scanned = [("dp", "1", "1", "scanned", p, a) for a in "1248" for p in REMAT_POLICIES]
+    scanned = [("dp", "1", "1", "scanned", p, a) for a in "12" for p in REMAT_POLICIES]
     assert settings == sorted([*scanned, ("dp", "1", "1", "unrolled", "none", "1")])
     assert all(row[7] == "true" for row in rows), rows
     # Each candidate's outcome reached stderr as it was compiled.

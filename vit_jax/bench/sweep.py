@@ -114,8 +114,9 @@ def search_mesh(
     batch_size: int,
     try_unrolled: bool,
 ) -> list[dict[str, Any]]:
-    """The figures of one mesh's candidates, in the order compiled, up to the first fit and
-    the costlier policies after it.
+    """The figures of one mesh's candidates, in the order compiled: up to the first fit, the
+    costlier policies after it, and where they are bound by HBM traffic the scanned fits
+    at more accumulation (`accumulate_more`).
 
     The order is the module's: scanned blocks, then, with `try_unrolled` (GPU targets),
     unrolled blocks after the fit. `compile_one` gives a setting's figures with `fits`

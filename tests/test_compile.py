@@ -366,13 +366,12 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     rows = [line.split() for line in lines[header + 1 : best]]
     # rules fsdp tp blocks remat accum GiB/dev fits img/s MFU bound: one GPU's one mesh
     # (which meshes a node gets: test_sweep_candidates_...) compiled scanned at every
-    # policy (all fit), then unrolled without remat on a GPU target; the step is bound by
-    # HBM traffic, so the scanned fits again at 2 steps of accumulation (a batch of 2 has
-    # no larger one).
+    # policy (all fit), then unrolled without remat on a GPU target, and no more
+    # accumulation than fitting needs there, though the step is bound by HBM traffic.
     settings = sorted(tuple(row[:6]) for row in rows)
-    scanned = [("dp", "1", "1", "scanned", p, a) for a in "12" for p in REMAT_POLICIES]
+    scanned = [("dp", "1", "1", "scanned", p, "1") for p in REMAT_POLICIES]
     assert settings == sorted([*scanned, ("dp", "1", "1", "unrolled", "none", "1")])
-    assert all(row[7] == "true" for row in rows), rows
+    assert all(row[7] == "true" for row in rows) and rows[0][10] == "memory", rows
     # Each candidate's outcome reached stderr as it was compiled.
     progress = [line for line in result.stderr.splitlines() if line.startswith("compiled ")]
     assert len(progress) == len(rows) and all(": fits: " in line for line in progress), progress
@@ -676,34 +675,34 @@ def test_a_mesh_search_compiles_every_policy_from_the_first_fit_then_cheaper_unr
         key = (setting.scan, setting.remat_policy, setting.accum_steps)
         return {"fits": fits.get(key, False), "setting": setting}
 
-    def order(batch_size: int, try_unrolled: bool) -> list[tuple[bool, str, int]]:
-        tried = search_mesh(compile_one, "fsdp", 8, 1, batch_size, try_unrolled)
+    def order(batch_size: int, platform: str) -> list[tuple[bool, str, int]]:
+        tried = search_mesh(compile_one, "fsdp", 8, 1, batch_size, platform)
         return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
                 for f in tried]  # fmt: skip
 
     every = ("none", "selective", "dots", "full")
     scanned = [(True, p, 1) for p in every]
-    assert order(64, try_unrolled=False) == scanned
-    assert order(64, try_unrolled=True) == scanned + [(False, "none", 1)]
+    assert order(64, "tpu") == scanned
+    assert order(64, "cuda") == scanned + [(False, "none", 1)]
     fits[False, "none", 1] = False  # The unrolled program stops at the scanned fit's policy.
     fits[False, "selective", 1] = True
     unrolled = [(False, "none", 1), (False, "selective", 1)]
-    assert order(64, try_unrolled=True) == scanned + unrolled
+    assert order(64, "cuda") == scanned + unrolled
     fits[False, "selective", 1] = False
-    assert order(64, try_unrolled=True) == scanned + unrolled + [(False, "dots", 1)]
+    assert order(64, "cuda") == scanned + unrolled + [(False, "dots", 1)]
     fits[True, "dots", 1] = False  # Accumulation comes after every policy; 2 divides 6.
     fits[True, "none", 2] = True
     policies = [(True, p, 1) for p in every]
     after = [(True, p, 2) for p in every] + [(False, "none", 2)]
-    assert order(6, try_unrolled=True) == policies + after
-    assert order(5, try_unrolled=True) == policies  # 2 does not divide 5: nothing fits.
+    assert order(6, "cuda") == policies + after
+    assert order(5, "cuda") == policies  # 2 does not divide 5: nothing fits.
 
 
-def test_a_memory_bound_fit_is_compiled_again_at_each_larger_accumulation():
+def test_a_memory_bound_tpu_fit_is_compiled_again_at_each_larger_accumulation():
     """Made-up estimates (no compiler runs), shaped as B/16 on a v6e-64: every policy fits,
     `full` is fastest at one step, slower at two, `dots` fastest at four. Every larger
     accumulation that divides the batch is compiled; none where the fastest fit is bound
-    by its matmuls."""
+    by its matmuls, nor on a GPU target (unrolled blocks follow the fits there)."""
     every = ("none", "selective", "dots", "full")
     levels = {1: (80, 75, 105, 116), 2: (70, 90, 110, 56), 4: (62, 96, 145, 88),
               8: (50, 90, 130, 80)}  # fmt: skip
@@ -715,11 +714,13 @@ def test_a_memory_bound_fit_is_compiled_again_at_each_larger_accumulation():
         return {"fits": True, "setting": setting, "estimate_img_per_s": img_per_s[key],
                 "estimate_bound": bound["value"]}  # fmt: skip
 
-    def compiled(batch_size: int) -> list[tuple[str, int]]:
-        tried = search_mesh(compile_one, "fsdp", 64, 1, batch_size, try_unrolled=False)
-        return [(f["setting"].remat_policy, f["setting"].accum_steps) for f in tried]
+    def compiled(batch_size: int, platform: str = "tpu") -> list[tuple[bool, str, int]]:
+        tried = search_mesh(compile_one, "fsdp", 64, 1, batch_size, platform)
+        return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
+                for f in tried]  # fmt: skip
 
-    assert compiled(4096) == [(p, a) for a in (1, 2, 4, 8) for p in every]
-    assert compiled(4094) == [(p, a) for a in (1, 2) for p in every]  # 4 does not divide it.
+    assert compiled(4096) == [(True, p, a) for a in (1, 2, 4, 8) for p in every]
+    assert compiled(4094) == [(True, p, a) for a in (1, 2) for p in every]  # 4 does not divide.
+    assert compiled(4096, "cuda") == [(True, p, 1) for p in every] + [(False, "none", 1)]
     bound["value"] = "compute"
-    assert compiled(4096) == [(p, 1) for p in every]
+    assert compiled(4096) == [(True, p, 1) for p in every]

@@ -8,9 +8,10 @@ scanned blocks from the cheapest in compute (none, selective, dots, full) and
 accumulation from none up, until one fits; the costlier policies at the fit's
 accumulation are compiled too: where a step is bound by HBM traffic, recomputing can move
 fewer bytes (H/14 on v5p-256 fits without remat, yet `dots` is estimated 1.22x faster:
-docs/scale.md). Where the fastest of those scanned fits is still bound by HBM traffic,
-they are compiled again at each larger accumulation (smaller micro-batches can keep more
-of the step on chip); otherwise more accumulation only adds work.
+docs/scale.md). On TPU targets, where the fastest of those scanned fits is still bound
+by HBM traffic, they are compiled again at each larger accumulation (smaller micro-batches
+can let the compiler keep more of the step in on-chip memory); otherwise more
+accumulation only adds work.
 Candidates compile in parallel worker processes (each loads the compiler itself); each
 one's outcome goes to stderr as it arrives.
 
@@ -18,8 +19,11 @@ On GPU targets each mesh's fit is followed by unrolled blocks, at the policies f
 cheapest up to the fit's, until one fits: that program moves fewer bytes (no stacking
 copies), ran 1.47x faster on an H200 (docs/scale.md) and keeps no stacked activations, so
 it may fit with less recomputation. It compiles for minutes at H/14 and G/14 depth, so it
-is tried with the fit's accumulation only. TPU targets keep scanned blocks: the TPU
-compiler takes minutes for an unrolled program at any size and fits it only by
+is tried with the fit's accumulation only. GPU targets get no more accumulation than a fit
+needs: a GPU keeps no array in on-chip memory across kernels, and every B/16, L/16 and
+G/14 fit on h100x8x4 compiled at 2, 4 and 8 steps moved more HBM bytes per image and was
+estimated slower than at one step (docs/scale.md). TPU targets keep scanned blocks: the
+TPU compiler takes minutes for an unrolled program at any size and fits it only by
 rematerialising on its own.
 """
 
@@ -112,15 +116,14 @@ def search_mesh(
     fsdp: int,
     tensor: int,
     batch_size: int,
-    try_unrolled: bool,
+    platform: str,
 ) -> list[dict[str, Any]]:
     """The figures of one mesh's candidates, in the order compiled: up to the first fit, the
-    costlier policies after it, and where they are bound by HBM traffic the scanned fits
-    at more accumulation (`accumulate_more`).
+    costlier policies after it, then on a GPU target (`platform` "cuda") unrolled blocks,
+    on a TPU target ("tpu"), where they are bound by HBM traffic, the scanned fits at more
+    accumulation (`accumulate_more`).
 
-    The order is the module's: scanned blocks, then, with `try_unrolled` (GPU targets),
-    unrolled blocks after the fit. `compile_one` gives a setting's figures with `fits`
-    and the `setting` itself.
+    `compile_one` gives a setting's figures with `fits` and the `setting` itself.
     """
     tried = []
     for accum in ACCUM_STEPS:
@@ -132,13 +135,14 @@ def search_mesh(
                 scanned = tried[-1]["setting"]
                 for costlier in REMAT_POLICIES[i + 1 :]:
                     tried.append(compile_one(dataclasses.replace(scanned, remat_policy=costlier)))
-                if try_unrolled:
+                if platform == "cuda":
                     for cheaper in REMAT_POLICIES[: i + 1]:
                         unrolled = dataclasses.replace(scanned, scan=False, remat_policy=cheaper)
                         tried.append(compile_one(unrolled))
                         if tried[-1]["fits"]:
                             break
-                fits = [f for f in tried if f["fits"] and f["setting"].scan]
+                    return tried
+                fits = [f for f in tried if f["fits"]]
                 return tried + accumulate_more(compile_one, fits, batch_size)
     return tried
 
@@ -150,15 +154,16 @@ def _img_per_s(figures: dict[str, Any]) -> float:
 def accumulate_more(
     compile_one: Callable[[Setting], dict[str, Any]], fits: list[dict[str, Any]], batch_size: int
 ) -> list[dict[str, Any]]:
-    """Scanned fits compiled again at each larger accumulation that divides the batch, where
-    the fastest of them is bound by HBM traffic.
+    """A TPU mesh's scanned fits compiled again at each larger accumulation that divides
+    the batch, where the fastest of them is bound by HBM traffic.
 
     Smaller micro-batches can let the TPU compiler keep more of a step in on-chip memory:
     B/16 on a v6e-64 (FSDP 64) with remat `dots` at 4 steps of 16 images per chip was
     estimated 1.25x faster than the fastest setting at one step of 64 (docs/scale.md). Not
-    steadily: L/16 there (data 2 x FSDP 32, `dots`) was estimated slower at 2 steps and
-    faster at 4, so every accumulation is compiled. A step bound by its matmuls only
-    repeats the weights' gathers. `fits` are figures with `setting`, all at one
+    steadily, nor on every target: L/16 there (data 2 x FSDP 32, `dots`) was estimated
+    slower at 2 steps and faster at 4, B/16 on a v5p-128 slower at each, so every
+    accumulation is compiled. A step bound by its matmuls only repeats the weights'
+    gathers. `fits` are figures with `setting`, all at one
     accumulation; returns the figures compiled here, in order.
     """
     if not fits or max(fits, key=_img_per_s).get("estimate_bound") != "memory":
@@ -196,7 +201,7 @@ def sweep(
             return figures | {"setting": setting, "flags": flags}
 
         def search(mesh: tuple[str, int, int]) -> list[dict[str, Any]]:
-            return search_mesh(compile_one, *mesh, config.batch_size, target.platform == "cuda")
+            return search_mesh(compile_one, *mesh, config.batch_size, target.platform)
 
         with concurrent.futures.ThreadPoolExecutor(workers) as threads:
             for found in threads.map(search, meshes(devices_per_slice)):

@@ -3,15 +3,15 @@
 Candidates vary what changes memory and speed but not what the run computes: sharding
 rules and mesh shape (data parallelism, FSDP over the whole slice or node or over halves
 of it down to 2 devices, tensor parallelism of 1, 2 or 4), scanned or unrolled blocks,
-the remat policy and gradient accumulation. For each mesh the policies are tried on
-scanned blocks from the cheapest in compute (none, selective, dots, full) and
-accumulation from none up, until one fits; the costlier policies at the fit's
-accumulation are compiled too: where a step is bound by HBM traffic, recomputing can move
-fewer bytes (H/14 on v5p-256 fits without remat, yet `dots` is estimated 1.22x faster:
-docs/scale.md). On TPU targets, where the fastest of those scanned fits is still bound
-by HBM traffic, they are compiled again at each larger accumulation (smaller micro-batches
-can let the compiler keep more of the step in on-chip memory); otherwise more
-accumulation only adds work.
+the remat policy and gradient accumulation. For each mesh every policy (none, selective,
+dots, full: cheapest in compute first) is compiled on scanned blocks, with accumulation
+from none up until one fits; the costlier policies than the first fit count too: where a
+step is bound by HBM traffic, recomputing can move fewer bytes (H/14 on v5p-256 fits
+without remat, yet `dots` is estimated 1.22x faster: docs/scale.md). On TPU targets,
+where the fastest of those fits is still bound by HBM traffic, every policy is compiled
+again at each larger accumulation (smaller micro-batches can let the compiler keep more
+of the step in on-chip memory, and a policy that recomputes less may fit there);
+otherwise more accumulation only adds work.
 Candidates compile in parallel worker processes (each loads the compiler itself); each
 one's outcome goes to stderr as it arrives.
 
@@ -118,32 +118,30 @@ def search_mesh(
     batch_size: int,
     platform: str,
 ) -> list[dict[str, Any]]:
-    """The figures of one mesh's candidates, in the order compiled: up to the first fit, the
-    costlier policies after it, then on a GPU target (`platform` "cuda") unrolled blocks,
-    on a TPU target ("tpu"), where they are bound by HBM traffic, the scanned fits at more
-    accumulation (`accumulate_more`).
+    """The figures of one mesh's candidates, in the order compiled: every policy at each
+    accumulation up to the first where one fits, then on a GPU target (`platform` "cuda")
+    unrolled blocks up to the first fit's policy, on a TPU target ("tpu"), where the fits
+    are bound by HBM traffic, every policy at more accumulation (`accumulate_more`).
 
     `compile_one` gives a setting's figures with `fits` and the `setting` itself.
     """
-    tried = []
+    tried: list[dict[str, Any]] = []
     for accum in ACCUM_STEPS:
         if batch_size % accum:
             break
-        for i, policy in enumerate(REMAT_POLICIES):
-            tried.append(compile_one(Setting(rules, fsdp, tensor, policy, accum)))
+        level = [compile_one(Setting(rules, fsdp, tensor, p, accum)) for p in REMAT_POLICIES]
+        tried += level
+        fits = [f for f in level if f["fits"]]
+        if not fits:
+            continue
+        if platform != "cuda":
+            return tried + accumulate_more(compile_one, fits, batch_size)
+        first = fits[0]["setting"]
+        for cheaper in REMAT_POLICIES[: REMAT_POLICIES.index(first.remat_policy) + 1]:
+            tried.append(compile_one(dataclasses.replace(first, scan=False, remat_policy=cheaper)))
             if tried[-1]["fits"]:
-                scanned = tried[-1]["setting"]
-                for costlier in REMAT_POLICIES[i + 1 :]:
-                    tried.append(compile_one(dataclasses.replace(scanned, remat_policy=costlier)))
-                if platform == "cuda":
-                    for cheaper in REMAT_POLICIES[: i + 1]:
-                        unrolled = dataclasses.replace(scanned, scan=False, remat_policy=cheaper)
-                        tried.append(compile_one(unrolled))
-                        if tried[-1]["fits"]:
-                            break
-                    return tried
-                fits = [f for f in tried if f["fits"]]
-                return tried + accumulate_more(compile_one, fits, batch_size)
+                break
+        return tried
     return tried
 
 
@@ -154,27 +152,33 @@ def _img_per_s(figures: dict[str, Any]) -> float:
 def accumulate_more(
     compile_one: Callable[[Setting], dict[str, Any]], fits: list[dict[str, Any]], batch_size: int
 ) -> list[dict[str, Any]]:
-    """A TPU mesh's scanned fits compiled again at each larger accumulation that divides
-    the batch, where the fastest of them is bound by HBM traffic.
+    """Every policy of a TPU mesh's scanned blocks at each larger accumulation that divides
+    the batch, where the fastest of its fits is bound by HBM traffic.
 
     Smaller micro-batches can let the TPU compiler keep more of a step in on-chip memory:
     B/16 on a v6e-64 (FSDP 64) with remat `dots` at 4 steps of 16 images per chip was
-    estimated 1.25x faster than the fastest setting at one step of 64 (docs/scale.md). Not
-    steadily, nor on every target: L/16 there (data 2 x FSDP 32, `dots`) was estimated
-    slower at 2 steps and faster at 4, B/16 on a v5p-128 slower at each, so every
-    accumulation is compiled. A step bound by its matmuls only repeats the weights'
-    gathers. `fits` are figures with `setting`, all at one
-    accumulation; returns the figures compiled here, in order.
+    estimated 1.25x faster than the fastest setting at one step of 64, and a policy that
+    recomputes less can fit there: G/14 on that slice fits only with `full` at one step,
+    with `dots` at two, estimated 1.03x (docs/scale.md). Not steadily, nor on every
+    target: L/16 there (data 2 x FSDP 32, `dots`) was estimated slower at 2 steps and
+    faster at 4, B/16 on a v5p-128 slower at each, so every accumulation is compiled. A
+    step bound by its matmuls only repeats the weights' gathers. `fits` are figures with
+    `setting`, all of one mesh at one accumulation; returns the figures compiled here, in
+    order.
     """
     if not fits or max(fits, key=_img_per_s).get("estimate_bound") != "memory":
         return []
+    mesh = fits[0]["setting"]
     tried: list[dict[str, Any]] = []
     for accum in ACCUM_STEPS:
-        if accum <= fits[0]["setting"].accum_steps:
+        if accum <= mesh.accum_steps:
             continue
         if batch_size % accum:
             break
-        tried += [compile_one(dataclasses.replace(f["setting"], accum_steps=accum)) for f in fits]
+        for policy in REMAT_POLICIES:
+            tried.append(
+                compile_one(dataclasses.replace(mesh, remat_policy=policy, accum_steps=accum))
+            )
     return tried
 
 

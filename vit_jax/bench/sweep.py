@@ -159,7 +159,7 @@ def accumulate_more(
     B/16 on a v6e-64 (FSDP 64) with remat `dots` at 4 steps of 16 images per chip was
     estimated 1.25x faster than the fastest setting at one step of 64, and a policy that
     recomputes less can fit there: G/14 on that slice fits only with `full` at one step,
-    with `dots` at two, estimated 1.03x (docs/scale.md). Not steadily, nor on every
+    with `dots` from two, estimated 1.06x at eight (docs/scale.md). Not steadily, nor on every
     target: L/16 there (data 2 x FSDP 32, `dots`) was estimated slower at 2 steps and
     faster at 4, B/16 on a v5p-128 slower at each, so every accumulation is compiled. A
     step bound by its matmuls only repeats the weights' gathers. `fits` are figures with

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from helpers import BLOCK_TENSORFLOW, REPO
@@ -21,7 +22,14 @@ from vit_jax.bench.compile import (
     summarize,
     topology_devices,
 )
-from vit_jax.bench.sweep import REMAT_POLICIES, Setting, meshes, search_mesh
+from vit_jax.bench.sweep import (
+    REMAT_POLICIES,
+    Setting,
+    Space,
+    meshes,
+    search_mesh,
+    search_space,
+)
 from vit_jax.bench.targets import UnknownTargetError, compiler_version, parse_target
 from vit_jax.config import base_config
 from vit_jax.trainer import Trainer, compiled_memory
@@ -100,6 +108,36 @@ def test_fsdp_splits_the_train_state_and_never_needs_more_than_data_parallel(tar
     # matmul less than 3x the forward.
     embedding_input_grad = 2 * 64 * (IMAGE // PATCH) ** 2 * PATCH * PATCH * 3 * STATE_WIDTH
     assert dp["hardware_flops_per_step"] == dp["model_flops_per_step"] - embedding_input_grad
+
+
+@pytest.mark.slow
+@TPU
+@ONE_SLICE_GROUP
+def test_candidates_that_share_an_eval_step_take_its_figures_from_one_compile(request):
+    """Remat and accumulation change only the train step: compiled with them, the eval step
+    is the program compiled before, and its figures are that compile's. Scanned blocks are
+    another program, compiled anew."""
+    # Compiled twice here, a compile-only program would be looked up in the tests' persistent
+    # cache, where it cannot be loaded from (as `vit-bench compile`, keep out of it).
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    request.addfinalizer(lambda: jax.config.update("jax_enable_compilation_cache", cached))
+    first = figures("v5e-4", 1, "dp")
+    known = {first["eval_program"]: {"eval_total_bytes": first["eval_total_bytes"],
+                                     "eval_compiler_message": None}}  # fmt: skip
+    wide = {"model.width": STATE_WIDTH, "model.mlp_dim": 4 * STATE_WIDTH}
+    config = tiny("dp", **wide, **{"model.remat_policy": "full", "accum_steps": 2})
+    target = parse_target("v5e-4")
+    served = compile_recipe(config, target, eval_programs=known)
+    assert served["eval_program"] == first["eval_program"] and served["eval_compile_s"] is None
+    fresh = compile_recipe(config, target)
+    assert fresh["eval_program"] == first["eval_program"] and fresh["eval_compile_s"] > 0
+    assert served["eval_total_bytes"] == fresh["eval_total_bytes"] == first["eval_total_bytes"]
+    assert served["total_bytes"] == fresh["total_bytes"] != first["total_bytes"]
+    scanned = compile_recipe(
+        tiny("dp", **wide, **{"model.scan": True}), target, eval_programs=known
+    )
+    assert scanned["eval_program"] != first["eval_program"] and scanned["eval_compile_s"] > 0
 
 
 @pytest.mark.parametrize(
@@ -382,6 +420,21 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     again = run([*command, *flags, "--json"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["estimate_img_per_s"] == pytest.approx(speeds[0], abs=0.5)
+    # A field given on the command line keeps its value: scanned blocks only, no unrolled
+    # ones after the fits. Their eval step, the same program for every policy, is compiled
+    # for the first and its figures serve the others.
+    kept = run([*command, "--config.model.scan=true", "--sweep", "--json"])
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert "sweep keeps --config.model.scan=true: 1 mesh(es)" in kept.stderr
+    ranked = json.loads(kept.stdout)
+    settings = sorted((f["remat_policy"], f["scan"], f["accum_steps"]) for f in ranked)
+    assert settings == sorted((p, True, 1) for p in REMAT_POLICIES), settings
+    assert len({f["eval_program"] for f in ranked}) == 1
+    assert sum(f["eval_compile_s"] is not None for f in ranked) == 1, ranked
+    assert len({f["eval_total_bytes"] for f in ranked}) == 1
+    refused = run([*command, "--config.accum_steps=3", "--sweep"])
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "accum_steps=3 must be at least 1 and divide batch_size 2" in refused.stderr
     cached = list((tmp_path / "cache").glob("*step*")) if (tmp_path / "cache").exists() else []
     assert not cached and "persistent compilation cache" not in result.stderr, cached
 
@@ -665,6 +718,11 @@ def test_sweep_candidates_are_dp_fsdp_and_tensor_sizes_that_divide_the_slice():
     assert "--config.model.scan=false" in Setting("dp", 1, 1, "none", 1, scan=False).flags()
 
 
+def one_by_one(compile_one):
+    """`search_mesh`'s compile_all from a function of one setting."""
+    return lambda settings: [compile_one(setting) for setting in settings]
+
+
 def test_a_mesh_search_compiles_every_policy_from_the_first_fit_then_cheaper_unrolled_ones():
     """Scanned blocks fit only with dots or full remat here, unrolled ones with none or
     selective (a made-up memory table: no compiler runs). The costlier policies after the
@@ -676,7 +734,7 @@ def test_a_mesh_search_compiles_every_policy_from_the_first_fit_then_cheaper_unr
         return {"fits": fits.get(key, False), "setting": setting}
 
     def order(batch_size: int, platform: str) -> list[tuple[bool, str, int]]:
-        tried = search_mesh(compile_one, "fsdp", 8, 1, batch_size, platform)
+        tried = search_mesh(one_by_one(compile_one), "fsdp", 8, 1, batch_size, platform)
         return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
                 for f in tried]  # fmt: skip
 
@@ -717,7 +775,7 @@ def test_a_memory_bound_tpu_mesh_is_compiled_again_at_each_larger_accumulation()
                 "estimate_img_per_s": img_per_s[key], "estimate_bound": bound["value"]}  # fmt: skip
 
     def compiled(batch_size: int, platform: str = "tpu") -> list[tuple[bool, str, int]]:
-        tried = search_mesh(compile_one, "fsdp", 64, 1, batch_size, platform)
+        tried = search_mesh(one_by_one(compile_one), "fsdp", 64, 1, batch_size, platform)
         return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
                 for f in tried]  # fmt: skip
 
@@ -728,3 +786,56 @@ def test_a_memory_bound_tpu_mesh_is_compiled_again_at_each_larger_accumulation()
     assert compiled(4096) == [(True, p, a) for a in (1, 2, 4, 8) for p in every]
     bound["value"] = "compute"
     assert compiled(4096) == [(True, p, 1) for p in every]
+
+
+def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():
+    every = list(meshes(8))
+    assert search_space(8, 64, {}) == (every, Space())
+    fsdp = [("fsdp", 8, 1), ("fsdp", 4, 1), ("fsdp", 2, 1)]
+    assert search_space(8, 64, {"sharding_rules": "fsdp"})[0] == fsdp
+    assert search_space(8, 64, {"mesh.fsdp": 4})[0] == [("fsdp", 4, 1), ("tp", 4, 2)]
+    assert search_space(8, 64, {"mesh.data": 2})[0] == [("fsdp", 4, 1)]  # 8 / (4 x 1).
+    assert search_space(8, 64, {"mesh.data": -1})[0] == every  # -1: the rest, as swept.
+    # All three named: that mesh, also where the sweep has none like it (data 2 x FSDP 2 x TP 2).
+    tp = {"sharding_rules": "tp", "mesh.fsdp": 2, "mesh.tensor": 2}
+    assert search_space(8, 64, tp)[0] == [("tp", 2, 2)]
+    with pytest.raises(
+        ValueError, match=r"No mesh .* has --config.sharding_rules=tp, --config.mesh.data=4"
+    ):
+        search_space(8, 64, tp | {"mesh.data": 4})
+    with pytest.raises(
+        ValueError, match=r"--config.mesh.fsdp=3; its meshes .* fsdp \(fsdp 4, tensor 1\)"
+    ):
+        search_space(8, 64, {"mesh.fsdp": 3})
+
+
+def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes():
+    """Made-up fits (no compiler runs): a fixed field holds its value in every candidate,
+    the other fields are searched as without it."""
+    assert search_space(8, 64, {"model.remat_policy": "dots"})[1] == Space(policies=("dots",))
+    assert search_space(8, 64, {"accum_steps": 4})[1] == Space(accum_steps=(4,))
+    assert search_space(8, 64, {"model.scan": False})[1] == Space(scan=False)
+    with pytest.raises(ValueError, match="remat_policy=some: choose one of"):
+        search_space(8, 64, {"model.remat_policy": "some"})
+    with pytest.raises(ValueError, match="accum_steps=3 must .* divide batch_size 64"):
+        search_space(8, 64, {"accum_steps": 3})
+
+    def compile_one(setting: Setting) -> dict:
+        fits = setting.remat_policy != "none" or setting.accum_steps > 1
+        return {"fits": fits, "setting": setting, "estimate_img_per_s": 1.0,
+                "estimate_bound": "memory"}  # fmt: skip
+
+    def compiled(platform: str, space: Space) -> list[tuple[bool, str, int]]:
+        tried = search_mesh(one_by_one(compile_one), "fsdp", 8, 1, 64, platform, space)
+        return [(f["setting"].scan, f["setting"].remat_policy, f["setting"].accum_steps)
+                for f in tried]  # fmt: skip
+
+    dots = Space(policies=("dots",))
+    assert compiled("cuda", dots) == [(True, "dots", 1), (False, "dots", 1)]
+    assert compiled("tpu", dots) == [(True, "dots", a) for a in (1, 2, 4, 8)]
+    none = Space(policies=("none",))  # Fits from 2 steps on, and only unrolled at those.
+    assert compiled("cuda", none) == [(True, "none", 1), (True, "none", 2), (False, "none", 2)]
+    every = ("none", "selective", "dots", "full")
+    assert compiled("tpu", Space(accum_steps=(2,))) == [(True, p, 2) for p in every]
+    assert compiled("cuda", Space(scan=True)) == [(True, p, 1) for p in every]
+    assert compiled("cuda", Space(scan=False)) == [(False, p, 1) for p in every]

@@ -245,12 +245,16 @@ class Trainer:
         with parallel.activate(self.mesh, self.rules):
             return self._jit_train_step.lower(state, batch).compile(compiler_options)
 
+    def lower_eval_step(self, params: Any, batch: dict) -> jax.stages.Lowered:
+        """The eval step (the forward pass) lowered ahead of time: the program XLA compiles."""
+        with parallel.activate(self.mesh, self.rules):
+            return self._jit_eval_step.lower(params, batch)
+
     def compile_eval_step(
         self, params: Any, batch: dict, compiler_options: dict | None = None
     ) -> jax.stages.Compiled:
         """The eval step (the forward pass) compiled ahead of time."""
-        with parallel.activate(self.mesh, self.rules):
-            return self._jit_eval_step.lower(params, batch).compile(compiler_options)
+        return self.lower_eval_step(params, batch).compile(compiler_options)
 
     def train_step_flops(self, state: TrainState, batch: dict) -> int:
         """Matmul FLOPs of one train step on the global batch, recomputation included."""

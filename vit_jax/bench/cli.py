@@ -45,7 +45,10 @@ _NUM_CLASSES = flags.DEFINE_integer(
     "num_classes", None, "compile: classes of the head (default: the recipe's dataset's)."
 )
 _SWEEP = flags.DEFINE_bool(
-    "sweep", False, "compile: search rules, mesh, remat and accumulation for the fastest fit."
+    "sweep",
+    False,
+    "compile: search rules, mesh, scan, remat and accumulation for the fastest fit; "
+    "those given as --config flags keep their values.",
 )
 _WORKERS = flags.DEFINE_integer("workers", 2, "compile --sweep: compiler processes at once.")
 
@@ -117,10 +120,12 @@ def _compile(config) -> int:
             if not _JSON.value:
                 print(f"summary {summarize(figures)}")
             return FITS if figures["fits"] else DOES_NOT_FIT
-        from vit_jax.bench.sweep import sweep
+        from vit_jax.bench.sweep import SWEPT_FIELDS, sweep
 
         per_slice = len(targets.topology_devices(target)) // target.slices
-        ranked = sweep(config, target, per_slice, _NUM_CLASSES.value, _WORKERS.value)
+        given = config_flags.get_override_values(flags.FLAGS["config"])
+        fixed = {k: v for k, v in given.items() if k in SWEPT_FIELDS}
+        ranked = sweep(config, target, per_slice, _NUM_CLASSES.value, _WORKERS.value, fixed)
     except targets.CompilerMissingError as e:
         raise cli.UsageError(str(e)) from None
     _show_ranking(ranked)

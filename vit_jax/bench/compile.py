@@ -16,6 +16,7 @@ kernels run below peak, so measured steps are slower: docs/scale.md compares the
 from __future__ import annotations
 
 import collections
+import hashlib
 import math
 import re
 import time
@@ -91,6 +92,30 @@ def _compile(lowerable, *args) -> tuple[jax.stages.Compiled | None, str | None, 
         return None, str(e).strip().splitlines()[0], time.perf_counter() - start
 
 
+def _eval_step_figures(
+    trainer: Trainer, params, batch: dict, options: dict | None, known: dict[str, dict] | None
+) -> dict[str, Any]:
+    """The eval step's bytes per device (`eval_total_bytes`, None where it does not fit,
+    with the compiler's `eval_compiler_message`), its compile seconds and `eval_program`, a
+    digest of the program XLA compiles.
+
+    `known` maps an `eval_program` to the two memory figures of an earlier compile: the same
+    program (remat and accumulation change only the train step) takes them from there,
+    with `eval_compile_s` None.
+    """
+    lowered = trainer.lower_eval_step(params, batch)
+    program = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
+    if known and program in known:
+        return known[program] | {"eval_program": program, "eval_compile_s": None}
+    compiled, refusal, seconds = _compile(lowered.compile, options)
+    return {
+        "eval_program": program,
+        "eval_total_bytes": compiled_memory(compiled)["total_bytes"] if compiled else None,
+        "eval_compiler_message": refusal,
+        "eval_compile_s": seconds,
+    }
+
+
 def _refused_temporaries(message: str) -> int | None:
     """Bytes of temporaries a TPU compiler's out-of-memory refusal names, if it names them
     ("... required for HLO temporaries (23.86G) exceeds ...": GiB)."""
@@ -138,9 +163,15 @@ def _collective_figures(compiled: jax.stages.Compiled, mesh) -> tuple[dict, dict
 
 
 def compile_recipe(
-    config: ml_collections.ConfigDict, target: Target, num_classes: int | None = None
+    config: ml_collections.ConfigDict,
+    target: Target,
+    num_classes: int | None = None,
+    eval_programs: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """Every figure of `config` compiled for `target`; see the module docstring.
+
+    `eval_programs`: eval-step memory figures by `eval_program`, as `--sweep` keeps them,
+    so that candidates sharing an eval step compile it once (`_eval_step_figures`).
 
     Raises:
       ValueError: a config that cannot run on the target (mesh, batch sizes, ...).
@@ -174,9 +205,7 @@ def compile_recipe(
     else:
         compiled, oom, compile_s = _compile(trainer.compile_train_step, state, train_batch, options)
         as_written = None
-    eval_compiled, eval_oom, eval_compile_s = _compile(
-        trainer.compile_eval_step, state.params, eval_batch, options
-    )
+    eval_figures = _eval_step_figures(trainer, state.params, eval_batch, options, eval_programs)
     dtype = str(config.model.dtype)
     peak = peak_tflops(device.kind, dtype)
     figures: dict[str, Any] = {
@@ -204,7 +233,7 @@ def compile_recipe(
         # What the train step needs without the TPU compiler's own recomputation.
         "as_written_total_bytes": as_written,
         "compile_s": compile_s,
-        "eval_compile_s": eval_compile_s,
+        **eval_figures,
         "model_flops_per_step": 3 * forward,  # Forward, and twice that for the backward.
         "hardware_flops_per_step": hardware,  # Recomputation included.
         "peak_tflops_per_device": peak,
@@ -214,19 +243,18 @@ def compile_recipe(
     memory = compiled_memory(compiled)
     cost = compiled.cost_analysis() or {}
     kinds, sent = _collective_figures(compiled, mesh)
-    eval_total = compiled_memory(eval_compiled)["total_bytes"] if eval_compiled else None
-    fits = memory["total_bytes"] <= device.memory_bytes and eval_compiled is not None
-    fits = fits and eval_total <= device.memory_bytes
+    eval_total = eval_figures["eval_total_bytes"]
+    fits = memory["total_bytes"] <= device.memory_bytes
+    fits = fits and eval_total is not None and eval_total <= device.memory_bytes
     figures |= memory | {
         "fits": fits,
         "compiler_recomputes": as_written is not None and as_written > memory["total_bytes"],
         "headroom_bytes": device.memory_bytes - memory["total_bytes"],
-        "eval_total_bytes": eval_total,
         "xla_flops_per_device": cost.get("flops"),
         "collectives": kinds,
     }
-    if eval_oom:
-        figures["compiler_message"] = eval_oom
+    if eval_figures["eval_compiler_message"]:
+        figures["compiler_message"] = eval_figures["eval_compiler_message"]
     if peak is None:
         return figures
     seconds = {

@@ -12,8 +12,12 @@ where the fastest of those fits is still bound by HBM traffic, every policy is c
 again at each larger accumulation (smaller micro-batches can let the compiler keep more
 of the step in on-chip memory, and a policy that recomputes less may fit there);
 otherwise more accumulation only adds work.
-Candidates compile in parallel worker processes (each loads the compiler itself); each
-one's outcome goes to stderr as it arrives.
+A field the command line sets (`--config.model.remat_policy=dots`, `--config.mesh.fsdp=16`,
+...) keeps its value: the sweep searches the rest (`search_space`).
+Candidates compile in parallel worker processes (each loads the compiler itself), a
+mesh's candidates of one accumulation together, and each one's outcome goes to stderr as
+it arrives. The eval step, which remat and accumulation do not change, is compiled once
+per program: candidates that share it take its memory figures.
 
 On GPU targets each mesh's fit is followed by unrolled blocks, at the policies from the
 cheapest up to the fit's, until one fits: that program moves fewer bytes (no stacking
@@ -45,6 +49,11 @@ from vit_jax.bench.targets import Target
 REMAT_POLICIES = ("none", "selective", "dots", "full")
 ACCUM_STEPS = (1, 2, 4, 8)
 TENSOR_SIZES = (1, 2, 4)
+# The config fields a sweep chooses (flattened keys): one given on the command line is kept.
+SWEPT_FIELDS = (
+    "sharding_rules", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.scan",
+    "model.remat_policy", "accum_steps",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +100,73 @@ def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
             yield "tp", devices_per_slice // tensor, tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """What a sweep compiles on each mesh: these remat policies, each at these accumulation
+    steps (cheapest first), on scanned blocks and then, on a GPU target, unrolled ones too
+    (`scan` None), or only on the blocks `scan` names."""
+
+    policies: tuple[str, ...] = REMAT_POLICIES
+    accum_steps: tuple[int, ...] = ACCUM_STEPS
+    scan: bool | None = None
+
+
+def search_space(
+    devices_per_slice: int, batch_size: int, fixed: dict[str, Any]
+) -> tuple[list[tuple[str, int, int]], Space]:
+    """The meshes (rules, fsdp, tensor) and the `Space` a sweep compiles, where `fixed`
+    (flattened config keys of `SWEPT_FIELDS`, as the command line gave them) holds fields
+    at their values: the candidates of `meshes` that have them, or the one mesh that
+    sharding_rules, mesh.fsdp and mesh.tensor name together.
+
+    Raises:
+      ValueError: a remat policy or accumulation the sweep cannot hold, or fixed mesh
+        fields that no candidate has.
+    """
+    candidates = list(meshes(devices_per_slice))
+    if {"sharding_rules", "mesh.fsdp", "mesh.tensor"} <= fixed.keys():
+        given = (fixed["sharding_rules"], fixed["mesh.fsdp"], fixed["mesh.tensor"])
+        candidates = candidates if given in candidates else [*candidates, given]
+
+    def has_fixed_values(mesh: tuple[str, int, int]) -> bool:
+        rules, fsdp, tensor = mesh
+        values = {"sharding_rules": rules, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+                  "mesh.data": devices_per_slice // (fsdp * tensor)}  # fmt: skip
+        matches = (fixed[k] == v or (k == "mesh.data" and fixed[k] == -1) for k, v in values.items()
+                   if k in fixed)  # fmt: skip
+        return all(matches)
+
+    kept = [mesh for mesh in candidates if has_fixed_values(mesh)]
+    if not kept:
+        named = ", ".join(f"--config.{k}={fixed[k]}" for k in SWEPT_FIELDS[:4] if k in fixed)
+        choices = "; ".join(f"{r} (fsdp {f}, tensor {t})" for r, f, t in candidates)
+        raise ValueError(
+            f"No mesh the sweep compiles on {devices_per_slice} devices per slice or node has "
+            f"{named}; its meshes (rules, FSDP and tensor sizes) are: {choices}. Fix fewer "
+            "mesh fields, or name sharding_rules, mesh.fsdp and mesh.tensor together."
+        )
+    policy = fixed.get("model.remat_policy")
+    if policy is not None and policy not in REMAT_POLICIES:
+        raise ValueError(f"--config.model.remat_policy={policy}: choose one of {REMAT_POLICIES}.")
+    accum = fixed.get("accum_steps")
+    if accum is not None and (accum < 1 or batch_size % accum):
+        raise ValueError(
+            f"--config.accum_steps={accum} must be at least 1 and divide batch_size {batch_size}."
+        )
+    space = Space(
+        policies=REMAT_POLICIES if policy is None else (policy,),
+        accum_steps=ACCUM_STEPS if accum is None else (accum,),
+        scan=fixed.get("model.scan"),
+    )
+    return kept, space
+
+
 def _compile_one(
-    config: ml_collections.ConfigDict, target: Target, num_classes: int | None, setting: Setting
+    config: ml_collections.ConfigDict,
+    target: Target,
+    num_classes: int | None,
+    eval_programs: dict[str, dict],
+    setting: Setting,
 ) -> dict[str, Any]:
     import jax
 
@@ -104,41 +178,48 @@ def _compile_one(
     config = config.copy_and_resolve_references()
     config.update_from_flattened_dict(setting.overrides())
     try:
-        figures = compile_recipe(config, target, num_classes)
+        figures = compile_recipe(config, target, num_classes, eval_programs)
     except ValueError as e:  # A mesh or batch this setting cannot have.
         return {"fits": False, "error": str(e)}
     return figures
 
 
 def search_mesh(
-    compile_one: Callable[[Setting], dict[str, Any]],
+    compile_all: Callable[[list[Setting]], list[dict[str, Any]]],
     rules: str,
     fsdp: int,
     tensor: int,
     batch_size: int,
     platform: str,
+    space: Space = Space(),
 ) -> list[dict[str, Any]]:
-    """The figures of one mesh's candidates, in the order compiled: every policy at each
-    accumulation up to the first where one fits, then on a GPU target (`platform` "cuda")
-    unrolled blocks up to the first fit's policy, on a TPU target ("tpu"), where the fits
-    are bound by HBM traffic, every policy at more accumulation (`accumulate_more`).
+    """The figures of one mesh's candidates, in the order compiled: every policy of
+    `space` at each of its accumulations up to the first where one fits, then on a GPU
+    target (`platform` "cuda") unrolled blocks up to the first fit's policy, on a TPU
+    target ("tpu"), where the fits are bound by HBM traffic, every policy at more
+    accumulation (`accumulate_more`).
 
-    `compile_one` gives a setting's figures with `fits` and the `setting` itself.
+    `compile_all` gives the figures of settings compiled together (each with `fits` and
+    the `setting` itself), in their order.
     """
     tried: list[dict[str, Any]] = []
-    for accum in ACCUM_STEPS:
+    scan = space.scan is not False
+    for accum in space.accum_steps:
         if batch_size % accum:
             break
-        level = [compile_one(Setting(rules, fsdp, tensor, p, accum)) for p in REMAT_POLICIES]
+        level = compile_all([Setting(rules, fsdp, tensor, p, accum, scan) for p in space.policies])
         tried += level
         fits = [f for f in level if f["fits"]]
         if not fits:
             continue
         if platform != "cuda":
-            return tried + accumulate_more(compile_one, fits, batch_size)
+            return tried + accumulate_more(compile_all, fits, batch_size, space)
+        if space.scan is not None:  # Blocks as the command line gave them.
+            return tried
         first = fits[0]["setting"]
-        for cheaper in REMAT_POLICIES[: REMAT_POLICIES.index(first.remat_policy) + 1]:
-            tried.append(compile_one(dataclasses.replace(first, scan=False, remat_policy=cheaper)))
+        cheaper = space.policies[: space.policies.index(first.remat_policy) + 1]
+        for policy in cheaper:  # One at a time: the first that fits ends it.
+            tried += compile_all([dataclasses.replace(first, scan=False, remat_policy=policy)])
             if tried[-1]["fits"]:
                 break
         return tried
@@ -150,10 +231,13 @@ def _img_per_s(figures: dict[str, Any]) -> float:
 
 
 def accumulate_more(
-    compile_one: Callable[[Setting], dict[str, Any]], fits: list[dict[str, Any]], batch_size: int
+    compile_all: Callable[[list[Setting]], list[dict[str, Any]]],
+    fits: list[dict[str, Any]],
+    batch_size: int,
+    space: Space = Space(),
 ) -> list[dict[str, Any]]:
-    """Every policy of a TPU mesh's scanned blocks at each larger accumulation that divides
-    the batch, where the fastest of its fits is bound by HBM traffic.
+    """Every policy of `space` on a TPU mesh at each larger accumulation of it that divides
+    the batch, where the fastest of the mesh's fits is bound by HBM traffic.
 
     Smaller micro-batches can let the TPU compiler keep more of a step in on-chip memory:
     B/16 on a v6e-64 (FSDP 64) with remat `dots` at 4 steps of 16 images per chip was
@@ -169,17 +253,17 @@ def accumulate_more(
     if not fits or max(fits, key=_img_per_s).get("estimate_bound") != "memory":
         return []
     mesh = fits[0]["setting"]
-    tried: list[dict[str, Any]] = []
-    for accum in ACCUM_STEPS:
+    settings = []
+    for accum in space.accum_steps:
         if accum <= mesh.accum_steps:
             continue
         if batch_size % accum:
             break
-        for policy in REMAT_POLICIES:
-            tried.append(
-                compile_one(dataclasses.replace(mesh, remat_policy=policy, accum_steps=accum))
-            )
-    return tried
+        settings += [
+            dataclasses.replace(mesh, remat_policy=policy, accum_steps=accum)
+            for policy in space.policies
+        ]
+    return compile_all(settings) if settings else []
 
 
 def sweep(
@@ -188,26 +272,59 @@ def sweep(
     devices_per_slice: int,
     num_classes: int | None = None,
     workers: int = 2,
+    fixed: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every compiled candidate's figures plus `setting` and `flags`; fits first, fastest first."""
+    """Every compiled candidate's figures plus `setting` and `flags`; fits first, fastest
+    first. `fixed`: config fields the sweep keeps (`search_space`).
+
+    Raises:
+      ValueError: fixed fields the sweep cannot hold (`search_space`).
+    """
     from vit_jax.bench.compile import summarize
 
+    fixed = fixed or {}
+    mesh_candidates, space = search_space(devices_per_slice, config.batch_size, fixed)
+    if fixed:
+        kept = " ".join(f"--config.{k}={str(v).lower()}" for k, v in fixed.items())
+        print(f"sweep keeps {kept}: {len(mesh_candidates)} mesh(es)", file=sys.stderr)
     results = []
+    # The eval step's memory by program: remat and accumulation change only the train step,
+    # so a mesh's candidates share one eval step, compiled for the first of them.
+    eval_programs: dict[str, dict] = {}
+    compiled_blocks: set[Setting] = set()  # Meshes and blocks (scanned or not) compiled.
     context = multiprocessing.get_context("spawn")  # A fresh compiler per worker.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
 
-        def compile_one(setting: Setting) -> dict[str, Any]:
-            figures = pool.submit(_compile_one, config, target, num_classes, setting).result()
+        def submit(setting: Setting) -> concurrent.futures.Future:
+            known = dict(eval_programs)
+            return pool.submit(_compile_one, config, target, num_classes, known, setting)
+
+        def result(setting: Setting, job: concurrent.futures.Future) -> dict[str, Any]:
+            figures = job.result()
+            if figures.get("eval_compile_s") is not None:
+                eval_programs[figures["eval_program"]] = {
+                    k: figures[k] for k in ("eval_total_bytes", "eval_compiler_message")
+                }
             flags = setting.flags()
             error = figures.get("error")
             outcome = f"not a valid setting: {error}" if error else summarize(figures)
             print(f"compiled {flags}: {outcome}", file=sys.stderr, flush=True)
             return figures | {"setting": setting, "flags": flags}
 
+        def compile_all(settings: list[Setting]) -> list[dict[str, Any]]:
+            """At once; on blocks of a mesh not compiled before, the first alone before
+            the rest, so that its eval step serves theirs."""
+            blocks = dataclasses.replace(settings[0], remat_policy="", accum_steps=0)
+            head = [] if blocks in compiled_blocks else settings[:1]
+            done = [result(setting, submit(setting)) for setting in head]
+            compiled_blocks.add(blocks)
+            jobs = [(setting, submit(setting)) for setting in settings[len(head) :]]
+            return done + [result(setting, job) for setting, job in jobs]
+
         def search(mesh: tuple[str, int, int]) -> list[dict[str, Any]]:
-            return search_mesh(compile_one, *mesh, config.batch_size, target.platform)
+            return search_mesh(compile_all, *mesh, config.batch_size, target.platform, space)
 
         with concurrent.futures.ThreadPoolExecutor(workers) as threads:
-            for found in threads.map(search, meshes(devices_per_slice)):
+            for found in threads.map(search, mesh_candidates):
                 results.extend(found)
     return sorted(results, key=lambda f: (not f["fits"], -_img_per_s(f)))

@@ -14,7 +14,7 @@ import pytest
 from helpers import BLOCK_TENSORFLOW, REPO
 
 from vit_jax import parallel
-from vit_jax.bench import hlo
+from vit_jax.bench import hlo, sweep
 from vit_jax.bench.compile import (
     REMAT_TARGET_FLAG,
     abstract_batch,
@@ -123,8 +123,7 @@ def test_candidates_that_share_an_eval_step_take_its_figures_from_one_compile(re
     jax.config.update("jax_enable_compilation_cache", False)
     request.addfinalizer(lambda: jax.config.update("jax_enable_compilation_cache", cached))
     first = figures("v5e-4", 1, "dp")
-    known = {first["eval_program"]: {"eval_total_bytes": first["eval_total_bytes"],
-                                     "eval_compiler_message": None}}  # fmt: skip
+    known = {first["eval_program"]: {"eval_total_bytes": first["eval_total_bytes"]}}
     wide = {"model.width": STATE_WIDTH, "model.mlp_dim": 4 * STATE_WIDTH}
     config = tiny("dp", **wide, **{"model.remat_policy": "full", "accum_steps": 2})
     target = parse_target("v5e-4")
@@ -786,6 +785,24 @@ def test_a_memory_bound_tpu_mesh_is_compiled_again_at_each_larger_accumulation()
     assert compiled(4096) == [(True, p, a) for a in (1, 2, 4, 8) for p in every]
     bound["value"] = "compute"
     assert compiled(4096) == [(True, p, 1) for p in every]
+
+
+@pytest.mark.parametrize(
+    "cores, memory_gib, limit, workers",
+    [(64, 256, None, 32), (64, 256, "max", 32), (64, 256, 40 * 2**30, 5), (2, 24, None, 2),
+     (8, 4, None, 1), (1, 512, None, 1)],
+)  # fmt: skip
+def test_a_sweep_runs_a_compile_per_core_that_the_memory_holds(
+    cores, memory_gib, limit, workers, monkeypatch, tmp_path
+):
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": memory_gib * 2**30 // 4096}
+    monkeypatch.setattr(os, "sysconf", pages.__getitem__)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    cgroup = tmp_path / "memory.max"
+    if limit is not None:
+        cgroup.write_text(f"{limit}\n")
+    monkeypatch.setattr(sweep, "CGROUP_MEMORY_LIMIT", str(cgroup))
+    assert sweep.default_workers() == workers
 
 
 def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():

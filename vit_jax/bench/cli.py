@@ -50,7 +50,13 @@ _SWEEP = flags.DEFINE_bool(
     "compile: search rules, mesh, scan, remat and accumulation for the fastest fit; "
     "those given as --config flags keep their values.",
 )
-_WORKERS = flags.DEFINE_integer("workers", 2, "compile --sweep: compiler processes at once.")
+_WORKERS = flags.DEFINE_integer(
+    "workers",
+    None,
+    "compile --sweep: compiler processes at once (default: one per core, at most one per 8 "
+    "GB of memory).",
+    lower_bound=1,
+)
 
 
 def _show(figures: dict) -> None:

@@ -95,11 +95,11 @@ def _compile(lowerable, *args) -> tuple[jax.stages.Compiled | None, str | None, 
 def _eval_step_figures(
     trainer: Trainer, params, batch: dict, options: dict | None, known: dict[str, dict] | None
 ) -> dict[str, Any]:
-    """The eval step's bytes per device (`eval_total_bytes`, None where it does not fit,
+    """The eval step's bytes per device (`eval_total_bytes`; None where it does not fit,
     with the compiler's `eval_compiler_message`), its compile seconds and `eval_program`, a
     digest of the program XLA compiles.
 
-    `known` maps an `eval_program` to the two memory figures of an earlier compile: the same
+    `known` maps an `eval_program` to the memory figures of an earlier compile: the same
     program (remat and accumulation change only the train step) takes them from there,
     with `eval_compile_s` None.
     """
@@ -108,12 +108,10 @@ def _eval_step_figures(
     if known and program in known:
         return known[program] | {"eval_program": program, "eval_compile_s": None}
     compiled, refusal, seconds = _compile(lowered.compile, options)
-    return {
-        "eval_program": program,
-        "eval_total_bytes": compiled_memory(compiled)["total_bytes"] if compiled else None,
-        "eval_compiler_message": refusal,
-        "eval_compile_s": seconds,
-    }
+    figures = {"eval_program": program, "eval_compile_s": seconds}
+    if compiled is None:
+        return figures | {"eval_total_bytes": None, "eval_compiler_message": refusal}
+    return figures | {"eval_total_bytes": compiled_memory(compiled)["total_bytes"]}
 
 
 def _refused_temporaries(message: str) -> int | None:
@@ -253,7 +251,7 @@ def compile_recipe(
         "xla_flops_per_device": cost.get("flops"),
         "collectives": kinds,
     }
-    if eval_figures["eval_compiler_message"]:
+    if "eval_compiler_message" in eval_figures:
         figures["compiler_message"] = eval_figures["eval_compiler_message"]
     if peak is None:
         return figures

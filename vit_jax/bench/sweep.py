@@ -36,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -49,6 +50,9 @@ from vit_jax.bench.targets import Target
 REMAT_POLICIES = ("none", "selective", "dots", "full")
 ACCUM_STEPS = (1, 2, 4, 8)
 TENSOR_SIZES = (1, 2, 4)
+# Host memory one compile may hold: a G/14 train step's compile held about 8 GB (docs/scale.md).
+COMPILE_HOST_BYTES = 8 * 1024**3
+CGROUP_MEMORY_LIMIT = "/sys/fs/cgroup/memory.max"  # cgroup v2: bytes, or "max".
 # The config fields a sweep chooses (flattened keys): one given on the command line is kept.
 SWEPT_FIELDS = (
     "sharding_rules", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.scan",
@@ -98,6 +102,19 @@ def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
     for tensor in TENSOR_SIZES[1:]:
         if devices_per_slice % tensor == 0:
             yield "tp", devices_per_slice // tensor, tensor
+
+
+def default_workers() -> int:
+    """Compiles a host runs at once: one per core this process may use, and no more than
+    its memory (physical, or a cgroup v2 limit below it) holds at `COMPILE_HOST_BYTES`
+    each; at least one."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open(CGROUP_MEMORY_LIMIT) as limit:
+            memory = min(memory, int(limit.read()))
+    except (OSError, ValueError):  # No cgroup v2 limit: "max", or no such file.
+        pass
+    return max(1, min(len(os.sched_getaffinity(0)), memory // COMPILE_HOST_BYTES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,11 +288,12 @@ def sweep(
     target: Target,
     devices_per_slice: int,
     num_classes: int | None = None,
-    workers: int = 2,
+    workers: int | None = None,
     fixed: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every compiled candidate's figures plus `setting` and `flags`; fits first, fastest
-    first. `fixed`: config fields the sweep keeps (`search_space`).
+    first. `workers`: compiler processes at once (default: `default_workers()`); `fixed`:
+    config fields the sweep keeps (`search_space`).
 
     Raises:
       ValueError: fixed fields the sweep cannot hold (`search_space`).
@@ -283,6 +301,7 @@ def sweep(
     from vit_jax.bench.compile import summarize
 
     fixed = fixed or {}
+    workers = workers or default_workers()
     mesh_candidates, space = search_space(devices_per_slice, config.batch_size, fixed)
     if fixed:
         kept = " ".join(f"--config.{k}={str(v).lower()}" for k, v in fixed.items())
@@ -302,8 +321,9 @@ def sweep(
         def result(setting: Setting, job: concurrent.futures.Future) -> dict[str, Any]:
             figures = job.result()
             if figures.get("eval_compile_s") is not None:
+                memory = ("eval_total_bytes", "eval_compiler_message")
                 eval_programs[figures["eval_program"]] = {
-                    k: figures[k] for k in ("eval_total_bytes", "eval_compiler_message")
+                    k: figures[k] for k in memory if k in figures
                 }
             flags = setting.flags()
             error = figures.get("error")

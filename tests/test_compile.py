@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from helpers import BLOCK_TENSORFLOW, REPO
@@ -113,15 +112,10 @@ def test_fsdp_splits_the_train_state_and_never_needs_more_than_data_parallel(tar
 @pytest.mark.slow
 @TPU
 @ONE_SLICE_GROUP
-def test_candidates_that_share_an_eval_step_take_its_figures_from_one_compile(request):
+def test_candidates_that_share_an_eval_step_take_its_figures_from_one_compile():
     """Remat and accumulation change only the train step: compiled with them, the eval step
-    is the program compiled before, and its figures are that compile's. Scanned blocks are
-    another program, compiled anew."""
-    # Compiled twice here, a compile-only program would be looked up in the tests' persistent
-    # cache, where it cannot be loaded from (as `vit-bench compile`, keep out of it).
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    request.addfinalizer(lambda: jax.config.update("jax_enable_compilation_cache", cached))
+    is the program compiled before (the same digest of its lowered text), and its figures
+    are that compile's. Scanned blocks are another program, compiled anew."""
     first = figures("v5e-4", 1, "dp")
     known = {first["eval_program"]: {"eval_total_bytes": first["eval_total_bytes"]}}
     wide = {"model.width": STATE_WIDTH, "model.mlp_dim": 4 * STATE_WIDTH}
@@ -129,14 +123,13 @@ def test_candidates_that_share_an_eval_step_take_its_figures_from_one_compile(re
     target = parse_target("v5e-4")
     served = compile_recipe(config, target, eval_programs=known)
     assert served["eval_program"] == first["eval_program"] and served["eval_compile_s"] is None
-    fresh = compile_recipe(config, target)
-    assert fresh["eval_program"] == first["eval_program"] and fresh["eval_compile_s"] > 0
-    assert served["eval_total_bytes"] == fresh["eval_total_bytes"] == first["eval_total_bytes"]
-    assert served["total_bytes"] == fresh["total_bytes"] != first["total_bytes"]
+    assert served["eval_total_bytes"] == first["eval_total_bytes"] > 0
+    assert served["fits"] and served["total_bytes"] != first["total_bytes"]  # Its own train step.
     scanned = compile_recipe(
         tiny("dp", **wide, **{"model.scan": True}), target, eval_programs=known
     )
     assert scanned["eval_program"] != first["eval_program"] and scanned["eval_compile_s"] > 0
+    assert scanned["eval_total_bytes"] > 0
 
 
 @pytest.mark.parametrize(

@@ -806,6 +806,9 @@ def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():
     assert search_space(8, 64, {"mesh.fsdp": 4})[0] == [("fsdp", 4, 1), ("tp", 4, 2)]
     assert search_space(8, 64, {"mesh.data": 2})[0] == [("fsdp", 4, 1)]  # 8 / (4 x 1).
     assert search_space(8, 64, {"mesh.data": -1})[0] == every  # -1: the rest, as swept.
+    whole = {"sharding_rules": "fsdp", "mesh.data": 1, "mesh.fsdp": -1}  # FSDP over the slice.
+    assert search_space(8, 64, whole)[0] == [("fsdp", 8, 1)]
+    assert search_space(8, 64, whole | {"mesh.tensor": 1})[0] == [("fsdp", 8, 1)]
     # All three named: that mesh, also where the sweep has none like it (data 2 x FSDP 2 x TP 2).
     tp = {"sharding_rules": "tp", "mesh.fsdp": 2, "mesh.tensor": 2}
     assert search_space(8, 64, tp)[0] == [("tp", 2, 2)]

@@ -133,8 +133,9 @@ def search_space(
 ) -> tuple[list[tuple[str, int, int]], Space]:
     """The meshes (rules, fsdp, tensor) and the `Space` a sweep compiles, where `fixed`
     (flattened config keys of `SWEPT_FIELDS`, as the command line gave them) holds fields
-    at their values: the candidates of `meshes` that have them, or the one mesh that
-    sharding_rules, mesh.fsdp and mesh.tensor name together.
+    at their values: the candidates of `meshes` that have them (a mesh axis of -1, "the
+    rest", any), or the one mesh that sharding_rules, mesh.fsdp and mesh.tensor name
+    together.
 
     Raises:
       ValueError: a remat policy or accumulation the sweep cannot hold, or fixed mesh
@@ -143,15 +144,15 @@ def search_space(
     candidates = list(meshes(devices_per_slice))
     if {"sharding_rules", "mesh.fsdp", "mesh.tensor"} <= fixed.keys():
         given = (fixed["sharding_rules"], fixed["mesh.fsdp"], fixed["mesh.tensor"])
-        candidates = candidates if given in candidates else [*candidates, given]
+        if given not in candidates and min(given[1:]) > 0:
+            candidates.append(given)
 
     def has_fixed_values(mesh: tuple[str, int, int]) -> bool:
         rules, fsdp, tensor = mesh
         values = {"sharding_rules": rules, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
                   "mesh.data": devices_per_slice // (fsdp * tensor)}  # fmt: skip
-        matches = (fixed[k] == v or (k == "mesh.data" and fixed[k] == -1) for k, v in values.items()
-                   if k in fixed)  # fmt: skip
-        return all(matches)
+        # A mesh axis of -1 takes what the others leave: the sweep chooses those.
+        return all(fixed[k] in (v, -1) for k, v in values.items() if k in fixed)
 
     kept = [mesh for mesh in candidates if has_fixed_values(mesh)]
     if not kept:

@@ -830,6 +830,9 @@ def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes
     assert search_space(8, 64, {"model.scan": False})[1] == Space(scan=False)
     with pytest.raises(ValueError, match="remat_policy=some: choose one of"):
         search_space(8, 64, {"model.remat_policy": "some"})
+    # Every policy the model has can be held, also one the sweep does not search.
+    dots_no_batch = {"model.remat_policy": "dots_no_batch"}
+    assert search_space(8, 64, dots_no_batch)[1] == Space(policies=("dots_no_batch",))
     with pytest.raises(ValueError, match="accum_steps=3 must .* divide batch_size 64"):
         search_space(8, 64, {"accum_steps": 3})
 
@@ -846,7 +849,7 @@ def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes
     dots = Space(policies=("dots",))
     assert compiled("cuda", dots) == [(True, "dots", 1), (False, "dots", 1)]
     assert compiled("tpu", dots) == [(True, "dots", a) for a in (1, 2, 4, 8)]
-    none = Space(policies=("none",))  # Fits from 2 steps on, and only unrolled at those.
+    none = Space(policies=("none",))  # Fits from 2 steps on: unrolled blocks follow there.
     assert compiled("cuda", none) == [(True, "none", 1), (True, "none", 2), (False, "none", 2)]
     every = ("none", "selective", "dots", "full")
     assert compiled("tpu", Space(accum_steps=(2,))) == [(True, p, 2) for p in every]

@@ -44,6 +44,7 @@ from typing import Any
 import ml_collections
 
 from vit_jax.bench.targets import Target
+from vit_jax.models import vit
 
 # Cheapest first: "selective" recomputes only the attention weights, "dots" all but the
 # matmuls' outputs, "full" everything.
@@ -53,11 +54,11 @@ TENSOR_SIZES = (1, 2, 4)
 # Host memory one compile may hold: a G/14 train step's compile held about 8 GB (docs/scale.md).
 COMPILE_HOST_BYTES = 8 * 1024**3
 CGROUP_MEMORY_LIMIT = "/sys/fs/cgroup/memory.max"  # cgroup v2: bytes, or "max".
-# The config fields a sweep chooses (flattened keys): one given on the command line is kept.
-SWEPT_FIELDS = (
-    "sharding_rules", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.scan",
-    "model.remat_policy", "accum_steps",
-)  # fmt: skip
+
+
+def as_flags(values: dict[str, Any]) -> str:
+    """`--config.KEY=VALUE` flags of flattened config values, as `vit-train` reads them."""
+    return " ".join(f"--config.{k}={str(v).lower()}" for k, v in values.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,13 @@ class Setting:
         }
 
     def flags(self) -> str:
-        return " ".join(f"--config.{k}={str(v).lower()}" for k, v in self.overrides().items())
+        return as_flags(self.overrides())
+
+
+# The config fields a sweep chooses (flattened keys), those of its mesh first: one given on
+# the command line keeps its value.
+SWEPT_FIELDS = tuple(Setting("dp", 1, 1, "none", 1).overrides())
+MESH_FIELDS = tuple(k for k in SWEPT_FIELDS if k == "sharding_rules" or k.startswith("mesh."))
 
 
 def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
@@ -156,7 +163,7 @@ def search_space(
 
     kept = [mesh for mesh in candidates if has_fixed_values(mesh)]
     if not kept:
-        named = ", ".join(f"--config.{k}={fixed[k]}" for k in SWEPT_FIELDS[:4] if k in fixed)
+        named = ", ".join(f"--config.{k}={fixed[k]}" for k in MESH_FIELDS if k in fixed)
         choices = "; ".join(f"{r} (fsdp {f}, tensor {t})" for r, f, t in candidates)
         raise ValueError(
             f"No mesh the sweep compiles on {devices_per_slice} devices per slice or node has "
@@ -164,8 +171,10 @@ def search_space(
             "mesh fields, or name sharding_rules, mesh.fsdp and mesh.tensor together."
         )
     policy = fixed.get("model.remat_policy")
-    if policy is not None and policy not in REMAT_POLICIES:
-        raise ValueError(f"--config.model.remat_policy={policy}: choose one of {REMAT_POLICIES}.")
+    if policy is not None and policy not in vit.REMAT_POLICIES:
+        raise ValueError(
+            f"--config.model.remat_policy={policy}: choose one of {tuple(vit.REMAT_POLICIES)}."
+        )
     accum = fixed.get("accum_steps")
     if accum is not None and (accum < 1 or batch_size % accum):
         raise ValueError(
@@ -305,8 +314,8 @@ def sweep(
     workers = workers or default_workers()
     mesh_candidates, space = search_space(devices_per_slice, config.batch_size, fixed)
     if fixed:
-        kept = " ".join(f"--config.{k}={str(v).lower()}" for k, v in fixed.items())
-        print(f"sweep keeps {kept}: {len(mesh_candidates)} mesh(es)", file=sys.stderr)
+        kept = f"{as_flags(fixed)}: {len(mesh_candidates)} mesh(es)"
+        print(f"sweep keeps {kept}", file=sys.stderr)
     results = []
     # The eval step's memory by program: remat and accumulation change only the train step,
     # so a mesh's candidates share one eval step, compiled for the first of them.

@@ -402,7 +402,8 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     scanned = [("dp", "1", "1", "scanned", p, "1") for p in REMAT_POLICIES]
     assert settings == sorted([*scanned, ("dp", "1", "1", "unrolled", "none", "1")])
     assert all(row[7] == "true" for row in rows) and rows[0][10] == "memory", rows
-    # Each candidate's outcome reached stderr as it was compiled.
+    # What it searches came first, then each candidate's outcome as it was compiled.
+    assert result.stderr.count("sweep: 1 mesh(es) (dp), scanned, then unrolled blocks,") == 1
     progress = [line for line in result.stderr.splitlines() if line.startswith("compiled ")]
     assert len(progress) == len(rows) and all(": fits: " in line for line in progress), progress
     speeds = [float(row[8]) for row in rows]
@@ -417,7 +418,7 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     # for the first and its figures serve the others.
     kept = run([*command, "--config.model.scan=true", "--sweep", "--json"])
     assert kept.returncode == 0, kept.stderr[-3000:]
-    assert "sweep keeps --config.model.scan=true: 1 mesh(es)" in kept.stderr
+    assert "sweep keeps --config.model.scan=true: 1 mesh(es) (dp), scanned blocks," in kept.stderr
     ranked = json.loads(kept.stdout)
     settings = sorted((f["remat_policy"], f["scan"], f["accum_steps"]) for f in ranked)
     assert settings == sorted((p, True, 1) for p in REMAT_POLICIES), settings
@@ -778,6 +779,20 @@ def test_a_memory_bound_tpu_mesh_is_compiled_again_at_each_larger_accumulation()
     assert compiled(4096) == [(True, p, a) for a in (1, 2, 4, 8) for p in every]
     bound["value"] = "compute"
     assert compiled(4096) == [(True, p, 1) for p in every]
+
+
+def test_a_sweep_says_what_it_searches_and_the_fewest_compiles_that_takes():
+    said = sweep.describe_search(list(meshes(8)), Space(), "tpu", 2)
+    assert said == (
+        "6 mesh(es) (dp; fsdp 8; fsdp 4; fsdp 2; tp 2 x fsdp 4; tp 4 x fsdp 2), scanned blocks,"
+        " remat none, selective, dots, full, accumulation 1, 2, 4, 8 steps: at least 24"
+        " compile(s), 2 at once (--workers)"
+    )
+    fixed = Space(policies=("dots",), accum_steps=(4,), scan=False)
+    said = sweep.describe_search([("fsdp", 8, 1)], fixed, "cuda", 1)
+    assert said.startswith("1 mesh(es) (fsdp 8), unrolled blocks, remat dots, accumulation 4")
+    assert "at least 1 compile(s), 1 at once" in said
+    assert ", then unrolled" in sweep.describe_search([("dp", 1, 1)], Space(), "cuda", 1)
 
 
 @pytest.mark.parametrize(

@@ -188,6 +188,27 @@ def search_space(
     return kept, space
 
 
+def describe_search(
+    mesh_candidates: list[tuple[str, int, int]], space: Space, platform: str, workers: int
+) -> str:
+    """What a sweep searches: its meshes, blocks, policies and accumulations, the fewest
+    compiles that takes, and how many run at once."""
+
+    def name(rules: str, fsdp: int, tensor: int) -> str:
+        return {"dp": "dp", "fsdp": f"fsdp {fsdp}"}.get(rules, f"{rules} {tensor} x fsdp {fsdp}")
+
+    blocks = "unrolled" if space.scan is False else "scanned"
+    if space.scan is None and platform == "cuda":
+        blocks += ", then unrolled"
+    fewest = len(mesh_candidates) * len(space.policies)
+    return (
+        f"{len(mesh_candidates)} mesh(es) ({'; '.join(name(*m) for m in mesh_candidates)}),"
+        f" {blocks} blocks, remat {', '.join(space.policies)}, accumulation"
+        f" {', '.join(map(str, space.accum_steps))} steps: at least {fewest} compile(s),"
+        f" {workers} at once (--workers)"
+    )
+
+
 def _compile_one(
     config: ml_collections.ConfigDict,
     target: Target,
@@ -313,9 +334,9 @@ def sweep(
     fixed = fixed or {}
     workers = workers or default_workers()
     mesh_candidates, space = search_space(devices_per_slice, config.batch_size, fixed)
-    if fixed:
-        kept = f"{as_flags(fixed)}: {len(mesh_candidates)} mesh(es)"
-        print(f"sweep keeps {kept}", file=sys.stderr)
+    searched = describe_search(mesh_candidates, space, target.platform, workers)
+    kept = f" keeps {as_flags(fixed)}" if fixed else ""
+    print(f"sweep{kept}: {searched}", file=sys.stderr)
     results = []
     # The eval step's memory by program: remat and accumulation change only the train step,
     # so a mesh's candidates share one eval step, compiled for the first of them.

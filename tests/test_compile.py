@@ -793,6 +793,11 @@ def test_a_sweep_says_what_it_searches_and_the_fewest_compiles_that_takes():
     assert said.startswith("1 mesh(es) (fsdp 8), unrolled blocks, remat dots, accumulation 4")
     assert "at least 1 compile(s), 1 at once" in said
     assert ", then unrolled" in sweep.describe_search([("dp", 1, 1)], Space(), "cuda", 1)
+    said = sweep.describe_search([("dp", 1, 1)], Space(scan=False), "tpu", 1)
+    assert said.endswith(
+        "; unrolled, a ViT-B or larger takes the TPU compiler minutes per compile"
+    ), said
+    assert "minutes" not in sweep.describe_search([("dp", 1, 1)], Space(), "tpu", 1)
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,9 @@ def describe_search(
     mesh_candidates: list[tuple[str, int, int]], space: Space, platform: str, workers: int
 ) -> str:
     """What a sweep searches: its meshes, blocks, policies and accumulations, the fewest
-    compiles that takes, and how many run at once."""
+    compiles that takes, how many run at once, and for unrolled blocks on a TPU target
+    that each compile is slow (an unrolled B/16 step for a v5e-4: 70-280 s on 2 cores,
+    docs/fsdp-on-tpu.md)."""
 
     def name(rules: str, fsdp: int, tensor: int) -> str:
         return {"dp": "dp", "fsdp": f"fsdp {fsdp}"}.get(rules, f"{rules} {tensor} x fsdp {fsdp}")
@@ -201,11 +203,13 @@ def describe_search(
     if space.scan is None and platform == "cuda":
         blocks += ", then unrolled"
     fewest = len(mesh_candidates) * len(space.policies)
+    slow = space.scan is False and platform == "tpu"
+    warning = "; unrolled, a ViT-B or larger takes the TPU compiler minutes per compile"
     return (
         f"{len(mesh_candidates)} mesh(es) ({'; '.join(name(*m) for m in mesh_candidates)}),"
         f" {blocks} blocks, remat {', '.join(space.policies)}, accumulation"
         f" {', '.join(map(str, space.accum_steps))} steps: at least {fewest} compile(s),"
-        f" {workers} at once (--workers)"
+        f" {workers} at once (--workers)" + (warning if slow else "")
     )
 
 

@@ -837,7 +837,8 @@ def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():
     ):
         search_space(8, 64, tp | {"mesh.data": 4})
     with pytest.raises(
-        ValueError, match=r"--config.mesh.fsdp=3; its meshes .* fsdp \(fsdp 4, tensor 1\)"
+        ValueError,
+        match=r"--config.mesh.fsdp=3; its meshes are: dp; fsdp 8; fsdp 4; fsdp 2; tp 2 x",
     ):
         search_space(8, 64, {"mesh.fsdp": 3})
 

@@ -111,6 +111,13 @@ def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
             yield "tp", devices_per_slice // tensor, tensor
 
 
+def mesh_name(rules: str, fsdp: int, tensor: int) -> str:
+    """A mesh of `meshes` in words: "dp", "fsdp 8", "tp 2 x fsdp 4"."""
+    if rules == "dp":
+        return "dp"
+    return f"fsdp {fsdp}" if rules == "fsdp" else f"{rules} {tensor} x fsdp {fsdp}"
+
+
 def default_workers() -> int:
     """Compiles a host runs at once: one per core this process may use, and no more than
     its memory (physical, or a cgroup v2 limit below it) holds at `COMPILE_HOST_BYTES`
@@ -164,10 +171,10 @@ def search_space(
     kept = [mesh for mesh in candidates if has_fixed_values(mesh)]
     if not kept:
         named = ", ".join(f"--config.{k}={fixed[k]}" for k in MESH_FIELDS if k in fixed)
-        choices = "; ".join(f"{r} (fsdp {f}, tensor {t})" for r, f, t in candidates)
+        choices = "; ".join(mesh_name(*mesh) for mesh in candidates)
         raise ValueError(
             f"No mesh the sweep compiles on {devices_per_slice} devices per slice or node has "
-            f"{named}; its meshes (rules, FSDP and tensor sizes) are: {choices}. Fix fewer "
+            f"{named}; its meshes are: {choices}. Fix fewer "
             "mesh fields, or name sharding_rules, mesh.fsdp and mesh.tensor together."
         )
     policy = fixed.get("model.remat_policy")
@@ -196,21 +203,18 @@ def describe_search(
     that each compile is slow (an unrolled B/16 step for a v5e-4: 70-280 s on 2 cores,
     docs/fsdp-on-tpu.md)."""
 
-    def name(rules: str, fsdp: int, tensor: int) -> str:
-        return {"dp": "dp", "fsdp": f"fsdp {fsdp}"}.get(rules, f"{rules} {tensor} x fsdp {fsdp}")
-
     blocks = "unrolled" if space.scan is False else "scanned"
     if space.scan is None and platform == "cuda":
         blocks += ", then unrolled"
-    fewest = len(mesh_candidates) * len(space.policies)
-    slow = space.scan is False and platform == "tpu"
-    warning = "; unrolled, a ViT-B or larger takes the TPU compiler minutes per compile"
-    return (
-        f"{len(mesh_candidates)} mesh(es) ({'; '.join(name(*m) for m in mesh_candidates)}),"
+    said = (
+        f"{len(mesh_candidates)} mesh(es) ({'; '.join(mesh_name(*m) for m in mesh_candidates)}),"
         f" {blocks} blocks, remat {', '.join(space.policies)}, accumulation"
-        f" {', '.join(map(str, space.accum_steps))} steps: at least {fewest} compile(s),"
-        f" {workers} at once (--workers)" + (warning if slow else "")
+        f" {', '.join(map(str, space.accum_steps))} steps: at least"
+        f" {len(mesh_candidates) * len(space.policies)} compile(s), {workers} at once (--workers)"
     )
+    if space.scan is False and platform == "tpu":
+        said += "; unrolled, a ViT-B or larger takes the TPU compiler minutes per compile"
+    return said
 
 
 def _compile_one(

@@ -798,6 +798,11 @@ def test_a_sweep_says_what_it_searches_and_the_fewest_compiles_that_takes():
         "; unrolled, a ViT-B or larger takes the TPU compiler minutes per compile"
     ), said
     assert "minutes" not in sweep.describe_search([("dp", 1, 1)], Space(), "tpu", 1)
+    # Each mesh by the axes it has, and a given one whose rules its axes do not imply.
+    names = [sweep.mesh_name(*mesh) for mesh in meshes(4)]
+    assert names == ["dp", "fsdp 4", "fsdp 2", "tp 2 x fsdp 2", "tp 4"], names
+    assert sweep.mesh_name("fsdp", 4, 2) == "tp 2 x fsdp 4, fsdp rules"
+    assert sweep.mesh_name("dp", 2, 1) == "fsdp 2, dp rules"
 
 
 @pytest.mark.parametrize(

@@ -112,10 +112,12 @@ def meshes(devices_per_slice: int) -> Iterator[tuple[str, int, int]]:
 
 
 def mesh_name(rules: str, fsdp: int, tensor: int) -> str:
-    """A mesh of `meshes` in words: "dp", "fsdp 8", "tp 2 x fsdp 4"."""
-    if rules == "dp":
-        return "dp"
-    return f"fsdp {fsdp}" if rules == "fsdp" else f"{rules} {tensor} x fsdp {fsdp}"
+    """A mesh in words by its axes inside a slice: "dp", "fsdp 8", "tp 2 x fsdp 4"; rules
+    other than those its axes imply are named after them ("tp 2 x fsdp 4, fsdp rules")."""
+    axes = [f"{axis} {size}" for axis, size in (("tp", tensor), ("fsdp", fsdp)) if size > 1]
+    implied = "tp" if tensor > 1 else "fsdp" if fsdp > 1 else "dp"
+    name = " x ".join(axes) or "dp"
+    return name if rules == implied else f"{name}, {rules} rules"
 
 
 def default_workers() -> int:
@@ -140,6 +142,11 @@ class Space:
     policies: tuple[str, ...] = REMAT_POLICIES
     accum_steps: tuple[int, ...] = ACCUM_STEPS
     scan: bool | None = None
+
+    def unrolled_after_fit(self, platform: str) -> bool:
+        """Whether a mesh's scanned fit is followed by unrolled blocks: on a GPU target
+        ("cuda"), where the command line leaves the blocks to the sweep."""
+        return self.scan is None and platform == "cuda"
 
 
 def search_space(
@@ -202,9 +209,8 @@ def describe_search(
     compiles that takes, how many run at once, and for unrolled blocks on a TPU target
     that each compile is slow (an unrolled B/16 step for a v5e-4: 70-280 s on 2 cores,
     docs/fsdp-on-tpu.md)."""
-
     blocks = "unrolled" if space.scan is False else "scanned"
-    if space.scan is None and platform == "cuda":
+    if space.unrolled_after_fit(platform):
         blocks += ", then unrolled"
     said = (
         f"{len(mesh_candidates)} mesh(es) ({'; '.join(mesh_name(*m) for m in mesh_candidates)}),"
@@ -270,7 +276,7 @@ def search_mesh(
             continue
         if platform != "cuda":
             return tried + accumulate_more(compile_all, fits, batch_size, space)
-        if space.scan is not None:  # Blocks as the command line gave them.
+        if not space.unrolled_after_fit(platform):  # Blocks as the command line gave them.
             return tried
         first = fits[0]["setting"]
         cheaper = space.policies[: space.policies.index(first.remat_policy) + 1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 
 import flax.linen as nn
@@ -22,6 +23,13 @@ from vit_jax.parallel import make_mesh
 from vit_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now, for a test's coordinator."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 # The optional dependencies some tests need, by the marker those tests carry, with the
 # command that installs them. Without them such a test is skipped, or fails under CI.

@@ -7,9 +7,10 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, free_port
 
 RECIPE = "configs/pretrain.py:variant=B/16"
 WORKDIR = "/runs/it's b16"  # Quotes and spaces must survive every layer of quoting.
@@ -46,11 +47,34 @@ def test_single_gpu_node_runs_vit_train():  # It execs it: tests/test_launch_arg
 def test_slurm_runs_every_task_and_requeues_when_preempted():
     commands = dry_run("slurm.sbatch", RECIPE, WORKDIR, "--config.seed=1")
     assert commands == [
-        ["srun", "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", *TRAIN, "--distributed"],
+        ["srun", "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
+         "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7", *TRAIN, "--distributed"],
         ["scontrol", "requeue", "$SLURM_JOB_ID"],
-    ]
+    ]  # fmt: skip
     header = open(os.path.join(REPO, "launch", "slurm.sbatch")).read()
     assert "#SBATCH --requeue" in header and "#SBATCH --signal=TERM@120" in header
+
+
+def test_under_slurm_each_process_sees_every_gpu_of_its_node():
+    """One process per node: left to read SLURM's environment, jax.distributed.initialize()
+    makes only the GPU numbered SLURM_LOCALID visible (as for one process per GPU), and a
+    node of 4 GPUs would train on 1. JAX itself, given the environment srun passes, is asked
+    here which GPUs it lets the CUDA plugin open."""
+    [srun, _] = dry_run("slurm.sbatch", RECIPE, WORKDIR, SLURM_GPUS_ON_NODE="4")
+    passed = dict(word.split("=", 1) for word in srun[2 : srun.index("vit-train")])
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": str(free_port())}  # fmt: skip
+    opened = (
+        "import jax; jax.distributed.initialize(); "
+        "print(jax.config.read('jax_cuda_visible_devices')); jax.distributed.shutdown()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", opened],
+        env=os.environ | slurm | passed | {"JAX_PLATFORMS": "cpu"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "0,1,2,3"
 
 
 def test_tpu_creates_installs_runs_everywhere_and_deletes():
@@ -158,7 +182,7 @@ def test_slurm_requeues_only_a_preempted_run(tmp_path, status, requeued):
         tmp_path, "slurm.sbatch", STATUSES=str(tmp_path / "statuses"), SLURM_JOB_ID="42"
     )
     assert code == status
-    assert calls[0].startswith("srun env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 vit-train")
+    assert calls[0].startswith("srun env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 JAX_LOCAL_DEVICE_IDS=")
     assert ("scontrol requeue 42" in calls) == requeued
 
 

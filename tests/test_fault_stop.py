@@ -9,13 +9,12 @@ agreed on (tests/evaluator_support.py), so no outcome depends on timing.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 from evaluator_support import EVALUATION_RUNNING
-from helpers import REPO, TINY
+from helpers import REPO, TINY, free_port
 
 from vit_jax import metrics
 from vit_jax.preemption import PREEMPTED_EXIT_STATUS
@@ -155,9 +154,7 @@ def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir, block
     shutdown still runs in both (a process that skipped it would hold the other's exit).
     """
     workdir = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
     runs = [
         _start(

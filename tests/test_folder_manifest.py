@@ -4,13 +4,12 @@ decode is named and left out, in any split, so a run finishes; a changed folder 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, small_local_config, write_image
+from helpers import REPO, free_port, small_local_config, write_image
 
 from vit_jax.data import folder_manifest
 from vit_jax.data.folder import FolderSource
@@ -209,9 +208,7 @@ print(json.dumps({
 def test_two_processes_share_one_check_and_see_the_same_splits(tmp_path):
     make_photos(tmp_path, per_class=3)
     cut_in_half(tmp_path / "test" / "b" / "02.jpg")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        coordinator = f"localhost:{s.getsockname()[1]}"
+    coordinator = f"localhost:{free_port()}"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", OPEN_FOLDER, coordinator, str(i), str(tmp_path)],

@@ -4,14 +4,13 @@ a preemption notice that every process obeys at the same step, and a process tha
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import jax
 import pytest
-from helpers import PAUSED_TRAIN, REPO, TINY, load_recipe, wait_until_paused
+from helpers import PAUSED_TRAIN, REPO, TINY, free_port, load_recipe, wait_until_paused
 
 from vit_jax.checkpoint import load_params
 from vit_jax.evaluators.classification import ClassificationEvaluator
@@ -30,16 +29,10 @@ OVERRIDES = TINY | {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path, workdir, *flags, pause_at: int | None = None) -> list[subprocess.Popen]:
     """Two processes of one run, 4 simulated devices each; paused before step `pause_at` + 1
     (tests/paused_train.py) until a line arrives on their stdin."""
-    port = _free_port()
+    port = free_port()
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
     env = dict(os.environ, XLA_FLAGS=xla_flags)

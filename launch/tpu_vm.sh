@@ -99,9 +99,27 @@ delete_slice() {
 NODES=(--node-id "$TPU_NAME")
 [ "$NUM_SLICES" = 1 ] || NODES=(--node-count "$NUM_SLICES" --node-prefix "$TPU_NAME")
 
+# The recipe's flags among vit-train's (--config.k=v, or --config.k v): what the fit check
+# compiles. vit-train's own flags (--heartbeat_timeout, ...) mean nothing to vit-bench.
+recipe_flags() {
+  local arg value_next=0
+  for arg in "$@"; do
+    if [ "$value_next" = 1 ] && [[ $arg != --* ]]; then
+      echo "$arg"
+    fi
+    value_next=0
+    case $arg in
+      --config.*=*) echo "$arg" ;;
+      --config.*) echo "$arg" && value_next=1 ;;
+    esac
+  done
+}
+
 if [ "${CHECK_FIT:-0}" = 1 ]; then # Exit status 3: it does not fit; nothing is created.
+  mapfile -t FIT_FLAGS < <(recipe_flags "${TRAIN_COMMAND[@]:5}")
+  # Compiled here: the recipe as vit-train would find it here, not in the workers' clone.
   run vit-bench compile --target "$ACCELERATOR_TYPE" --slices "$NUM_SLICES" \
-    --config "${TRAIN_COMMAND[2]}" "${TRAIN_COMMAND[@]:5}"
+    --config "$(RECIPE_IN_CLONE=0 recipe_path "${TRAIN_COMMAND[2]}")" "${FIT_FLAGS[@]}"
 fi
 
 trap 'if [ "$DRY_RUN" = 0 ]; then delete_slice --async; fi' EXIT # Never leave a slice billing.

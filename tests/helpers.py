@@ -31,6 +31,7 @@ def free_port() -> int:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
 
+
 # The optional dependencies some tests need, by the marker those tests carry, with the
 # command that installs them. Without them such a test is skipped, or fails under CI.
 EXTRAS = {

@@ -47,6 +47,29 @@ def test_one_slice_keeps_its_name_and_the_fit_check_comes_first():
     assert any("tpu-vm ssh vit --zone us-east5-b --worker=all" in line for line in lines)
 
 
+def test_the_fit_check_takes_the_recipes_flags_alone_and_finds_it_from_any_directory(tmp_path):
+    """vit-bench rejects vit-train's own flags (exit 2: the launch would stop though the run
+    fits). The check compiles here, so it reads the recipe from this repository wherever the
+    script is started; the workers read it from their clones."""
+    flags = ["--heartbeat_timeout=300", "--config.seed", "3", "--config.model.scan=true",
+             "--process_id", "0"]  # fmt: skip
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "configs/pretrain.py:variant=B/16",
+         "gs://b/run", *flags, "--dry-run"],
+        cwd=tmp_path, env=os.environ | ENV | {"CHECK_FIT": "1"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert shlex.split(lines[0]) == [
+        "vit-bench", "compile", "--target", "v5e-256", "--slices", "1", "--config",
+        f"{REPO}/configs/pretrain.py:variant=B/16", "--config.seed", "3",
+        "--config.model.scan=true",
+    ]  # fmt: skip
+    (train,) = [line for line in lines if "vit-train --config" in line]
+    assert "vit-train --config configs/pretrain.py:variant=B/16 --workdir gs://b/run" in train
+    assert "--heartbeat_timeout=300 --config.seed 3" in train
+
+
 def test_tpu_compiler_flags_set_here_reach_vit_train_on_every_worker():
     flags = "--xla_tpu_enable_latency_hiding_scheduler=false --xla_x=1"
     (train,) = [line for line in dry_run(LIBTPU_INIT_ARGS=flags) if "vit-train --config" in line]

@@ -5,6 +5,7 @@ import functools
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -846,6 +847,36 @@ def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():
         match=r"--config.mesh.fsdp=3; its meshes are: dp; fsdp 8; fsdp 4; fsdp 2; tp 2 x",
     ):
         search_space(8, 64, {"mesh.fsdp": 3})
+    # All three named, but FSDP x TP does not divide the node: no mesh, not one that fails
+    # at each compile.
+    odd = {"sharding_rules": "fsdp", "mesh.fsdp": 3, "mesh.tensor": 1}
+    with pytest.raises(
+        ValueError,
+        match=r"fsdp=3, --config.mesh.tensor=1 \(fsdp 3 x tensor 1 = 3 does not divide its 8 "
+        r"devices\); its meshes are: dp; fsdp 8; .*Name a mesh.fsdp and mesh.tensor whose "
+        r"product divides 8\.$",
+    ):
+        search_space(8, 64, odd)
+    with pytest.raises(ValueError, match=r"\(fsdp 2 x tensor 4 = 8 does not divide its 6 "):
+        search_space(6, 64, tp | {"mesh.fsdp": 2, "mesh.tensor": 4})
+    assert search_space(6, 64, odd)[0] == [("fsdp", 3, 1)]
+
+
+@GPU
+def test_a_sweep_refuses_a_given_mesh_the_node_cannot_hold_before_its_first_compile(tmp_path):
+    command = [
+        sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x8",
+        "--config", f"{REPO}/configs/local.py", "--config.sharding_rules=fsdp",
+        "--config.mesh.fsdp=3", "--config.mesh.tensor=1", "--sweep", "--workers", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    native = r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog)"
+    lines = result.stderr.splitlines()
+    (line,) = [text for text in lines if text.strip() and not re.match(native, text)]
+    assert line.startswith("vit-bench: No mesh the sweep compiles on 8 devices"), line
+    assert "(fsdp 3 x tensor 1 = 3 does not divide its 8 devices); its meshes are: dp;" in line
+    assert result.stdout == ""
 
 
 def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes():

@@ -163,9 +163,16 @@ def search_space(
         fields that no candidate has.
     """
     candidates = list(meshes(devices_per_slice))
+    why = ""  # Why the one mesh named in full cannot be held.
     if {"sharding_rules", "mesh.fsdp", "mesh.tensor"} <= fixed.keys():
         given = (fixed["sharding_rules"], fixed["mesh.fsdp"], fixed["mesh.tensor"])
-        if given not in candidates and min(given[1:]) > 0:
+        _, fsdp, tensor = given
+        if min(fsdp, tensor) > 0 and devices_per_slice % (fsdp * tensor):
+            why = (
+                f" (fsdp {fsdp} x tensor {tensor} = {fsdp * tensor} does not divide its "
+                f"{devices_per_slice} devices)"
+            )
+        elif given not in candidates and min(fsdp, tensor) > 0:
             candidates.append(given)
 
     def has_fixed_values(mesh: tuple[str, int, int]) -> bool:
@@ -179,10 +186,14 @@ def search_space(
     if not kept:
         named = ", ".join(f"--config.{k}={fixed[k]}" for k in MESH_FIELDS if k in fixed)
         choices = "; ".join(mesh_name(*mesh) for mesh in candidates)
+        advice = (
+            f"Name a mesh.fsdp and mesh.tensor whose product divides {devices_per_slice}"
+            if why
+            else "Fix fewer mesh fields, or name sharding_rules, mesh.fsdp and mesh.tensor together"
+        )
         raise ValueError(
             f"No mesh the sweep compiles on {devices_per_slice} devices per slice or node has "
-            f"{named}; its meshes are: {choices}. Fix fewer "
-            "mesh fields, or name sharding_rules, mesh.fsdp and mesh.tensor together."
+            f"{named}{why}; its meshes are: {choices}. {advice}."
         )
     policy = fixed.get("model.remat_policy")
     if policy is not None and policy not in vit.REMAT_POLICIES:

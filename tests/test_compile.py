@@ -860,6 +860,9 @@ def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():
     with pytest.raises(ValueError, match=r"\(fsdp 2 x tensor 4 = 8 does not divide its 6 "):
         search_space(6, 64, tp | {"mesh.fsdp": 2, "mesh.tensor": 4})
     assert search_space(6, 64, odd)[0] == [("fsdp", 3, 1)]
+    # A size that is no size is named as make_mesh names it.
+    with pytest.raises(ValueError, match=r"^config.mesh.fsdp=0: an axis size must be a whole"):
+        search_space(8, 64, odd | {"mesh.fsdp": 0})
 
 
 @GPU

@@ -70,7 +70,7 @@ def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def _check_axis_sizes(axes: Mapping[str, int], field: str) -> None:
+def check_axis_sizes(axes: Mapping[str, int], field: str) -> None:
     """Refuses an axis size that is neither -1 nor a whole number of devices >= 1."""
     bad = [f"config.{field}.{name}={size}" for name, size in axes.items() if not _size_ok(size)]
     if bad:
@@ -94,7 +94,7 @@ def _axis_sizes(axes: Mapping[str, int], total: int, field: str, unit: str) -> l
       ValueError: a size neither -1 nor >= 1, more than one -1, or sizes that do not
         multiply to `total`.
     """
-    _check_axis_sizes(axes, field)
+    check_axis_sizes(axes, field)
     sizes = [int(size) for size in axes.values()]
     if sizes.count(-1) > 1:
         raise ValueError(f"config.{field} {dict(axes)}: at most one axis may be -1.")
@@ -145,7 +145,7 @@ def make_mesh(
             f"Slices or nodes of unequal sizes {[len(g) for g in groups]}: a mesh needs the "
             "same number of devices in each."
         )
-    _check_axis_sizes(ici, "mesh")  # Here, not under the advice on splitting below.
+    check_axis_sizes(ici, "mesh")  # Here, not under the advice on splitting below.
     dcn_sizes = _axis_sizes(
         {name: dcn.get(name, 1) for name in names}, len(groups), "dcn_mesh", "slices or nodes"
     )

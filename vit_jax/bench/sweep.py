@@ -43,6 +43,7 @@ from typing import Any
 
 import ml_collections
 
+from vit_jax import parallel
 from vit_jax.bench.targets import Target
 from vit_jax.models import vit
 
@@ -159,9 +160,12 @@ def search_space(
     together.
 
     Raises:
-      ValueError: a remat policy or accumulation the sweep cannot hold, or fixed mesh
-        fields that no candidate has.
+      ValueError: a remat policy or accumulation the sweep cannot hold, a mesh axis size
+        neither -1 nor >= 1, or fixed mesh fields that no candidate has.
     """
+    parallel.check_axis_sizes(
+        {k.removeprefix("mesh."): v for k, v in fixed.items() if k.startswith("mesh.")}, "mesh"
+    )
     candidates = list(meshes(devices_per_slice))
     why = ""  # Why the one mesh named in full cannot be held.
     if {"sharding_rules", "mesh.fsdp", "mesh.tensor"} <= fixed.keys():

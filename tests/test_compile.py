@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -915,3 +916,51 @@ def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes
     assert compiled("tpu", Space(accum_steps=(2,))) == [(True, p, 2) for p in every]
     assert compiled("cuda", Space(scan=True)) == [(True, p, 1) for p in every]
     assert compiled("cuda", Space(scan=False)) == [(False, p, 1) for p in every]
+
+
+def dies_or_fails_at_two_policies(config, target, num_classes, eval_programs, setting):
+    """A sweep's compile in its worker process: the real one, except that `selective` kills
+    its own process, as the kernel kills a compile for host memory, and `dots` meets a real
+    compiler error (an option the compiler does not have)."""
+    import jax
+    import jax.numpy as jnp
+
+    if setting.remat_policy == "selective":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if setting.remat_policy == "dots":
+        jax.jit(jnp.sin).lower(jnp.ones(2)).compile({"xla_no_such_option": True})
+    return sweep._compile_one(config, target, num_classes, eval_programs, setting)
+
+
+@pytest.mark.slow
+@GPU
+def test_a_sweep_records_a_compile_that_fails_or_whose_worker_dies_and_goes_on(monkeypatch, capsys):
+    """A killed worker fails the pool's other jobs too: those compile again in a new pool;
+    the candidate whose process dies again does not fit, and says so, as does one that the
+    compiler refuses. The others are ranked, and the best named."""
+    from absl import flags
+
+    from vit_jax.bench import cli
+
+    monkeypatch.setattr(sweep, "_compile_one", dies_or_fails_at_two_policies)
+    fixed = {"sharding_rules": "dp", "mesh.fsdp": 1, "mesh.tensor": 1, "accum_steps": 1,
+             "model.scan": True}  # fmt: skip
+    ranked = sweep.sweep(tiny(), parse_target("h100x8"), 8, workers=1, fixed=fixed)
+    err = capsys.readouterr().err
+    by_policy = {f["setting"].remat_policy: f for f in ranked}
+    assert sorted(by_policy) == sorted(REMAT_POLICIES) and len(ranked) == 4, ranked
+    assert by_policy["none"]["fits"] and by_policy["full"]["fits"]  # "full" compiled again.
+    assert not by_policy["selective"]["fits"] and not by_policy["dots"]["fits"]
+    assert by_policy["selective"]["failed"] == sweep.DIED
+    refusal = "JaxRuntimeError: INVALID_ARGUMENT: No such compile option: 'xla_no_such_option'"
+    assert by_policy["dots"]["failed"] == refusal
+    said = {line.split("remat_policy=")[1].split()[0]: line for line in err.splitlines()
+            if line.startswith("compiled ")}  # fmt: skip
+    assert said["selective"].endswith(f": failed: {sweep.DIED}"), err
+    assert said["dots"].endswith(f": failed: {refusal}"), err
+    flags.FLAGS(["vit-bench"])  # --json off: the table.
+    cli._show_ranking(ranked)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[4]: line for line in lines[1:5]}
+    assert rows["dots"].endswith(f"  failed: {refusal}") and "failed" not in rows["none"]
+    assert lines[-1].startswith("best: vit-train ... --config.sharding_rules=dp"), lines

@@ -97,6 +97,10 @@ USER_ERRORS = {
         ("vit-train", "--config", RECIPE, "--workdir", "a_file"),
         "--workdir {tmp}/a_file is a file",
     ),
+    "mesh axis of size 0": (
+        ("vit-bench", "train", "--config", RECIPE, "--config.mesh.fsdp=0"),
+        "config.mesh.fsdp=0: an axis size must be a whole number >= 1, or -1",
+    ),
     "unknown flag": ((*TRAIN, "--stepz=3"), "Unknown command line flag 'stepz'"),
     "stray argument": ((*TRAIN, "run2"), "unexpected arguments ['run2']"),
     "predict, missing checkpoint": (

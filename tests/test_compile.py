@@ -5,6 +5,8 @@ import functools
 import importlib.metadata
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -846,6 +848,39 @@ def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():
         match=r"--config.mesh.fsdp=3; its meshes are: dp; fsdp 8; fsdp 4; fsdp 2; tp 2 x",
     ):
         search_space(8, 64, {"mesh.fsdp": 3})
+    # All three named, but FSDP x TP does not divide the node: no mesh, not one that fails
+    # at each compile.
+    odd = {"sharding_rules": "fsdp", "mesh.fsdp": 3, "mesh.tensor": 1}
+    with pytest.raises(
+        ValueError,
+        match=r"fsdp=3, --config.mesh.tensor=1 \(fsdp 3 x tensor 1 = 3 does not divide its 8 "
+        r"devices\); its meshes are: dp; fsdp 8; .*Name a mesh.fsdp and mesh.tensor whose "
+        r"product divides 8\.$",
+    ):
+        search_space(8, 64, odd)
+    with pytest.raises(ValueError, match=r"\(fsdp 2 x tensor 4 = 8 does not divide its 6 "):
+        search_space(6, 64, tp | {"mesh.fsdp": 2, "mesh.tensor": 4})
+    assert search_space(6, 64, odd)[0] == [("fsdp", 3, 1)]
+    # A size that is no size is named as make_mesh names it.
+    with pytest.raises(ValueError, match=r"^config.mesh.fsdp=0: an axis size must be a whole"):
+        search_space(8, 64, odd | {"mesh.fsdp": 0})
+
+
+@GPU
+def test_a_sweep_refuses_a_given_mesh_the_node_cannot_hold_before_its_first_compile(tmp_path):
+    command = [
+        sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x8",
+        "--config", f"{REPO}/configs/local.py", "--config.sharding_rules=fsdp",
+        "--config.mesh.fsdp=3", "--config.mesh.tensor=1", "--sweep", "--workers", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    native = r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog)"
+    lines = result.stderr.splitlines()
+    (line,) = [text for text in lines if text.strip() and not re.match(native, text)]
+    assert line.startswith("vit-bench: No mesh the sweep compiles on 8 devices"), line
+    assert "(fsdp 3 x tensor 1 = 3 does not divide its 8 devices); its meshes are: dp;" in line
+    assert result.stdout == ""
 
 
 def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes():
@@ -881,3 +916,51 @@ def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes
     assert compiled("tpu", Space(accum_steps=(2,))) == [(True, p, 2) for p in every]
     assert compiled("cuda", Space(scan=True)) == [(True, p, 1) for p in every]
     assert compiled("cuda", Space(scan=False)) == [(False, p, 1) for p in every]
+
+
+def dies_or_fails_at_two_policies(config, target, num_classes, eval_programs, setting):
+    """A sweep's compile in its worker process: the real one, except that `selective` kills
+    its own process, as the kernel kills a compile for host memory, and `dots` meets a real
+    compiler error (an option the compiler does not have)."""
+    import jax
+    import jax.numpy as jnp
+
+    if setting.remat_policy == "selective":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if setting.remat_policy == "dots":
+        jax.jit(jnp.sin).lower(jnp.ones(2)).compile({"xla_no_such_option": True})
+    return sweep._compile_one(config, target, num_classes, eval_programs, setting)
+
+
+@pytest.mark.slow
+@GPU
+def test_a_sweep_records_a_compile_that_fails_or_whose_worker_dies_and_goes_on(monkeypatch, capsys):
+    """A killed worker fails the pool's other jobs too: those compile again in a new pool;
+    the candidate whose process dies again does not fit, and says so, as does one that the
+    compiler refuses. The others are ranked, and the best named."""
+    from absl import flags
+
+    from vit_jax.bench import cli
+
+    monkeypatch.setattr(sweep, "_compile_one", dies_or_fails_at_two_policies)
+    fixed = {"sharding_rules": "dp", "mesh.fsdp": 1, "mesh.tensor": 1, "accum_steps": 1,
+             "model.scan": True}  # fmt: skip
+    ranked = sweep.sweep(tiny(), parse_target("h100x8"), 8, workers=1, fixed=fixed)
+    err = capsys.readouterr().err
+    by_policy = {f["setting"].remat_policy: f for f in ranked}
+    assert sorted(by_policy) == sorted(REMAT_POLICIES) and len(ranked) == 4, ranked
+    assert by_policy["none"]["fits"] and by_policy["full"]["fits"]  # "full" compiled again.
+    assert not by_policy["selective"]["fits"] and not by_policy["dots"]["fits"]
+    assert by_policy["selective"]["failed"] == sweep.DIED
+    refusal = "JaxRuntimeError: INVALID_ARGUMENT: No such compile option: 'xla_no_such_option'"
+    assert by_policy["dots"]["failed"] == refusal
+    said = {line.split("remat_policy=")[1].split()[0]: line for line in err.splitlines()
+            if line.startswith("compiled ")}  # fmt: skip
+    assert said["selective"].endswith(f": failed: {sweep.DIED}"), err
+    assert said["dots"].endswith(f": failed: {refusal}"), err
+    flags.FLAGS(["vit-bench"])  # --json off: the table.
+    cli._show_ranking(ranked)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[4]: line for line in lines[1:5]}
+    assert rows["dots"].endswith(f"  failed: {refusal}") and "failed" not in rows["none"]
+    assert lines[-1].startswith("best: vit-train ... --config.sharding_rules=dp"), lines

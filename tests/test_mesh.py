@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import SGD, run_steps, tiny_config
 
-from vit_jax.parallel import device_slices, make_mesh
+from vit_jax.parallel import _axis_sizes, device_slices, make_mesh
 
 AXES = {"data": -1, "fsdp": 1, "tensor": 1}
 
@@ -61,6 +61,33 @@ def test_meshes_that_cannot_be_built_say_why(ici, dcn, slices, message):
     groups = _two_slices() if slices == "two" else [devices[:3], devices[3:]]
     with pytest.raises(ValueError, match=message):
         make_mesh(ici, dcn, slices=groups)
+
+
+@pytest.mark.parametrize(
+    "ici, dcn, slices, named",
+    [
+        (AXES | {"fsdp": 0}, None, 1, "config.mesh.fsdp=0"),
+        (AXES | {"tensor": -2}, None, 1, "config.mesh.tensor=-2"),
+        (AXES | {"fsdp": 0}, None, 2, "config.mesh.fsdp=0"),  # Not the advice on slices.
+        (AXES | {"data": 0, "fsdp": -1}, None, 2, "config.mesh.data=0"),
+        (AXES, {"data": 0}, 2, "config.dcn_mesh.data=0"),
+        (AXES, {"data": -1, "fsdp": -4}, 2, "config.dcn_mesh.fsdp=-4"),
+    ],
+)  # fmt: skip
+def test_an_axis_size_neither_minus_one_nor_positive_is_refused_by_its_field(
+    ici, dcn, slices, named
+):
+    groups = _two_slices() if slices == 2 else [jax.devices()]
+    with pytest.raises(ValueError) as refused:
+        make_mesh(ici, dcn, slices=groups)
+    allowed = "an axis size must be a whole number >= 1, or -1 for one axis to take what"
+    assert str(refused.value).startswith(f"{named}: {allowed}"), refused.value
+
+
+def test_axis_sizes_name_every_size_they_refuse():
+    with pytest.raises(ValueError, match=r"^config.mesh.fsdp=0, config.mesh.tensor=-1\.5: "):
+        _axis_sizes({"data": -1, "fsdp": 0, "tensor": -1.5}, 8, "mesh", "devices")
+    assert _axis_sizes({"data": -1, "fsdp": 2, "tensor": 2.0}, 8, "mesh", "devices") == [2, 2, 2]
 
 
 def test_devices_group_by_process_without_slice_index():

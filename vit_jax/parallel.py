@@ -70,8 +70,31 @@ def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def check_axis_sizes(axes: Mapping[str, int], field: str) -> None:
+    """Refuses an axis size that is neither -1 nor a whole number of devices >= 1."""
+    bad = [f"config.{field}.{name}={size}" for name, size in axes.items() if not _size_ok(size)]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)}: an axis size must be a whole number >= 1, or -1 for one axis "
+            "to take what the others leave."
+        )
+
+
+def _size_ok(size: Any) -> bool:
+    try:
+        return size == int(size) and (size == -1 or size >= 1)
+    except (TypeError, ValueError):
+        return False
+
+
 def _axis_sizes(axes: Mapping[str, int], total: int, field: str, unit: str) -> list[int]:
-    """Sizes of `axes` with the one -1 replaced by what the others leave of `total`."""
+    """Sizes of `axes` with the one -1 replaced by what the others leave of `total`.
+
+    Raises:
+      ValueError: a size neither -1 nor >= 1, more than one -1, or sizes that do not
+        multiply to `total`.
+    """
+    check_axis_sizes(axes, field)
     sizes = [int(size) for size in axes.values()]
     if sizes.count(-1) > 1:
         raise ValueError(f"config.{field} {dict(axes)}: at most one axis may be -1.")
@@ -107,8 +130,8 @@ def make_mesh(
     what the others leave. `slices` groups `devices` explicitly (default: `device_slices`).
 
     Raises:
-      ValueError: sizes that do not multiply to the devices there are, an axis of `dcn`
-        the mesh does not have, or slices of unequal sizes.
+      ValueError: a size neither -1 nor >= 1, sizes that do not multiply to the devices
+        there are, an axis of `dcn` the mesh does not have, or slices of unequal sizes.
     """
     devices = list(devices if devices is not None else jax.devices())
     groups = [list(g) for g in (slices if slices is not None else device_slices(devices))]
@@ -122,6 +145,7 @@ def make_mesh(
             f"Slices or nodes of unequal sizes {[len(g) for g in groups]}: a mesh needs the "
             "same number of devices in each."
         )
+    check_axis_sizes(ici, "mesh")  # Here, not under the advice on splitting below.
     dcn_sizes = _axis_sizes(
         {name: dcn.get(name, 1) for name in names}, len(groups), "dcn_mesh", "slices or nodes"
     )

@@ -161,6 +161,7 @@ def _show_ranking(ranked: list[dict]) -> None:
             f"{total / gib if total else float('nan'):>8.2f} {_fits(f):5} "
             f"{f.get('estimate_img_per_s') or float('nan'):>10.0f} "
             f"{f.get('estimate_mfu') or float('nan'):>8.1%} {f.get('estimate_bound', '-')}"
+            + (f"  failed: {f['failed']}" if f.get("failed") else "")
         )
     if any(f.get("compiler_recomputes") for f in ranked):
         print(

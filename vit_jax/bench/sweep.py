@@ -16,8 +16,11 @@ A field the command line sets (`--config.model.remat_policy=dots`, `--config.mes
 ...) keeps its value: the sweep searches the rest (`search_space`).
 Candidates compile in parallel worker processes (each loads the compiler itself), a
 mesh's candidates of one accumulation together, and each one's outcome goes to stderr as
-it arrives. The eval step, which remat and accumulation do not change, is compiled once
-per program: candidates that share it take its memory figures.
+it arrives. A compile that fails otherwise than for memory (a compiler error; a worker
+killed, as for want of host memory, which fails the pool's other jobs too: those compile
+once more in a new pool) counts as not fitting, with the error's first line (`failed`),
+and the sweep goes on. The eval step, which remat and accumulation do not change, is
+compiled once per program: candidates that share it take its memory figures.
 
 On GPU targets each mesh's fit is followed by unrolled blocks, at the policies from the
 cheapest up to the fit's, until one fits: that program moves fewer bytes (no stacking
@@ -38,11 +41,14 @@ import dataclasses
 import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import ml_collections
 
+from vit_jax import parallel
 from vit_jax.bench.targets import Target
 from vit_jax.models import vit
 
@@ -159,13 +165,23 @@ def search_space(
     together.
 
     Raises:
-      ValueError: a remat policy or accumulation the sweep cannot hold, or fixed mesh
-        fields that no candidate has.
+      ValueError: a remat policy or accumulation the sweep cannot hold, a mesh axis size
+        neither -1 nor >= 1, or fixed mesh fields that no candidate has.
     """
+    parallel.check_axis_sizes(
+        {k.removeprefix("mesh."): v for k, v in fixed.items() if k.startswith("mesh.")}, "mesh"
+    )
     candidates = list(meshes(devices_per_slice))
+    why = ""  # Why the one mesh named in full cannot be held.
     if {"sharding_rules", "mesh.fsdp", "mesh.tensor"} <= fixed.keys():
         given = (fixed["sharding_rules"], fixed["mesh.fsdp"], fixed["mesh.tensor"])
-        if given not in candidates and min(given[1:]) > 0:
+        _, fsdp, tensor = given
+        if min(fsdp, tensor) > 0 and devices_per_slice % (fsdp * tensor):
+            why = (
+                f" (fsdp {fsdp} x tensor {tensor} = {fsdp * tensor} does not divide its "
+                f"{devices_per_slice} devices)"
+            )
+        elif given not in candidates and min(fsdp, tensor) > 0:
             candidates.append(given)
 
     def has_fixed_values(mesh: tuple[str, int, int]) -> bool:
@@ -179,10 +195,14 @@ def search_space(
     if not kept:
         named = ", ".join(f"--config.{k}={fixed[k]}" for k in MESH_FIELDS if k in fixed)
         choices = "; ".join(mesh_name(*mesh) for mesh in candidates)
+        advice = (
+            f"Name a mesh.fsdp and mesh.tensor whose product divides {devices_per_slice}"
+            if why
+            else "Fix fewer mesh fields, or name sharding_rules, mesh.fsdp and mesh.tensor together"
+        )
         raise ValueError(
             f"No mesh the sweep compiles on {devices_per_slice} devices per slice or node has "
-            f"{named}; its meshes are: {choices}. Fix fewer "
-            "mesh fields, or name sharding_rules, mesh.fsdp and mesh.tensor together."
+            f"{named}{why}; its meshes are: {choices}. {advice}."
         )
     policy = fixed.get("model.remat_policy")
     if policy is not None and policy not in vit.REMAT_POLICIES:
@@ -328,6 +348,46 @@ def accumulate_more(
     return compile_all(settings) if settings else []
 
 
+# What a candidate whose worker process died (its pool's other jobs die with it) says after
+# it died again in a new pool: killed, as for want of host memory, or crashed.
+DIED = (
+    "its compiler process died, also when compiled again (killed, as for want of host "
+    "memory, or crashed; fewer --workers leave each compile more memory)"
+)
+
+
+class _Pool:
+    """Worker processes for compiles, started anew where one died: a process pool that has
+    lost a worker fails every job it holds (`BrokenProcessPool`) and takes no more."""
+
+    def __init__(self, workers: int):
+        self._workers = workers
+        self._context = multiprocessing.get_context("spawn")  # A fresh compiler per worker.
+        self._lock = threading.Lock()
+        self._pool = self._start()
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(self._workers, mp_context=self._context)
+
+    def submit(self, *args: Any) -> concurrent.futures.Future:
+        with self._lock:
+            try:
+                return self._pool.submit(*args)
+            except BrokenProcessPool:
+                self._pool.shutdown(wait=False)
+                self._pool = self._start()
+                return self._pool.submit(*args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown()
+
+
+def _first_line(error: BaseException) -> str:
+    """`error`'s type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def sweep(
     config: ml_collections.ConfigDict,
     target: Target,
@@ -343,6 +403,8 @@ def sweep(
     Raises:
       ValueError: fixed fields the sweep cannot hold (`search_space`).
     """
+    import jax
+
     from vit_jax.bench.compile import summarize
 
     fixed = fixed or {}
@@ -356,40 +418,56 @@ def sweep(
     # so a mesh's candidates share one eval step, compiled for the first of them.
     eval_programs: dict[str, dict] = {}
     compiled_blocks: set[Setting] = set()  # Meshes and blocks (scanned or not) compiled.
-    context = multiprocessing.get_context("spawn")  # A fresh compiler per worker.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pool = _Pool(workers)
 
-        def submit(setting: Setting) -> concurrent.futures.Future:
-            known = dict(eval_programs)
-            return pool.submit(_compile_one, config, target, num_classes, known, setting)
+    def submit(setting: Setting) -> concurrent.futures.Future:
+        known = dict(eval_programs)
+        return pool.submit(_compile_one, config, target, num_classes, known, setting)
 
-        def result(setting: Setting, job: concurrent.futures.Future) -> dict[str, Any]:
-            figures = job.result()
-            if figures.get("eval_compile_s") is not None:
-                memory = ("eval_total_bytes", "eval_compiler_message")
-                eval_programs[figures["eval_program"]] = {
-                    k: figures[k] for k in memory if k in figures
-                }
-            flags = setting.flags()
-            error = figures.get("error")
-            outcome = f"not a valid setting: {error}" if error else summarize(figures)
-            print(f"compiled {flags}: {outcome}", file=sys.stderr, flush=True)
-            return figures | {"setting": setting, "flags": flags}
+    def outcome(job: concurrent.futures.Future) -> dict[str, Any]:
+        try:
+            return job.result()
+        except jax.errors.JaxRuntimeError as e:  # Out of memory is `fits` False already.
+            return {"fits": False, "failed": _first_line(e)}
 
-        def compile_all(settings: list[Setting]) -> list[dict[str, Any]]:
-            """At once; on blocks of a mesh not compiled before, the first alone before
-            the rest, so that its eval step serves theirs."""
-            blocks = dataclasses.replace(settings[0], remat_policy="", accum_steps=0)
-            head = [] if blocks in compiled_blocks else settings[:1]
-            done = [result(setting, submit(setting)) for setting in head]
-            compiled_blocks.add(blocks)
-            jobs = [(setting, submit(setting)) for setting in settings[len(head) :]]
-            return done + [result(setting, job) for setting, job in jobs]
+    def result(setting: Setting, job: concurrent.futures.Future) -> dict[str, Any]:
+        try:
+            figures = outcome(job)
+        except BrokenProcessPool:  # A worker died, and the pool's jobs with it: once more.
+            try:
+                figures = outcome(submit(setting))
+            except BrokenProcessPool:
+                figures = {"fits": False, "failed": DIED}
+        if figures.get("eval_compile_s") is not None:
+            memory = ("eval_total_bytes", "eval_compiler_message")
+            eval_programs[figures["eval_program"]] = {k: figures[k] for k in memory if k in figures}
+        flags = setting.flags()
+        if figures.get("error"):
+            said = f"not a valid setting: {figures['error']}"
+        elif figures.get("failed"):
+            said = f"failed: {figures['failed']}"
+        else:
+            said = summarize(figures)
+        print(f"compiled {flags}: {said}", file=sys.stderr, flush=True)
+        return figures | {"setting": setting, "flags": flags}
 
-        def search(mesh: tuple[str, int, int]) -> list[dict[str, Any]]:
-            return search_mesh(compile_all, *mesh, config.batch_size, target.platform, space)
+    def compile_all(settings: list[Setting]) -> list[dict[str, Any]]:
+        """At once; on blocks of a mesh not compiled before, the first alone before
+        the rest, so that its eval step serves theirs."""
+        blocks = dataclasses.replace(settings[0], remat_policy="", accum_steps=0)
+        head = [] if blocks in compiled_blocks else settings[:1]
+        done = [result(setting, submit(setting)) for setting in head]
+        compiled_blocks.add(blocks)
+        jobs = [(setting, submit(setting)) for setting in settings[len(head) :]]
+        return done + [result(setting, job) for setting, job in jobs]
 
+    def search(mesh: tuple[str, int, int]) -> list[dict[str, Any]]:
+        return search_mesh(compile_all, *mesh, config.batch_size, target.platform, space)
+
+    try:
         with concurrent.futures.ThreadPoolExecutor(workers) as threads:
             for found in threads.map(search, mesh_candidates):
                 results.extend(found)
+    finally:
+        pool.shutdown()
     return sorted(results, key=lambda f: (not f["fits"], -_img_per_s(f)))

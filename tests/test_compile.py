@@ -457,6 +457,23 @@ def test_targets_by_the_names_users_rent():
     assert (h100.topology, h100.slices, h100.platform) == ("1x4x8", 4, "cuda")
 
 
+@pytest.mark.parametrize(
+    "family, published_bits_per_s",
+    [
+        # Cloud TPU's system-architecture pages (vit_jax/bench/targets.py): v5p per chip,
+        # v5e and v6e per 256-chip Pod (6.4 and 25.6 Tbps; 2 x 100 and 4 x 200 Gbps NICs
+        # per host of 8 chips).
+        ("v5p", 50e9),
+        ("v5e", 6.4e12 / 256),
+        ("v5litepod", 2 * 100e9 / 8),
+        ("v6e", 25.6e12 / 256),
+    ],
+)
+def test_tpu_dcn_bandwidth_per_chip_is_googles(family, published_bits_per_s):
+    target = parse_target(f"{family}-{8 if family == 'v5p' else 4}", slices=2)
+    assert target.device.dcn_bytes_per_s == pytest.approx(published_bits_per_s / 8)
+
+
 @pytest.mark.parametrize("name", ["v9-8", "v5e-12", "h100", "tpu", "v4-32"])
 def test_an_unknown_target_names_the_known_ones(name):
     with pytest.raises(UnknownTargetError) as error:

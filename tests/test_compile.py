@@ -474,7 +474,9 @@ def test_tpu_dcn_bandwidth_per_chip_is_googles(family, published_bits_per_s):
     assert target.device.dcn_bytes_per_s == pytest.approx(published_bits_per_s / 8)
 
 
-@pytest.mark.parametrize("name", ["v9-8", "v5e-12", "h100", "tpu", "v4-32"])
+@pytest.mark.parametrize(
+    "name", ["v9-8", "v5e-12", "h100", "tpu", "v4-32", "v5e-0", "v5p-0", "h100x0", "h100x8x0"]
+)
 def test_an_unknown_target_names_the_known_ones(name):
     with pytest.raises(UnknownTargetError) as error:
         parse_target(name)

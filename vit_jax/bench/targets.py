@@ -150,6 +150,11 @@ def parse_target(name: str, slices: int = 1) -> Target:
                 f"{name}: give GPU nodes in the name (h100x8x4), not --slices."
             )
         gpus, nodes = int(gpu.group(2)), int(gpu.group(3) or 1)
+        if gpus < 1 or nodes < 1:
+            raise UnknownTargetError(
+                f"{name}: a node has at least one GPU, a target at least one node. "
+                f"Known: {known_targets()}."
+            )
         return Target(name, "cuda", f"1x{nodes}x{gpus}", nodes, GPUS[gpu.group(1)])
     raise UnknownTargetError(f"Unknown target {name!r}. Known: {known_targets()}.")
 

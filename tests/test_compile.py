@@ -5,6 +5,7 @@ import functools
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,7 +30,13 @@ from vit_jax.bench.sweep import (
     search_mesh,
     search_space,
 )
-from vit_jax.bench.targets import UnknownTargetError, compiler_version, parse_target
+from vit_jax.bench.targets import (
+    GPUS,
+    UnknownTargetError,
+    compiler_version,
+    gpu_target_config,
+    parse_target,
+)
 from vit_jax.config import base_config
 from vit_jax.trainer import Trainer, compiled_memory
 
@@ -455,6 +462,26 @@ def test_targets_by_the_names_users_rent():
     assert parse_target("v6e-64", slices=4).slices == 4
     h100 = parse_target("h100x8x4")
     assert (h100.topology, h100.slices, h100.platform) == ("1x4x8", 4, "cuda")
+
+
+# FP32 (non-tensor) peak TFLOP/s as NVIDIA publishes it, at the boost clock: "NVIDIA A100
+# Tensor Core GPU" datasheet (A100 80GB SXM, FP32 19.5 TFLOPS); "NVIDIA H100 Tensor Core
+# GPU" datasheet (H100 SXM, FP32 67 teraFLOPS); NVIDIA H200 product page,
+# https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM, FP32 67 TFLOPS).
+PUBLISHED_FP32_TFLOPS = {"a100": 19.5, "h100": 67.0, "h200": 67.0}
+
+
+@pytest.mark.parametrize("kind", sorted(GPUS))
+def test_each_gpu_target_reaches_the_devices_published_fp32_peak(kind):
+    """SMs x FP32 units per SM x 2 (a fused multiply-add) x the boost clock is the FP32 peak
+    NVIDIA publishes: XLA's GPU cost model reads these fields of the target description."""
+    text = gpu_target_config(parse_target(f"{kind}x8"))
+
+    def field(name: str) -> float:
+        return float(re.search(rf"^\s*{name}: ([\d.]+)$", text, re.MULTILINE).group(1))
+
+    tflops = field("core_count") * field("fpus_per_core") * 2 * field("clock_rate_ghz") / 1e3
+    assert tflops == pytest.approx(PUBLISHED_FP32_TFLOPS[kind], rel=0.02)
 
 
 @pytest.mark.parametrize(

@@ -320,6 +320,27 @@ def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_
     assert summarize(f).startswith("does not fit: train step ")
 
 
+@pytest.mark.slow
+@TPU
+def test_vit_bench_compile_takes_the_peak_its_hint_asks_for(tmp_path):
+    """peaks.py has no peak for a dtype such as float64 on a v5e: the figures say to pass
+    --peak_tflops, and with it the compile has its estimate at that peak."""
+    run_cli = BLOCK_TENSORFLOW + "\nfrom vit_jax.bench.cli import main\nmain()"
+    command = [
+        sys.executable, "-c", run_cli, "compile", "--target", "v5e-4",
+        "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
+        "--config.eval_batch_size=8", "--config.model.depth=1", "--config.model.dtype=float64",
+    ]  # fmt: skip
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=600)
+    without = run(command, cwd=tmp_path)
+    assert without.returncode == 0, without.stderr[-3000:]
+    assert "pass --peak_tflops" in without.stdout and "estimate_step_s" not in without.stdout
+    given = run([*command, "--peak_tflops=197", "--json"], cwd=tmp_path)
+    assert given.returncode == 0, given.stderr[-3000:]
+    f = json.loads(given.stdout)
+    assert f["peak_tflops_per_device"] == 197 and f["estimate_img_per_s"] > 0
+
+
 def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
     gib = 2**30
     f = {
@@ -335,7 +356,9 @@ def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
         "runs slower)"
     )
     unknown_peak = {k: v for k, v in f.items() if not k.startswith("estimate")}
-    assert summarize(unknown_peak).endswith("no estimate: the device's peak FLOP/s is not known")
+    assert summarize(unknown_peak).endswith(
+        "no estimate: the device's peak FLOP/s is not known (pass --peak_tflops)"
+    )
     short = f | {"fits": False, "total_bytes": 20 * gib, "eval_total_bytes": None}
     assert summarize(short).startswith("does not fit: train step 20.00 of 16.00 GiB")
     assert "eval step does not fit; " in summarize(short) and "--sweep" in summarize(short)

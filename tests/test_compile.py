@@ -31,7 +31,13 @@ from vit_jax.bench.sweep import (
     search_mesh,
     search_space,
 )
-from vit_jax.bench.targets import UnknownTargetError, compiler_version, parse_target
+from vit_jax.bench.targets import (
+    GPUS,
+    UnknownTargetError,
+    compiler_version,
+    gpu_target_config,
+    parse_target,
+)
 from vit_jax.config import base_config
 from vit_jax.trainer import Trainer, compiled_memory
 
@@ -315,6 +321,27 @@ def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_
     assert summarize(f).startswith("does not fit: train step ")
 
 
+@pytest.mark.slow
+@TPU
+def test_vit_bench_compile_takes_the_peak_its_hint_asks_for(tmp_path):
+    """peaks.py has no peak for a dtype such as float64 on a v5e: the figures say to pass
+    --peak_tflops, and with it the compile has its estimate at that peak."""
+    run_cli = BLOCK_TENSORFLOW + "\nfrom vit_jax.bench.cli import main\nmain()"
+    command = [
+        sys.executable, "-c", run_cli, "compile", "--target", "v5e-4",
+        "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
+        "--config.eval_batch_size=8", "--config.model.depth=1", "--config.model.dtype=float64",
+    ]  # fmt: skip
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=600)
+    without = run(command, cwd=tmp_path)
+    assert without.returncode == 0, without.stderr[-3000:]
+    assert "pass --peak_tflops" in without.stdout and "estimate_step_s" not in without.stdout
+    given = run([*command, "--peak_tflops=197", "--json"], cwd=tmp_path)
+    assert given.returncode == 0, given.stderr[-3000:]
+    f = json.loads(given.stdout)
+    assert f["peak_tflops_per_device"] == 197 and f["estimate_img_per_s"] > 0
+
+
 def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
     gib = 2**30
     f = {
@@ -330,7 +357,9 @@ def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
         "runs slower)"
     )
     unknown_peak = {k: v for k, v in f.items() if not k.startswith("estimate")}
-    assert summarize(unknown_peak).endswith("no estimate: the device's peak FLOP/s is not known")
+    assert summarize(unknown_peak).endswith(
+        "no estimate: the device's peak FLOP/s is not known (pass --peak_tflops)"
+    )
     short = f | {"fits": False, "total_bytes": 20 * gib, "eval_total_bytes": None}
     assert summarize(short).startswith("does not fit: train step 20.00 of 16.00 GiB")
     assert "eval step does not fit; " in summarize(short) and "--sweep" in summarize(short)
@@ -459,7 +488,46 @@ def test_targets_by_the_names_users_rent():
     assert (h100.topology, h100.slices, h100.platform) == ("1x4x8", 4, "cuda")
 
 
-@pytest.mark.parametrize("name", ["v9-8", "v5e-12", "h100", "tpu", "v4-32"])
+# FP32 (non-tensor) peak TFLOP/s as NVIDIA publishes it, at the boost clock: "NVIDIA A100
+# Tensor Core GPU" datasheet (A100 80GB SXM, FP32 19.5 TFLOPS); "NVIDIA H100 Tensor Core
+# GPU" datasheet (H100 SXM, FP32 67 teraFLOPS); NVIDIA H200 product page,
+# https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM, FP32 67 TFLOPS).
+PUBLISHED_FP32_TFLOPS = {"a100": 19.5, "h100": 67.0, "h200": 67.0}
+
+
+@pytest.mark.parametrize("kind", sorted(GPUS))
+def test_each_gpu_target_reaches_the_devices_published_fp32_peak(kind):
+    """SMs x FP32 units per SM x 2 (a fused multiply-add) x the boost clock is the FP32 peak
+    NVIDIA publishes: XLA's GPU cost model reads these fields of the target description."""
+    text = gpu_target_config(parse_target(f"{kind}x8"))
+
+    def field(name: str) -> float:
+        return float(re.search(rf"^\s*{name}: ([\d.]+)$", text, re.MULTILINE).group(1))
+
+    tflops = field("core_count") * field("fpus_per_core") * 2 * field("clock_rate_ghz") / 1e3
+    assert tflops == pytest.approx(PUBLISHED_FP32_TFLOPS[kind], rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "family, published_bits_per_s",
+    [
+        # Cloud TPU's system-architecture pages (vit_jax/bench/targets.py): v5p per chip,
+        # v5e and v6e per 256-chip Pod (6.4 and 25.6 Tbps; 2 x 100 and 4 x 200 Gbps NICs
+        # per host of 8 chips).
+        ("v5p", 50e9),
+        ("v5e", 6.4e12 / 256),
+        ("v5litepod", 2 * 100e9 / 8),
+        ("v6e", 25.6e12 / 256),
+    ],
+)
+def test_tpu_dcn_bandwidth_per_chip_is_googles(family, published_bits_per_s):
+    target = parse_target(f"{family}-{8 if family == 'v5p' else 4}", slices=2)
+    assert target.device.dcn_bytes_per_s == pytest.approx(published_bits_per_s / 8)
+
+
+@pytest.mark.parametrize(
+    "name", ["v9-8", "v5e-12", "h100", "tpu", "v4-32", "v5e-0", "v5p-0", "h100x0", "h100x8x0"]
+)
 def test_an_unknown_target_names_the_known_ones(name):
     with pytest.raises(UnknownTargetError) as error:
         parse_target(name)

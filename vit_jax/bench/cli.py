@@ -27,7 +27,11 @@ MODES = ("train", "infer", "input", "photos", "compile")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file[:args].", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of lines.")
 _STEPS = flags.DEFINE_integer("steps", 10, "train/infer: timed steps after one warm-up step.")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: table).")
+_PEAK = flags.DEFINE_float(
+    "peak_tflops",
+    None,
+    "Peak TFLOP/s per device, for MFU and compile's estimate (default: vit_jax/bench/peaks.py).",
+)
 _PROFILE = flags.DEFINE_string(
     "profile", None, "train/infer: a jax.profiler trace of the timed steps into this folder."
 )
@@ -69,7 +73,10 @@ def _show(figures: dict) -> None:
         elif isinstance(value, dict):
             value = json.dumps(value)
         elif value is None and name in ("peak_tflops_per_device", "mfu"):
-            value = "unknown (device kind not in vit_jax/bench/peaks.py: pass --peak_tflops)"
+            value = (
+                "unknown (none in vit_jax/bench/peaks.py for this device and dtype: pass "
+                "--peak_tflops)"
+            )
         elif value is None:
             value = "unknown"
         print(f"{name} {value}")
@@ -121,7 +128,7 @@ def _compile(config) -> int:
     target = targets.parse_target(_TARGET.value, _SLICES.value)
     try:
         if not _SWEEP.value:
-            figures = compile_recipe(config, target, _NUM_CLASSES.value)
+            figures = compile_recipe(config, target, _NUM_CLASSES.value, peak=_PEAK.value)
             _show(figures)
             if not _JSON.value:
                 print(f"summary {summarize(figures)}")
@@ -131,7 +138,9 @@ def _compile(config) -> int:
         per_slice = len(targets.topology_devices(target)) // target.slices
         given = config_flags.get_override_values(flags.FLAGS["config"])
         fixed = {k: v for k, v in given.items() if k in SWEPT_FIELDS}
-        ranked = sweep(config, target, per_slice, _NUM_CLASSES.value, _WORKERS.value, fixed)
+        ranked = sweep(
+            config, target, per_slice, _NUM_CLASSES.value, _WORKERS.value, fixed, _PEAK.value
+        )
     except targets.CompilerMissingError as e:
         raise cli.UsageError(str(e)) from None
     _show_ranking(ranked)

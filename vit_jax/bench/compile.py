@@ -165,11 +165,14 @@ def compile_recipe(
     target: Target,
     num_classes: int | None = None,
     eval_programs: dict[str, dict] | None = None,
+    peak: float | None = None,
 ) -> dict[str, Any]:
     """Every figure of `config` compiled for `target`; see the module docstring.
 
     `eval_programs`: eval-step memory figures by `eval_program`, as `--sweep` keeps them,
     so that candidates sharing an eval step compile it once (`_eval_step_figures`).
+    `peak`: the device's dense TFLOP/s for the estimate (default: `peaks.py`'s table,
+    which has none for some dtypes; without one there is no estimate).
 
     Raises:
       ValueError: a config that cannot run on the target (mesh, batch sizes, ...).
@@ -205,7 +208,7 @@ def compile_recipe(
         as_written = None
     eval_figures = _eval_step_figures(trainer, state.params, eval_batch, options, eval_programs)
     dtype = str(config.model.dtype)
-    peak = peak_tflops(device.kind, dtype)
+    peak = peak or peak_tflops(device.kind, dtype)
     figures: dict[str, Any] = {
         "target": target.name,
         "topology": target.topology,
@@ -317,7 +320,10 @@ def summarize(figures: dict[str, Any]) -> str:
             "recomputation out"
         )
     if "estimate_step_s" not in figures:
-        return f"fits: {memory}; no estimate: the device's peak FLOP/s is not known"
+        return (
+            f"fits: {memory}; no estimate: the device's peak FLOP/s is not known (pass "
+            "--peak_tflops)"
+        )
     return (
         f"fits: {memory}; estimated {figures['estimate_img_per_s']:,.0f} img/s, "
         f"MFU {figures['estimate_mfu']:.1%}, bound by {figures['estimate_bound']} "

@@ -249,6 +249,7 @@ def _compile_one(
     num_classes: int | None,
     eval_programs: dict[str, dict],
     setting: Setting,
+    peak: float | None = None,
 ) -> dict[str, Any]:
     import jax
 
@@ -260,7 +261,7 @@ def _compile_one(
     config = config.copy_and_resolve_references()
     config.update_from_flattened_dict(setting.overrides())
     try:
-        figures = compile_recipe(config, target, num_classes, eval_programs)
+        figures = compile_recipe(config, target, num_classes, eval_programs, peak)
     except ValueError as e:  # A mesh or batch this setting cannot have.
         return {"fits": False, "error": str(e)}
     return figures
@@ -395,10 +396,11 @@ def sweep(
     num_classes: int | None = None,
     workers: int | None = None,
     fixed: dict[str, Any] | None = None,
+    peak: float | None = None,
 ) -> list[dict[str, Any]]:
     """Every compiled candidate's figures plus `setting` and `flags`; fits first, fastest
     first. `workers`: compiler processes at once (default: `default_workers()`); `fixed`:
-    config fields the sweep keeps (`search_space`).
+    config fields the sweep keeps (`search_space`); `peak`: as `compile_recipe` takes it.
 
     Raises:
       ValueError: fixed fields the sweep cannot hold (`search_space`).
@@ -422,7 +424,7 @@ def sweep(
 
     def submit(setting: Setting) -> concurrent.futures.Future:
         known = dict(eval_programs)
-        return pool.submit(_compile_one, config, target, num_classes, known, setting)
+        return pool.submit(_compile_one, config, target, num_classes, known, setting, peak)
 
     def outcome(job: concurrent.futures.Future) -> dict[str, Any]:
         try:

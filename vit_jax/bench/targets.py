@@ -10,9 +10,15 @@ GPUs): `jit(...).lower(...).compile()` on them runs the real compiler, no device
 Device figures (per chip or GPU, one direction of traffic) come from the vendors'
 published specifications: Cloud TPU's system-architecture pages for v5e, v5p and v6e;
 NVIDIA's H100, H200 and A100 SXM datasheets (NVLink: half the quoted bidirectional
-figure). Data-center network (DCN) bandwidth per device is not published per chip for
-TPUs: 12.5 GB/s (100 Gb/s) is assumed; GPU nodes are taken as one 400 Gb/s (A100: 200
-Gb/s) InfiniBand adapter per GPU, as in DGX systems.
+figure). Data-center network (DCN) bandwidth per TPU chip is Google's, from the same
+pages: "TPU v5p" (https://cloud.google.com/tpu/docs/v5p) gives it per chip, "Data center
+network (DCN) bandwidth per chip (Gbps) 50": 6.25 GB/s. "TPU v5e"
+(https://cloud.google.com/tpu/docs/v5e) and "TPU v6e" (https://cloud.google.com/tpu/docs/v6e)
+give it per host of 8 chips and per Pod of 256: v5e "Per-host NIC configuration 2 x 100
+Gbps NIC", "Data center network bandwidth per Pod 6.4 Tbps", both 25 Gb/s per chip
+(3.125 GB/s); v6e "4 x 200 Gbps NIC", "25.6 Tbps", both 100 Gb/s per chip (12.5 GB/s).
+The pages name no direction for it; a NIC's rate is each direction's. GPU nodes are taken
+as one 400 Gb/s (A100: 200 Gb/s) InfiniBand adapter per GPU, as in DGX systems.
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ class Device:
     dcn_bytes_per_s: float  # Between slices or nodes.
 
 
+# DCN per chip (module docstring): v5e 25 Gb/s, v5p 50 Gb/s, v6e 100 Gb/s.
 TPUS = {  # family -> (topology prefix, chips per counted unit, figures)
-    "v5e": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 12.5e9)),
-    "v5litepod": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 12.5e9)),
-    "v5p": ("v5p", 2, Device("TPU v5", 95 * GIB, 2765e9, 600e9, 12.5e9)),
+    "v5e": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),
+    "v5litepod": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),
+    "v5p": ("v5p", 2, Device("TPU v5", 95 * GIB, 2765e9, 600e9, 6.25e9)),
     "v6e": ("v6e", 1, Device("TPU v6 lite", int(31.25 * GIB), 1640e9, 448e9, 12.5e9)),
 }
 GPUS = {  # name -> figures; the target description ships as gpu_targets/<name>.txtpb
@@ -143,6 +150,11 @@ def parse_target(name: str, slices: int = 1) -> Target:
                 f"{name}: give GPU nodes in the name (h100x8x4), not --slices."
             )
         gpus, nodes = int(gpu.group(2)), int(gpu.group(3) or 1)
+        if gpus < 1 or nodes < 1:
+            raise UnknownTargetError(
+                f"{name}: a node has at least one GPU, a target at least one node. "
+                f"Known: {known_targets()}."
+            )
         return Target(name, "cuda", f"1x{nodes}x{gpus}", nodes, GPUS[gpu.group(1)])
     raise UnknownTargetError(f"Unknown target {name!r}. Known: {known_targets()}.")
 

@@ -986,7 +986,7 @@ def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes
     assert compiled("cuda", Space(scan=False)) == [(False, p, 1) for p in every]
 
 
-def dies_or_fails_at_two_policies(config, target, num_classes, eval_programs, setting):
+def dies_or_fails_at_two_policies(config, target, num_classes, eval_programs, setting, peak):
     """A sweep's compile in its worker process: the real one, except that `selective` kills
     its own process, as the kernel kills a compile for host memory, and `dots` meets a real
     compiler error (an option the compiler does not have)."""
@@ -997,7 +997,7 @@ def dies_or_fails_at_two_policies(config, target, num_classes, eval_programs, se
         os.kill(os.getpid(), signal.SIGKILL)
     if setting.remat_policy == "dots":
         jax.jit(jnp.sin).lower(jnp.ones(2)).compile({"xla_no_such_option": True})
-    return sweep._compile_one(config, target, num_classes, eval_programs, setting)
+    return sweep._compile_one(config, target, num_classes, eval_programs, setting, peak)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# shellcheck disable=SC2034 # PREEMPTED, TRAIN_COMMAND, STATUS are for the sourcing scripts.
+# shellcheck disable=SC2034 # PREEMPTED, TRAIN_COMMAND, STATUS, GPU_MEMORY: for the sourcing scripts.
 # Shared by the launch scripts (sourced, not run): arguments, --dry-run, waiting for a run.
 #
 # Every script takes: RECIPE WORKDIR [more vit-train flags...], and --dry-run anywhere.
@@ -83,6 +83,14 @@ run_in_place() {
     exec "$@"
   fi
 }
+
+# The GPU scripts' environment for vit-train: XLA takes 90% of each GPU's memory up front
+# (JAX's default is 75%) unless the environment names a share. JAX refuses its
+# XLA_CLIENT_MEM_FRACTION together with the older XLA_PYTHON_CLIENT_MEM_FRACTION, so a
+# user's own, either one, is left to reach vit-train alone.
+GPU_MEMORY=()
+[ -n "${XLA_CLIENT_MEM_FRACTION:-}${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ] ||
+  GPU_MEMORY=(XLA_CLIENT_MEM_FRACTION=0.9)
 
 # Runs a command in the background and waits for it, also through SIGTERM/SIGINT sent to
 # this shell (which are for the command: it saves and exits), and sets STATUS to its exit.

@@ -12,6 +12,5 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 . "$(dirname "$0")/common.sh"
 parse_args "$@"
-# Let XLA take most of the GPU memory up front; TensorFlow is kept off the GPUs by vit_jax.data.
-run_in_place env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" \
-  "${TRAIN_COMMAND[@]}"
+# TensorFlow is kept off the GPUs by vit_jax.data; XLA takes GPU_MEMORY's share (common.sh).
+run_in_place env "${GPU_MEMORY[@]}" "${TRAIN_COMMAND[@]}"

@@ -488,6 +488,22 @@ def test_targets_by_the_names_users_rent():
     assert (h100.topology, h100.slices, h100.platform) == ("1x4x8", 4, "cuda")
 
 
+def test_a_gpu_target_holds_the_share_of_memory_jax_takes_in_the_run(monkeypatch):
+    """JAX's default 75% of each GPU (nvidia-smi's 81,559 MiB on an H100), or the share the
+    environment gives the run: the GPU launch scripts give vit-train 90%."""
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
+    whole = 81559 * 2**20
+    assert parse_target("h100x8").device.memory_bytes == int(0.75 * whole)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.8")
+    assert parse_target("h100x8").device.memory_bytes == int(0.8 * whole)
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.9")  # JAX's name now, read first.
+    assert parse_target("h100x8x4").device.memory_bytes == int(0.9 * whole)
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "90%")
+    with pytest.raises(ValueError, match=r"XLA_CLIENT_MEM_FRACTION=90%: .* number in \(0, 1\]"):
+        parse_target("h100x8")
+
+
 # FP32 (non-tensor) peak TFLOP/s as NVIDIA publishes it, at the boost clock: "NVIDIA A100
 # Tensor Core GPU" datasheet (A100 80GB SXM, FP32 19.5 TFLOPS); "NVIDIA H100 Tensor Core
 # GPU" datasheet (H100 SXM, FP32 67 teraFLOPS); NVIDIA H200 product page,

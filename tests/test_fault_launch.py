@@ -41,14 +41,14 @@ def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
 
 def test_single_gpu_node_runs_vit_train():  # It execs it: tests/test_launch_args.py.
     commands = dry_run("gpu_single_node.sh", RECIPE, WORKDIR, "--config.seed=1")
-    assert commands == [["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", *TRAIN]]
+    assert commands == [["env", "XLA_CLIENT_MEM_FRACTION=0.9", *TRAIN]]
 
 
 def test_slurm_runs_every_task_and_requeues_when_preempted():
     commands = dry_run("slurm.sbatch", RECIPE, WORKDIR, "--config.seed=1")
     assert commands == [
-        ["srun", "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
-         "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7", *TRAIN, "--distributed"],
+        ["srun", "env", "XLA_CLIENT_MEM_FRACTION=0.9", "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
+         *TRAIN, "--distributed"],
         ["scontrol", "requeue", "$SLURM_JOB_ID"],
     ]  # fmt: skip
     header = open(os.path.join(REPO, "launch", "slurm.sbatch")).read()
@@ -76,6 +76,32 @@ def test_under_slurm_each_process_sees_every_gpu_of_its_node():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "0,1,2,3"
+
+
+@pytest.mark.parametrize("script", ["gpu_single_node.sh", "slurm.sbatch"])
+@pytest.mark.parametrize(
+    "users, share",
+    [({}, 0.9), ({"XLA_CLIENT_MEM_FRACTION": "0.8"}, 0.8),
+     ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.7"}, 0.7)],
+)  # fmt: skip
+def test_the_gpu_scripts_give_xla_90_percent_unless_the_user_names_a_share(script, users, share):
+    """JAX refuses XLA_CLIENT_MEM_FRACTION and the older XLA_PYTHON_CLIENT_MEM_FRACTION
+    together: a user's own share reaches vit-train alone. The options JAX's CUDA plugin would
+    start with are read from what vit-train's environment would be."""
+    [train, *_] = dry_run(script, RECIPE, WORKDIR, **users)
+    assignments = dict(
+        w.split("=", 1) for w in train[train.index("env") + 1 : train.index("vit-train")]
+    )
+    plugin_options = (
+        "from jaxlib import xla_client; "
+        "print(xla_client.generate_pjrt_gpu_plugin_options()['memory_fraction'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", plugin_options],
+        env=os.environ | users | assignments, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) == share
 
 
 def test_tpu_creates_installs_runs_everywhere_and_deletes():
@@ -183,7 +209,7 @@ def test_slurm_requeues_only_a_preempted_run(tmp_path, status, requeued):
         tmp_path, "slurm.sbatch", STATUSES=str(tmp_path / "statuses"), SLURM_JOB_ID="42"
     )
     assert code == status
-    assert calls[0].startswith("srun env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 JAX_LOCAL_DEVICE_IDS=")
+    assert calls[0].startswith("srun env XLA_CLIENT_MEM_FRACTION=0.9 JAX_LOCAL_DEVICE_IDS=")
     assert ("scontrol requeue 42" in calls) == requeued
 
 

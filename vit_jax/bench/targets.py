@@ -31,8 +31,8 @@ import re
 
 GIB = 1024**3
 
-# JAX reserves this share of a GPU's memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
-GPU_MEMORY_FRACTION = 0.75
+# The share of a GPU's memory JAX takes unless the environment says otherwise.
+JAX_GPU_MEMORY_FRACTION = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +53,12 @@ TPUS = {  # family -> (topology prefix, chips per counted unit, figures)
     "v5p": ("v5p", 2, Device("TPU v5", 95 * GIB, 2765e9, 600e9, 6.25e9)),
     "v6e": ("v6e", 1, Device("TPU v6 lite", int(31.25 * GIB), 1640e9, 448e9, 12.5e9)),
 }
-GPUS = {  # name -> figures; the target description ships as gpu_targets/<name>.txtpb
-    "h100": Device(
-        "NVIDIA H100 80GB HBM3", int(85520809984 * GPU_MEMORY_FRACTION), 3.35e12, 450e9, 50e9
-    ),
-    "h200": Device("NVIDIA H200", int(150754820096 * GPU_MEMORY_FRACTION), 4.8e12, 450e9, 50e9),
-    "a100": Device(
-        "NVIDIA A100-SXM4-80GB", int(85899345920 * GPU_MEMORY_FRACTION), 2.039e12, 300e9, 25e9
-    ),
+# name -> figures, memory_bytes all of the GPU's (a target takes JAX's share of it:
+# gpu_memory_fraction); the target description ships as gpu_targets/<name>.txtpb.
+GPUS = {
+    "h100": Device("NVIDIA H100 80GB HBM3", 85520809984, 3.35e12, 450e9, 50e9),
+    "h200": Device("NVIDIA H200", 150754820096, 4.8e12, 450e9, 50e9),
+    "a100": Device("NVIDIA A100-SXM4-80GB", 85899345920, 2.039e12, 300e9, 25e9),
 }
 # Two-dimensional slices (v5e, v6e) by chip count.
 TORUS_2D = {
@@ -115,11 +113,38 @@ def _torus_3d(chips: int) -> str:
     return "x".join(map(str, dims))
 
 
+def gpu_memory_fraction() -> float:
+    """The share of each GPU's memory a run's programs may use, as JAX reads it:
+    XLA_CLIENT_MEM_FRACTION or the older XLA_PYTHON_CLIENT_MEM_FRACTION where set (the GPU
+    launch scripts give vit-train 0.9), else JAX's default 0.75.
+
+    Raises:
+      ValueError: a value that is not a number in (0, 1].
+    """
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        if value := os.environ.get(name):
+            break
+    else:
+        return JAX_GPU_MEMORY_FRACTION
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = 0.0
+    if not 0 < fraction <= 1:
+        raise ValueError(
+            f"{name}={value}: the share of a GPU's memory JAX takes, a number in (0, 1] such "
+            "as 0.9."
+        )
+    return fraction
+
+
 def parse_target(name: str, slices: int = 1) -> Target:
-    """`v5e-16`, `v5p-128`, `h100x8x4`, ... -> a `Target`.
+    """`v5e-16`, `v5p-128`, `h100x8x4`, ... -> a `Target`. A GPU target's memory per device
+    is the share a run takes (`gpu_memory_fraction`).
 
     Raises:
       UnknownTargetError: naming the known families and sizes.
+      ValueError: an XLA_PYTHON_CLIENT_MEM_FRACTION that is not a share of memory.
     """
     if slices < 1:
         raise UnknownTargetError(f"--slices {slices}: must be >= 1.")
@@ -155,7 +180,11 @@ def parse_target(name: str, slices: int = 1) -> Target:
                 f"{name}: a node has at least one GPU, a target at least one node. "
                 f"Known: {known_targets()}."
             )
-        return Target(name, "cuda", f"1x{nodes}x{gpus}", nodes, GPUS[gpu.group(1)])
+        device = GPUS[gpu.group(1)]
+        share = dataclasses.replace(
+            device, memory_bytes=int(device.memory_bytes * gpu_memory_fraction())
+        )
+        return Target(name, "cuda", f"1x{nodes}x{gpus}", nodes, share)
     raise UnknownTargetError(f"Unknown target {name!r}. Known: {known_targets()}.")
 
 

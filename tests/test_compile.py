@@ -688,6 +688,30 @@ def test_a_dynamic_update_slice_through_a_bitcast_of_its_buffer_updates_in_place
     assert hlo.kernel_bytes(text) == 4 * (4 + 1536 + 1536)
 
 
+def test_a_dynamic_slice_of_a_bitcast_of_a_parameter_reads_the_slice():
+    """The GPU compiler's form of a scanned backward pass reading a saved activation: a
+    dynamic slice of a bitcast of the 6 KB stack reads its 1.5 KB slice."""
+    fusion = [
+        "%fused (param_0: bf16[4,2,8,3,16], param_1: s32[]) -> bf16[6,16,8] {",
+        "  %param_0 = bf16[4,2,8,3,16]{2,4,3,1,0} parameter(0)",
+        "  %bitcast.1 = bf16[4,2,3,16,8]{4,3,2,1,0} bitcast(%param_0)",
+        "  %last = s32[] constant(3)",
+        "  %param_1 = s32[] parameter(1)",
+        "  %sub = s32[] subtract(%last, %param_1)",
+        "  %zero = s32[] constant(0)",
+        "  %ds = bf16[1,2,3,16,8]{4,3,2,1,0} dynamic-slice(%bitcast.1, %sub, %zero, %zero, "
+        "%zero, /*index=5*/%zero), dynamic_slice_sizes={1,2,3,16,8}",
+        "  %bitcast.2 = bf16[2,3,16,8]{3,2,1,0} bitcast(%ds)",
+        "  %convert.1 = f32[2,3,16,8]{3,2,1,0} convert(%bitcast.2)",
+        "  %bitcast.3 = f32[6,16,8]{2,1,0} bitcast(%convert.1)",
+        "  ROOT %convert.2 = bf16[6,16,8]{2,1,0} convert(%bitcast.3)",
+        "}",
+    ]
+    text = _gpu_loop(fusion, "%stack, %i", "bf16[6,16,8]{2,1,0}")
+    # The 1.5 KB slice and the counter read, the 1.5 KB result written.
+    assert hlo.kernel_bytes(text) == 4 * (1536 + 4 + 1536)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "target", [pytest.param("v5e-4", marks=TPU), pytest.param("h100x8", marks=GPU)]

@@ -376,13 +376,15 @@ def _bitcast_source(instrs: dict, name: str) -> str:
 
 def _parameter_read(computations: dict, body: dict, param: str | None, size: int) -> int:
     """Bytes a fusion reads of one operand: the slices when it is only dynamically sliced
-    (directly or inside a nested fusion), all of it otherwise."""
+    (directly, through bitcasts of it, or inside a nested fusion), all of it otherwise."""
     uses = body["users"].get(param, [])
     read = 0
     for user, position in uses:
         instr = body["instrs"][user]
         if instr.op == "dynamic-slice" and position == 0:
             read += instr.bytes
+        elif instr.op == "bitcast":
+            read += _parameter_read(computations, body, user, size)
         elif instr.op == "fusion":
             nested = computations[_fusion_body(instr)]
             read += _parameter_read(computations, nested, nested["params"].get(position), size)

@@ -729,6 +729,75 @@ def test_a_multi_output_fusion_updates_in_place_and_slices_inside_a_nested_fusio
     assert hlo.kernel_bytes(text) == 1024 + 4 + 2 * 1024
 
 
+def _gpu_loop(fusion: list[str], operands: str, result: str) -> str:
+    """A scanned loop of 4 iterations, as the GPU compiler writes it, that runs one fusion
+    kernel on the loop's values (0: the counter, 1: a bf16[4,2,8,3,16] stack, 2: a
+    bf16[6,8,16] activation)."""
+    loop = "(s32[], bf16[4,2,8,3,16], bf16[6,8,16])"
+    return "\n".join([
+        *fusion,
+        f"%body (p: {loop}) -> {loop} {{",
+        f"  %p = {loop} parameter(0)",
+        "  %i = s32[] get-tuple-element(%p), index=0",
+        "  %stack = bf16[4,2,8,3,16]{2,4,3,1,0} get-tuple-element(%p), index=1",
+        "  %x = bf16[6,8,16]{2,1,0} get-tuple-element(%p), index=2",
+        f"  %f = {result} fusion({operands}), kind=kLoop, calls=%fused",
+        f"  ROOT %t = {loop} tuple(%i, %stack, %x)",
+        "}",
+        f"ENTRY %main (a: {loop}) -> {loop} {{",
+        f"  %a = {loop} parameter(0)",
+        f"  ROOT %w = {loop} while(%a), condition=%cond, body=%body, "
+        'backend_config={"known_trip_count":{"n":"4"}}',
+        "}",
+    ])  # fmt: skip
+
+
+def test_a_dynamic_update_slice_through_a_bitcast_of_its_buffer_updates_in_place():
+    """The GPU compiler's form of a scanned loop saving an activation: the fusion updates a
+    bitcast of its stacked 6 KB parameter (the same bytes in another shape), which is
+    updated in place: each iteration writes its 1.5 KB update, not the stack."""
+    fusion = [
+        "%fused (param_0: s32[], param_1: bf16[4,2,8,3,16], param_2: bf16[6,8,16]) -> "
+        "bf16[4,2,3,16,8] {",
+        "  %param_1 = bf16[4,2,8,3,16]{2,4,3,1,0} parameter(1)",
+        "  %bitcast.1 = bf16[4,2,3,16,8]{4,3,2,1,0} bitcast(%param_1)",
+        "  %param_2 = bf16[6,8,16]{2,1,0} parameter(2)",
+        "  %bitcast.2 = bf16[1,2,3,16,8]{4,3,2,1,0} bitcast(%param_2)",
+        "  %param_0 = s32[] parameter(0)",
+        "  %zero = s32[] constant(0)",
+        "  ROOT %dus = bf16[4,2,3,16,8]{4,3,2,1,0} dynamic-update-slice(%bitcast.1, "
+        "%bitcast.2, %param_0, %zero, %zero, /*index=5*/%zero, %zero)",
+        "}",
+    ]
+    text = _gpu_loop(fusion, "%i, %stack, %x", "bf16[4,2,3,16,8]{4,3,2,1,0}")
+    # The counter and the 1.5 KB activation read, the 1.5 KB update written.
+    assert hlo.kernel_bytes(text) == 4 * (4 + 1536 + 1536)
+
+
+def test_a_dynamic_slice_of_a_bitcast_of_a_parameter_reads_the_slice():
+    """The GPU compiler's form of a scanned backward pass reading a saved activation: a
+    dynamic slice of a bitcast of the 6 KB stack reads its 1.5 KB slice."""
+    fusion = [
+        "%fused (param_0: bf16[4,2,8,3,16], param_1: s32[]) -> bf16[6,16,8] {",
+        "  %param_0 = bf16[4,2,8,3,16]{2,4,3,1,0} parameter(0)",
+        "  %bitcast.1 = bf16[4,2,3,16,8]{4,3,2,1,0} bitcast(%param_0)",
+        "  %last = s32[] constant(3)",
+        "  %param_1 = s32[] parameter(1)",
+        "  %sub = s32[] subtract(%last, %param_1)",
+        "  %zero = s32[] constant(0)",
+        "  %ds = bf16[1,2,3,16,8]{4,3,2,1,0} dynamic-slice(%bitcast.1, %sub, %zero, %zero, "
+        "%zero, /*index=5*/%zero), dynamic_slice_sizes={1,2,3,16,8}",
+        "  %bitcast.2 = bf16[2,3,16,8]{3,2,1,0} bitcast(%ds)",
+        "  %convert.1 = f32[2,3,16,8]{3,2,1,0} convert(%bitcast.2)",
+        "  %bitcast.3 = f32[6,16,8]{2,1,0} bitcast(%convert.1)",
+        "  ROOT %convert.2 = bf16[6,16,8]{2,1,0} convert(%bitcast.3)",
+        "}",
+    ]
+    text = _gpu_loop(fusion, "%stack, %i", "bf16[6,16,8]{2,1,0}")
+    # The 1.5 KB slice and the counter read, the 1.5 KB result written.
+    assert hlo.kernel_bytes(text) == 4 * (1536 + 4 + 1536)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "target", [pytest.param("v5e-4", marks=TPU), pytest.param("h100x8", marks=GPU)]

@@ -366,15 +366,25 @@ def _computations(text: str) -> dict[str, dict]:
     return found
 
 
+def _bitcast_source(instrs: dict, name: str) -> str:
+    """The value `name` views through a chain of bitcasts (the same buffer reinterpreted,
+    which moves no bytes), or `name` itself."""
+    while name in instrs and instrs[name].op == "bitcast":
+        name = instrs[name].operands[0]
+    return name
+
+
 def _parameter_read(computations: dict, body: dict, param: str | None, size: int) -> int:
     """Bytes a fusion reads of one operand: the slices when it is only dynamically sliced
-    (directly or inside a nested fusion), all of it otherwise."""
+    (directly, through bitcasts of it, or inside a nested fusion), all of it otherwise."""
     uses = body["users"].get(param, [])
     read = 0
     for user, position in uses:
         instr = body["instrs"][user]
         if instr.op == "dynamic-slice" and position == 0:
             read += instr.bytes
+        elif instr.op == "bitcast":
+            read += _parameter_read(computations, body, user, size)
         elif instr.op == "fusion":
             nested = computations[_fusion_body(instr)]
             read += _parameter_read(computations, nested, nested["params"].get(position), size)
@@ -388,7 +398,9 @@ def _fusion_traffic(
 ) -> int:
     """Bytes a fusion kernel moves: operands read only through dynamic slices count their
     slices, a buffer that a dynamic-update-slice among the results (the root, or an element
-    of a multi-output fusion's root tuple) updates in place counts its update."""
+    of a multi-output fusion's root tuple) updates in place counts its update. The GPU
+    compiler often updates a bitcast of the parameter (the stack in another shape, the same
+    bytes): that too is the parameter's buffer, updated in place."""
     instrs, root = body["instrs"], body["root"]
     results = [root]
     if root is not None and instrs[root].op == "tuple":
@@ -397,7 +409,7 @@ def _fusion_traffic(
     for result in results:
         instr = instrs.get(result)
         if instr is not None and instr.op == "dynamic-update-slice":
-            in_place.add(instr.operands[0])
+            in_place.add(_bitcast_source(instrs, instr.operands[0]))
             written += instrs[instr.operands[1]].bytes if instr.hbm_bytes else 0
         else:
             written += result_bytes if instr is None else instr.hbm_bytes

@@ -889,19 +889,49 @@ def test_a_mesh_search_compiles_every_policy_from_the_first_fit_then_cheaper_unr
     every = ("none", "selective", "dots", "full")
     scanned = [(True, p, 1) for p in every]
     assert order(64, "tpu") == scanned
-    assert order(64, "cuda") == scanned + [(False, "none", 1)]
+    # On a GPU the policies cheaper than the fit at more accumulation (fitting at none here).
+    more = [(True, p, a) for a in (2, 4, 8) for p in ("none", "selective")]
+    assert order(64, "cuda") == scanned + more + [(False, "none", 1)]
     fits[False, "none", 1] = False  # The unrolled program stops at the scanned fit's policy.
     fits[False, "selective", 1] = True
     unrolled = [(False, "none", 1), (False, "selective", 1)]
-    assert order(64, "cuda") == scanned + unrolled
+    assert order(64, "cuda") == scanned + more + unrolled
     fits[False, "selective", 1] = False
-    assert order(64, "cuda") == scanned + unrolled + [(False, "dots", 1)]
+    assert order(64, "cuda") == scanned + more + unrolled + [(False, "dots", 1)]
     fits[True, "dots", 1] = False  # Accumulation comes after every policy; 2 divides 6.
     fits[True, "none", 2] = True
     policies = [(True, p, 1) for p in every]
     after = [(True, p, 2) for p in every] + [(False, "none", 2)]
     assert order(6, "cuda") == policies + after
     assert order(5, "cuda") == policies  # 2 does not divide 5: nothing fits.
+
+
+def test_on_a_gpu_the_policies_cheaper_than_the_fit_are_compiled_at_more_accumulation():
+    """Shaped as G/14 on h100x8x4 (a made-up memory table: no compiler runs): only `full`
+    fits at one step, `dots` at two, `selective` at four, `none` nowhere. Each cheaper
+    policy is compiled at each larger accumulation that divides the batch until it fits."""
+    fit_from = {"none": 16, "selective": 4, "dots": 2, "full": 1}
+
+    def compile_one(setting: Setting) -> dict:
+        return {"fits": setting.accum_steps >= fit_from[setting.remat_policy], "setting": setting}
+
+    def compiled(batch_size: int) -> list[tuple[str, int]]:
+        tried = search_mesh(one_by_one(compile_one), "fsdp", 8, 1, batch_size, "cuda",
+                            Space(scan=True))  # fmt: skip
+        return [(f["setting"].remat_policy, f["setting"].accum_steps) for f in tried]
+
+    every = [(p, 1) for p in ("none", "selective", "dots", "full")]
+    then = [("none", 2), ("selective", 2), ("dots", 2), ("none", 4), ("selective", 4), ("none", 8)]
+    assert compiled(128) == every + then
+    assert compiled(6) == every + then[:3]  # 4 does not divide 6.
+    fit_from["dots"] = 1  # The first fit: only the policies before it are compiled again.
+    assert compiled(128) == every + [
+        ("none", 2),
+        ("selective", 2),
+        ("none", 4),
+        ("selective", 4),
+        ("none", 8),
+    ]
 
 
 def test_a_memory_bound_tpu_mesh_is_compiled_again_at_each_larger_accumulation():

@@ -26,10 +26,12 @@ On GPU targets each mesh's fit is followed by unrolled blocks, at the policies f
 cheapest up to the fit's, until one fits: that program moves fewer bytes (no stacking
 copies), ran 1.47x faster on an H200 (docs/scale.md) and keeps no stacked activations, so
 it may fit with less recomputation. It compiles for minutes at H/14 and G/14 depth, so it
-is tried with the fit's accumulation only. GPU targets get no more accumulation than a fit
-needs: a GPU keeps no array in on-chip memory across kernels, and every B/16, L/16 and
-G/14 fit on h100x8x4 compiled at 2, 4 and 8 steps moved more HBM bytes per image and was
-estimated slower than at one step (docs/scale.md). TPU targets keep scanned blocks: the
+is tried with the fit's accumulation only. On GPU targets a fit at more accumulation moves
+more HBM bytes per image (a GPU keeps no array in on-chip memory across kernels: every
+B/16, L/16 and G/14 fit on h100x8x4 compiled at 2, 4 and 8 steps was estimated slower
+than at one), so only the policies that recompute less than the first fit are compiled
+again, each at more accumulation until it fits: G/14 there fits with `full` at one step
+and with `dots` at two, estimated 1.04x (docs/scale.md). TPU targets keep scanned blocks: the
 TPU compiler takes minutes for an unrolled program at any size and fits it only by
 rematerialising on its own.
 """
@@ -277,10 +279,11 @@ def search_mesh(
     space: Space = Space(),
 ) -> list[dict[str, Any]]:
     """The figures of one mesh's candidates, in the order compiled: every policy of
-    `space` at each of its accumulations up to the first where one fits, then on a GPU
-    target (`platform` "cuda") unrolled blocks up to the first fit's policy, on a TPU
-    target ("tpu"), where the fits are bound by HBM traffic, every policy at more
-    accumulation (`accumulate_more`).
+    `space` at each of its accumulations up to the first where one fits; then on a GPU
+    target (`platform` "cuda") the policies cheaper than the first fit at more accumulation
+    until each fits (`fit_cheaper_policies`) and unrolled blocks up to the first fit's
+    policy; on a TPU target ("tpu"), where the fits are bound by HBM traffic, every policy
+    at more accumulation (`accumulate_more`).
 
     `compile_all` gives the figures of settings compiled together (each with `fits` and
     the `setting` itself), in their order.
@@ -297,15 +300,41 @@ def search_mesh(
             continue
         if platform != "cuda":
             return tried + accumulate_more(compile_all, fits, batch_size, space)
+        first = fits[0]["setting"]
+        tried += fit_cheaper_policies(compile_all, first, batch_size, space)
         if not space.unrolled_after_fit(platform):  # Blocks as the command line gave them.
             return tried
-        first = fits[0]["setting"]
         cheaper = space.policies[: space.policies.index(first.remat_policy) + 1]
         for policy in cheaper:  # One at a time: the first that fits ends it.
             tried += compile_all([dataclasses.replace(first, scan=False, remat_policy=policy)])
             if tried[-1]["fits"]:
                 break
         return tried
+    return tried
+
+
+def fit_cheaper_policies(
+    compile_all: Callable[[list[Setting]], list[dict[str, Any]]],
+    first: Setting,
+    batch_size: int,
+    space: Space = Space(),
+) -> list[dict[str, Any]]:
+    """The policies of `space` that recompute less than `first`, a mesh's first fit (they
+    did not fit at its accumulation), at each larger accumulation that divides the batch
+    until each fits; the figures compiled here, in order. Recomputing less can outweigh
+    the bytes a smaller micro-batch adds: G/14 on h100x8x4 (FSDP 8) fits with `full` at
+    one step and `dots` at two, estimated 1.04x (docs/scale.md)."""
+    waiting = space.policies[: space.policies.index(first.remat_policy)]
+    tried: list[dict[str, Any]] = []
+    for accum in space.accum_steps:
+        if not waiting or batch_size % accum:
+            break
+        if accum <= first.accum_steps:
+            continue
+        level = compile_all([dataclasses.replace(first, remat_policy=p, accum_steps=accum)
+                             for p in waiting])  # fmt: skip
+        tried += level
+        waiting = tuple(f["setting"].remat_policy for f in level if not f["fits"])
     return tried
 
 

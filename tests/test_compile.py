@@ -1097,8 +1097,11 @@ def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes
     assert compiled("cuda", none) == [(True, "none", 1), (True, "none", 2), (False, "none", 2)]
     every = ("none", "selective", "dots", "full")
     assert compiled("tpu", Space(accum_steps=(2,))) == [(True, p, 2) for p in every]
-    assert compiled("cuda", Space(scan=True)) == [(True, p, 1) for p in every]
-    assert compiled("cuda", Space(scan=False)) == [(False, p, 1) for p in every]
+    # `none`, cheaper than the first fit, again at 2 steps, where it fits.
+    assert compiled("cuda", Space(scan=True)) == [(True, p, 1) for p in every] + [(True, "none", 2)]
+    assert compiled("cuda", Space(scan=False)) == [(False, p, 1) for p in every] + [
+        (False, "none", 2)
+    ]
 
 
 def dies_or_fails_at_two_policies(config, target, num_classes, eval_programs, setting, peak):

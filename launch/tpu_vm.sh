@@ -72,11 +72,17 @@ wait_until_active() {
     run "${describe[@]}"
     return
   fi
-  local state
-  while state=$("${describe[@]}") && [ "$state" != ACTIVE ]; do
-    case $state in
-      FAILED | SUSPENDED) echo "$0: queued resource $QUEUED is $state" >&2 && return 1 ;;
-    esac
+  local state failures=0 # gcloud failing now and then is no reason to give the slice up.
+  while true; do
+    if state=$("${describe[@]}"); then
+      failures=0
+      case $state in
+        ACTIVE) return 0 ;;
+        FAILED | SUSPENDED) echo "$0: queued resource $QUEUED is $state" >&2 && return 1 ;;
+      esac
+    elif [ $((failures += 1)) -ge 10 ]; then
+      echo "$0: could not read the state of $QUEUED 10 times in a row" >&2 && return 1
+    fi
     sleep 30
   done
 }

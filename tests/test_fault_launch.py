@@ -165,8 +165,12 @@ def _stub(bin_dir, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def _run_for_real(tmp_path, script: str, **env: str) -> tuple[int, list[str]]:
-    """Runs `script` (no --dry-run) against stub commands; its status and the calls made."""
+def _run_for_real(
+    tmp_path, script: str, describe: str = "echo ACTIVE", **env: str
+) -> tuple[int, list[str]]:
+    """Runs `script` (no --dry-run) against stub commands; its status and the calls made.
+    `describe`: what gcloud does when asked for the queued resource's state; sleep returns
+    at once."""
     bin_dir = tmp_path / "bin"
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "venv" / "bin" / "activate").write_text("")
@@ -178,10 +182,11 @@ def _run_for_real(tmp_path, script: str, **env: str) -> tuple[int, list[str]]:
     next_status = 'read -r s < "$STATUSES"; sed -i 1d "$STATUSES"; echo "$s" > "$LAST"'
     _stub(bin_dir, "srun", f'{next_status}; exit "$s"')
     _stub(bin_dir, "scontrol", "")
+    _stub(bin_dir, "sleep", "")
     _stub(
         bin_dir,
         "gcloud",
-        f'case "$*" in *describe*) echo ACTIVE ;; *vit-train*) {next_status} ;;'
+        f'case "$*" in *describe*) {describe} ;; *vit-train*) {next_status} ;;'
         ' *vit_train_status*) cat "$LAST" ;; esac',
     )
     result = subprocess.run(
@@ -229,3 +234,21 @@ def test_tpu_makes_a_new_slice_only_after_a_preemption(tmp_path, statuses, code,
     run_ids = {re.search(r"VIT_RUN_ID=(\S+)", c).group(1) for c in trains}
     attempts = [re.search(r"VIT_RUN_ATTEMPT=(\d+)", c).group(1) for c in trains]
     assert len(run_ids) == 1 and attempts == [str(i) for i in range(1, slices + 1)]
+
+
+@pytest.mark.parametrize("failures, code", [(2, 0), (10, 1)])
+def test_tpu_asks_again_when_gcloud_cannot_read_the_slices_state(tmp_path, failures, code):
+    """gcloud failing now and then (the network, the API) is asked again; ten failures in a
+    row end the launch before anything runs, and the slice is deleted."""
+    (tmp_path / "statuses").write_text("0\n")
+    (tmp_path / "asked").touch()
+    describe = f'echo >> "$ASKED"; [ "$(wc -l < "$ASKED")" -gt {failures} ] || exit 1; echo ACTIVE'
+    returned, calls = _run_for_real(
+        tmp_path, "tpu_vm.sh", describe, STATUSES=str(tmp_path / "statuses"),
+        ASKED=str(tmp_path / "asked"), **TPU_ENV,
+    )  # fmt: skip
+    assert returned == code
+    asked = [c for c in calls if "queued-resources describe" in c]
+    assert len(asked) == min(failures + 1, 10)
+    assert len([c for c in calls if "vit-train" in c]) == (code == 0)
+    assert any("queued-resources delete" in c for c in calls)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import SGD, run_steps, tiny_config
 
-from vit_jax.parallel import _axis_sizes, device_slices, make_mesh
+from vit_jax.parallel import _axis_sizes, check_axis_sizes, device_slices, make_mesh
 
 AXES = {"data": -1, "fsdp": 1, "tensor": 1}
 
@@ -86,7 +86,7 @@ def test_an_axis_size_neither_minus_one_nor_positive_is_refused_by_its_field(
 
 def test_axis_sizes_name_every_size_they_refuse():
     with pytest.raises(ValueError, match=r"^config.mesh.fsdp=0, config.mesh.tensor=-1\.5: "):
-        _axis_sizes({"data": -1, "fsdp": 0, "tensor": -1.5}, 8, "mesh", "devices")
+        check_axis_sizes({"data": -1, "fsdp": 0, "tensor": -1.5}, "mesh")
     assert _axis_sizes({"data": -1, "fsdp": 2, "tensor": 2.0}, 8, "mesh", "devices") == [2, 2, 2]
 
 

@@ -88,13 +88,12 @@ def _size_ok(size: Any) -> bool:
 
 
 def _axis_sizes(axes: Mapping[str, int], total: int, field: str, unit: str) -> list[int]:
-    """Sizes of `axes` with the one -1 replaced by what the others leave of `total`.
+    """Sizes of `axes` (each -1 or >= 1: `check_axis_sizes`) with the one -1 replaced by
+    what the others leave of `total`.
 
     Raises:
-      ValueError: a size neither -1 nor >= 1, more than one -1, or sizes that do not
-        multiply to `total`.
+      ValueError: more than one -1, or sizes that do not multiply to `total`.
     """
-    check_axis_sizes(axes, field)
     sizes = [int(size) for size in axes.values()]
     if sizes.count(-1) > 1:
         raise ValueError(f"config.{field} {dict(axes)}: at most one axis may be -1.")
@@ -146,6 +145,7 @@ def make_mesh(
             "same number of devices in each."
         )
     check_axis_sizes(ici, "mesh")  # Here, not under the advice on splitting below.
+    check_axis_sizes(dcn, "dcn_mesh")
     dcn_sizes = _axis_sizes(
         {name: dcn.get(name, 1) for name in names}, len(groups), "dcn_mesh", "slices or nodes"
     )

@@ -178,13 +178,14 @@ def search_space(
     if {"sharding_rules", "mesh.fsdp", "mesh.tensor"} <= fixed.keys():
         given = (fixed["sharding_rules"], fixed["mesh.fsdp"], fixed["mesh.tensor"])
         _, fsdp, tensor = given
-        if min(fsdp, tensor) > 0 and devices_per_slice % (fsdp * tensor):
-            why = (
-                f" (fsdp {fsdp} x tensor {tensor} = {fsdp * tensor} does not divide its "
-                f"{devices_per_slice} devices)"
-            )
-        elif given not in candidates and min(fsdp, tensor) > 0:
-            candidates.append(given)
+        if min(fsdp, tensor) > 0:  # Else an axis of -1: the candidates of `meshes` have it.
+            if devices_per_slice % (fsdp * tensor):
+                why = (
+                    f" (fsdp {fsdp} x tensor {tensor} = {fsdp * tensor} does not divide its "
+                    f"{devices_per_slice} devices)"
+                )
+            elif given not in candidates:
+                candidates.append(given)
 
     def has_fixed_values(mesh: tuple[str, int, int]) -> bool:
         rules, fsdp, tensor = mesh
@@ -326,16 +327,27 @@ def fit_cheaper_policies(
     one step and `dots` at two, estimated 1.04x (docs/scale.md)."""
     waiting = space.policies[: space.policies.index(first.remat_policy)]
     tried: list[dict[str, Any]] = []
-    for accum in space.accum_steps:
-        if not waiting or batch_size % accum:
+    for accum in _more_accumulation(space, first.accum_steps, batch_size):
+        if not waiting:
             break
-        if accum <= first.accum_steps:
-            continue
         level = compile_all([dataclasses.replace(first, remat_policy=p, accum_steps=accum)
                              for p in waiting])  # fmt: skip
         tried += level
         waiting = tuple(f["setting"].remat_policy for f in level if not f["fits"])
     return tried
+
+
+def _more_accumulation(space: Space, accum_steps: int, batch_size: int) -> list[int]:
+    """The accumulations of `space` above `accum_steps`, up to the first that does not
+    divide the batch."""
+    more = []
+    for accum in space.accum_steps:
+        if accum <= accum_steps:
+            continue
+        if batch_size % accum:
+            break
+        more.append(accum)
+    return more
 
 
 def _img_per_s(figures: dict[str, Any]) -> float:
@@ -365,16 +377,11 @@ def accumulate_more(
     if not fits or max(fits, key=_img_per_s).get("estimate_bound") != "memory":
         return []
     mesh = fits[0]["setting"]
-    settings = []
-    for accum in space.accum_steps:
-        if accum <= mesh.accum_steps:
-            continue
-        if batch_size % accum:
-            break
-        settings += [
-            dataclasses.replace(mesh, remat_policy=policy, accum_steps=accum)
-            for policy in space.policies
-        ]
+    settings = [
+        dataclasses.replace(mesh, remat_policy=policy, accum_steps=accum)
+        for accum in _more_accumulation(space, mesh.accum_steps, batch_size)
+        for policy in space.policies
+    ]
     return compile_all(settings) if settings else []
 
 

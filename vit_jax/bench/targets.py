@@ -46,7 +46,6 @@ class Device:
     dcn_bytes_per_s: float  # Between slices or nodes.
 
 
-# DCN per chip (module docstring): v5e 25 Gb/s, v5p 50 Gb/s, v6e 100 Gb/s.
 TPUS = {  # family -> (topology prefix, chips per counted unit, figures)
     "v5e": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),
     "v5litepod": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),

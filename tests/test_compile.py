@@ -332,7 +332,9 @@ def test_vit_bench_compile_takes_the_peak_its_hint_asks_for(tmp_path):
         "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
         "--config.eval_batch_size=8", "--config.model.depth=1", "--config.model.dtype=float64",
     ]  # fmt: skip
-    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=600)
+    # With 64-bit JAX, as float64 computes in float64 only there (`compute_dtype`).
+    env = os.environ | {"JAX_ENABLE_X64": "1"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=600, env=env)
     without = run(command, cwd=tmp_path)
     assert without.returncode == 0, without.stderr[-3000:]
     assert "pass --peak_tflops" in without.stdout and "estimate_step_s" not in without.stdout
@@ -1064,6 +1066,33 @@ def test_a_sweep_refuses_a_given_mesh_the_node_cannot_hold_before_its_first_comp
     assert line.startswith("vit-bench: No mesh the sweep compiles on 8 devices"), line
     assert "(fsdp 3 x tensor 1 = 3 does not divide its 8 devices); its meshes are: dp;" in line
     assert result.stdout == ""
+
+
+@TPU
+def test_a_config_no_candidate_can_run_is_a_user_error_not_a_sweep_that_fits_nothing(tmp_path):
+    """float16 on a TPU (whose compiler has no float16 matmul) is refused before any compile,
+    by `compile` and by `--sweep`; a config every candidate refuses (here a negative mixup
+    alpha) says why, not "lower the batch size"; each one line and status 2."""
+    native = r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog)"
+
+    def refusal(*changes: str) -> str:
+        command = [
+            sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "v5e-4",
+            "--config", f"{REPO}/configs/local.py", "--config.model.depth=1", *changes,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and result.stdout == "", result.stderr[-3000:]
+        return [line for line in result.stderr.splitlines() if not re.match(native, line)][-1]
+
+    half = "vit-bench: model.dtype='float16': XLA's TPU compiler has no float16 matmul"
+    assert refusal("--config.model.dtype=float16").startswith(half)
+    assert refusal("--config.model.dtype=float16", "--sweep", "--workers=1").startswith(half)
+    fixed = ("--config.model.remat_policy=none", "--config.accum_steps=1", "--sweep")
+    assert refusal("--config.pp.mixup_alpha=-1", *fixed, "--workers=1") == (
+        "vit-bench: no candidate is a valid setting of this config: config.pp.mixup_alpha "
+        "must be >= 0 (0 = off), got -1.0."
+    )
 
 
 def test_a_sweep_keeps_the_policy_accumulation_and_blocks_the_command_line_fixes():

@@ -12,7 +12,13 @@ from flax.traverse_util import flatten_dict
 from reference_vit import vit_logits
 
 from vit_jax.checkpoint.npz import read_npz, save_npz
-from vit_jax.models import create_model, parse_variant, stack_blocks, unstack_blocks
+from vit_jax.models import (
+    compute_dtype,
+    create_model,
+    parse_variant,
+    stack_blocks,
+    unstack_blocks,
+)
 from vit_jax.models.vit import DropPath
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
@@ -244,6 +250,23 @@ def test_bfloat16_compute_is_finite_and_close_to_float32():
     np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.max(jnp.abs(ref))))
     bf16_params = bf16.init(jax.random.key(0), images, train=False)["params"]
     assert {x.dtype for x in jax.tree.leaves(nn.unbox(bf16_params))} == {jnp.dtype(jnp.float32)}
+
+
+def test_model_dtype_names_a_dtype_the_platform_computes_in():
+    assert compute_dtype("bfloat16", "tpu") == jnp.bfloat16
+    assert compute_dtype("float16", "gpu") == jnp.float16
+    with pytest.raises(ValueError, match=r"^model.dtype='fp16' is not a dtype: choose one of "):
+        compute_dtype("fp16")
+    with pytest.raises(ValueError, match=r"^model.dtype='int8' cannot compute a ViT: choose "):
+        compute_dtype("int8")
+    # Without 64-bit JAX a float64 model would compute in float32, named float64.
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(ValueError, match=r"needs 64-bit JAX \(JAX_ENABLE_X64=1"):
+        compute_dtype("float64")
+    with jax.enable_x64(True):
+        assert compute_dtype("float64") == jnp.float64
+    with pytest.raises(ValueError, match=r"TPU compiler has no float16 matmul; .*bfloat16"):
+        compute_dtype("float16", "tpu")
 
 
 def test_dropout_is_off_in_eval_and_deterministic_given_rng():

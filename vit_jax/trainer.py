@@ -105,10 +105,11 @@ class Trainer:
 
         Raises:
           ValueError: a batch size the mesh's batch shards or `accum_steps` do not divide,
-            or a negative mixup alpha.
+            a negative mixup alpha, or a `model.dtype` that `compute_dtype` refuses for
+            the mesh's platform.
         """
         self.config = config
-        model = build_model(config.model, num_classes)
+        model = build_model(config.model, num_classes, parallel.platform(mesh))
         self.tx, self.schedule = make_optimizer(config, total_steps)
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)

@@ -18,7 +18,9 @@ __all__ = [
     "VisionTransformer",
     "Variant",
     "abstract_params",
+    "COMPUTE_DTYPES",
     "build_model",
+    "compute_dtype",
     "create_model",
     "parse_variant",
     "scale_images",
@@ -59,12 +61,47 @@ def create_model(name: str | None, *, num_classes: int, **overrides) -> VisionTr
     return VisionTransformer(num_classes=num_classes, **(named | overrides))
 
 
-def build_model(model: Mapping[str, Any], num_classes: int) -> VisionTransformer:
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
+    """The dtype `model.dtype` names, in which activations are computed (parameters stay
+    float32): one of `COMPUTE_DTYPES`, or "float64" when JAX runs with 64-bit types.
+    `platform`: where it will run ("tpu", "gpu", "cpu"; None: not checked).
+
+    Raises:
+      ValueError: a name that is none of these. JAX without `JAX_ENABLE_X64=1` would
+        compute a float64 model in float32, so that is refused too, and so is float16 on
+        a TPU, whose compiler has no float16 matmul.
+    """
+    choices = f"choose one of {', '.join(COMPUTE_DTYPES)}"
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        raise ValueError(f"model.dtype={name!r} is not a dtype: {choices}.") from None
+    if dtype.name == "float16" and platform == "tpu":
+        raise ValueError(
+            "model.dtype='float16': XLA's TPU compiler has no float16 matmul; TPUs compute "
+            "in bfloat16 (--config.model.dtype=bfloat16)."
+        )
+    if dtype.name in COMPUTE_DTYPES or (dtype.name == "float64" and jax.config.jax_enable_x64):
+        return dtype
+    if dtype.name == "float64":
+        raise ValueError(
+            "model.dtype='float64' needs 64-bit JAX (JAX_ENABLE_X64=1 in the environment): "
+            f"without it JAX computes in float32. Set it, or {choices}."
+        )
+    raise ValueError(f"model.dtype={name!r} cannot compute a ViT: {choices}.")
+
+
+def build_model(
+    model: Mapping[str, Any], num_classes: int, platform: str | None = None
+) -> VisionTransformer:
     """The model a config's `model` section describes: `name` plus every other field as an
-    override (`create_model`), `dtype` given by its name ("float32", "bfloat16")."""
+    override (`create_model`), `dtype` given by its name (`compute_dtype`, for `platform`)."""
     overrides = dict(model)
     name = overrides.pop("name", None)
-    overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
+    overrides["dtype"] = compute_dtype(overrides.get("dtype", "float32"), platform)
     return create_model(name, num_classes=num_classes, **overrides)
 
 

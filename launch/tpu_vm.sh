@@ -2,7 +2,8 @@
 # Train on a Cloud TPU VM slice (v4/v5e/v5p, any size): create the slice with a queued
 # resource, install vit_jax on every worker, run the same vit-train on all of them with
 # their logs streamed here, then delete the slice. If the slice is preempted (vit-train
-# exits 75 after saving, or the slice is gone), a new one is created and the run resumes.
+# exits 75 after saving, or the slice is gone, while installing too), a new one is
+# created and the run resumes.
 #
 #   export TPU_NAME=vit ZONE=us-central1-a ACCELERATOR_TYPE=v5litepod-16 \
 #          RUNTIME_VERSION=v2-alpha-tpuv5-lite REPO=https://github.com/you/vit_jax.git
@@ -65,16 +66,17 @@ on_workers() {
   fi
 }
 
+DESCRIBE=("${TPUS[@]}" queued-resources describe "$QUEUED" --zone "$ZONE"
+  --format='value(state.state)')
+
 wait_until_active() {
-  local describe=("${TPUS[@]}" queued-resources describe "$QUEUED" --zone "$ZONE"
-    --format='value(state.state)')
   if [ "$DRY_RUN" = 1 ]; then
-    run "${describe[@]}"
+    run "${DESCRIBE[@]}"
     return
   fi
   local state failures=0 # gcloud failing now and then is no reason to give the slice up.
   while true; do
-    if state=$("${describe[@]}"); then
+    if state=$("${DESCRIBE[@]}"); then
       failures=0
       case $state in
         ACTIVE) return 0 ;;
@@ -133,7 +135,13 @@ for attempt in $(seq "${MAX_ATTEMPTS:-10}"); do
   run "${TPUS[@]}" queued-resources create "$QUEUED" "${NODES[@]}" --zone "$ZONE" \
     --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$RUNTIME_VERSION" "${SPOT_FLAG[@]}"
   wait_until_active
-  on_workers all "$INSTALL"
+  if ! on_workers all "$INSTALL"; then # On a slice still ACTIVE: for good (REPO, BRANCH).
+    state=$("${DESCRIBE[@]}" 2>/dev/null) || state="unknown (gcloud could not read it)"
+    [ "$state" != ACTIVE ] || { echo "$0: installing vit_jax failed on $QUEUED" >&2 && exit 1; }
+    echo "$0: attempt $attempt lost the slice ($state) while installing; creating a new one" >&2
+    delete_slice
+    continue
+  fi
   train_on_workers "$attempt" || true # The status that matters is vit-train's, read next.
   read_status
   delete_slice # Waits until it is gone: the next try reuses its name.

@@ -166,11 +166,11 @@ def _stub(bin_dir, name: str, body: str) -> None:
 
 
 def _run_for_real(
-    tmp_path, script: str, describe: str = "echo ACTIVE", **env: str
+    tmp_path, script: str, describe: str = "echo ACTIVE", install: str = "", **env: str
 ) -> tuple[int, list[str]]:
     """Runs `script` (no --dry-run) against stub commands; its status and the calls made.
-    `describe`: what gcloud does when asked for the queued resource's state; sleep returns
-    at once."""
+    `describe`: what gcloud does when asked for the queued resource's state; `install`:
+    what it does for the install on the workers; sleep returns at once."""
     bin_dir = tmp_path / "bin"
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "venv" / "bin" / "activate").write_text("")
@@ -187,7 +187,7 @@ def _run_for_real(
         bin_dir,
         "gcloud",
         f'case "$*" in *describe*) {describe} ;; *vit-train*) {next_status} ;;'
-        ' *vit_train_status*) cat "$LAST" ;; esac',
+        f' *vit_train_status*) cat "$LAST" ;; *"pip install"*) {install or ":"} ;; esac',
     )
     result = subprocess.run(
         ["bash", f"launch/{script}", RECIPE, WORKDIR],
@@ -252,3 +252,28 @@ def test_tpu_asks_again_when_gcloud_cannot_read_the_slices_state(tmp_path, failu
     assert len(asked) == min(failures + 1, 10)
     assert len([c for c in calls if "vit-train" in c]) == (code == 0)
     assert any("queued-resources delete" in c for c in calls)
+
+
+@pytest.mark.parametrize("lost, code, slices", [("SUSPENDED", 0, 2), ("", 1, 1)])
+def test_tpu_makes_a_new_slice_when_the_slice_is_lost_while_installing(
+    tmp_path, lost, code, slices
+):
+    """The first install fails. On a slice no longer ACTIVE (preempted) a new slice is made
+    and trains; on one still ACTIVE the install failed for good (a wrong BRANCH): the
+    launch ends, without a second slice, and the slice is deleted."""
+    (tmp_path / "statuses").write_text("0\n")
+    (tmp_path / "installs").touch()
+    (tmp_path / "asked").touch()
+    # The second state read, after the first install: `lost` (ACTIVE when empty).
+    asked = 'echo >> "$ASKED"; [ "$(wc -l < "$ASKED")" = 2 ]'
+    describe = f"{asked} && echo {lost or 'ACTIVE'} || echo ACTIVE"
+    install = 'echo >> "$INSTALLS"; [ "$(wc -l < "$INSTALLS")" -gt 1 ] || exit 255'
+    returned, calls = _run_for_real(
+        tmp_path, "tpu_vm.sh", describe, install, STATUSES=str(tmp_path / "statuses"),
+        INSTALLS=str(tmp_path / "installs"), ASKED=str(tmp_path / "asked"), **TPU_ENV,
+    )  # fmt: skip
+    assert returned == code
+    creates = [c for c in calls if "queued-resources create" in c]
+    deletes = [c for c in calls if "queued-resources delete" in c]
+    assert len(creates) == slices and len(deletes) >= slices
+    assert len([c for c in calls if "vit-train" in c]) == (code == 0)

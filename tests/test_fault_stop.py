@@ -145,6 +145,22 @@ def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop)
 
 
 @pytest.mark.slow
+def test_a_run_that_fails_once_its_input_runs_exits_past_the_teardown_too(tmp_path, data_dir):
+    """A run that fails with the train stream running (here the transfer guard stops an
+    evaluator that reads a device value implicitly, at step 6) ends as a finished run does:
+    past the stream's teardown (blocked here), not in the interpreter's exit, which stops
+    tf.data's teardown midway and aborts (SIGABRT, "FATAL: exception not rethrown")."""
+    run = _start(
+        data_dir, tmp_path / "run", ["evaluator_support:implicit_transfer"],
+        before_main=BLOCK_TRAIN_STREAM_TEARDOWN,
+    )  # fmt: skip
+    output = _finish(run, [])
+    assert run.returncode == 1, output[-3000:]
+    assert "Traceback" in output and "isallowed" in output and "transfer" in output
+    assert "An input pipeline is still closing: exiting without waiting for it." in output
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("blocked_teardown", [False, True])
 def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir, blocked_teardown):
     """SIGTERM to process 1 only, during the evaluation: both abandon it at the same batch

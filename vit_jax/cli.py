@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -123,13 +124,18 @@ def _message(error: BaseException) -> str:
 
 
 def run_with_flags(
-    prog: str, doc: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None
+    prog: str,
+    doc: str,
+    main: Callable[[list[str]], int | None],
+    argv: Sequence[str] | None = None,
+    finish: Callable[[int], int] = int,
 ) -> NoReturn:
     """Parses absl flags (`--config` recipes included) and exits with `main(rest)`'s status.
 
     `--help` prints `doc` and the flags the calling module defines, with their defaults.
     Flag errors (unknown flag, bad value, a `--config.KEY` the recipe lacks, a recipe that
-    fails to load) are user errors.
+    fails to load) are user errors. `finish(status)` is the exit status, whichever way
+    `main` ended: its status, a user error's, or a bug's (1, after its traceback).
     """
     argv = list(sys.argv if argv is None else argv)
     module = sys._getframe(1).f_globals["__name__"]  # The command's module defines its flags.
@@ -147,7 +153,12 @@ def run_with_flags(
         _check_recipes(module)
         return main(rest)
 
-    sys.exit(run(prog, parse_and_run))
+    try:
+        status = run(prog, parse_and_run)
+    except Exception:  # A bug: its traceback and status, as Python's own exit gives them.
+        traceback.print_exc()
+        status = 1
+    sys.exit(finish(status))
 
 
 def _flags_help(module: str) -> str:

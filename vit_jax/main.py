@@ -101,7 +101,9 @@ def _main(argv: list[str]) -> int:
 
 def main() -> None:
     exit_on_stop_during_start_up()  # Before JAX and TensorFlow load: a stop exits 75.
-    cli.run_with_flags("vit-train", __doc__, lambda argv: exit_status_once_closed(_main(argv)))
+    # Every way out waits for the input pipeline's close, a user error found at the first
+    # step included: the interpreter's exit would stop tf.data's teardown and abort.
+    cli.run_with_flags("vit-train", __doc__, _main, finish=exit_status_once_closed)
 
 
 if __name__ == "__main__":

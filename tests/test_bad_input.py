@@ -156,6 +156,26 @@ CASES = {
         ValueError,
         r"stochastic_depth=1.0: must be in \[0, 1\)",
     ),
+    "dropout above 1 (trained on zeros)": Case(
+        lambda p: _trainer(p, **{"model.dropout": 1.5}),
+        ValueError,
+        r"^dropout=1.5: must be in \[0, 1\), the fraction dropped",
+    ),
+    "negative attention dropout": Case(
+        lambda p: _trainer(p, **{"model.attention_dropout": -0.1}),
+        ValueError,
+        r"^attention_dropout=-0.1: must be in \[0, 1\)",
+    ),
+    "no accumulation step (ZeroDivisionError)": Case(
+        lambda p: _trainer(p, accum_steps=0),
+        ValueError,
+        r"^accum_steps=0 must be at least 1",
+    ),
+    "unknown loss, refused before the first step": Case(
+        lambda p: _trainer(p, loss="ce"),
+        ValueError,
+        r"^loss='ce': choose one of \('softmax_xent', 'sigmoid_xent'\)",
+    ),
 }
 
 

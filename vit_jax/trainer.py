@@ -43,7 +43,11 @@ def per_example_loss(
         return -jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1)
     if kind == "sigmoid_xent":
         return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
-    raise ValueError(f"loss={kind!r}: choose one of {LOSSES}.")
+    raise _unknown_loss(kind)
+
+
+def _unknown_loss(kind: str) -> ValueError:
+    return ValueError(f"loss={kind!r}: choose one of {LOSSES}.")
 
 
 def mixup(
@@ -105,8 +109,8 @@ class Trainer:
 
         Raises:
           ValueError: a batch size the mesh's batch shards or `accum_steps` do not divide,
-            a negative mixup alpha, or a `model.dtype` that `compute_dtype` refuses for
-            the mesh's platform.
+            `accum_steps` below 1, an unknown loss, a negative mixup alpha, or a
+            `model.dtype` that `compute_dtype` refuses for the mesh's platform.
         """
         self.config = config
         model = build_model(config.model, num_classes, parallel.platform(mesh))
@@ -116,6 +120,8 @@ class Trainer:
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
         for field in ("batch_size", "eval_batch_size"):
             parallel.batch_size_per_shard(config[field], self.mesh, self.rules, field)
+        if config.accum_steps < 1:
+            raise ValueError(f"accum_steps={config.accum_steps} must be at least 1 (1: none).")
         if config.batch_size % config.accum_steps:
             raise ValueError(
                 f"batch_size {config.batch_size} must be divisible by accum_steps "
@@ -124,6 +130,8 @@ class Trainer:
         parallel.batch_size_per_shard(
             config.batch_size // config.accum_steps, self.mesh, self.rules, "batch_size/accum_steps"
         )
+        if config.loss not in LOSSES:  # Before the first step traces it.
+            raise _unknown_loss(config.loss)
         if config.pp.mixup_alpha < 0:
             raise ValueError(
                 f"config.pp.mixup_alpha must be >= 0 (0 = off), got {config.pp.mixup_alpha}."

@@ -498,11 +498,13 @@ class VisionTransformer(nn.Module):
                 f"num_registers={self.num_registers!r} must be a non-negative integer "
                 "(0 turns registers off)."
             )
-        if not 0.0 <= self.stochastic_depth < 1.0:
-            raise ValueError(
-                f"stochastic_depth={self.stochastic_depth}: must be in [0, 1) (at 1, "
-                "the last block is always dropped and rescaled by 1/0: NaN)."
-            )
+        for field in ("dropout", "attention_dropout", "stochastic_depth"):
+            rate = getattr(self, field)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(
+                    f"{field}={rate}: must be in [0, 1), the fraction dropped (at 1 nothing "
+                    "is kept, and what is kept is rescaled by 1/0)."
+                )
         if self.attention_impl == "cudnn" and jnp.dtype(self.dtype) not in (
             jnp.bfloat16,
             jnp.float16,

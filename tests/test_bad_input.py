@@ -49,6 +49,12 @@ def _train(tmp_path, **changes) -> None:
     train_and_evaluate(small_local_config(tmp_path, **changes), str(tmp_path / "run"))
 
 
+def _train_flat(tmp_path, **flat_changes) -> None:
+    config = small_local_config(tmp_path)
+    config.update_from_flattened_dict(flat_changes)
+    train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def _trainer(tmp_path, **flat_changes) -> None:
     config = small_local_config(tmp_path)
     config.update_from_flattened_dict(flat_changes)
@@ -170,6 +176,52 @@ CASES = {
         lambda p: _trainer(p, accum_steps=0),
         ValueError,
         r"^accum_steps=0 must be at least 1",
+    ),
+    "negative learning rate (trained uphill)": Case(
+        lambda p: _trainer(p, **{"optim.lr": -0.001}),
+        ValueError,
+        r"^optim.lr=-0.001 must be >= 0",
+    ),
+    "negative clipping norm": Case(
+        lambda p: _trainer(p, **{"optim.grad_clip_norm": -1.0}),
+        ValueError,
+        r"^optim.grad_clip_norm=-1.0 must be >= 0",
+    ),
+    "Adam's b2 of 1": Case(
+        lambda p: _trainer(p, **{"optim.b2": 1.0}),
+        ValueError,
+        r"^optim.b2=1.0 must be in \[0, 1\)",
+    ),
+    "label smoothing above 1": Case(
+        lambda p: _trainer(p, label_smoothing=2.0),
+        ValueError,
+        r"^config.label_smoothing must be in \[0, 1\) \(0 = off\), got 2.0",
+    ),
+    "zero width (traceback)": Case(
+        lambda p: _trainer(p, **{"model.width": 0}),
+        ValueError,
+        r"^width=0 must be at least 1",
+    ),
+    "unknown transfer guard (traceback)": Case(
+        lambda p: _train_flat(p, transfer_guard="strict"),
+        ValueError,
+        r"^config.transfer_guard='strict': choose one of \('allow', 'log', 'disallow'",
+    ),
+    # Preprocessing, refused before the data is prepared or the workdir made.
+    "negative shift (TensorFlow traceback)": Case(
+        lambda p: _train_flat(p, **{"pp.shift_pixels": -1}),
+        ValueError,
+        r"^config.pp.shift_pixels must be >= 0, got -1",
+    ),
+    "inception crop area above 1": Case(
+        lambda p: _train_flat(p, **{"pp.train_crop": "inception", "pp.crop_area_min": 2.0}),
+        ValueError,
+        r"^config.pp.crop_area_min must be in \(0, 1\], the smallest fraction",
+    ),
+    "unknown train crop": Case(
+        lambda p: _train_flat(p, **{"pp.train_crop": "center"}),
+        ValueError,
+        r"^config.pp.train_crop='center'; expected one of",
     ),
     "unknown loss, refused before the first step": Case(
         lambda p: _trainer(p, loss="ce"),

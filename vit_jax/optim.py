@@ -63,6 +63,12 @@ def make_optimizer(
     opt = config.optim
     if opt.name not in OPTIMIZERS:
         raise ValueError(f"optim.name={opt.name!r}: choose one of {OPTIMIZERS}.")
+    for field in ("lr", "weight_decay", "grad_clip_norm"):
+        if opt[field] < 0:
+            raise ValueError(f"optim.{field}={opt[field]} must be >= 0.")
+    for field in ("b1", "b2", "momentum"):  # Decay rates of moving averages.
+        if not 0 <= opt[field] < 1:
+            raise ValueError(f"optim.{field}={opt[field]} must be in [0, 1).")
     schedule = make_schedule(opt.lr, total_steps, opt.warmup_steps, opt.decay)
     steps = []
     if opt.grad_clip_norm:

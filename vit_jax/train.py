@@ -62,6 +62,10 @@ def _initial_state(trainer: Trainer, checkpointer: Checkpointer, pretrained: Any
     return trainer.init_state()
 
 
+# `jax.transfer_guard`'s levels, for `config.transfer_guard`.
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir` and returns the evaluators' metrics at the last step.
 
@@ -71,6 +75,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     released; the input pipelines are closed in the background, never holding the exit.
     """
     check_intervals(config)
+    if config.transfer_guard not in TRANSFER_GUARDS:
+        raise ValueError(
+            f"config.transfer_guard={config.transfer_guard!r}: choose one of {TRANSFER_GUARDS}."
+        )
     # Stop requests count from the start: one during start-up ends the run with status 75
     # before its first step.
     with StopRequests() as stop_requests:
@@ -81,6 +89,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config.model.update(checkpoint.model_init_changes(config.model, weights))
         # Before the data is opened (a folder's first opening writes its manifest).
         build_model(config.model, num_classes=1).check_image_size(config.image_size)
+        data.check_preprocessing(config.pp)
         info = data.get_dataset_info(config.dataset, config.data_dir)
         steps = total_steps(config, data.num_train_examples(config))
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)

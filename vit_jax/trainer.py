@@ -109,8 +109,9 @@ class Trainer:
 
         Raises:
           ValueError: a batch size the mesh's batch shards or `accum_steps` do not divide,
-            `accum_steps` below 1, an unknown loss, a negative mixup alpha, or a
-            `model.dtype` that `compute_dtype` refuses for the mesh's platform.
+            `accum_steps` below 1, an unknown loss, label smoothing outside [0, 1), a
+            negative mixup alpha, or a `model.dtype` that `compute_dtype` refuses for the
+            mesh's platform.
         """
         self.config = config
         model = build_model(config.model, num_classes, parallel.platform(mesh))
@@ -132,6 +133,10 @@ class Trainer:
         )
         if config.loss not in LOSSES:  # Before the first step traces it.
             raise _unknown_loss(config.loss)
+        if not 0 <= config.label_smoothing < 1:
+            raise ValueError(
+                f"config.label_smoothing must be in [0, 1) (0 = off), got {config.label_smoothing}."
+            )
         if config.pp.mixup_alpha < 0:
             raise ValueError(
                 f"config.pp.mixup_alpha must be >= 0 (0 = off), got {config.pp.mixup_alpha}."

@@ -191,12 +191,38 @@ def _train_shard(
     return records, size
 
 
+def check_preprocessing(pp: ml_collections.ConfigDict) -> None:
+    """Refuses a `config.pp` the streams cannot follow.
+
+    Raises:
+      ValueError: an unknown train crop, its parameter out of range (crop_area_min outside
+        (0, 1], negative shift_pixels), negative randaugment_layers, or eval_crop_fraction
+        outside (0, 1].
+    """
+    if pp.train_crop not in TRAIN_CROPS:
+        raise ValueError(f"config.pp.train_crop={pp.train_crop!r}; expected one of {TRAIN_CROPS}")
+    if pp.train_crop == "inception" and not 0 < pp.crop_area_min <= 1:
+        raise ValueError(
+            "config.pp.crop_area_min must be in (0, 1], the smallest fraction of the image a "
+            f"crop covers, got {pp.crop_area_min}"
+        )
+    if pp.train_crop == "shift" and pp.shift_pixels < 0:
+        raise ValueError(f"config.pp.shift_pixels must be >= 0, got {pp.shift_pixels}")
+    if pp.randaugment_layers < 0:
+        raise ValueError(
+            f"config.pp.randaugment_layers must be >= 0 (0 = off), got {pp.randaugment_layers}"
+        )
+    if not 0 < pp.eval_crop_fraction <= 1:
+        raise ValueError(
+            f"config.pp.eval_crop_fraction must be in (0, 1], got {pp.eval_crop_fraction}"
+        )
+
+
 def _train_example_fn(
     source: Source, config: ml_collections.ConfigDict
 ) -> Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]:
     pp, size = config.pp, config.image_size
-    if pp.train_crop not in TRAIN_CROPS:
-        raise ValueError(f"config.pp.train_crop={pp.train_crop!r}; expected one of {TRAIN_CROPS}")
+    check_preprocessing(pp)
     crop, area_min, shift, flip = pp.train_crop, pp.crop_area_min, pp.shift_pixels, pp.flip
     ra_layers, ra_magnitude = pp.randaugment_layers, pp.randaugment_magnitude
     antialias = pp.antialias
@@ -299,9 +325,8 @@ def eval_batches(
     num_batches = num_eval_batches(config, process_count)
     source = open_source(config.dataset, config.data_dir)
     split = tfds.even_splits(config.eval_split, process_count)[process_index]
+    check_preprocessing(config.pp)
     size, fraction = config.image_size, config.pp.eval_crop_fraction
-    if not 0 < fraction <= 1:
-        raise ValueError(f"config.pp.eval_crop_fraction must be in (0, 1], got {fraction}")
     antialias = config.pp.antialias
 
     def example(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

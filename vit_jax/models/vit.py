@@ -493,6 +493,11 @@ class VisionTransformer(nn.Module):
         ):
             if value not in choices:
                 raise ValueError(f"{field}={value!r} is not supported: choose one of {choices}.")
+        for field in ("patch_size", "width", "mlp_dim", "num_heads"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field}={getattr(self, field)} must be at least 1.")
+        if self.depth < 0:
+            raise ValueError(f"depth={self.depth} must be >= 0 (0: no encoder block).")
         if not isinstance(self.num_registers, int) or self.num_registers < 0:
             raise ValueError(
                 f"num_registers={self.num_registers!r} must be a non-negative integer "

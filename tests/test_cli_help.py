@@ -128,6 +128,14 @@ USER_ERRORS = {
         "{tmp}",
     ),
     "bench, no mode": (("vit-bench", "--steps", "3"), "Usage: vit-bench {{train|"),
+    "bench, no timed step": (
+        ("vit-bench", "train", "--config", RECIPE, "--steps", "0"),
+        "flag --steps=0: 0 is not a positive integer",
+    ),
+    "bench, no timed batch": (
+        ("vit-bench", "input", "--config", RECIPE, "--batches", "0"),
+        "flag --batches=0: 0 is not a positive integer",
+    ),
 }
 
 

@@ -26,7 +26,9 @@ MODES = ("train", "infer", "input", "photos", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file[:args].", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of lines.")
-_STEPS = flags.DEFINE_integer("steps", 10, "train/infer: timed steps after one warm-up step.")
+_STEPS = flags.DEFINE_integer(
+    "steps", 10, "train/infer: timed steps after one warm-up step.", lower_bound=1
+)
 _PEAK = flags.DEFINE_float(
     "peak_tflops",
     None,
@@ -35,10 +37,12 @@ _PEAK = flags.DEFINE_float(
 _PROFILE = flags.DEFINE_string(
     "profile", None, "train/infer: a jax.profiler trace of the timed steps into this folder."
 )
-_BATCHES = flags.DEFINE_integer("batches", 20, "input: timed batches after the warm-up.")
+_BATCHES = flags.DEFINE_integer(
+    "batches", 20, "input: timed batches after the warm-up.", lower_bound=1
+)
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "input: which pipeline.")
 _OUT = flags.DEFINE_string("out", None, "photos: folder to write.")
-_COUNT = flags.DEFINE_integer("count", 1000, "photos: number of JPEGs.")
+_COUNT = flags.DEFINE_integer("count", 1000, "photos: number of JPEGs.", lower_bound=1)
 _TARGET = flags.DEFINE_string(
     "target",
     None,

@@ -61,6 +61,10 @@ def _trainer(tmp_path, **flat_changes) -> None:
     Trainer(config, make_mesh(config.mesh, config.dcn_mesh), num_classes=10, total_steps=12)
 
 
+def _prepared_digits(tmp_path) -> None:
+    data.get_dataset_info("digits", str(tmp_path / "tfds"))
+
+
 def _numeric_folders(tmp_path) -> None:
     for name in ("0", "1", "7"):  # e.g. class folders of an image dataset.
         os.makedirs(tmp_path / "images" / name)
@@ -206,6 +210,35 @@ CASES = {
         lambda p: _train_flat(p, transfer_guard="strict"),
         ValueError,
         r"^config.transfer_guard='strict': choose one of \('allow', 'log', 'disallow'",
+    ),
+    "frozen parameters by a pattern that is no regular expression": Case(
+        lambda p: _trainer(p, **{"optim.frozen": "Transformer/(encoderblock"}),
+        ValueError,
+        r"^optim.frozen='Transformer/\(encoderblock' is not a regular expression: missing \)",
+    ),
+    "zero-wide pre-logits": Case(
+        lambda p: _trainer(p, **{"model.representation_size": 0}),
+        ValueError,
+        r"^representation_size=0 must be at least 1, or None",
+    ),
+    "a text file as the checkpoint to start from (NumPy's pickle message)": Case(
+        lambda p: _train(p, model_init=str(p / "weights.txt")),
+        ValueError,
+        r"weights.txt is not an .npz archive: a checkpoint is an .npz or .safetensors file",
+        setup=lambda p: (p / "weights.txt").write_text("see the README"),
+    ),
+    # The dataset is prepared before: the workdir is what must stay untouched.
+    "unknown train split (tfds traceback)": Case(
+        lambda p: _train(p, train_split="training"),
+        ValueError,
+        r"^Cannot read split 'training' of tfds dataset 'digits': Unknown split 'training'",
+        setup=_prepared_digits,
+    ),
+    "unknown eval split (refused at the first evaluation, after the workdir was made)": Case(
+        lambda p: _train(p, eval_split="validation"),
+        ValueError,
+        r"^Cannot read split 'validation' of tfds dataset 'digits': Unknown split",
+        setup=_prepared_digits,
     ),
     # Preprocessing, refused before the data is prepared or the workdir made.
     "negative shift (TensorFlow traceback)": Case(

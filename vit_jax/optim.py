@@ -88,7 +88,7 @@ def make_optimizer(
     tx = optax.chain(*steps)
 
     if opt.frozen:
-        pattern = re.compile(opt.frozen)
+        pattern = _frozen_pattern(opt.frozen)
 
         def labels(params):
             return jax.tree_util.tree_map_with_path(
@@ -107,11 +107,18 @@ def _dtype(name: str | None) -> jnp.dtype | None:
     return jnp.dtype(name)
 
 
+def _frozen_pattern(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise ValueError(f"optim.frozen={text!r} is not a regular expression: {e}.") from None
+
+
 def frozen_paths(config: ml_collections.ConfigDict, params: Any) -> list[str]:
     """The parameter paths `optim.frozen` matches; an empty match is a configuration error."""
     if not config.optim.frozen:
         return []
-    pattern = re.compile(config.optim.frozen)
+    pattern = _frozen_pattern(config.optim.frozen)
     paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     matched = [p for p in paths if pattern.search(p)]
     if not matched:

@@ -96,7 +96,13 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
     """The archive, whose arrays are read only when indexed."""
     with epath.Path(path).open("rb") as f:
-        loaded = np.load(f, allow_pickle=False)
+        try:
+            loaded = np.load(f, allow_pickle=False)
+        except (ValueError, EOFError):  # Not a NumPy file: text, a pickle, empty, ...
+            raise ValueError(
+                f"{path} is not an .npz archive: a checkpoint is an .npz or .safetensors file "
+                "or a vit_jax workdir."
+            ) from None
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError(f"{path} holds a single array, not an .npz archive of parameters.")
         with loaded:

@@ -301,11 +301,10 @@ def num_eval_batches(config: ml_collections.ConfigDict, process_count: int | Non
     process_count = jax.process_count() if process_count is None else process_count
     local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
     source = open_source(config.dataset, config.data_dir)
-    shards = tfds.even_splits(config.eval_split, process_count)
-    largest = max(source.num_examples(s) for s in shards)
-    if largest == 0:
+    if not source.num_examples(config.eval_split):  # Named whole in the errors.
         raise ValueError(f"Eval split {config.eval_split!r} of {config.dataset!r} is empty")
-    return -(-largest // local_batch)
+    shards = tfds.even_splits(config.eval_split, process_count)
+    return -(-max(source.num_examples(s) for s in shards) // local_batch)
 
 
 def eval_batches(

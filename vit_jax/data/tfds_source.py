@@ -82,7 +82,12 @@ class TfdsSource:
         )
 
     def num_examples(self, split: Split) -> int:
-        return self._builder.info.splits[split].num_examples
+        try:
+            return self._builder.info.splits[split].num_examples
+        except (ValueError, KeyError) as e:  # tfds: "Unknown split 'x'. Should be one of [...]".
+            raise ValueError(
+                f"Cannot read split {split!r} of tfds dataset {self._builder.name!r}: {e}"
+            ) from None
 
     def records(self, split: Split) -> tf.data.Dataset:
         # Only image and label are parsed, and the image stays encoded until `decode`.

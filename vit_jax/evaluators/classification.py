@@ -23,6 +23,7 @@ class ClassificationEvaluator:
     def __init__(self, trainer: Any):
         self.trainer = trainer
         self.every = int(trainer.config.eval_every)
+        data.num_eval_batches(trainer.config)  # An unknown or empty split stops the start-up.
 
     def run(self, params: Any, stop: StopRequests) -> dict[str, float]:
         """Raises `StopRequested` when a stop is requested before the split is done."""

@@ -496,6 +496,11 @@ class VisionTransformer(nn.Module):
         for field in ("patch_size", "width", "mlp_dim", "num_heads"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field}={getattr(self, field)} must be at least 1.")
+        if self.representation_size is not None and self.representation_size < 1:
+            raise ValueError(
+                f"representation_size={self.representation_size} must be at least 1, or None "
+                "for no pre-logits layer."
+            )
         if self.depth < 0:
             raise ValueError(f"depth={self.depth} must be >= 0 (0: no encoder block).")
         if not isinstance(self.num_registers, int) or self.num_registers < 0:

@@ -15,10 +15,10 @@ from vit_jax.models.variants import Variant, parse_variant
 from vit_jax.models.vit import VisionTransformer
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "VisionTransformer",
     "Variant",
     "abstract_params",
-    "COMPUTE_DTYPES",
     "build_model",
     "compute_dtype",
     "create_model",

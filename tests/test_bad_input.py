@@ -234,7 +234,7 @@ CASES = {
         r"^Cannot read split 'training' of tfds dataset 'digits': Unknown split 'training'",
         setup=_prepared_digits,
     ),
-    "unknown eval split (refused at the first evaluation, after the workdir was made)": Case(
+    "unknown eval split (was refused at the first evaluation, in a workdir made)": Case(
         lambda p: _train(p, eval_split="validation"),
         ValueError,
         r"^Cannot read split 'validation' of tfds dataset 'digits': Unknown split",

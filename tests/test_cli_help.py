@@ -127,6 +127,10 @@ USER_ERRORS = {
         ("vit-visualize", "curves", "--workdir", ".", "--out", "c.png"),
         "{tmp}",
     ),
+    "visualize, a file that is no image": (
+        ("vit-visualize", "curves", "--workdir", ".", "--out", "curves.txt"),
+        "--out curves.txt: name an image file, e.g. figure.png; the formats are ",
+    ),
     "bench, no mode": (("vit-bench", "--steps", "3"), "Usage: vit-bench {{train|"),
     "bench, no timed step": (
         ("vit-bench", "train", "--config", RECIPE, "--steps", "0"),
@@ -140,7 +144,11 @@ USER_ERRORS = {
 
 
 # These load a model or a checkpoint library before the mistake shows: full suite only.
-NEEDS_JAX = ("predict, missing checkpoint", "visualize, not a workdir")
+NEEDS_JAX = (
+    "predict, missing checkpoint",
+    "visualize, not a workdir",
+    "visualize, a file that is no image",
+)
 
 
 @pytest.mark.parametrize(

@@ -123,9 +123,9 @@ def _fewshot(args: argparse.Namespace) -> int:
 
 
 def visualize_main(argv: Sequence[str] | None = None) -> int:
-    """`vit-visualize FIGURE ...`: one PNG of the paper's figures or a run's curves."""
+    """`vit-visualize FIGURE ...`: one image of the paper's figures or a run's curves."""
     parser = cli.ArgumentParser(
-        "vit-visualize", "The ViT paper's figures for a checkpoint, as PNG."
+        "vit-visualize", "The ViT paper's figures for a checkpoint, as PNG (or PDF, SVG, ...)."
     )
     figures = parser.add_subparsers(dest="figure", required=True)
     rollout = figures.add_parser("rollout", help="Attention rollout over images (Fig. 6).")
@@ -147,12 +147,16 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
         "--workdir", required=True, type=cli.absolute_path, help="A vit-train workdir."
     )
     for sub in (rollout, posemb, distance, filters, curves):
-        sub.add_argument("--out", required=True, help="The PNG file to write.")
+        sub.add_argument(
+            "--out", required=True, help="The image file to write: .png, .pdf, .svg, ..."
+        )
     args = parser.parse_args(argv)
 
     def draw() -> int:
+        from vit_jax.insight import plots
         from vit_jax.insight.figures import DRAW
 
+        plots.check_path(args.out)  # Before the checkpoint and the data are read.
         DRAW[args.figure](args)
         print(f"Wrote {args.out}.")
         return 0

@@ -1,4 +1,5 @@
-"""Draws the figures that `maps` computes, as PNG files (matplotlib, Agg backend).
+"""Draws the figures that `maps` computes, as image files (matplotlib, Agg backend): PNG, or
+any other format matplotlib writes (PDF, SVG, ...), named by the file's extension.
 
 Figure sizes are fixed by layout, never by content measurement, so a figure's size in
 pixels is known in advance: `DPI` dots per inch times the inches given below.
@@ -25,6 +26,21 @@ POSEMB_INCHES = (6.0, 6.0)
 DISTANCE_INCHES = (6.0, 4.5)
 FILTERS_INCHES = (7.0, 4.6)
 CURVES_INCHES = (10.0, 7.0)
+
+
+def check_path(path: str | os.PathLike) -> None:
+    """Refuses a file name whose extension names no format matplotlib writes.
+
+    Raises:
+      ValueError: the extension is missing or unknown; the message lists the formats.
+    """
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise ValueError(
+            f"--out {path}: name an image file, e.g. figure.png; the formats are "
+            f"{', '.join(sorted(formats))}."
+        )
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # Checkpoint metadata: the per-step train metrics since the last log, so that the first log
 # after a resume from this checkpoint averages the same steps as an uninterrupted run's.
 UNLOGGED = "unlogged_steps"
+# `jax.transfer_guard`'s levels, for `config.transfer_guard`.
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 
 
 def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
@@ -60,10 +62,6 @@ def _initial_state(trainer: Trainer, checkpointer: Checkpointer, pretrained: Any
         log.info("Initialised from %s.", config.model_init)
         return trainer.init_state(pretrained)
     return trainer.init_state()
-
-
-# `jax.transfer_guard`'s levels, for `config.transfer_guard`.
-TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

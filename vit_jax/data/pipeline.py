@@ -301,7 +301,9 @@ def num_eval_batches(config: ml_collections.ConfigDict, process_count: int | Non
     process_count = jax.process_count() if process_count is None else process_count
     local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
     source = open_source(config.dataset, config.data_dir)
-    if not source.num_examples(config.eval_split):  # Named whole in the errors.
+    # The whole split first: an unknown or empty one is named as the config gives it, not
+    # as one process's shard of it.
+    if not source.num_examples(config.eval_split):
         raise ValueError(f"Eval split {config.eval_split!r} of {config.dataset!r} is empty")
     shards = tfds.even_splits(config.eval_split, process_count)
     return -(-max(source.num_examples(s) for s in shards) // local_batch)

@@ -132,13 +132,18 @@ CASES = {
     "batch not divisible by the devices": Case(
         lambda p: _trainer(p, batch_size=36),
         ValueError,
-        r"config.batch_size=36 is not divisible by the 8 batch shards.*choose a multiple of 8 "
-        r"\(e.g. 32 or 40\)",
+        r"config.batch_size=36 is not a positive multiple of the 8 batch shards.*choose a "
+        r"multiple of 8 \(e.g. 32 or 40\)",
+    ),
+    "batch of no images": Case(
+        lambda p: _trainer(p, batch_size=0),
+        ValueError,
+        r"config.batch_size=0 is not a positive multiple of the 8 batch shards.*\(e.g. 8\)",
     ),
     "eval batch not divisible by the devices": Case(
         lambda p: _trainer(p, eval_batch_size=20),
         ValueError,
-        r"config.eval_batch_size=20 is not divisible by the 8 batch shards",
+        r"config.eval_batch_size=20 is not a positive multiple of the 8 batch shards",
     ),
     "batch not divisible by accum_steps": Case(
         lambda p: _trainer(p, accum_steps=3),
@@ -148,7 +153,7 @@ CASES = {
     "micro-batch smaller than the devices": Case(
         lambda p: _trainer(p, accum_steps=8),
         ValueError,
-        r"config.batch_size/accum_steps=4 is not divisible by the 8 batch shards",
+        r"config.batch_size/accum_steps=4 is not a positive multiple of the 8 batch shards",
     ),
     # Recipes and model options.
     "unknown recipe argument": Case(

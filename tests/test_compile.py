@@ -1052,21 +1052,30 @@ def test_a_sweep_keeps_the_mesh_fields_the_command_line_fixes():
         search_space(8, 64, odd | {"mesh.fsdp": 0})
 
 
-@GPU
-def test_a_sweep_refuses_a_given_mesh_the_node_cannot_hold_before_its_first_compile(tmp_path):
+def _compile_refusal(cwd, target: str, *changes: str) -> list[str]:
+    """The lines a `vit-bench compile` of configs/local.py that must be refused prints
+    (status 2, no traceback, nothing on stdout), JAX's native log lines aside; the last
+    one says why."""
     command = [
-        sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "h100x8",
-        "--config", f"{REPO}/configs/local.py", "--config.sharding_rules=fsdp",
-        "--config.mesh.fsdp=3", "--config.mesh.tensor=1", "--sweep", "--workers", "1",
+        sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", target,
+        "--config", f"{REPO}/configs/local.py", *changes,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stdout == "", result.stderr[-3000:]
     native = r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog)"
     lines = result.stderr.splitlines()
-    (line,) = [text for text in lines if text.strip() and not re.match(native, text)]
+    return [text for text in lines if text.strip() and not re.match(native, text)]
+
+
+@GPU
+def test_a_sweep_refuses_a_given_mesh_the_node_cannot_hold_before_its_first_compile(tmp_path):
+    (line,) = _compile_refusal(
+        tmp_path, "h100x8", "--config.sharding_rules=fsdp", "--config.mesh.fsdp=3",
+        "--config.mesh.tensor=1", "--sweep", "--workers", "1",
+    )  # fmt: skip
     assert line.startswith("vit-bench: No mesh the sweep compiles on 8 devices"), line
     assert "(fsdp 3 x tensor 1 = 3 does not divide its 8 devices); its meshes are: dp;" in line
-    assert result.stdout == ""
 
 
 @TPU
@@ -1074,17 +1083,9 @@ def test_a_config_no_candidate_can_run_is_a_user_error_not_a_sweep_that_fits_not
     """float16 on a TPU (whose compiler has no float16 matmul) is refused before any compile,
     by `compile` and by `--sweep`; a config every candidate refuses (here a negative mixup
     alpha) says why, not "lower the batch size"; each one line and status 2."""
-    native = r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog)"
 
     def refusal(*changes: str) -> str:
-        command = [
-            sys.executable, "-m", "vit_jax.bench.cli", "compile", "--target", "v5e-4",
-            "--config", f"{REPO}/configs/local.py", "--config.model.depth=1", *changes,
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert result.returncode == 2, result.stderr[-3000:]
-        assert "Traceback" not in result.stderr and result.stdout == "", result.stderr[-3000:]
-        return [line for line in result.stderr.splitlines() if not re.match(native, line)][-1]
+        return _compile_refusal(tmp_path, "v5e-4", "--config.model.depth=1", *changes)[-1]
 
     half = "vit-bench: model.dtype='float16': XLA's TPU compiler has no float16 matmul"
     assert refusal("--config.model.dtype=float16").startswith(half)
@@ -1093,6 +1094,23 @@ def test_a_config_no_candidate_can_run_is_a_user_error_not_a_sweep_that_fits_not
     assert refusal("--config.pp.mixup_alpha=-1", *fixed, "--workers=1") == (
         "vit-bench: no candidate is a valid setting of this config: config.pp.mixup_alpha "
         "must be >= 0 (0 = off), got -1.0."
+    )
+
+
+@GPU
+def test_vit_bench_compile_refuses_what_vit_train_refuses_before_compiling(tmp_path):
+    """A plan that fits is one vit-train starts: the run's own fields (here a train crop
+    that is no crop kind) and a batch of no images are refused in one line, status 2, by
+    `compile` and `--sweep` alike, before any compiler runs."""
+
+    def refusal(*changes: str) -> str:
+        return _compile_refusal(tmp_path, "h100x1", *changes)[-1]
+
+    crop = "vit-bench: config.pp.train_crop='100'; expected one of ('inception', 'shift', 'resize')"
+    assert refusal("--config.pp.train_crop=100") == crop
+    assert refusal("--config.pp.train_crop=100", "--sweep", "--workers=1") == crop
+    assert refusal("--config.batch_size=0").startswith(
+        "vit-bench: config.batch_size=0 is not a positive multiple of the 1 batch shards"
     )
 
 

@@ -140,7 +140,7 @@ def test_init_params_are_the_fresh_states_parameters_in_their_shardings():
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
     with pytest.raises(
-        ValueError, match="config.batch_size=12 is not divisible by the 8 batch shards"
+        ValueError, match="config.batch_size=12 is not a positive multiple of the 8 batch shards"
     ):
         config = tiny_config(batch_size=12)
         Trainer(config, make_mesh(config.mesh, config.dcn_mesh), QUADRANTS, total_steps=10)

@@ -1,4 +1,5 @@
-"""Every configuration field with its default, and the parser for recipe arguments.
+"""Every configuration field with its default, the checks of the fields no module that uses
+them makes, and the parser for recipe arguments.
 
 Recipes in `configs/` start from `base_config()` and change what their recipe needs;
 `--config configs/pretrain.py:variant=B/16,dataset=imagenet21k` passes the text after
@@ -132,6 +133,29 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# `jax.transfer_guard`'s levels, for `config.transfer_guard`.
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+# `config.pp.train_crop`'s kinds (vit_jax/data/preprocess.py).
+TRAIN_CROPS = ("inception", "shift", "resize")
+
+
+def check_run_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses the fields of a run that neither the model, the optimizer nor the `Trainer`
+    checks: its step intervals, transfer guard and preprocessing. `vit-train` calls it
+    before the workdir is touched, `vit-bench compile` before it compiles, so that a plan
+    that fits is one `vit-train` starts.
+
+    Raises:
+      ValueError: naming the field, its value and what it may be.
+    """
+    check_intervals(config)
+    if config.transfer_guard not in TRANSFER_GUARDS:
+        raise ValueError(
+            f"config.transfer_guard={config.transfer_guard!r}: choose one of {TRANSFER_GUARDS}."
+        )
+    check_preprocessing(config.pp)
+
+
 def check_intervals(config: ml_collections.ConfigDict) -> None:
     """Every step interval and the checkpoint count must be positive integers."""
     fields = ["log_every", "eval_every", "checkpoint_every", "keep_checkpoints"]
@@ -144,6 +168,33 @@ def check_intervals(config: ml_collections.ConfigDict) -> None:
                 f"config.{field}={value!r}: must be a whole number >= 1 (a step interval or "
                 "a count); to do something rarely, use a large value such as total_steps."
             )
+
+
+def check_preprocessing(pp: ml_collections.ConfigDict) -> None:
+    """Refuses a `config.pp` the streams cannot follow.
+
+    Raises:
+      ValueError: an unknown train crop, its parameter out of range (crop_area_min outside
+        (0, 1], negative shift_pixels), negative randaugment_layers, or eval_crop_fraction
+        outside (0, 1].
+    """
+    if pp.train_crop not in TRAIN_CROPS:
+        raise ValueError(f"config.pp.train_crop={pp.train_crop!r}; expected one of {TRAIN_CROPS}")
+    if pp.train_crop == "inception" and not 0 < pp.crop_area_min <= 1:
+        raise ValueError(
+            "config.pp.crop_area_min must be in (0, 1], the smallest fraction of the image a "
+            f"crop covers, got {pp.crop_area_min}"
+        )
+    if pp.train_crop == "shift" and pp.shift_pixels < 0:
+        raise ValueError(f"config.pp.shift_pixels must be >= 0, got {pp.shift_pixels}")
+    if pp.randaugment_layers < 0:
+        raise ValueError(
+            f"config.pp.randaugment_layers must be >= 0 (0 = off), got {pp.randaugment_layers}"
+        )
+    if not 0 < pp.eval_crop_fraction <= 1:
+        raise ValueError(
+            f"config.pp.eval_crop_fraction must be in (0, 1], got {pp.eval_crop_fraction}"
+        )
 
 
 def parse_args(arg: str | None, defaults: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -216,19 +216,20 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 def batch_size_per_shard(
     global_batch: int, mesh: Mesh, rules: Rules, field: str = "batch_size"
 ) -> int:
-    """Checks that a global batch splits evenly over the batch-sharding mesh axes.
+    """Checks that a global batch is positive and splits evenly over the batch-sharding mesh
+    axes.
 
     Raises:
       ValueError: naming `config.<field>` and the nearest sizes that split evenly.
     """
     axes = _axis_names(batch_sharding(mesh, rules).spec[0])
     shards = int(np.prod([mesh.shape[a] for a in axes]))
-    if global_batch % shards:
-        lower = global_batch // shards * shards
+    if global_batch <= 0 or global_batch % shards:
+        lower = max(global_batch // shards * shards, 0)
         nearest = " or ".join(str(n) for n in (lower, lower + shards) if n > 0)
         raise ValueError(
-            f"config.{field}={global_batch} is not divisible by the {shards} batch shards of "
-            f"mesh axes {axes}; choose a multiple of {shards} (e.g. {nearest})."
+            f"config.{field}={global_batch} is not a positive multiple of the {shards} batch "
+            f"shards of mesh axes {axes}; choose a multiple of {shards} (e.g. {nearest})."
         )
     return global_batch // shards
 

@@ -23,7 +23,7 @@ import numpy as np
 from vit_jax import checkpoint, data, parallel
 from vit_jax.checkpoint.manager import Checkpointer
 from vit_jax.chrono import Chrono
-from vit_jax.config import check_intervals
+from vit_jax.config import check_run_fields
 from vit_jax.evaluators import Evaluator, build_evaluators
 from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import build_model
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 # Checkpoint metadata: the per-step train metrics since the last log, so that the first log
 # after a resume from this checkpoint averages the same steps as an uninterrupted run's.
 UNLOGGED = "unlogged_steps"
-# `jax.transfer_guard`'s levels, for `config.transfer_guard`.
-TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 
 
 def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
@@ -72,11 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints already started are completed, the metrics written and the workdir's lock
     released; the input pipelines are closed in the background, never holding the exit.
     """
-    check_intervals(config)
-    if config.transfer_guard not in TRANSFER_GUARDS:
-        raise ValueError(
-            f"config.transfer_guard={config.transfer_guard!r}: choose one of {TRANSFER_GUARDS}."
-        )
+    check_run_fields(config)
     # Stop requests count from the start: one during start-up ends the run with status 75
     # before its first step.
     with StopRequests() as stop_requests:
@@ -87,7 +81,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config.model.update(checkpoint.model_init_changes(config.model, weights))
         # Before the data is opened (a folder's first opening writes its manifest).
         build_model(config.model, num_classes=1).check_image_size(config.image_size)
-        data.check_preprocessing(config.pp)
         info = data.get_dataset_info(config.dataset, config.data_dir)
         steps = total_steps(config, data.num_train_examples(config))
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)

@@ -128,8 +128,10 @@ def _compile(config) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     from vit_jax.bench import targets
     from vit_jax.bench.compile import DOES_NOT_FIT, FITS, compile_recipe, summarize
+    from vit_jax.config import check_run_fields
 
     target = targets.parse_target(_TARGET.value, _SLICES.value)
+    check_run_fields(config)  # A plan that fits is one that vit-train starts.
     try:
         if not _SWEEP.value:
             figures = compile_recipe(config, target, _NUM_CLASSES.value, peak=_PEAK.value)

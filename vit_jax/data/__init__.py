@@ -17,7 +17,6 @@ except RuntimeError as e:  # TF already initialised its devices: it may hold GPU
 # Importing `embedded` registers "digits" and "mnist5k" with tfds.
 from vit_jax.data.embedded import EMBEDDED_DATASETS  # noqa: E402
 from vit_jax.data.pipeline import (  # noqa: E402
-    check_preprocessing,
     eval_batches,
     get_dataset_info,
     num_eval_batches,
@@ -30,7 +29,6 @@ from vit_jax.data.source import DatasetInfo  # noqa: E402
 __all__ = [
     "EMBEDDED_DATASETS",
     "DatasetInfo",
-    "check_preprocessing",
     "eval_batches",
     "get_dataset_info",
     "num_eval_batches",

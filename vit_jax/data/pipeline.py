@@ -59,6 +59,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
+from vit_jax.config import check_preprocessing
 from vit_jax.data import preprocess
 from vit_jax.data.folder import FolderSource
 from vit_jax.data.randaugment import randaugment
@@ -66,7 +67,6 @@ from vit_jax.data.source import DatasetInfo, Source
 from vit_jax.data.tfds_source import TfdsSource
 
 FOLDER_PREFIX = "folder:"
-TRAIN_CROPS = ("inception", "shift", "resize")
 Batch = dict[str, np.ndarray]
 
 
@@ -189,33 +189,6 @@ def _train_shard(
             f"{config.train_split!r}; use a larger split or fewer processes."
         )
     return records, size
-
-
-def check_preprocessing(pp: ml_collections.ConfigDict) -> None:
-    """Refuses a `config.pp` the streams cannot follow.
-
-    Raises:
-      ValueError: an unknown train crop, its parameter out of range (crop_area_min outside
-        (0, 1], negative shift_pixels), negative randaugment_layers, or eval_crop_fraction
-        outside (0, 1].
-    """
-    if pp.train_crop not in TRAIN_CROPS:
-        raise ValueError(f"config.pp.train_crop={pp.train_crop!r}; expected one of {TRAIN_CROPS}")
-    if pp.train_crop == "inception" and not 0 < pp.crop_area_min <= 1:
-        raise ValueError(
-            "config.pp.crop_area_min must be in (0, 1], the smallest fraction of the image a "
-            f"crop covers, got {pp.crop_area_min}"
-        )
-    if pp.train_crop == "shift" and pp.shift_pixels < 0:
-        raise ValueError(f"config.pp.shift_pixels must be >= 0, got {pp.shift_pixels}")
-    if pp.randaugment_layers < 0:
-        raise ValueError(
-            f"config.pp.randaugment_layers must be >= 0 (0 = off), got {pp.randaugment_layers}"
-        )
-    if not 0 < pp.eval_crop_fraction <= 1:
-        raise ValueError(
-            f"config.pp.eval_crop_fraction must be in (0, 1], got {pp.eval_crop_fraction}"
-        )
 
 
 def _train_example_fn(

@@ -140,6 +140,14 @@ USER_ERRORS = {
         ("vit-bench", "input", "--config", RECIPE, "--batches", "0"),
         "flag --batches=0: 0 is not a positive integer",
     ),
+    "bench, no peak": (
+        ("vit-bench", "train", "--config", RECIPE, "--peak_tflops", "0"),
+        "flag --peak_tflops=0.0: must be > 0 (TFLOP/s per device)",
+    ),
+    "bench, a head of no class": (
+        ("vit-bench", "compile", "--target", "h100x1", "--config", RECIPE, "--num_classes", "0"),
+        "flag --num_classes=0: 0 is not a positive integer",
+    ),
 }
 
 

@@ -34,6 +34,9 @@ _PEAK = flags.DEFINE_float(
     None,
     "Peak TFLOP/s per device, for MFU and compile's estimate (default: vit_jax/bench/peaks.py).",
 )
+flags.register_validator(
+    "peak_tflops", lambda value: value is None or value > 0, "must be > 0 (TFLOP/s per device)"
+)
 _PROFILE = flags.DEFINE_string(
     "profile", None, "train/infer: a jax.profiler trace of the timed steps into this folder."
 )
@@ -50,7 +53,10 @@ _TARGET = flags.DEFINE_string(
 )
 _SLICES = flags.DEFINE_integer("slices", 1, "compile: TPU slices (multi-slice over DCN).")
 _NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes", None, "compile: classes of the head (default: the recipe's dataset's)."
+    "num_classes",
+    None,
+    "compile: classes of the head (default: the recipe's dataset's).",
+    lower_bound=1,
 )
 _SWEEP = flags.DEFINE_bool(
     "sweep",

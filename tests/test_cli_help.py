@@ -177,20 +177,26 @@ def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
     assert not (tmp_path / "run").exists()  # Refused before anything was written.
 
 
+@pytest.mark.parametrize(
+    "dtype, message",
+    [
+        ("float64", "model.dtype='float64' needs 64-bit JAX (JAX_ENABLE_X64=1 in the environment)"),
+        ("float16", "model.dtype='float16': XLA's CPU backend has no float16 matmul that sums"),
+    ],
+)
 def test_a_model_dtype_the_run_would_not_compute_in_is_refused_before_anything_is_written(
-    tmp_path,
+    tmp_path, dtype, message
 ):
-    """float64 without 64-bit JAX used to train in float32 while the run said float64."""
-    command = (*TRAIN, "--config.model.dtype=float64")
+    """float64 without 64-bit JAX used to train in float32 while the run said float64;
+    float16 on a CPU used to fail in JAX's attention once the workdir was written."""
+    command = (*TRAIN, f"--config.model.dtype={dtype}")
     result = subprocess.run(
         [script(command[0]), *(arg.format(tmp=tmp_path) for arg in command[1:])],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert ours(result.stderr)[-1].startswith(
-        "vit-train: model.dtype='float64' needs 64-bit JAX (JAX_ENABLE_X64=1 in the environment)"
-    )
+    assert ours(result.stderr)[-1].startswith(f"vit-train: {message}")
     assert not (tmp_path / "run").exists()
 
 

@@ -267,6 +267,8 @@ def test_model_dtype_names_a_dtype_the_platform_computes_in():
         assert compute_dtype("float64") == jnp.float64
     with pytest.raises(ValueError, match=r"TPU compiler has no float16 matmul; .*bfloat16"):
         compute_dtype("float16", "tpu")
+    with pytest.raises(ValueError, match=r"CPU backend has no float16 matmul that sums in "):
+        compute_dtype("float16", "cpu")
 
 
 def test_dropout_is_off_in_eval_and_deterministic_given_rng():

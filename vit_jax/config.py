@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_dropout = 0.0
     c.model.stochastic_depth = 0.0
     c.model.head_bias_init = 0.0
-    c.model.dtype = "float32"  # Compute: float32, bfloat16, float16 (not TPU); params float32.
+    c.model.dtype = "float32"  # Compute: float32, bfloat16, float16 (GPU); params float32.
     c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16)
     c.model.scan = False
     c.model.remat_policy = "none"  # "none" | "selective" | "dots" | "dots_no_batch" | "full"

@@ -72,7 +72,8 @@ def compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
     Raises:
       ValueError: a name that is none of these. JAX without `JAX_ENABLE_X64=1` would
         compute a float64 model in float32, so that is refused too, and so is float16 on
-        a TPU, whose compiler has no float16 matmul.
+        a TPU, whose compiler has no float16 matmul, and on a CPU, whose backend has none
+        that sums in float32 (`jax.nn.dot_product_attention`'s).
     """
     choices = f"choose one of {', '.join(COMPUTE_DTYPES)}"
     try:
@@ -83,6 +84,12 @@ def compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
         raise ValueError(
             "model.dtype='float16': XLA's TPU compiler has no float16 matmul; TPUs compute "
             "in bfloat16 (--config.model.dtype=bfloat16)."
+        )
+    if dtype.name == "float16" and platform == "cpu":
+        raise ValueError(
+            "model.dtype='float16': XLA's CPU backend has no float16 matmul that sums in "
+            "float32, as attention's does; on a CPU compute in float32 or bfloat16 "
+            "(--config.model.dtype=float32)."
         )
     if dtype.name in COMPUTE_DTYPES or (dtype.name == "float64" and jax.config.jax_enable_x64):
         return dtype

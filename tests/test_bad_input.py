@@ -135,6 +135,12 @@ CASES = {
         r"config.batch_size=36 is not a positive multiple of the 8 batch shards.*choose a "
         r"multiple of 8 \(e.g. 32 or 40\)",
     ),
+    "cuDNN attention on a CPU": Case(
+        lambda p: _trainer(p, **{"model.attention_impl": "cudnn", "model.dtype": "bfloat16"}),
+        ValueError,
+        r"model.attention_impl='cudnn' is cuDNN's fused attention, which runs on NVIDIA GPUs "
+        r"only; on a CPU use XLA's",
+    ),
     "batch of no images": Case(
         lambda p: _trainer(p, batch_size=0),
         ValueError,

@@ -132,6 +132,13 @@ def test_export_round_trip(run, images, tmp_path, capsys):
     predict.main(["--checkpoint", str(out), folder])
     assert capsys.readouterr().out == from_workdir
 
+    # Trained in float16 with cuDNN attention (on a GPU), it predicts on this CPU in float32
+    # with XLA's attention: parameters are float32 whatever the compute dtype.
+    description["model"] |= {"dtype": "float16", "attention_impl": "cudnn"}
+    out.with_suffix(".json").write_text(json.dumps(description))
+    assert predict.main(["--checkpoint", str(out), folder]) == 0
+    assert capsys.readouterr().out == from_workdir
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(

@@ -13,9 +13,11 @@ from reference_vit import vit_logits
 
 from vit_jax.checkpoint.npz import read_npz, save_npz
 from vit_jax.models import (
+    build_model,
     compute_dtype,
     create_model,
     parse_variant,
+    runnable_on,
     stack_blocks,
     unstack_blocks,
 )
@@ -269,6 +271,34 @@ def test_model_dtype_names_a_dtype_the_platform_computes_in():
         compute_dtype("float16", "tpu")
     with pytest.raises(ValueError, match=r"CPU backend has no float16 matmul that sums in "):
         compute_dtype("float16", "cpu")
+
+
+def test_cudnn_attention_is_refused_where_there_is_no_cudnn():
+    model = {"name": "Ti/16", "dtype": "bfloat16", "attention_impl": "cudnn"}
+    assert build_model(model, 5, "gpu").attention_impl == "cudnn"
+    for platform in ("tpu", "cpu"):
+        with pytest.raises(
+            ValueError, match=rf"runs on NVIDIA GPUs only; on a {platform.upper()} "
+        ):
+            build_model(model, 5, platform)
+
+
+def test_a_trained_model_runs_where_its_platform_cannot_with_float32_and_xla_attention(caplog):
+    trained = {"name": "Ti/16", "dtype": "float16", "attention_impl": "cudnn", "pool": "gap"}
+    assert runnable_on(trained, "gpu") == trained and not caplog.records
+    for platform in ("cpu", "tpu"):
+        assert runnable_on(trained, platform) == trained | {
+            "dtype": "float32",
+            "attention_impl": "xla",
+        }
+        assert caplog.records[-1].getMessage() == (
+            f"A {platform.upper()} cannot run this model as it was trained: replaced its dtype "
+            "float16 by float32 and cuDNN attention by XLA's."
+        )
+    assert runnable_on({"dtype": "bfloat16"}, "cpu") == {"dtype": "bfloat16"}  # CPUs run it.
+    assert runnable_on({"dtype": "float64"}, "gpu") == {"dtype": "float32"}  # No 64-bit JAX.
+    with pytest.raises(ValueError, match=r"^model.dtype='fp16' is not a dtype"):
+        runnable_on({"dtype": "fp16"}, "gpu")
 
 
 def test_dropout_is_off_in_eval_and_deterministic_given_rng():

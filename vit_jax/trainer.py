@@ -110,8 +110,8 @@ class Trainer:
         Raises:
           ValueError: a batch size the mesh's batch shards or `accum_steps` do not divide,
             `accum_steps` below 1, an unknown loss, label smoothing outside [0, 1), a
-            negative mixup alpha, or a `model.dtype` that `compute_dtype` refuses for the
-            mesh's platform.
+            negative mixup alpha, or a `model` that `build_model` refuses for the mesh's
+            platform (its dtype, cuDNN attention).
         """
         self.config = config
         model = build_model(config.model, num_classes, parallel.platform(mesh))

@@ -52,7 +52,7 @@ import ml_collections
 
 from vit_jax import parallel
 from vit_jax.bench.targets import Target
-from vit_jax.models import compute_dtype, vit
+from vit_jax.models import build_model, vit
 
 # Cheapest first: "selective" recomputes only the attention weights, "dots" all but the
 # matmuls' outputs, "full" everything.
@@ -439,9 +439,9 @@ def sweep(
     config fields the sweep keeps (`search_space`); `peak`: as `compile_recipe` takes it.
 
     Raises:
-      ValueError: fixed fields the sweep cannot hold (`search_space`), a `model.dtype`
-        the target cannot compute in, or a config no candidate is a valid setting of (the
-        first one's reason).
+      ValueError: fixed fields the sweep cannot hold (`search_space`), a `model` the
+        target cannot run (`build_model`: its dtype, cuDNN attention), or a config no
+        candidate is a valid setting of (the first one's reason).
     """
     import jax
 
@@ -450,7 +450,7 @@ def sweep(
     fixed = fixed or {}
     workers = workers or default_workers()
     mesh_candidates, space = search_space(devices_per_slice, config.batch_size, fixed)
-    compute_dtype(config.model.dtype, target.platform)  # Every candidate's: before compiling.
+    build_model(config.model, 1, target.platform)  # Every candidate's: before compiling.
     searched = describe_search(mesh_candidates, space, target.platform, workers)
     kept = f" keeps {as_flags(fixed)}" if fixed else ""
     print(f"sweep{kept}: {searched}", file=sys.stderr)

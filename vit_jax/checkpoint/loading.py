@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jax
 from etils import epath
 
 from vit_jax.checkpoint.describe import describe_checkpoint, description_path, read_weights
 from vit_jax.checkpoint.fit import load_pretrained
 from vit_jax.checkpoint.manager import load_metadata
-from vit_jax.models import VisionTransformer, abstract_params, build_model
+from vit_jax.models import VisionTransformer, abstract_params, build_model, runnable_on
 
 _REQUIRED = ("num_classes", "image_size")
 _ARCHITECTURE = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
@@ -47,7 +48,8 @@ def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dic
     what its weights imply (`describe_checkpoint`: sizes, pooling, representation layer,
     activation of hub layouts, class count, and for plain ViTs resolution), read once for
     both. `overrides` (None: keep) replace the description's fields; `model` the model's
-    name only, keeping those implied fields.
+    name only, keeping those implied fields. What this machine's platform cannot compute
+    is replaced (`runnable_on`: float16 by float32, cuDNN attention by XLA's).
 
     Raises:
       ValueError: the checkpoint does not say its model, class count or image size and
@@ -81,6 +83,6 @@ def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dic
             + " ".join(f"--{key}" for key in missing)
             + " (a vit-train workdir, or a file exported with vit-export, needs none)."
         )
-    model = build_model(run["model"], run["num_classes"])
+    model = build_model(runnable_on(run["model"], jax.default_backend()), run["num_classes"])
     init = abstract_params(model, run["image_size"])
     return model, load_pretrained(weights or path, init_params=init), run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,10 +24,13 @@ __all__ = [
     "compute_dtype",
     "create_model",
     "parse_variant",
+    "runnable_on",
     "scale_images",
     "stack_blocks",
     "unstack_blocks",
 ]
+
+log = logging.getLogger(__name__)
 
 _OVERRIDABLE = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
 _ARCHITECTURE = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
@@ -105,11 +109,53 @@ def build_model(
     model: Mapping[str, Any], num_classes: int, platform: str | None = None
 ) -> VisionTransformer:
     """The model a config's `model` section describes: `name` plus every other field as an
-    override (`create_model`), `dtype` given by its name (`compute_dtype`, for `platform`)."""
+    override (`create_model`), `dtype` given by its name (`compute_dtype`, for `platform`).
+
+    Raises:
+      ValueError: what `compute_dtype` refuses, or cuDNN attention on a TPU or a CPU.
+    """
     overrides = dict(model)
     name = overrides.pop("name", None)
     overrides["dtype"] = compute_dtype(overrides.get("dtype", "float32"), platform)
+    if _cudnn_elsewhere(overrides, platform):
+        raise ValueError(
+            "model.attention_impl='cudnn' is cuDNN's fused attention, which runs on NVIDIA "
+            f"GPUs only; on a {platform.upper()} use XLA's (--config.model.attention_impl=xla)."
+        )
     return create_model(name, num_classes=num_classes, **overrides)
+
+
+def _cudnn_elsewhere(model: Mapping[str, Any], platform: str | None) -> bool:
+    return model.get("attention_impl") == "cudnn" and platform in ("tpu", "cpu")
+
+
+def runnable_on(model: Mapping[str, Any], platform: str) -> dict[str, Any]:
+    """A trained model's `model` section with what `platform` cannot run replaced, to run
+    it for inference there: a compute dtype the platform lacks (float16 on a TPU or a CPU,
+    float64 without 64-bit JAX) by float32, the parameters' own dtype; cuDNN attention
+    by XLA's, the same function. Each replacement is logged as a warning.
+
+    Raises:
+      ValueError: a `dtype` that is no compute dtype anywhere (`compute_dtype`).
+    """
+    model, replaced = dict(model), []
+    dtype = model.get("dtype", "float32")
+    if dtype in ("float16", "float64"):
+        try:
+            compute_dtype(dtype, platform)
+        except ValueError:
+            model["dtype"] = "float32"
+            replaced.append(f"dtype {dtype} by float32")
+    compute_dtype(model.get("dtype", "float32"))
+    if _cudnn_elsewhere(model, platform):
+        model["attention_impl"] = "xla"
+        replaced.append("cuDNN attention by XLA's")
+    if replaced:
+        log.warning(
+            "A %s cannot run this model as it was trained: replaced its %s.",
+            platform.upper(), " and ".join(replaced),
+        )  # fmt: skip
+    return model
 
 
 def abstract_params(model: VisionTransformer, image_size: int | tuple[int, int]) -> Any:

@@ -140,6 +140,14 @@ USER_ERRORS = {
         ("vit-bench", "input", "--config", RECIPE, "--batches", "0"),
         "flag --batches=0: 0 is not a positive integer",
     ),
+    "bench, a trace into a file": (
+        ("vit-bench", "train", "--config", RECIPE, "--profile", "a_file"),
+        "--profile a_file is a file: name a new or existing directory.",
+    ),
+    "bench, photos into a file": (
+        ("vit-bench", "photos", "--out", "a_file"),
+        "--out a_file is a file: name a new or existing directory.",
+    ),
     "bench, no peak": (
         ("vit-bench", "train", "--config", RECIPE, "--peak_tflops", "0"),
         "flag --peak_tflops=0.0: must be > 0 (TFLOP/s per device)",

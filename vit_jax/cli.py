@@ -53,6 +53,17 @@ def absolute_path(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def check_directory(flag: str, path: str) -> None:
+    """Refuses a local `path` that exists but is no directory, where a command writes a
+    folder.
+
+    Raises:
+      UsageError: naming the flag and the path.
+    """
+    if "://" not in path and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file: name a new or existing directory.")
+
+
 def absolute_dataset(name: str) -> str:
     """A dataset name with a `folder:DIR` made absolute; tfds and embedded names unchanged."""
     prefix, folder = name.split(":", 1) if name.startswith("folder:") else ("", "")

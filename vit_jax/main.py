@@ -19,7 +19,6 @@ command is typed, or gs:// URLs.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import flags
@@ -55,8 +54,7 @@ def _main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
     workdir = cli.absolute_path(_WORKDIR.value)
-    if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise cli.UsageError(f"--workdir {workdir} is a file: name a new or existing directory.")
+    cli.check_directory("--workdir", workdir)
     config = _CONFIG.value
     cli.absolute_config_paths(config)
     import jax  # After parsing: --help and flag errors answer without loading JAX.

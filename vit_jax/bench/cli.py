@@ -100,12 +100,15 @@ def _main(argv: list[str]) -> None:
     if mode == "photos":
         if not _OUT.value:
             raise app.UsageError("vit-bench photos needs --out DIR.")
+        cli.check_directory("--out", _OUT.value)
         from vit_jax.bench.photos import make_photo_folder
 
         _show({"dataset": make_photo_folder(_OUT.value, _COUNT.value), "count": _COUNT.value})
         return
     if _CONFIG.value is None:
         raise app.UsageError(f"vit-bench {mode} needs --config RECIPE[:args].")
+    if _PROFILE.value:
+        cli.check_directory("--profile", _PROFILE.value)
     if mode == "input":
         from vit_jax.bench.input import benchmark_input  # The only mode that needs TensorFlow.
 

@@ -217,6 +217,21 @@ CASES = {
         ValueError,
         r"^width=0 must be at least 1",
     ),
+    "run of negative length": Case(
+        lambda p: _train_flat(p, total_steps=-5),
+        ValueError,
+        r"^config.total_steps=-5 must be >= 1",  # Was a message about the warmup.
+    ),
+    "few-shot subset of no example per class (after the workdir was made)": Case(
+        lambda p: _train_flat(p, train_examples_per_class=0),
+        ValueError,
+        r"^config.train_examples_per_class=0 must be >= 1",
+    ),
+    "compilation cache in a file (JAX warned at each compile and ran without)": Case(
+        lambda p: _train_flat(p, compilation_cache_dir=__file__),
+        ValueError,
+        r"^config.compilation_cache_dir='.*' is a file: name a directory, 'workdir'",
+    ),
     "unknown transfer guard (traceback)": Case(
         lambda p: _train_flat(p, transfer_guard="strict"),
         ValueError,

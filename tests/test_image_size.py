@@ -61,6 +61,11 @@ def test_model_refuses_a_size_its_tokens_do_not_tile(name, size, message):
         model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
 
 
+def test_model_refuses_an_image_of_no_pixels():
+    with pytest.raises(ValueError, match=r"^Image size 0 px: an image is at least one token, th"):
+        create_model("Ti/7", num_classes=3).check_image_size(0)
+
+
 def test_model_refuses_either_side_of_a_non_square_image():
     model = create_model("Ti/16", num_classes=3)
     with pytest.raises(ValueError, match=r"Image size 200 px .* 16 px: .* 192 or 208\."):

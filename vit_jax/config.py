@@ -8,6 +8,7 @@ the colon to the recipe's `get_config`, which reads it with `parse_args`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -141,14 +142,26 @@ TRAIN_CROPS = ("inception", "shift", "resize")
 
 def check_run_fields(config: ml_collections.ConfigDict) -> None:
     """Refuses the fields of a run that neither the model, the optimizer nor the `Trainer`
-    checks: its step intervals, transfer guard and preprocessing. `vit-train` calls it
-    before the workdir is touched, `vit-bench compile` before it compiles, so that a plan
-    that fits is one `vit-train` starts.
+    checks: its step intervals and length, the few-shot subset, the compilation cache, the
+    transfer guard and preprocessing. `vit-train` calls it before the workdir is touched,
+    `vit-bench compile` before it compiles, so that a plan that fits is one `vit-train`
+    starts.
 
     Raises:
       ValueError: naming the field, its value and what it may be.
     """
     check_intervals(config)
+    for field in ("total_steps", "train_examples_per_class"):
+        if config[field] is not None and config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]} must be >= 1 (or None).")
+    if config.num_epochs is not None and not config.num_epochs > 0:
+        raise ValueError(f"config.num_epochs={config.num_epochs} must be > 0 (or None).")
+    cache = config.compilation_cache_dir
+    if "://" not in cache and os.path.exists(cache) and not os.path.isdir(cache):
+        raise ValueError(
+            f"config.compilation_cache_dir={cache!r} is a file: name a directory, 'workdir' "
+            "(<workdir>/compilation_cache) or '' (JAX's own setting)."
+        )
     if config.transfer_guard not in TRANSFER_GUARDS:
         raise ValueError(
             f"config.transfer_guard={config.transfer_guard!r}: choose one of {TRANSFER_GUARDS}."

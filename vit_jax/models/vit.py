@@ -558,7 +558,11 @@ class VisionTransformer(nn.Module):
             )
         sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         for side in sides:
-            if side <= 0 or side % step:
+            if side <= 0:
+                raise ValueError(
+                    f"Image size {side} px: an image is at least one token, {per_token}."
+                )
+            if side % step:
                 lower = side // step * step
                 nearest = " or ".join(str(n) for n in (lower, lower + step) if n > 0)
                 raise ValueError(

@@ -102,6 +102,26 @@ USER_ERRORS = {
         "config.mesh.fsdp=0: an axis size must be a whole number >= 1, or -1",
     ),
     "unknown flag": ((*TRAIN, "--stepz=3"), "Unknown command line flag 'stepz'"),
+    # Multi-process flags, refused before JAX loads (tracebacks, an abort, or ignored before).
+    "process count without a coordinator": (
+        (*TRAIN, "--num_processes", "2", "--process_id", "0"),
+        "--num_processes and --process_id take effect only with --coordinator_address",
+    ),
+    "process id beyond the count": (
+        (*TRAIN, "--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"),
+        "--process_id 2 is not below --num_processes 2: processes are numbered from 0.",
+    ),
+    "coordinator without a port": (
+        (*TRAIN, "--coordinator_address", "localhost", "--process_id", "0"),
+        "--coordinator_address 'localhost': expected HOST:PORT of process 0",
+    ),
+    "distributed run that JAX cannot place": (
+        (*TRAIN, "--distributed"),
+        "jax.distributed.initialize: coordinator_address should be defined. Pass "
+        "--coordinator_address, --num_processes and --process_id, or start the run where JAX",
+    ),
+    "no heartbeat": ((*TRAIN, "--heartbeat_timeout", "0"), "flag --heartbeat_timeout=0: 0 is"),
+    "no process": ((*TRAIN, "--num_processes", "0"), "flag --num_processes=0: 0 is not a"),
     "stray argument": ((*TRAIN, "run2"), "unexpected arguments ['run2']"),
     "predict, missing checkpoint": (
         ("vit-predict", "--checkpoint", "none", "x.png"),
@@ -161,6 +181,7 @@ USER_ERRORS = {
 
 # These load a model or a checkpoint library before the mistake shows: full suite only.
 NEEDS_JAX = (
+    "distributed run that JAX cannot place",
     "predict, missing checkpoint",
     "visualize, not a workdir",
     "visualize, a file that is no image",

@@ -38,16 +38,41 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with auto-detection."
 )
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Total number of processes.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", lower_bound=0)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout",
     100,
     "Multi-process runs: seconds without a heartbeat after which a process counts as dead "
     "and the others stop with an error instead of waiting in a collective.",
+    lower_bound=1,
 )
 flags.mark_flags_as_required(["config", "workdir"])
 log = logging.getLogger("vit_jax.main")
+
+
+def _check_distributed_flags() -> None:
+    """Refuses multi-process flags that cannot start a run, before JAX loads."""
+    given = [f"--{f.name}" for f in (_NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
+    if given and not (_COORDINATOR.value or _DISTRIBUTED.value):
+        raise cli.UsageError(
+            f"{' and '.join(given)} take effect only with --coordinator_address HOST:PORT (or "
+            "--distributed, where JAX detects the cluster); without it this is one process."
+        )
+    if None not in (_NUM_PROCESSES.value, _PROCESS_ID.value):
+        if _PROCESS_ID.value >= _NUM_PROCESSES.value:
+            raise cli.UsageError(
+                f"--process_id {_PROCESS_ID.value} is not below --num_processes "
+                f"{_NUM_PROCESSES.value}: processes are numbered from 0."
+            )
+    host, _, port = (_COORDINATOR.value or "").rpartition(":")
+    if _COORDINATOR.value and not (host and port.isdigit()):
+        raise cli.UsageError(
+            f"--coordinator_address {_COORDINATOR.value!r}: expected HOST:PORT of process 0, "
+            "e.g. 10.0.0.2:1234."
+        )
 
 
 def _main(argv: list[str]) -> int:
@@ -57,15 +82,22 @@ def _main(argv: list[str]) -> int:
     cli.check_directory("--workdir", workdir)
     config = _CONFIG.value
     cli.absolute_config_paths(config)
+    _check_distributed_flags()
     import jax  # After parsing: --help and flag errors answer without loading JAX.
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
-        jax.distributed.initialize(
-            _COORDINATOR.value,
-            _NUM_PROCESSES.value,
-            _PROCESS_ID.value,
-            heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
-        )
+        try:
+            jax.distributed.initialize(
+                _COORDINATOR.value,
+                _NUM_PROCESSES.value,
+                _PROCESS_ID.value,
+                heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+            )
+        except ValueError as e:  # What JAX could not find out from the flags and environment.
+            raise cli.UsageError(
+                f"jax.distributed.initialize: {e} Pass --coordinator_address, --num_processes "
+                "and --process_id, or start the run where JAX detects them (SLURM, Cloud TPU)."
+            ) from None
     # Our progress lines on process 0; only warnings from libraries (Orbax, tfds, absl).
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True

@@ -16,6 +16,7 @@ from vit_jax.workdir import (
     _process_start,
     check_config,
     claim,
+    record_config,
 )
 
 
@@ -108,10 +109,15 @@ def test_lock_held_on_another_host_is_respected(tmp_path):
     assert json.loads((tmp_path / LOCK_FILE).read_text()) == other
 
 
+def _record(workdir, config, resuming: bool) -> None:
+    """What a run that restored its state does: check the config, then record it."""
+    record_config(workdir, config, check_config(workdir, config, resuming))
+
+
 def test_resume_refuses_trajectory_changes_and_lists_them(tmp_path):
     workdir = str(tmp_path)
     config = small_local_config(tmp_path)
-    check_config(workdir, config, resuming=False)
+    _record(workdir, config, resuming=False)
     saved = (tmp_path / "config.json").read_text()
 
     changed = small_local_config(tmp_path, batch_size=64, seed=3)
@@ -126,23 +132,23 @@ def test_resume_refuses_trajectory_changes_and_lists_them(tmp_path):
     # Bookkeeping changes freely.
     free = small_local_config(tmp_path, log_every=1, checkpoint_every=3, eval_batch_size=64)
     free.mesh.data, free.mesh.fsdp, free.sharding_rules = 2, -1, "fsdp"
-    check_config(workdir, free, resuming=True)
+    _record(workdir, free, resuming=True)
 
 
 def test_deliberate_change_is_accepted_and_recorded(tmp_path):
     workdir = str(tmp_path)
-    check_config(workdir, small_local_config(tmp_path), resuming=False)
+    _record(workdir, small_local_config(tmp_path), resuming=False)
     changed = small_local_config(tmp_path, batch_size=64, allow_config_change="batch_size")
-    check_config(workdir, changed, resuming=True)
+    _record(workdir, changed, resuming=True)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["changes"][0]["fields"] == {"batch_size": [32, 64]}
     assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 64
-    check_config(workdir, small_local_config(tmp_path, batch_size=64), resuming=True)  # New normal.
+    _record(workdir, small_local_config(tmp_path, batch_size=64), resuming=True)  # New normal.
 
 
 def test_process_count_is_part_of_the_contract(tmp_path):
     workdir = str(tmp_path)
-    check_config(workdir, small_local_config(tmp_path), resuming=False)
+    _record(workdir, small_local_config(tmp_path), resuming=False)
     run = json.loads((tmp_path / "run.json").read_text())
     (tmp_path / "run.json").write_text(json.dumps(run | {"process_count": 4}))
     with pytest.raises(ConfigChangedError, match="process_count: 4 -> 1"):

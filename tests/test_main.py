@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, TINY, load_recipe, small_local_config
+from helpers import REPO, TINY, load_recipe, make_folder, small_local_config
 
 from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
@@ -162,6 +162,29 @@ def test_restart_with_another_model_is_refused(tmp_path):
     ):
         train_and_evaluate(other, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]  # Nothing lost.
+    # The refused change is not recorded: the original run resumes as before.
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["changes"] == []
+    train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_a_class_renamed_since_the_checkpoint(tmp_path):
+    """Labels number the sorted class folders: renamed, `c` would become label 0."""
+    make_folder(tmp_path / "data", {s: {"b": 4, "c": 4} for s in ("train", "test")})
+    config = small_local_config(tmp_path, total_steps=4, dataset=f"folder:{tmp_path / 'data'}")
+    config.update(train_split="train", eval_split="test", batch_size=8, eval_batch_size=8)
+    config.fewshot.datasets = {}
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir)
+    saved = {name: (tmp_path / "run" / name).read_text() for name in ("config.json", "run.json")}
+    for split in ("train", "test"):
+        os.rename(tmp_path / "data" / split / "c", tmp_path / "data" / split / "a")
+    open_source.cache_clear()  # As a new process opens it.
+    with pytest.raises(ValueError, match=r"other class names for the same labels \(label: saved "
+                       r"-> now\): 0: 'b' -> 'a', 1: 'c' -> 'b'\. Labels number"):  # fmt: skip
+        train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+    assert {name: (tmp_path / "run" / name).read_text() for name in saved} == saved
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

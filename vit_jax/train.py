@@ -30,7 +30,13 @@ from vit_jax.models import build_model
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import NONFINITE, Trainer, TrainState, compiled_memory
-from vit_jax.workdir import check_config, claim, restore_newest_readable, use_compilation_cache
+from vit_jax.workdir import (
+    check_config,
+    claim,
+    record_config,
+    restore_newest_readable,
+    use_compilation_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +54,34 @@ def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
     return math.ceil(config.num_epochs * train_examples / config.batch_size)
 
 
-def _initial_state(trainer: Trainer, checkpointer: Checkpointer, pretrained: Any) -> TrainState:
+def _initial_state(
+    trainer: Trainer, checkpointer: Checkpointer, pretrained: Any, class_names: list[str]
+) -> TrainState:
     """The newest readable checkpoint if there is one, else `pretrained` (`model_init`'s
-    parameters, or None) or a fresh init."""
+    parameters, or None) or a fresh init.
+
+    Raises:
+      ValueError: the checkpoint was trained on other `class_names` (labels are indices into
+        them: a class folder renamed since would train its images under another label).
+    """
     config, abstract = trainer.config, trainer.abstract_state()
     state = restore_newest_readable(checkpointer, abstract)
     if state is not None:
-        log.info("Resumed from step %d.", int(state.step))
+        step = int(state.step)
+        saved = checkpointer.restore_metadata(step).get("class_names", class_names)
+        if list(saved) != list(class_names):
+            changed = [
+                f"{i}: {a!r} -> {b!r}"
+                for i, (a, b) in enumerate(zip(saved, class_names, strict=False))
+                if a != b
+            ]
+            raise ValueError(
+                f"The checkpoint at step {step} was trained with other class names for the "
+                f"same labels (label: saved -> now): {', '.join(changed[:10])}. Labels number "
+                "the sorted class names, so resuming would train these classes under other "
+                "labels. Restore the class names (folder names), or use a new --workdir."
+            )
+        log.info("Resumed from step %d.", step)
         return state
     if pretrained is not None:
         log.info("Initialised from %s.", config.model_init)
@@ -107,8 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
             writer = None
             try:
-                check_config(workdir, config, resuming=bool(checkpointer.steps()))
-                state = _initial_state(trainer, checkpointer, pretrained)
+                accepted = check_config(workdir, config, resuming=bool(checkpointer.steps()))
+                state = _initial_state(trainer, checkpointer, pretrained, metadata["class_names"])
+                record_config(workdir, config, accepted)
                 del pretrained  # Host copies: the state holds the parameters now.
                 writer = MetricWriter(workdir, resumed_step=int(jax.device_get(state.step)))
                 # The loop reads from the host only where it means to (jax.device_get).

@@ -235,48 +235,55 @@ def _write_json(path: str, value: dict) -> None:
         f.write(json.dumps(value, indent=2))
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> None:
-    """Refuses to resume with changed trajectory fields, then records this run's config.
-
-    `config.allow_config_change` ("field,field", dotted names; "process_count" too)
-    accepts the named differences: they are logged and appended to `run.json`.
+def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> dict:
+    """Refuses to resume with changed trajectory fields; returns the changes
+    `config.allow_config_change` ("field,field", dotted names; "process_count" too) accepts,
+    as {field: (saved, now)}, for `record_config` once the run has its state.
     """
+    if not resuming:
+        return {}
     now_config = json.loads(config.to_json_best_effort())
     saved_config = _read_json(os.path.join(workdir, CONFIG_FILE))
-    run = _read_json(os.path.join(workdir, RUN_FILE)) or {"changes": []}
-    accepted = {}
-    if resuming and saved_config is None:
+    if saved_config is None:
         log.warning("%s has checkpoints but no %s: resuming unchecked.", workdir, CONFIG_FILE)
-    elif resuming:
-        saved = _contract(saved_config, run.get("process_count"))
-        now = _contract(now_config, jax.process_count() if "process_count" in run else None)
-        absent = "(absent)"
-        changed = {
-            k: (saved.get(k, absent), now.get(k, absent))
-            for k in sorted(saved.keys() | now.keys())
-            if saved.get(k, absent) != now.get(k, absent)
-        }
-        allowed = {f.strip() for f in config.allow_config_change.split(",") if f.strip()}
-        refused = [k for k in changed if k not in allowed]
-        if refused:
-            listing = "\n  ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
-            raise ConfigChangedError(
-                f"This run would resume {workdir} with settings that change its trajectory "
-                f"(saved in {CONFIG_FILE} -> now):\n  {listing}\nRestore the saved values, use "
-                "a new --workdir, or accept the change deliberately with "
-                f"--config.allow_config_change={','.join(refused)}"
-            )
-        for k, (old, new) in changed.items():
-            log.warning("Resuming with a deliberate change: %s: %r -> %r.", k, old, new)
-        accepted = changed
+        return {}
+    run = _read_json(os.path.join(workdir, RUN_FILE)) or {}
+    saved = _contract(saved_config, run.get("process_count"))
+    now = _contract(now_config, jax.process_count() if "process_count" in run else None)
+    absent = "(absent)"
+    changed = {
+        k: (saved.get(k, absent), now.get(k, absent))
+        for k in sorted(saved.keys() | now.keys())
+        if saved.get(k, absent) != now.get(k, absent)
+    }
+    allowed = {f.strip() for f in config.allow_config_change.split(",") if f.strip()}
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        listing = "\n  ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise ConfigChangedError(
+            f"This run would resume {workdir} with settings that change its trajectory "
+            f"(saved in {CONFIG_FILE} -> now):\n  {listing}\nRestore the saved values, use "
+            "a new --workdir, or accept the change deliberately with "
+            f"--config.allow_config_change={','.join(refused)}"
+        )
+    for k, (old, new) in changed.items():
+        log.warning("Resuming with a deliberate change: %s: %r -> %r.", k, old, new)
+    return changed
+
+
+def record_config(workdir: str, config: ml_collections.ConfigDict, accepted: dict) -> None:
+    """Records this run's config and the `accepted` changes (`check_config`) in the
+    workdir: called once the run has restored its state, so that a change the state
+    refuses leaves the saved config as it was."""
     if jax.process_count() > 1:  # Every process has read the saved files before they change.
         multihost_utils.sync_global_devices("vit_jax config checked")
     if jax.process_index() == 0:
+        run = _read_json(os.path.join(workdir, RUN_FILE)) or {"changes": []}
         if accepted:
             when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             run["changes"].append({"time": when, "fields": accepted})
         run["process_count"] = jax.process_count()
-        _write_json(os.path.join(workdir, CONFIG_FILE), now_config)
+        _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
         _write_json(os.path.join(workdir, RUN_FILE), run)
 
 

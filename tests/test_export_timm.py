@@ -100,13 +100,14 @@ def test_help_line_for_timm_npz_and_a_class_count_mismatch(tmp_path, capsys):
     images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     assert_same_logits(our_logits(model, params, images), torch_forward(namespace["model"], images))
 
-    # Another class count is refused by load_state_dict, never a random head.
-    out = tmp_path / "model.safetensors"
+    # Another class count is refused by load_state_dict, never a random head. (Beside
+    # model.npz, model.safetensors would take its model.json: another folder.)
+    out = tmp_path / "safetensors" / "model.safetensors"
     assert export.main(["--workdir", workdir, "--out", str(out)]) == 0
-    args = json.loads((tmp_path / "model.json").read_text())["timm_model_args"]
+    args = json.loads(out.with_suffix(".json").read_text())["timm_model_args"]
     assert args["num_classes"] == num_classes
     namespace = {}
-    mismatched = code.replace("model.json", str(tmp_path / "model.json")).replace(
+    mismatched = code.replace("model.json", str(out.with_suffix(".json"))).replace(
         "model.safetensors", str(out)
     )
     mismatched = mismatched.replace("**args)", "**(args | {'num_classes': 3}))")
@@ -126,11 +127,16 @@ def test_the_extension_chooses_the_format_or_contradicts_it(tmp_path, capsys):
     assert (tmp_path / "b.npz").read_bytes()[:2] == b"PK"  # A zip: numpy's .npz.
     capsys.readouterr()
 
+    a_json = (tmp_path / "a.json").read_text()
     for argv, message in [
         (["--out", str(tmp_path / "c.npz"), "--format", "timm_safetensors"], "ends in .npz"),
         (["--out", str(tmp_path / "d.bin")], "names no format"),
+        # a.json describes a.safetensors: an a.npz would take it over.
+        (["--out", str(tmp_path / "a.npz")], f"{tmp_path / 'a.json'} describes "),
     ]:
         assert export.main(["--workdir", workdir, *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "a.json").read_text() == a_json and not (tmp_path / "a.npz").exists()
+    assert export.main(["--workdir", workdir, "--out", str(tmp_path / "a.safetensors")]) == 0
     assert not (tmp_path / "c.npz").exists() and not (tmp_path / "d.bin").exists()

@@ -206,6 +206,11 @@ def test_exports_load_into_timm_with_our_logits(case, tmp_path):
     # And back: the file and its description rebuild the same model here.
     reimported, reloaded = import_model(out, **fields)
     assert_same_logits(our_logits(reimported, reloaded), our_logits(model, params))
+    if file_format == "timm_safetensors":  # Alone, its metadata says what timm's layout lacks.
+        out.with_suffix(".json").unlink()
+        alone, alone_params, _ = checkpoint.load_model(str(out))
+        assert alone.num_heads == model.num_heads == 2  # Not Ti's 3, nor unknown.
+        assert_same_logits(our_logits(alone, alone_params), our_logits(model, params))
 
 
 @pytest.mark.parametrize(

@@ -79,8 +79,9 @@ def export(workdir: str, out: str | os.PathLike, file_format: str | None = None)
 
     `file_format`: one of FORMATS; None takes it from `out`'s extension (`choose_format`).
     Returns the description's path. Raises ValueError, before writing anything, when the
-    format cannot represent the model or contradicts the extension; FileNotFoundError when
-    `workdir` holds no checkpoint.
+    format cannot represent the model or contradicts the extension, or when the description
+    `out` would get (X.json) describes another export (X.npz beside X.safetensors);
+    FileNotFoundError when `workdir` holds no checkpoint.
     """
     file_format = choose_format(out, file_format)
     from etils import epath
@@ -90,6 +91,19 @@ def export(workdir: str, out: str | os.PathLike, file_format: str | None = None)
     from vit_jax.checkpoint.npz import unrolled_float32
     from vit_jax.checkpoint.safetensors_file import write_safetensors
 
+    json_path = checkpoint.description_path(out)
+    if json_path.exists():  # X.npz and X.safetensors would share X.json.
+        described = [
+            json_path.with_suffix(suffix)
+            for suffix in (".npz", hub.SUFFIX)
+            if json_path.with_suffix(suffix) != epath.Path(out)
+        ]
+        for other in (path for path in described if path.exists()):
+            raise ValueError(
+                f"--out {out}: {json_path} describes {other} already, and would describe this "
+                f"file instead. Name the export otherwise (e.g. {json_path.stem}_"
+                f"{file_format}{epath.Path(out).suffix})."
+            )
     description = checkpoint.run_description(workdir)
     model = description.get("model", {})
     if file_format.startswith("timm_"):
@@ -114,11 +128,12 @@ def export(workdir: str, out: str | os.PathLike, file_format: str | None = None)
     out.parent.mkdir(parents=True, exist_ok=True)
     if file_format == "timm_safetensors":
         fields = {k: model[k] for k in checkpoint.WEIGHT_BOUND_FIELDS if k in model}
+        # timm fuses the heads into one matrix: the count travels in the metadata.
+        fields["num_heads"] = flat[_ATTENTION_OUT].shape[0]
         metadata = {"format": "pt", hub.MODEL_METADATA: json.dumps(fields)}
         write_safetensors(timm_layout.to_timm(flat), out, metadata)
     else:
         checkpoint.save_npz(params, out)
-    json_path = checkpoint.description_path(out)
     json_path.write_text(json.dumps(description, indent=2))
     return str(json_path)
 

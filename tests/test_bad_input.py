@@ -105,7 +105,7 @@ CASES = {
     "vit-predict --batch_size 0": Case(
         lambda p: _command(predict.main, "--checkpoint", str(p), "--batch_size", "0", "a.png"),
         CommandFailed,
-        r"(?s)status 2: .*--batch_size 0: must be at least 1",
+        r"(?s)status 2: .*argument --batch_size: 0 is not a positive integer",
     ),
     "vit-export --workdir typo": Case(
         lambda p: _command(export.main, "--workdir", str(p / "typo"), "--out", str(p / "o.npz")),

@@ -131,6 +131,31 @@ USER_ERRORS = {
         ("vit-predict", "--checkpoint", "run", "--top_k", "many", "x.png"),
         "argument --top_k: invalid int value: 'many'",
     ),
+    # Counts and sizes below 1 (tracebacks, or one class printed for --top_k 0).
+    **{
+        f"{command} {flag} {value}": (
+            (*command.split(), *rest, flag, value),
+            f"argument {flag}: {value} is not a positive integer",
+        )
+        for command, rest in [
+            ("vit-predict", ("--checkpoint", "run", "x.png")),
+            ("vit-fewshot", ("--checkpoint", "run", "--dataset", "digits")),
+            ("vit-visualize distance", ("--checkpoint", "run", "--out", "d.png")),
+        ]
+        for flag, value in [("--image_size", "-7"), ("--batch_size", "0")]
+    },
+    "predict, no class printed": (
+        ("vit-predict", "--checkpoint", "run", "--top_k", "0", "x.png"),
+        "argument --top_k: 0 is not a positive integer",
+    ),
+    "predict, a head of no class": (
+        ("vit-predict", "--checkpoint", "run", "--num_classes", "0", "x.png"),
+        "argument --num_classes: 0 is not a positive integer",
+    ),
+    "visualize, no filter drawn": (
+        ("vit-visualize", "filters", "--checkpoint", "run", "--count", "-5", "--out", "f.png"),
+        "argument --count: -5 is not a positive integer",
+    ),
     "export, workdir missing": (
         ("vit-export", "--workdir", "none", "--out", "x.npz"),
         "'{tmp}/none' is not a directory: expected a vit_jax workdir",
@@ -202,7 +227,8 @@ def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = ours(result.stderr)
-    assert line.startswith(f"{name}: ") and message.format(tmp=tmp_path) in line, line
+    assert re.match(rf"{name}( \w+)?: ", line), line  # The command (and its subcommand).
+    assert message.format(tmp=tmp_path) in line, line
     assert not (tmp_path / "run").exists()  # Refused before anything was written.
 
 

@@ -53,6 +53,17 @@ def absolute_path(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type`: a whole number >= 1 (counts, sizes, pixels)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def check_directory(flag: str, path: str) -> None:
     """Refuses a local `path` that exists but is no directory, where a command writes a
     folder.

@@ -116,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         type=cli.absolute_path,
         help="A vit-train workdir, an .npz or a .safetensors (local or gs://).",
     )
-    parser.add_argument("--top_k", type=int, default=5, help="Classes printed per image.")
+    parser.add_argument(
+        "--top_k", type=cli.positive_int, default=5, help="Classes printed per image."
+    )
     parser.add_argument("--model", help="Model name, e.g. B/16 (bare files only).")
-    parser.add_argument("--num_classes", type=int, help="Head size (bare files only).")
-    parser.add_argument("--image_size", type=int, help="Input resolution in pixels.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass.")
+    parser.add_argument("--num_classes", type=cli.positive_int, help="Head size (bare files only).")
+    parser.add_argument("--image_size", type=cli.positive_int, help="Input resolution in pixels.")
+    parser.add_argument(
+        "--batch_size", type=cli.positive_int, default=32, help="Images per forward pass."
+    )
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size {args.batch_size}: must be at least 1.")
     return cli.run("vit-predict", lambda: _predict(args))
 
 
@@ -142,7 +144,7 @@ def _predict(args: argparse.Namespace) -> int:
     classify = classifier(model, params, run)
     names = run.get("class_names") or [str(i) for i in range(run["num_classes"])]
     size, crop_fraction = run["image_size"], run.get("eval_crop_fraction", 1.0)
-    top_k = max(1, min(args.top_k, run["num_classes"]))
+    top_k = min(args.top_k, run["num_classes"])
     classified = 0
     for batch in _batches(find_images(args.images), args.batch_size):
         images = np.zeros((args.batch_size, size, size, 3), np.uint8)  # One compiled shape.

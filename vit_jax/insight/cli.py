@@ -42,7 +42,7 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser, multiple: bool = Fals
             help="A vit-train workdir or .npz.",
         )
     parser.add_argument("--model", help="Model name, e.g. B/16 (bare .npz only).")
-    parser.add_argument("--image_size", type=int, help="Input resolution in pixels.")
+    parser.add_argument("--image_size", type=cli.positive_int, help="Input resolution in pixels.")
 
 
 def _add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def _add_dataset_flags(parser: argparse.ArgumentParser, count: int) -> None:
         help='tfds name, "digits", "mnist5k" or "folder:DIR".',
     )
     parser.add_argument("--split", default="test", help="Split the images come from.")
-    parser.add_argument("--num_images", type=int, default=count, help="Images to use.")
+    parser.add_argument("--num_images", type=cli.positive_int, default=count, help="Images to use.")
     _add_data_dir_flag(parser)
 
 
@@ -87,8 +87,12 @@ def fewshot_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train_split", default="train", help="Where the shots come from.")
     parser.add_argument("--test_split", default="test", help="Where accuracy is measured.")
     parser.add_argument("--shots", type=_parse_shots, default=(1, 5, 10, 25), help="e.g. 1,5,10")
-    parser.add_argument("--holdout_per_class", type=int, default=5, help="Picks the L2 strength.")
-    parser.add_argument("--batch_size", type=int, default=256, help="Images per forward pass.")
+    parser.add_argument(
+        "--holdout_per_class", type=cli.positive_int, default=5, help="Picks the L2 strength."
+    )
+    parser.add_argument(
+        "--batch_size", type=cli.positive_int, default=256, help="Images per forward pass."
+    )
     _add_data_dir_flag(parser)
     args = parser.parse_args(argv)
     return cli.run("vit-fewshot", lambda: _fewshot(args))
@@ -138,10 +142,12 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
     _add_checkpoint_flags(distance)
     distance.add_argument("images", nargs="*", help="Image files or folders.")
     _add_dataset_flags(distance, count=128)
-    distance.add_argument("--batch_size", type=int, default=32, help="Images per forward pass.")
+    distance.add_argument(
+        "--batch_size", type=cli.positive_int, default=32, help="Images per forward pass."
+    )
     filters = figures.add_parser("filters", help="Embedding-filter components (Fig. 7).")
     _add_checkpoint_flags(filters)
-    filters.add_argument("--count", type=int, default=28, help="Components to draw.")
+    filters.add_argument("--count", type=cli.positive_int, default=28, help="Components to draw.")
     curves = figures.add_parser("curves", help="Loss, accuracy, lr, few-shot of a workdir.")
     curves.add_argument(
         "--workdir", required=True, type=cli.absolute_path, help="A vit-train workdir."

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 from helpers import data_config, make_folder
 
 import vit_jax.data as data
+from vit_jax import cli
 
 DIGITS_TRAIN_PER_CLASS = [142, 145, 141, 146, 144, 145, 144, 143, 139, 144]
 DIGITS_TEST_PER_CLASS = [36, 37, 36, 37, 37, 37, 37, 36, 35, 36]
@@ -261,6 +262,11 @@ def test_image_folder_round_trip(tmp_path):
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         data.get_dataset_info(f"folder:{tmp_path / 'missing'}", None)
+    with pytest.raises(FileNotFoundError, match="^folder: names no directory"):  # Not the cwd.
+        data.get_dataset_info(cli.absolute_dataset("folder:"), None)
+    make_folder(tmp_path / "one", {"train": {"cat": 2}, "test": {"cat": 1}})
+    with pytest.raises(ValueError, match=r"'train' of .*/one has only the class directories \['c"):
+        data.get_dataset_info(f"folder:{tmp_path / 'one'}", None)
     make_folder(tmp_path / "a", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1, "bird": 1}})
     with pytest.raises(ValueError, match=r"'test'.*differ.*'train'.*missing \['dog'\].*\['bird'\]"):
         data.get_dataset_info(f"folder:{tmp_path / 'a'}", None)

@@ -4,6 +4,7 @@ decode is named and left out, in any split, so a run finishes; a changed folder 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,6 +110,16 @@ def test_the_manifest_is_written_once_and_reused(tmp_path, count_checks):
         )
 
 
+@pytest.mark.parametrize("text", ["null", "[]", '"x"', '{"format": 1, "root": "ROOT"}'])
+def test_a_manifest_of_another_shape_is_checked_again(tmp_path, count_checks, text):
+    """JSON that is no manifest this code wrote (a hand edit, another tool) was a traceback."""
+    make_photos(tmp_path, per_class=2)
+    (tmp_path / "vit_jax_manifest.json").write_text(text.replace("ROOT", str(tmp_path)))
+    assert FolderSource(str(tmp_path)).info.split_sizes == {"train": 4, "test": 4}
+    assert len(count_checks) == 8
+    assert json.loads((tmp_path / "vit_jax_manifest.json").read_text())["format"] == 1
+
+
 def test_a_changed_folder_is_noticed(tmp_path, count_checks):
     make_photos(tmp_path, per_class=3)
     FolderSource(str(tmp_path))
@@ -168,20 +179,46 @@ def test_a_writer_that_cannot_write_the_manifest(tmp_path, monkeypatch, caplog):
 
 
 @pytest.mark.slow
-def test_a_file_that_cannot_be_read_stops_vit_train_in_one_line(tmp_path):
-    """A broken link is not a damaged image: skipping it on one process could give the
-    processes different splits, so the run stops naming it (status 1, no traceback)."""
+def _broken_link(photos) -> None:
+    os.symlink(photos / "gone.jpg", photos / "train" / "a" / "link.jpg")
+
+
+def _unlistable_class(photos) -> None:
+    os.chmod(photos / "train" / "b", 0)
+
+
+def _name_not_utf8(photos) -> None:
+    folder = os.fsencode(photos / "train" / "a")
+    os.rename(folder + b"/00.jpg", folder + b"/caf\xe9.jpg")  # Latin-1, as old archives have.
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_broken_link, r"Cannot read .*/link\.jpg \("),
+        (_unlistable_class, r"Cannot list .*/photos/train/b \(.*ermission denied"),
+        (_name_not_utf8, r"photos/train/a holds a file or folder name that is not UTF-8"),
+    ],
+)
+def test_a_file_that_cannot_be_read_stops_vit_train_in_one_line(tmp_path, damage, message):
+    """A broken link, a folder that cannot be listed or a name that is not UTF-8 is not a
+    damaged image: skipping it on one process could give the processes different splits,
+    so the run stops naming it (status 1, no traceback)."""
     make_photos(tmp_path / "photos", per_class=2)
-    os.symlink(tmp_path / "gone.jpg", tmp_path / "photos" / "train" / "a" / "link.jpg")
-    result = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "vit-train"),
-         "--config", f"{REPO}/configs/local.py:dataset=folder:photos", "--workdir", "run"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    damage(tmp_path / "photos")
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "vit-train"),
+        "--config", f"{REPO}/configs/local.py:dataset=folder:photos", "--workdir", "run",
+    ]  # fmt: skip
+    if os.geteuid() == 0:  # Root reads any folder: without the capabilities that allow it.
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", "--bounding-set", caps, "--inh-caps", caps, *command]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    os.chmod(tmp_path / "photos" / "train" / "b", 0o755)  # For pytest's clean-up.
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("vit-train:")]
-    assert "Cannot read " in line and "link.jpg" in line, line
+    assert re.search(message, line), line
 
 
 # One process of a two-process run opening a folder: what it decoded and what it sees.

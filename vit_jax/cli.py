@@ -78,7 +78,7 @@ def check_directory(flag: str, path: str) -> None:
 def absolute_dataset(name: str) -> str:
     """A dataset name with a `folder:DIR` made absolute; tfds and embedded names unchanged."""
     prefix, folder = name.split(":", 1) if name.startswith("folder:") else ("", "")
-    return f"{prefix}:{absolute_path(folder)}" if prefix else name
+    return f"{prefix}:{absolute_path(folder)}" if folder else name  # "folder:" stays as typed.
 
 
 def absolute_config_paths(config: ml_collections.ConfigDict) -> None:

@@ -52,10 +52,13 @@ class FolderSource:
         `manifest_dir`, `writer` and `barrier`).
 
         Raises:
-          FileNotFoundError: no folder, no splits, or a class directory without images.
-          ValueError: splits with different class directories.
+          FileNotFoundError: no folder (or none named), no splits, or a class directory
+            without images.
+          ValueError: fewer than two classes, or splits with different class directories.
           FolderUnreadableError: a file that cannot be read, named.
         """
+        if not root.strip():
+            raise FileNotFoundError("folder: names no directory; give folder:/path/to/root.")
         self.root = root.rstrip("/")
         images, rejected = validated_listing(
             self.root, manifest_dir, writer=writer, barrier=barrier
@@ -63,6 +66,12 @@ class FolderSource:
         splits = sorted(images)
         reference = "train" if "train" in splits else splits[0]
         class_names = tuple(sorted(images[reference]))
+        if len(class_names) < 2:
+            raise ValueError(
+                f"Split {reference!r} of {self.root} has only the class directories "
+                f"{list(class_names)}: a classifier needs two or more, one per class "
+                f"({self.root}/{reference}/<class>/<image>)."
+            )
         self._files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for split in splits:
             classes = tuple(sorted(images[split]))

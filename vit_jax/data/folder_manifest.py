@@ -83,8 +83,30 @@ def undecodable(path: str) -> str | None:
     return None
 
 
+def _listdir(path: str) -> list[str]:
+    """The names in the directory `path`.
+
+    Raises:
+      FolderUnreadableError: it cannot be listed (permissions, storage), or it holds a
+        name that is not UTF-8, naming it.
+    """
+    try:
+        return tf.io.gfile.listdir(path)
+    except UnicodeDecodeError as e:
+        name = e.object[max(0, e.start - 20) : e.end + 20]
+        raise FolderUnreadableError(
+            f"{path} holds a file or folder name that is not UTF-8 (...{name!r}...): rename "
+            "it (e.g. convmv -f latin1 -t utf8 -r --notest DIR)."
+        ) from None
+    except tf.errors.OpError as e:
+        raise FolderUnreadableError(
+            f"Cannot list {path} ({e.message.splitlines()[0]}). Every process of a run must "
+            "see the same images: make it readable, or retry if the storage had a passing error."
+        ) from None
+
+
 def _subdirs(path: str) -> list[str]:
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(path))
+    names = (name.rstrip("/") for name in _listdir(path))
     return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(f"{path}/{n}"))
 
 
@@ -93,6 +115,7 @@ def list_folder(root: str) -> Images:
 
     Raises:
       FileNotFoundError: `root` is no directory or has no split subdirectories.
+      FolderUnreadableError: a directory that cannot be listed (`_listdir`).
     """
     layout = f"expected {root}/<split>/<class>/<image>.jpg|.jpeg|.png"
     if not tf.io.gfile.isdir(root):
@@ -104,7 +127,7 @@ def list_folder(root: str) -> Images:
         split: {
             name: sorted(
                 f
-                for f in tf.io.gfile.listdir(f"{root}/{split}/{name}")
+                for f in _listdir(f"{root}/{split}/{name}")
                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
             )
             for name in _subdirs(f"{root}/{split}")
@@ -120,9 +143,14 @@ def _read(path: str, root: str) -> tuple[Images, Rejected] | None:
             manifest = json.load(f)
     except (OSError, tf.errors.OpError, ValueError):
         return None
+    if not isinstance(manifest, dict):
+        return None
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("root") != root:
         return None
-    return manifest["images"], manifest["rejected"]
+    images, rejected = manifest.get("images"), manifest.get("rejected")
+    if not (isinstance(images, dict) and isinstance(rejected, dict)):
+        return None  # Not one this code wrote: checked again.
+    return images, rejected
 
 
 def _write(path: str, root: str, images: Images, rejected: Rejected) -> None:

@@ -102,6 +102,15 @@ USER_ERRORS = {
         "config.mesh.fsdp=0: an axis size must be a whole number >= 1, or -1",
     ),
     "unknown flag": ((*TRAIN, "--stepz=3"), "Unknown command line flag 'stepz'"),
+    # An unset shell variable: the run went into the current directory.
+    "empty workdir": (
+        ("vit-train", "--config", RECIPE, "--workdir", ""),
+        "--workdir is empty: for the current directory, give '.'.",
+    ),
+    "export, empty workdir": (
+        ("vit-export", "--workdir", "", "--out", "x.npz"),
+        "argument --workdir: an empty path: for the current directory, give '.'",
+    ),
     # Multi-process flags, refused before JAX loads (tracebacks, an abort, or ignored before).
     "process count without a coordinator": (
         (*TRAIN, "--num_processes", "2", "--process_id", "0"),

@@ -39,6 +39,7 @@ class UsageError(Exception):
 USER_ERRORS = (
     UsageError,
     app.UsageError,
+    argparse.ArgumentTypeError,
     ValueError,
     FileNotFoundError,
     FileExistsError,
@@ -49,7 +50,14 @@ USER_ERRORS = (
 
 
 def absolute_path(path: str) -> str:
-    """`path` made absolute against the current directory (`~` expanded); URLs unchanged."""
+    """`path` made absolute against the current directory (`~` expanded); URLs unchanged.
+
+    Raises:
+      argparse.ArgumentTypeError: an empty path (an unset shell variable, say), which would
+        name the current directory.
+    """
+    if not path:
+        raise argparse.ArgumentTypeError("an empty path: for the current directory, give '.'")
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 

@@ -78,6 +78,8 @@ def _check_distributed_flags() -> None:
 def _main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
+    if not _WORKDIR.value:
+        raise cli.UsageError("--workdir is empty: for the current directory, give '.'.")
     workdir = cli.absolute_path(_WORKDIR.value)
     cli.check_directory("--workdir", workdir)
     config = _CONFIG.value

@@ -363,6 +363,20 @@ def test_loading_never_unpickles(tmp_path):
         load_pretrained(path, init_params=abstract_params(tiny(), 32))
 
 
+def test_a_damaged_npz_is_named_as_such(tmp_path):
+    """An interrupted download, or flipped bytes: zipfile's BadZipFile was a traceback."""
+    model = tiny()
+    whole = tmp_path / "whole.npz"
+    save_npz(random_params(model), whole)
+    encoded = bytearray(whole.read_bytes())
+    (tmp_path / "cut.npz").write_bytes(encoded[: len(encoded) // 2])
+    encoded[len(encoded) // 3 : len(encoded) // 3 + 64] = bytes(64)  # Inside an array's data.
+    (tmp_path / "flipped.npz").write_bytes(encoded)
+    for name, reason in [("cut", "File is not a zip file"), ("flipped", "Bad CRC-32 for file")]:
+        with pytest.raises(ValueError, match=rf"{name}.npz is a damaged .npz archive \({reason}"):
+            load_pretrained(tmp_path / f"{name}.npz", init_params=abstract_params(model, 32))
+
+
 # --- Export. ------------------------------------------------------------------------------
 
 

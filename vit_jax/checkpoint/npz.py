@@ -26,6 +26,8 @@ import contextlib
 import dataclasses
 import os
 import re
+import zipfile
+import zlib
 from collections.abc import Collection, Iterator
 from typing import Any
 
@@ -87,9 +89,16 @@ class Layout:
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads every array of an `.npz` file (local or `gs://`), never unpickling."""
+    """Reads every array of an `.npz` file (local or `gs://`), never unpickling.
+
+    Raises:
+      ValueError: not an .npz archive, or a damaged one (truncated, corrupt), named.
+    """
     with _open_npz(path) as loaded:
-        return {key: loaded[key] for key in loaded.files}
+        try:
+            return {key: loaded[key] for key in loaded.files}
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
+            raise _damaged(path, e) from None
 
 
 @contextlib.contextmanager
@@ -98,6 +107,8 @@ def _open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
     with epath.Path(path).open("rb") as f:
         try:
             loaded = np.load(f, allow_pickle=False)
+        except zipfile.BadZipFile as e:  # A zip cut short (an interrupted download).
+            raise _damaged(path, e) from None
         except (ValueError, EOFError):  # Not a NumPy file: text, a pickle, empty, ...
             raise ValueError(
                 f"{path} is not an .npz archive: a checkpoint is an .npz or .safetensors file "
@@ -107,6 +118,13 @@ def _open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
             raise ValueError(f"{path} holds a single array, not an .npz archive of parameters.")
         with loaded:
             yield loaded
+
+
+def _damaged(path: str | os.PathLike, error: Exception) -> ValueError:
+    return ValueError(
+        f"{path} is a damaged .npz archive ({error}): truncated or corrupt, as an interrupted "
+        "download leaves it. Download or export it again."
+    )
 
 
 def detect_layout(flat: dict[str, np.ndarray]) -> Layout:

@@ -5,6 +5,7 @@ item_handlers) still restore, state, parameters and metadata alike."""
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from vit_jax.checkpoint.manager import (
     STATE_ITEM,
@@ -100,3 +101,10 @@ def test_keeps_the_newest_checkpoints_and_reads_them_back(tmp_path, monkeypatch)
     # structure (vit-predict, vit-export).
     assert_same(load_params(workdir), make_state(3).params)
     assert load_metadata(workdir) == METADATA | {"step": 3}
+
+
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_step(tmp_path):
+    """Orbax failed at the first save, then waited minutes for its other processes."""
+    (tmp_path / "checkpoints").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"checkpoints is a file, where the run keeps"):
+        Checkpointer(str(tmp_path), keep=2)

@@ -146,6 +146,27 @@ def test_deliberate_change_is_accepted_and_recorded(tmp_path):
     _record(workdir, small_local_config(tmp_path, batch_size=64), resuming=True)  # New normal.
 
 
+@pytest.mark.parametrize("text", ["", "{garbage", "[1, 2]"])
+def test_a_damaged_config_or_run_file_is_named(tmp_path, text):
+    """A hand edit, or a file cut short by an older run: JSON's and flax's tracebacks."""
+    config = small_local_config(tmp_path)
+    _record(str(tmp_path), config, resuming=False)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "run.json"]  # No partial file left.
+    for name in ("config.json", "run.json"):
+        saved = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"^{tmp_path / name} holds no JSON object \("):
+            check_config(str(tmp_path), config, resuming=True)
+        (tmp_path / name).write_text(saved)
+
+
+def test_a_lock_file_of_another_shape_is_an_unknown_holder(tmp_path):
+    (tmp_path / LOCK_FILE).write_text("[1]")
+    with pytest.raises(WorkdirLockedError, match="in use by an unknown holder"):
+        with claim(str(tmp_path)):
+            pass
+
+
 def test_process_count_is_part_of_the_contract(tmp_path):
     workdir = str(tmp_path)
     _record(workdir, small_local_config(tmp_path), resuming=False)

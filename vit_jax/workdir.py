@@ -163,7 +163,7 @@ def _take_lock(path: str) -> dict[str, Any]:
     try:
         holder = _read_json(path) or {}
         who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (json.JSONDecodeError, KeyError):
+    except (ValueError, KeyError):
         holder, who = {}, "an unknown holder (the lock file is unreadable)"
     dead_here = holder.get("host") == me["host"] and not _holder_running(holder)
     # An earlier try of this run, killed on a machine that may be gone (node failure, a
@@ -224,15 +224,35 @@ def _contract(config_json: dict, process_count: int | None) -> dict[str, Any]:
 
 
 def _read_json(path: str) -> dict | None:
+    """The JSON object in `path`; None when there is no such file.
+
+    Raises:
+      ValueError: the file holds no JSON object (damaged, or edited by hand), named.
+    """
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
-        return json.loads(f.read())
+        text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        value = e
+    if not isinstance(value, dict):
+        what = value if isinstance(value, json.JSONDecodeError) else type(value).__name__
+        raise ValueError(
+            f"{path} holds no JSON object ({what}): restore it from a copy, or delete it "
+            "(without config.json a resume is not checked against the saved config)."
+        )
+    return value
 
 
 def _write_json(path: str, value: dict) -> None:
-    with tf.io.gfile.GFile(path, "w") as f:
+    """Replaces `path` in one step (a new file renamed over it): a run stopped while
+    writing leaves the old file, never half of one."""
+    partial = f"{path}.partial"
+    with tf.io.gfile.GFile(partial, "w") as f:
         f.write(json.dumps(value, indent=2))
+    tf.io.gfile.rename(partial, path, overwrite=True)
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> dict:

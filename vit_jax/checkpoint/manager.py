@@ -49,13 +49,21 @@ class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with the state/metadata layout above."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        """Raises NotADirectoryError where `workdir/checkpoints` is a file (Orbax would fail
+        only at the first save, after the first steps had run)."""
+        directory = checkpoint_dir(absolute_path(workdir))
+        if "://" not in directory and os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(
+                f"{directory} is a file, where the run keeps its checkpoints: move it away, "
+                "or use another --workdir."
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=async_save,
             create=True,
         )
         self._manager = _CheckpointManager(
-            checkpoint_dir(absolute_path(workdir)),
+            directory,
             options=options,
             handler_registry=_handlers(ocp.StandardCheckpointHandler()),
         )

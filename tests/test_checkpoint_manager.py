@@ -103,6 +103,35 @@ def test_keeps_the_newest_checkpoints_and_reads_them_back(tmp_path, monkeypatch)
     assert load_metadata(workdir) == METADATA | {"step": 3}
 
 
+def _drop_state_metadata(step_dir) -> None:  # A save cut short before it was complete.
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+def _truncate_arrays(step_dir) -> None:  # Array files cut in half.
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 1024:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_drop_state_metadata, _truncate_arrays])
+def test_the_commands_read_the_newest_checkpoint_they_can(tmp_path, damage, caplog):
+    """vit-predict, vit-export, vit-fewshot, vit-visualize and model_init skip a damaged
+    newest step, as a resuming run does (each was a traceback)."""
+    workdir = str(tmp_path)
+    checkpointer = Checkpointer(workdir, keep=3)
+    for step in (1, 2):
+        checkpointer.save(step, make_state(step), METADATA | {"step": step})
+    checkpointer.close()
+    damage(tmp_path / "checkpoints" / "2")
+    assert_same(load_params(workdir), make_state(1).params)
+    assert f"Cannot read checkpoint {tmp_path}/checkpoints/2 (step 2: " in caplog.text
+    if damage is _drop_state_metadata:  # Metadata of a step whose state cannot be read: no.
+        assert load_metadata(workdir) == METADATA | {"step": 1}
+    damage(tmp_path / "checkpoints" / "1")
+    with pytest.raises(ValueError, match=r"^None of the checkpoints in .* can be read: step 2: "):
+        load_params(workdir)
+
+
 def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_step(tmp_path):
     """Orbax failed at the first save, then waited minutes for its other processes."""
     (tmp_path / "checkpoints").write_text("")

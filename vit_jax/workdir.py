@@ -32,7 +32,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
-from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError
+from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -310,12 +310,6 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, accepted: dic
 # ---- which checkpoint ----------------------------------------------------------------------
 
 
-def _reason(error: Exception) -> str:
-    """The first line of an error, short: TensorStore errors carry pages of spec."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:300]}"
-
-
 def restore_newest_readable(checkpointer: Checkpointer, abstract_state: Any) -> Any | None:
     """The newest readable checkpoint's state, or None when the workdir holds none.
 
@@ -331,7 +325,7 @@ def restore_newest_readable(checkpointer: Checkpointer, abstract_state: Any) -> 
         except CheckpointMismatchError:
             raise
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
-            reason = _reason(e)
+            reason = error_summary(e)
         if _all_processes_agree(not reason):
             for bad, _ in unreadable:
                 path = checkpointer.step_path(bad)

@@ -7,9 +7,11 @@ The data stream is a pure function of seed and step, so the step is all it needs
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -18,6 +20,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vit_jax.cli import absolute_path  # Orbax refuses relative paths.
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -163,8 +168,21 @@ def _find_manager_dir(path: str) -> str:
     return candidate if os.path.isdir(candidate) else path
 
 
-def _latest(path: str) -> tuple[ocp.CheckpointManager, int]:
-    """The newest step holding a train state; never creates `path` (a typo stays a typo)."""
+def error_summary(error: Exception) -> str:
+    """The first line of an error, short: TensorStore errors carry pages of spec."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _newest_readable(path: str, read: Callable[[ocp.CheckpointManager, int], T]) -> T:
+    """`read(manager, step)` of the newest step holding a train state that it can read;
+    an unreadable newer one (a save cut short, damaged files) is skipped with a warning,
+    as a resuming run skips it. Never creates `path` (a typo stays a typo).
+
+    Raises:
+      FileNotFoundError: `path` holds no checkpoint, saying what is expected there.
+      ValueError: none of its checkpoints can be read, each named with its reason.
+    """
     expected = (
         f"expected a vit_jax workdir (with '{CHECKPOINT_DIR}/<step>/{STATE_ITEM}/') "
         f"or its '{CHECKPOINT_DIR}' directory"
@@ -183,16 +201,17 @@ def _latest(path: str) -> tuple[ocp.CheckpointManager, int]:
         found = sorted(manager.all_steps())
         numeric = f" (its numeric folders {found[:5]} hold no '{STATE_ITEM}')" if found else ""
         raise FileNotFoundError(f"No checkpoint found in {path!r}{numeric}: {expected}.")
-    return manager, max(steps)
+    unreadable = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return read(manager, step)
+        except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
+            unreadable.append(f"step {step}: {error_summary(e)}")
+            log.warning("Cannot read checkpoint %s/%d (%s).", directory, step, unreadable[-1])
+    raise ValueError(f"None of the checkpoints in {path} can be read: {'; '.join(unreadable)}.")
 
 
-def load_params(path: str) -> dict:
-    """Reads only the parameters of the latest checkpoint, as host numpy arrays.
-
-    Used to start fine-tuning or prediction from a training run without building its
-    optimizer state or mesh.
-    """
-    manager, step = _latest(path)
+def _read_params(manager: ocp.CheckpointManager, step: int) -> dict:
     params = _state_metadata(manager, step)["params"]
     item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params)}
     restore_args = {
@@ -203,8 +222,23 @@ def load_params(path: str) -> dict:
     return restored[STATE_ITEM]["params"]
 
 
-def load_metadata(path: str) -> dict:
-    """The JSON metadata saved with the latest checkpoint (class names, model, image size)."""
-    manager, step = _latest(path)
+def _read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+    _state_metadata(manager, step)  # A step whose state is unreadable is not the run's newest.
     args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
     return manager.restore(step, args=args)["metadata"]
+
+
+def load_params(path: str) -> dict:
+    """Reads only the parameters of the newest readable checkpoint, as host numpy arrays
+    (`_newest_readable`).
+
+    Used to start fine-tuning or prediction from a training run without building its
+    optimizer state or mesh.
+    """
+    return _newest_readable(path, _read_params)
+
+
+def load_metadata(path: str) -> dict:
+    """The JSON metadata saved with the newest readable checkpoint (class names, model,
+    image size; `_newest_readable`)."""
+    return _newest_readable(path, _read_metadata)

@@ -162,7 +162,13 @@ def test_restart_with_another_model_is_refused(tmp_path):
     ):
         train_and_evaluate(other, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]  # Nothing lost.
-    # The refused change is not recorded: the original run resumes as before.
+    # Another optimizer: intact files, not "none of the checkpoints can be read".
+    sgd = small_local_config(tmp_path, total_steps=6, allow_config_change="optim.name")
+    sgd.optim.name = "sgd"
+    with pytest.raises(ValueError, match=r"step 6 .* holds the state of another optimizer"):
+        train_and_evaluate(sgd, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+    # The refused changes are not recorded: the original run resumes as before.
     assert json.loads((tmp_path / "run" / "run.json").read_text())["changes"] == []
     train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)
 

@@ -107,8 +107,8 @@ class Checkpointer:
         """Restores into the shardings of `abstract_state` (a tree of `jax.ShapeDtypeStruct`).
 
         A checkpoint of another model is refused (`CheckpointMismatchError`) with the
-        differing parameters listed, before any array is read. A damaged checkpoint raises
-        whatever Orbax or TensorStore raise for it.
+        differing parameters listed, before any array is read, and so is one of another
+        optimizer state. A damaged checkpoint raises whatever Orbax or TensorStore raise.
         """
         if not (self.step_path(step) / STATE_ITEM).exists():
             raise FileNotFoundError(f"{self.step_path(step)} has no '{STATE_ITEM}' item")
@@ -127,7 +127,17 @@ class Checkpointer:
                 + "\nUse a new --workdir for a new configuration, or restore the original config."
             )
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
-        return self._manager.restore(step, args=args)[STATE_ITEM]
+        try:
+            return self._manager.restore(step, args=args)[STATE_ITEM]
+        except ValueError as e:  # The same parameters, another optimizer state.
+            if "tree structures do not match" not in str(e):
+                raise
+            raise CheckpointMismatchError(
+                f"The checkpoint at step {step} in {self._manager.directory} holds the state "
+                "of another optimizer (optim.name, or a setting that changes its state, such "
+                "as mu_dtype or frozen parameters); its files are intact. Use a new --workdir "
+                "for a new configuration, or restore the original config."
+            ) from None
 
     def restore_metadata(self, step: int) -> dict:
         """The JSON metadata saved with `step`."""

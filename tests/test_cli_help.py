@@ -93,6 +93,10 @@ USER_ERRORS = {
         ("vit-train", "--config", "configs/nope.py", "--workdir", "w"),
         "--config: cannot load the recipe: [Errno 2] No such file or directory",
     ),
+    "missing recipe with an override": (
+        ("vit-train", "--config", "configs/nope.py", "--workdir", "w", "--config.seed=1"),
+        "--config: cannot load the recipe: [Errno 2] No such file or directory",
+    ),
     "workdir is a file": (
         ("vit-train", "--config", RECIPE, "--workdir", "a_file"),
         "--workdir {tmp}/a_file is a file",

@@ -180,6 +180,8 @@ def run_with_flags(
             raise UsageError(_flag_error(str(e))) from None
         except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY not in the recipe.
             raise UsageError(_unknown_field(e, argv)) from None
+        except OSError as e:  # A --config.KEY applied to a recipe that failed to load.
+            raise _recipe_not_loaded("config", e) from None
         _check_recipes(module)
         return main(rest)
 
@@ -218,8 +220,12 @@ def _check_recipes(module: str) -> None:
             try:
                 flag.value.keys()  # ml_collections defers the error to the first access.
             except OSError as e:
-                reason = str(e).strip().splitlines()[-1].strip()
-                raise UsageError(f"--{flag.name}: cannot load the recipe: {reason}") from None
+                raise _recipe_not_loaded(flag.name, e) from None
+
+
+def _recipe_not_loaded(flag: str, error: OSError) -> UsageError:
+    reason = str(error).strip().splitlines()[-1].strip()
+    return UsageError(f"--{flag}: cannot load the recipe: {reason}")
 
 
 def _flag_error(text: str) -> str:

@@ -110,6 +110,21 @@ def test_the_manifest_is_written_once_and_reused(tmp_path, count_checks):
         )
 
 
+def test_entries_of_class_folders_that_are_no_images_are_named(tmp_path, caplog):
+    """Another format or a subfolder of more images was left out without a word."""
+    make_photos(tmp_path, per_class=2)
+    (tmp_path / "train" / "a" / "x.webp").write_bytes(b"RIFF")
+    write_image(tmp_path / "train" / "b" / "more" / "00.jpg", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "train" / "b" / ".DS_Store").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="vit_jax"):
+        assert FolderSource(str(tmp_path)).info.split_sizes == {"train": 4, "test": 4}
+    assert (
+        f"Image folder {tmp_path}: ignoring 2 entries of class folders that are no "
+        ".jpg/.jpeg/.png file (another format, or a subfolder: images are read from "
+        f"{tmp_path}/<split>/<class>/ alone): train/a/x.webp, train/b/more"
+    ) in caplog.text
+
+
 @pytest.mark.parametrize("text", ["null", "[]", '"x"', '{"format": 1, "root": "ROOT"}'])
 def test_a_manifest_of_another_shape_is_checked_again(tmp_path, count_checks, text):
     """JSON that is no manifest this code wrote (a hand edit, another tool) was a traceback."""

@@ -84,14 +84,14 @@ class FolderSource:
                 )
             if rejected[split]:
                 log.warning(
-                    "Skipping %d file(s) of %s/%s that are no usable images: %s%s",
+                    "Skipping %d file(s) of %s/%s that are no usable images: %s%s. The "
+                    "verdicts are kept in %s: delete it to check every file again.",
                     len(rejected[split]),
                     self.root,
                     split,
                     "; ".join(f"{p} ({why})" for p, why in list(rejected[split].items())[:20]),
-                    f"; all of them in {manifest_path(self.root, manifest_dir)}"
-                    if len(rejected[split]) > 20
-                    else "",
+                    "; ..." if len(rejected[split]) > 20 else "",
+                    manifest_path(self.root, manifest_dir),
                 )
             self._files[split] = self._split_files(split, images[split])
         self.info = DatasetInfo(

@@ -111,7 +111,8 @@ def _subdirs(path: str) -> list[str]:
 
 
 def list_folder(root: str) -> Images:
-    """Image files by extension (any case) under `root/<split>/<class>/`, unchecked.
+    """Image files by extension (any case) under `root/<split>/<class>/`, unchecked; other
+    entries of the class folders (another format, a subfolder) are named in a warning.
 
     Raises:
       FileNotFoundError: `root` is no directory or has no split subdirectories.
@@ -123,17 +124,27 @@ def list_folder(root: str) -> Images:
     splits = _subdirs(root)
     if not splits:
         raise FileNotFoundError(f"{root} has no split subdirectories; {layout}")
-    return {
-        split: {
-            name: sorted(
-                f
-                for f in _listdir(f"{root}/{split}/{name}")
-                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+    images: Images = {split: {} for split in splits}
+    ignored = []
+    for split in splits:
+        for name in _subdirs(f"{root}/{split}"):
+            entries = [entry.rstrip("/") for entry in _listdir(f"{root}/{split}/{name}")]
+            images[split][name] = sorted(
+                e for e in entries if os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS
             )
-            for name in _subdirs(f"{root}/{split}")
-        }
-        for split in splits
-    }
+            ignored += [
+                f"{split}/{name}/{e}"
+                for e in sorted(entries)
+                if os.path.splitext(e)[1].lower() not in IMAGE_EXTENSIONS and e[:1] != "."
+            ]
+    if ignored:
+        log.warning(
+            "Image folder %s: ignoring %d entries of class folders that are no .jpg/.jpeg/.png "
+            "file (another format, or a subfolder: images are read from %s/<split>/<class>/ "
+            "alone): %s%s",
+            root, len(ignored), root, ", ".join(ignored[:10]), ", ..." if ignored[10:] else "",
+        )  # fmt: skip
+    return images
 
 
 def _read(path: str, root: str) -> tuple[Images, Rejected] | None:

@@ -232,6 +232,13 @@ CASES = {
         ValueError,
         r"^config.compilation_cache_dir='.*' is a file: name a directory, 'workdir'",
     ),
+    "workdir inside the image folder (its files became a split at the next start)": Case(
+        lambda p: train_and_evaluate(
+            small_local_config(p, dataset=f"folder:{p / 'images'}"), str(p / "images" / "run")
+        ),
+        ValueError,
+        r"The workdir .*/images/run is inside the image folder .*/images: its files would be",
+    ),
     "unknown transfer guard (traceback)": Case(
         lambda p: _train_flat(p, transfer_guard="strict"),
         ValueError,

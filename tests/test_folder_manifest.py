@@ -61,6 +61,10 @@ def test_undecodable_names_what_is_wrong_with_a_file(tmp_path):
     html = tmp_path / "page.jpg"
     html.write_text("<html>Not found</html>")
     assert folder_manifest.undecodable(str(html)) == "not a JPEG or PNG file"
+    os.mkfifo(tmp_path / "pipe.jpg")  # Its read would wait for a writer for ever.
+    assert folder_manifest.undecodable(str(tmp_path / "pipe.jpg")).startswith(
+        "not a regular file: a pipe"
+    )
 
 
 @pytest.mark.slow

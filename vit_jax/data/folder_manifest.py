@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -55,7 +56,8 @@ def manifest_path(root: str, manifest_dir: str | None = None) -> str:
 
 
 def undecodable(path: str) -> str | None:
-    """Why the image file at `path` cannot be used (empty, not JPEG/PNG, does not decode).
+    """Why the image file at `path` cannot be used (empty, not JPEG/PNG, does not decode, a
+    pipe or device).
 
     Decodes the whole image with the decoder the pipeline uses, so a file that passes also
     decodes there, whatever crop is taken of it.
@@ -63,6 +65,8 @@ def undecodable(path: str) -> str | None:
     Raises:
       FolderUnreadableError: the file cannot be read, naming it.
     """
+    if "://" not in path and os.path.exists(path) and _is_special(os.stat(path).st_mode):
+        return "not a regular file: a pipe, socket or device, whose read may never end"
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             encoded = f.read()
@@ -81,6 +85,10 @@ def undecodable(path: str) -> str | None:
         reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", e.message.splitlines()[0])
         return f"does not decode: {reason}"
     return None
+
+
+def _is_special(mode: int) -> bool:
+    return any(f(mode) for f in (stat.S_ISFIFO, stat.S_ISSOCK, stat.S_ISCHR, stat.S_ISBLK))
 
 
 def _listdir(path: str) -> list[str]:

@@ -1,6 +1,7 @@
 """vit-predict and vit-export on a tiny trained run: output, preprocessing, round trip."""
 
 import json
+import os
 
 import jax
 import ml_collections
@@ -103,6 +104,18 @@ def test_predict_reports_unreadable_files_and_goes_on(run, images, tmp_path, cap
 
     assert predict.main([*args, str(broken)]) == 1
     assert "no image could be classified" in capsys.readouterr().err
+
+
+def test_predict_finds_each_image_of_a_folder_once_in_order(tmp_path):
+    """A link back up the tree used to print its images again, 41 times over."""
+    pixels = np.zeros((4, 4), np.uint8)
+    for name in ("b.png", "a.JPG", "sub/c.jpeg", "sub/deeper/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / name, format="PNG")
+    (tmp_path / "notes.txt").write_text("")
+    os.symlink(tmp_path, tmp_path / "sub" / "up")
+    found = [os.path.relpath(p, tmp_path) for p in predict.find_images([str(tmp_path)])]
+    assert found == ["a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.png"]
 
 
 def test_export_round_trip(run, images, tmp_path, capsys):

@@ -65,20 +65,39 @@ def classifier(
 
 
 def find_images(paths: Sequence[str]) -> Iterator[str]:
-    """Files named directly, and every .jpg/.jpeg/.png under named folders, in sorted order."""
+    """Files named directly, and every .jpg/.jpeg/.png under named folders: each folder's
+    files in sorted order, then its subfolders'. A folder that cannot be listed is named on
+    stderr and skipped, as an unreadable file is; a link back to a folder seen is not
+    followed again."""
     import tensorflow as tf
 
     from vit_jax.data.folder import IMAGE_EXTENSIONS
 
+    seen = set()
+
+    def walk(folder: str) -> Iterator[str]:
+        real = folder if "://" in folder else os.path.realpath(folder)
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(folder))
+        except tf.errors.OpError as e:
+            print(f"vit-predict: cannot list {_reason(e)}", file=sys.stderr)  # It names it.
+            return
+        children = [os.path.join(folder, name) for name in names]
+        folders = [child for child in children if tf.io.gfile.isdir(child)]
+        for child in children:
+            if child not in folders and os.path.splitext(child)[1].lower() in IMAGE_EXTENSIONS:
+                yield child
+        for child in folders:
+            yield from walk(child)
+
     for path in paths:
-        if not tf.io.gfile.isdir(path):
+        if tf.io.gfile.isdir(path):
+            yield from walk(path)
+        else:
             yield path
-            continue
-        for root, dirs, files in tf.io.gfile.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    yield os.path.join(root, name)
 
 
 def load_image(path: str, size: int, crop_fraction: float) -> np.ndarray:

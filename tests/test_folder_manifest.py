@@ -5,8 +5,10 @@ decode is named and left out, in any split, so a run finishes; a changed folder 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -112,6 +114,43 @@ def test_the_manifest_is_written_once_and_reused(tmp_path, count_checks):
             again.records(split).as_numpy_iterator().next()
             == first.records(split).as_numpy_iterator().next()
         )
+
+
+# A first check, slowed to 0.05 s a file, that saves its verdicts every 16 files.
+SLOW_CHECK = """
+import sys, time
+from vit_jax.data import folder_manifest
+from vit_jax.data.folder import FolderSource
+check = folder_manifest.undecodable
+folder_manifest.undecodable = lambda path: time.sleep(0.05) or check(path)
+folder_manifest._CHECK_THREADS, folder_manifest._CHECK_CHUNK = 4, 16
+folder_manifest._SAVE_EVERY_S = 0
+FolderSource(sys.argv[1])
+"""
+
+
+def test_a_check_killed_midway_resumes_from_its_verdicts_so_far(tmp_path, count_checks):
+    """A preempted first start on a large bucket (SIGKILL after the grace period) lost
+    the whole check: the manifest was written only at the end."""
+    make_photos(tmp_path, per_class=40)  # 160 files: 2 s at 4 x 0.05 s a file.
+    cut_in_half(tmp_path / "train" / "a" / "00.jpg")
+    manifest = tmp_path / "vit_jax_manifest.json"
+    check = subprocess.Popen([sys.executable, "-c", SLOW_CHECK, str(tmp_path)])
+    try:
+        while not manifest.exists() and check.poll() is None:
+            time.sleep(0.01)
+        check.send_signal(signal.SIGKILL)
+    finally:
+        check.wait(timeout=60)
+    assert check.returncode == -signal.SIGKILL, "the check ended before it was killed"
+    saved = json.loads(manifest.read_text())
+    known = sum(map(len, saved["rejected"].values())) + sum(
+        len(files) for split in saved["images"].values() for files in split.values()
+    )
+    assert 16 <= known < 160
+    source = FolderSource(str(tmp_path))  # The next start checks the rest alone.
+    assert len(count_checks) == 160 - known
+    assert source.info.split_sizes == {"train": 79, "test": 80}  # The damaged one left out.
 
 
 def test_entries_of_class_folders_that_are_no_images_are_named(tmp_path, caplog):

@@ -10,8 +10,10 @@ folder, checks what the manifest does not know yet and rewrites it if anything c
 the other processes wait at a barrier and read it. So all processes use one listing,
 and a later run's start-up costs one directory listing plus one file read.
 
-A changed folder is noticed by its listing: files added are checked, files removed are
-dropped, and the manifest is rewritten. A file whose content changes under the same name
+A long first check saves its verdicts so far every minute, so a check cut short (a
+preempted start on a large bucket) goes on from them at the next start. A changed folder is
+noticed by its listing: files added are checked, files removed are dropped, and the manifest
+is rewritten. A file whose content changes under the same name
 is not noticed (telling would need a read per file): delete the manifest to check again.
 
 A file that cannot be read at all (a broken link, a storage error) stops the check with its
@@ -25,6 +27,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -33,6 +36,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MANIFEST_FORMAT = 1
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: how each file starts.
 _CHECK_THREADS = 32  # Reads dominate on gs://; decoding releases the GIL.
+_CHECK_CHUNK = 1024  # Files decoded between two looks at the clock.
+_SAVE_EVERY_S = 60.0  # How often a long check saves its verdicts so far.
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +188,16 @@ def _write(path: str, root: str, images: Images, rejected: Rejected) -> None:
 
 
 def _validate(
-    root: str, listed: Images, known: tuple[Images, Rejected] | None
+    root: str,
+    listed: Images,
+    known: tuple[Images, Rejected] | None,
+    save: Callable[[Images, Rejected], None],
 ) -> tuple[Images, Rejected, int, int]:
     """`listed` split into (images, rejected), decoding only the files `known` lacks.
+
+    While a long check runs, the verdicts so far are passed to `save` every
+    `_SAVE_EVERY_S` seconds: a check cut short (a preempted first start on a large bucket)
+    resumes from them instead of from the start.
 
     Returns (images, rejected, files checked now, files of `known` no longer listed).
     """
@@ -203,16 +215,32 @@ def _validate(
     dropped = len(verdicts.keys() - wanted.keys())
     if new:
         log.info("Image folder %s: decoding %d file(s) new to its manifest, once.", root, len(new))
+    saved_at = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        verdicts |= zip(new, pool.map(undecodable, (f"{root}/{p}" for p in new)), strict=True)
+        for start in range(0, len(new), _CHECK_CHUNK):
+            chunk = new[start : start + _CHECK_CHUNK]
+            reasons = pool.map(undecodable, (f"{root}/{p}" for p in chunk))
+            verdicts |= zip(chunk, reasons, strict=True)
+            if start + _CHECK_CHUNK < len(new) and time.monotonic() - saved_at >= _SAVE_EVERY_S:
+                save(*_split_verdicts(listed, wanted, verdicts))
+                saved_at = time.monotonic()
+    return (*_split_verdicts(listed, wanted, verdicts), len(new), dropped)
+
+
+def _split_verdicts(
+    listed: Images, wanted: dict[str, tuple[str, str, str]], verdicts: dict[str, str | None]
+) -> tuple[Images, Rejected]:
+    """The files of `wanted` that have a verdict, as (images, rejected)."""
     images: Images = {s: {c: [] for c in cs} for s, cs in listed.items()}
     rejected: Rejected = {s: {} for s in listed}
     for key, (split, name, file) in wanted.items():
+        if key not in verdicts:
+            continue
         if verdicts[key]:
             rejected[split][f"{name}/{file}"] = verdicts[key]
         else:
             images[split][name].append(file)
-    return images, rejected, len(new), dropped
+    return images, rejected
 
 
 def validated_listing(
@@ -237,7 +265,14 @@ def validated_listing(
     if writer:
         known = _read(path, root)
         listed = list_folder(root)
-        images, rejected, checked, dropped = _validate(root, listed, known)
+
+        def save_so_far(images: Images, rejected: Rejected) -> None:
+            try:
+                _write(path, root, images, rejected)
+            except (OSError, tf.errors.OpError):
+                pass  # The complete manifest's write names the problem.
+
+        images, rejected, checked, dropped = _validate(root, listed, known, save_so_far)
         if known != (images, rejected):
             log.info(
                 "Image folder %s: %d file(s) checked, %d gone since the manifest; writing %s.",

@@ -101,6 +101,17 @@ CASES = {
         r"count 10 plus holdout_per_class 5\)",
         setup=_prepare_digits,  # Its preparation writes files; the refusal must write none.
     ),
+    **{
+        f"few-shot {which} split the dataset lacks (a traceback from tfds)": Case(
+            lambda p, splits=splits: _train(
+                p, fewshot={"datasets": {"digits": ("digits", *splits)}}
+            ),
+            ValueError,
+            r"^Cannot read split 'nosuch' of tfds dataset 'digits': Unknown split 'nosuch'",
+            setup=_prepare_digits,
+        )
+        for which, splits in [("train", ("nosuch", "test")), ("test", ("train", "nosuch"))]
+    },
     # Commands.
     "vit-predict --batch_size 0": Case(
         lambda p: _command(predict.main, "--checkpoint", str(p), "--batch_size", "0", "a.png"),

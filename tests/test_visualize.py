@@ -1,5 +1,6 @@
 """Figure computations against closed forms, and every vit-visualize command's PNG."""
 
+import argparse
 import json
 
 import flax.linen as nn
@@ -250,3 +251,21 @@ def test_principal_components_of_a_rank_two_filter_bank():
     np.testing.assert_allclose(flat @ flat.T, np.eye(2), atol=1e-12)
     # Each component lies in the patterns' span: projecting onto it keeps its whole norm.
     np.testing.assert_allclose(np.linalg.norm(flat @ patterns.T, axis=-1), 1.0, atol=1e-12)
+
+
+def test_named_images_that_cannot_be_read_are_named_and_the_rest_drawn(tmp_path, capsys):
+    """A missing or damaged file named on the command line was a TensorFlow traceback."""
+    from vit_jax.insight.figures import _images
+
+    Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    args = argparse.Namespace(images=[str(tmp_path / n) for n in ("bad.png", "good.png",
+                              "gone.png")], dataset=None, num_images=6)  # fmt: skip
+    images = _images(args, {"image_size": 8})
+    assert images.shape == (1, 8, 8, 3)
+    err = capsys.readouterr().err
+    assert f"vit-visualize: cannot read {tmp_path / 'bad.png'}: Unknown image file format" in err
+    assert f"vit-visualize: cannot read {tmp_path / 'gone.png'}: " in err
+    args.images = [str(tmp_path / "bad.png")]
+    with pytest.raises(ValueError, match="^None of the images named could be read: "):
+        _images(args, {"image_size": 8})

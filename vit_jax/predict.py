@@ -29,8 +29,8 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +40,8 @@ from vit_jax import cli
 # line is parsed: `vit-predict --help` and its usage errors answer at once.
 if TYPE_CHECKING:
     from vit_jax.models import VisionTransformer
+
+T = TypeVar("T")
 
 
 def classifier(
@@ -110,12 +112,26 @@ def load_image(path: str, size: int, crop_fraction: float) -> np.ndarray:
     return preprocess.decode_and_central_crop(encoded, size, crop_fraction).numpy()
 
 
+def readable_images(
+    paths: Iterable[str], size: int, crop_fraction: float, prog: str
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, `load_image`) of each file that reads as an image; each other one (missing,
+    unreadable, no image) is named on stderr as `prog: cannot read PATH: why` and skipped."""
+    import tensorflow as tf
+
+    for path in paths:
+        try:
+            yield path, load_image(path, size, crop_fraction)
+        except (OSError, tf.errors.OpError) as e:
+            print(f"{prog}: cannot read {path}: {_reason(e)}", file=sys.stderr)
+
+
 def _reason(error: Exception) -> str:
     """A TensorFlow error's message without the op and function names around it."""
     return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", getattr(error, "message", str(error)))
 
 
-def _batches(files: Iterator[str], batch_size: int) -> Iterator[list[str]]:
+def _batches(files: Iterator[T], batch_size: int) -> Iterator[list[T]]:
     batch = []
     for path in files:
         batch.append(path)
@@ -150,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """Prints the top classes of every image named; 1 when none could be classified."""
-    import tensorflow as tf
-
     from vit_jax import checkpoint
 
     model, params, run = checkpoint.load_model(
@@ -165,18 +179,11 @@ def _predict(args: argparse.Namespace) -> int:
     size, crop_fraction = run["image_size"], run.get("eval_crop_fraction", 1.0)
     top_k = min(args.top_k, run["num_classes"])
     classified = 0
-    for batch in _batches(find_images(args.images), args.batch_size):
+    found = readable_images(find_images(args.images), size, crop_fraction, "vit-predict")
+    for batch in _batches(found, args.batch_size):
         images = np.zeros((args.batch_size, size, size, 3), np.uint8)  # One compiled shape.
-        readable = []
-        for path in batch:
-            try:
-                images[len(readable)] = load_image(path, size, crop_fraction)
-            except (OSError, tf.errors.OpError) as e:
-                print(f"vit-predict: cannot read {path}: {_reason(e)}", file=sys.stderr)
-                continue
-            readable.append(path)
-        if not readable:
-            continue
+        readable = [path for path, _ in batch]
+        images[: len(batch)] = [image for _, image in batch]
         for path, probs in zip(readable, classify(images), strict=False):
             print(path)
             for i in np.argsort(-probs, kind="stable")[:top_k]:

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import data, parallel
+from vit_jax.data.pipeline import open_source
 from vit_jax.metrics import fewshot_metric
 from vit_jax.models import scale_images
 from vit_jax.preemption import StopRequests
@@ -186,13 +187,15 @@ class FewShotEvaluator:
         self.every = int(config.fewshot.every)
         self.entries = dataset_entries(config)
         self.shots = tuple(int(n) for n in config.fewshot.shots)
-        # Checked now: a wrong dataset name or a train split too small for the shots stops the
-        # run at start-up, not at the first probe hours later.
+        # Checked now: a wrong dataset or split name, or a train split too small for the shots,
+        # stops the run at start-up, not at the first probe hours later.
         holdout = config.fewshot.holdout_per_class
         needed = max(self.shots) + holdout
         self.num_classes = {}
-        for name, (dataset, train_split, _) in self.entries.items():
+        for name, (dataset, train_split, test_split) in self.entries.items():
             self.num_classes[name] = data.get_dataset_info(dataset, config.data_dir).num_classes
+            for split in (train_split, test_split):  # An unknown split, named as given.
+                open_source(dataset, config.data_dir).num_examples(split)
             if short := data.short_classes(dataset, config.data_dir, train_split, needed):
                 raise too_few_per_class(short, self.shots, holdout)
         self.features_model = model.clone(num_classes=0)

@@ -18,7 +18,7 @@ import tensorflow as tf
 from vit_jax import metrics
 from vit_jax.insight import maps, plots
 from vit_jax.insight.loading import dataset_images, load_features_model
-from vit_jax.predict import find_images, load_image
+from vit_jax.predict import find_images, readable_images
 
 
 def _load(args: argparse.Namespace, path: str | None = None) -> tuple:
@@ -43,7 +43,10 @@ def _images(args: argparse.Namespace, run: dict) -> np.ndarray:
         paths = list(itertools.islice(find_images(files), count))
         if not paths:
             raise ValueError(f"No .jpg, .jpeg or .png files in {', '.join(files)}.")
-        images = np.stack([load_image(path, size, fraction) for path in paths])
+        loaded = [image for _, image in readable_images(paths, size, fraction, "vit-visualize")]
+        if not loaded:
+            raise ValueError(f"None of the images named could be read: {', '.join(paths)}.")
+        images = np.stack(loaded)
     elif args.dataset:
         images = dataset_images(run, args.dataset, args.split, args.num_images, args.data_dir)
     else:

@@ -279,6 +279,32 @@ def test_a_file_that_cannot_be_read_stops_vit_train_in_one_line(tmp_path, damage
     assert re.search(message, line), line
 
 
+@pytest.mark.slow
+def test_an_image_changed_since_the_manifest_stops_vit_train_saying_what_to_do(tmp_path):
+    """The manifest keeps verdicts by name: a file replaced by one that does not decode
+    ended the run in a TensorFlow traceback that named no file and no remedy."""
+    make_photos(tmp_path / "photos", per_class=4)
+    FolderSource(str(tmp_path / "photos"))  # The manifest: every file decodes.
+    for path in (tmp_path / "photos" / "train").rglob("*.jpg"):
+        path.write_bytes(b"garbage")
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "vit-train"),
+         "--config", f"{REPO}/configs/local.py:steps=2,batch=8,dataset=folder:photos",
+         "--config.fewshot.datasets={}", "--workdir", "run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("vit-train:")]
+    assert line == (
+        f"vit-train: a file of the image folder {tmp_path}/photos no longer reads as an image "
+        "(Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required.): it "
+        f"changed since {tmp_path}/photos/vit_jax_manifest.json was written. Delete the "
+        "manifest so that the next start checks every file again, then rerun the same command "
+        "to resume."
+    ), line
+
+
 # One process of a two-process run opening a folder: what it decoded and what it sees.
 OPEN_FOLDER = """
 import json, sys

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -112,6 +113,8 @@ def _main(argv: list[str]) -> int:
         jax.device_count(),
         jax.devices()[0].device_kind,
     )
+    import tensorflow as tf
+
     from vit_jax.data.folder_manifest import FolderUnreadableError
     from vit_jax.train import train_and_evaluate
     from vit_jax.workdir import UnreadableCheckpointsError, WorkdirLockedError
@@ -127,8 +130,32 @@ def _main(argv: list[str]) -> int:
         # The run failed, for a reason the message gives; not a bug.
         print(f"vit-train: {e}", file=sys.stderr)
         return 1
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+        if not (reason := _folder_changed(config, e)):
+            raise
+        print(f"vit-train: {reason}", file=sys.stderr)
+        return 1
     log.info("Final: %s", ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return 0
+
+
+def _folder_changed(config: ml_collections.ConfigDict, error: Exception) -> str | None:
+    """What to do when the input pipeline met a file of an image folder that no longer
+    reads or decodes as it did when the manifest was written (edited, replaced or deleted
+    since: the manifest keeps its verdicts by name); None for any other error."""
+    from vit_jax.data.folder_manifest import manifest_path, tf_error_message
+
+    root = config.dataset.removeprefix("folder:").rstrip("/")
+    message = str(getattr(error, "message", error))
+    if root == config.dataset or not (root in message or "image" in message.lower()):
+        return None
+    manifest = manifest_path(root, config.get("data_dir"))
+    return (
+        f"a file of the image folder {root} no longer reads as an image "
+        f"({tf_error_message(error)}): it "
+        f"changed since {manifest} was written. Delete the manifest so that the next start "
+        "checks every file again, then rerun the same command to resume."
+    )
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -74,6 +73,7 @@ def find_images(paths: Sequence[str]) -> Iterator[str]:
     import tensorflow as tf
 
     from vit_jax.data.folder import IMAGE_EXTENSIONS
+    from vit_jax.data.folder_manifest import tf_error_message
 
     seen = set()
 
@@ -85,7 +85,7 @@ def find_images(paths: Sequence[str]) -> Iterator[str]:
         try:
             names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(folder))
         except tf.errors.OpError as e:
-            print(f"vit-predict: cannot list {_reason(e)}", file=sys.stderr)  # It names it.
+            print(f"vit-predict: cannot list {tf_error_message(e)}", file=sys.stderr)  # Named.
             return
         children = [os.path.join(folder, name) for name in names]
         folders = [child for child in children if tf.io.gfile.isdir(child)]
@@ -119,16 +119,13 @@ def readable_images(
     unreadable, no image) is named on stderr as `prog: cannot read PATH: why` and skipped."""
     import tensorflow as tf
 
+    from vit_jax.data.folder_manifest import tf_error_message
+
     for path in paths:
         try:
             yield path, load_image(path, size, crop_fraction)
         except (OSError, tf.errors.OpError) as e:
-            print(f"{prog}: cannot read {path}: {_reason(e)}", file=sys.stderr)
-
-
-def _reason(error: Exception) -> str:
-    """A TensorFlow error's message without the op and function names around it."""
-    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", getattr(error, "message", str(error)))
+            print(f"{prog}: cannot read {path}: {tf_error_message(e)}", file=sys.stderr)
 
 
 def _batches(files: Iterator[T], batch_size: int) -> Iterator[list[T]]:

@@ -86,10 +86,15 @@ def undecodable(path: str) -> str | None:
     try:
         tf.io.decode_image(encoded, channels=3, expand_animations=False)
     except tf.errors.InvalidArgumentError as e:
-        # TF's message carries the op's name in {{...}} and [Op:...]: not the user's concern.
-        reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", e.message.splitlines()[0])
-        return f"does not decode: {reason}"
+        return f"does not decode: {tf_error_message(e)}"
     return None
+
+
+def tf_error_message(error: Exception) -> str:
+    """A TensorFlow error's first line without the op and function names around it (in
+    {{...}} and [Op:...]), which are not the user's concern."""
+    lines = str(getattr(error, "message", error)).strip().splitlines()
+    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", lines[0] if lines else "")
 
 
 def _is_special(mode: int) -> bool:

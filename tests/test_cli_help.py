@@ -181,6 +181,14 @@ USER_ERRORS = {
         ("vit-fewshot", "--checkpoint", "w", "--dataset", "digits", "--shots", "0"),
         "--shots '0': expected positive integers",
     ),
+    "fewshot, a shot count twice": (
+        ("vit-fewshot", "--checkpoint", "w", "--dataset", "digits", "--shots", "1,5,1"),
+        "--shots '1,5,1': expected positive integers, each once",
+    ),
+    "export to a directory": (
+        ("vit-export", "--workdir", "w", "--out", "."),
+        "--out {tmp} is a directory: name the file, e.g. {tmp}/model.npz.",
+    ),
     "visualize, not a workdir": (
         ("vit-visualize", "curves", "--workdir", ".", "--out", "c.png"),
         "{tmp}",

@@ -67,8 +67,10 @@ def _parse_shots(text: str) -> tuple[int, ...]:
         shots = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         shots = ()
-    if not shots or min(shots) < 1:
-        raise argparse.ArgumentTypeError(f"--shots {text!r}: expected positive integers: 1,5,10")
+    if not shots or min(shots) < 1 or len(set(shots)) < len(shots):
+        raise argparse.ArgumentTypeError(
+            f"--shots {text!r}: expected positive integers, each once: 1,5,10"
+        )
     return shots
 
 

@@ -151,3 +151,26 @@ def test_a_workdir_from_before_the_size_fields_resumes(tmp_path):
     assert saved["model"].pop("patch_size") is None
     (workdir / "config.json").write_text(json.dumps(saved))
     train_and_evaluate(config, str(workdir))  # No ConfigChangedError.
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_run_resumes_when_its_model_init_file_is_gone(
+    main_job, images, tmp_path, caplog
+):
+    """A pretrained file on a preempted VM's local disk is gone at the restart: the run
+    resumes from its own checkpoints with the architecture it saved. Without a checkpoint
+    to resume, its absence is still an error, before anything is written."""
+    source = _source(main_job, "npz", tmp_path)
+    recipe = f"dataset={images},model_init={source},local=true"
+    workdir = str(tmp_path / "finetuned")
+    first = train_and_evaluate(load_recipe("finetune.py", f"{recipe},steps=2"), workdir)
+    os.remove(source)
+    config = load_recipe("finetune.py", f"{recipe},steps=4")
+    config.allow_config_change = "total_steps"
+    final = train_and_evaluate(config, workdir)
+    assert f"No checkpoint at {source} (model_init): resuming" in caplog.text
+    assert checkpoint.load_metadata(workdir)["model"]["width"] == ARCHITECTURE["width"]
+    assert final.keys() == first.keys() and (tmp_path / "finetuned/checkpoints/4").is_dir()
+    with pytest.raises(FileNotFoundError, match="No checkpoint at .*model.npz"):
+        train_and_evaluate(config, str(tmp_path / "fresh"))
+    assert not (tmp_path / "fresh").exists()

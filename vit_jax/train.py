@@ -35,6 +35,7 @@ from vit_jax.workdir import (
     claim,
     record_config,
     restore_newest_readable,
+    resumed_model,
     use_compilation_cache,
 )
 
@@ -86,7 +87,45 @@ def _initial_state(
     if pretrained is not None:
         log.info("Initialised from %s.", config.model_init)
         return trainer.init_state(pretrained)
+    if config.model_init:  # Its file gone, and the checkpoints with it since the start.
+        raise FileNotFoundError(
+            f"No checkpoint at {config.model_init}, and none left in the workdir to resume "
+            "from: restore model_init's file."
+        )
     return trainer.init_state()
+
+
+def _with_model_init(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[ml_collections.ConfigDict, checkpoint.PretrainedWeights | None]:
+    """A copy of `config` whose model has the architecture `config.model_init` fixes, and
+    the weights read from it.
+
+    A resume whose model_init is gone (a file on the local disk of a preempted VM) takes
+    the architecture its workdir saved and no weights: its checkpoints hold the state.
+
+    Raises:
+      FileNotFoundError: nothing at model_init, and no checkpoint in `workdir` to resume.
+      ValueError: a model_init file in no layout `checkpoint.read_weights` reads.
+    """
+    config = config.copy_and_resolve_references()
+    try:
+        weights = checkpoint.read_weights(config.model_init)
+    except FileNotFoundError:
+        saved = resumed_model(workdir)
+        if saved is None:
+            raise
+        log.warning(
+            "No checkpoint at %s (model_init): resuming %s from its own checkpoints, with "
+            "the architecture it saved.",
+            config.model_init,
+            workdir,
+        )
+        architecture = set(checkpoint.ARCHITECTURE_FIELDS) & saved.keys() & set(config.model.keys())
+        config.model.update({key: saved[key] for key in architecture})
+        return config, None
+    config.model.update(checkpoint.model_init_changes(config.model, weights))
+    return config, weights
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -108,10 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # before its first step.
     with StopRequests() as stop_requests:
         # Everything a config can get wrong is refused here, before the workdir is touched.
+        weights = None
         if config.model_init:  # The model takes the checkpoint's architecture.
-            weights = checkpoint.read_weights(config.model_init)
-            config = config.copy_and_resolve_references()
-            config.model.update(checkpoint.model_init_changes(config.model, weights))
+            config, weights = _with_model_init(config, workdir)
         # Before the data is opened (a folder's first opening writes its manifest).
         build_model(config.model, num_classes=1).check_image_size(config.image_size)
         info = data.get_dataset_info(config.dataset, config.data_dir)
@@ -119,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
         trainer = Trainer(config, mesh, info.num_classes, steps)
         pretrained = None
-        if config.model_init:  # Read on a resume too: the price of refusing before claiming.
+        if weights is not None:  # Read on a resume too: the price of refusing before claiming.
             pretrained = checkpoint.load_pretrained(
                 weights,
                 init_params=trainer.abstract_state().params,

@@ -7,6 +7,8 @@
   those saved in `config.json` (and the process count, in `run.json`); a difference is an
   error listing `field: saved -> now` unless `config.allow_config_change` names the field.
   Bookkeeping fields (`BOOKKEEPING`) change freely.
+- `resumed_model`: the architecture saved with a workdir's checkpoints, for a resume whose
+  `model_init` file is gone.
 - `restore_newest_readable`: the newest checkpoint that can be read; damaged newer ones
   are reported (path and reason) and set aside. A workdir holding checkpoints never
   silently starts afresh.
@@ -32,7 +34,12 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
-from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError, error_summary
+from vit_jax.checkpoint.manager import (
+    Checkpointer,
+    CheckpointMismatchError,
+    error_summary,
+    saved_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +296,20 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool
     for k, (old, new) in changed.items():
         log.warning("Resuming with a deliberate change: %s: %r -> %r.", k, old, new)
     return changed
+
+
+def resumed_model(workdir: str) -> dict | None:
+    """The `model` section of the config saved in `workdir` when the workdir holds
+    checkpoints a start resumes from; None for a first start (or a workdir without
+    config.json). Writes nothing: a start reads it before claiming the workdir.
+
+    Raises:
+      ValueError: config.json holds no JSON object (`_read_json`).
+    """
+    if not saved_steps(workdir):
+        return None
+    saved = _read_json(os.path.join(workdir, CONFIG_FILE))
+    return None if saved is None else saved.get("model")
 
 
 def record_config(workdir: str, config: ml_collections.ConfigDict, accepted: dict) -> None:

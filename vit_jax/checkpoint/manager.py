@@ -151,6 +151,19 @@ class Checkpointer:
         self._manager.close()
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of `workdir`'s checkpoints, oldest first, as `Checkpointer.steps` lists
+    them (readable or not); [] where it holds none. Creates nothing."""
+    directory = checkpoint_dir(absolute_path(workdir))
+    if not epath.Path(directory).is_dir():
+        return []
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def _handlers(state_handler: ocp.CheckpointHandler) -> ocp.handlers.CheckpointHandlerRegistry:
     """The two items' handlers, named up front so that a fresh process can read item
     metadata before any save or restore."""

@@ -3,6 +3,7 @@ steps and damaged checkpoints, each ending where an uninterrupted run ends."""
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -244,3 +245,43 @@ def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digit
     assert f"{workdir}/checkpoints/12: " in message and f"{workdir}/checkpoints/6: " in message
     assert "does not start afresh" in message and "new --workdir" in message
     assert _checkpoints(workdir) == names
+
+
+@pytest.mark.slow
+def test_a_checkpoint_the_disk_refuses_ends_the_run_in_one_line_and_loses_nothing(tmp_path, digits):
+    """A save the file system refuses (here a file-size limit, RLIMIT_FSIZE, which fails a
+    write with an OS error as a full disk does) ends the run in one line naming the step,
+    the OS error and the checkpoint to resume from; the metrics written stay, and the same
+    command resumes from that checkpoint once the cause is gone. Before: 1,200 lines of
+    Orbax, asyncio and TensorStore tracebacks."""
+    workdir = tmp_path / "run"
+    first = _config(digits)
+    first.update(total_steps=10, log_every=5, checkpoint_every=10)
+    first.optim.warmup_steps = 2
+    train_and_evaluate(first, str(workdir))
+    files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / "10") for f in fs]
+    limit = max(map(os.path.getsize, files)) // 2  # Writes of the run's other files pass.
+    command = [
+        *_command(digits, workdir), "--config.total_steps=30", "--config.optim.warmup_steps=2",
+        "--config.log_every=5", "--config.checkpoint_every=10",
+        "--config.allow_config_change=total_steps",
+    ]  # fmt: skip
+    limited = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )  # fmt: skip
+    assert limited.returncode == 1, limited.stderr[-3000:]
+    assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    assert limited.stderr.splitlines()[-1] == (
+        f"vit-train: The checkpoint of step 20 could not be saved in {workdir}/checkpoints: "
+        "[Errno 27] File too large. The checkpoints saved before it are intact (newest: step "
+        "10): fix the cause, then rerun the same command to resume from it."
+    )
+    assert [n for n in _checkpoints(workdir) if n.isdigit()] == ["10"]
+    assert max(_metrics(workdir)) >= 20  # What was logged before the failure is kept.
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from step 10." in resumed.stderr
+    assert sorted(_metrics(workdir)) == list(range(5, 31, 5))
+    assert [n for n in _checkpoints(workdir) if n.isdigit()][-1] == "30"

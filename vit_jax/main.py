@@ -115,6 +115,7 @@ def _main(argv: list[str]) -> int:
     )
     import tensorflow as tf
 
+    from vit_jax.checkpoint.manager import CheckpointNotSavedError
     from vit_jax.data.folder_manifest import FolderUnreadableError
     from vit_jax.train import train_and_evaluate
     from vit_jax.workdir import UnreadableCheckpointsError, WorkdirLockedError
@@ -126,7 +127,12 @@ def _main(argv: list[str]) -> int:
         return PREEMPTED_EXIT_STATUS
     except WorkdirLockedError as e:  # Another run holds it: the user picks another workdir.
         raise cli.UsageError(str(e)) from None
-    except (FloatingPointError, UnreadableCheckpointsError, FolderUnreadableError) as e:
+    except (
+        FloatingPointError,
+        UnreadableCheckpointsError,
+        FolderUnreadableError,
+        CheckpointNotSavedError,
+    ) as e:
         # The run failed, for a reason the message gives; not a bug.
         print(f"vit-train: {e}", file=sys.stderr)
         return 1

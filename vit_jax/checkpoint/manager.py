@@ -3,13 +3,19 @@
 A checkpoint holds two items: `state` (step, params, optimizer state; sharded arrays
 written by every process) and `metadata` (JSON: class names, model config, ...).
 The data stream is a pure function of seed and step, so the step is all it needs.
+A save the file system refuses is one `CheckpointNotSavedError`, raised by the call that
+waits for it (the next save, `wait` or `close`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +32,41 @@ T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
+
+
+# ---- a failed save, reported once ------------------------------------------------------------
+# A save that fails (no space left on the disk, no permission) is reported by `Checkpointer`
+# in one line. Orbax logs the same TensorStore error from each of its threads; asyncio logs
+# each write future Orbax left behind; TensorStore completes the writes of the abandoned save
+# into Orbax's closed event loop, each raising 'Event loop is closed' where nothing can catch
+# it (Python prints such errors through sys.unraisablehook). Pages of the same error, dropped.
+
+
+class _DropSaveFailureEchoes(logging.Filter):
+    """Errors Orbax logs, or that carry an exception raised inside it: each reaches
+    vit_jax as the exception of the call that waits for it, which reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        inside = f"{os.sep}orbax{os.sep}"
+        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
+        return inside not in record.pathname and all(inside not in f.filename for f in frames)
+
+
+def _drop_closed_loop_callbacks(previous_hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (closed and unraisable.object is None):
+            previous_hook(unraisable)
+
+    return hook
+
+
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_DropSaveFailureEchoes())
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,6 +91,11 @@ class _CheckpointManager(ocp.CheckpointManager):
         return False
 
 
+class CheckpointNotSavedError(RuntimeError):
+    """A checkpoint could not be written (no space left, no permission, ...); the ones
+    saved before it are intact."""
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with the state/metadata layout above."""
 
@@ -72,6 +118,8 @@ class Checkpointer:
             options=options,
             handler_registry=_handlers(ocp.StandardCheckpointHandler()),
         )
+        self._workdir = workdir
+        self._saving: int | None = None  # The step of the save under way.
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -97,11 +145,20 @@ class Checkpointer:
         return target
 
     def save(self, step: int, state: Any, metadata: dict) -> None:
-        """Starts an async save; the next save or `wait` waits for it to be complete."""
+        """Starts an async save; the next save or `wait` waits for it to be complete.
+
+        Raises:
+          CheckpointNotSavedError: this save, or the one before it, failed.
+        """
+        self.wait()
         args = ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(state)}, metadata=ocp.args.JsonSave(metadata)
         )
-        self._manager.save(step, args=args, force=True)
+        self._saving = step
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._not_saved(e) from e
 
     def restore(self, abstract_state: Any, step: int) -> Any:
         """Restores into the shardings of `abstract_state` (a tree of `jax.ShapeDtypeStruct`).
@@ -145,10 +202,53 @@ class Checkpointer:
         return self._manager.restore(step, args=args)["metadata"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the save under way to be complete.
+
+        Raises:
+          CheckpointNotSavedError: it failed (once: the next `wait` or `close` returns).
+        """
+        if self._saving is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._not_saved(e) from e
+        self._saving = None
 
     def close(self) -> None:
+        """Waits for the save under way, then releases Orbax's threads.
+
+        Raises:
+          CheckpointNotSavedError: the save under way failed.
+        """
+        try:
+            self.wait()
+        except CheckpointNotSavedError:
+            with contextlib.suppress(Exception):  # Orbax raises the failure again.
+                self._manager.close()
+            raise
         self._manager.close()
+
+    def _not_saved(self, error: Exception) -> CheckpointNotSavedError:
+        """The failure of the save of step `self._saving`, saying what is left and what to do
+        (Orbax's own message pages of TensorStore spec; the OS error is what matters)."""
+        step, self._saving = self._saving, None
+        code = getattr(error, "errno", None)
+        if code is None and (match := re.search(r"os_error_code='?(\d+)", str(error))):
+            code = int(match.group(1))
+        reason = f"[Errno {code}] {os.strerror(code)}" if code else error_summary(error)
+        saved = saved_steps(self._workdir)
+        kept = (
+            f"The checkpoints saved before it are intact (newest: step {saved[-1]}): fix the "
+            "cause, then rerun the same command to resume from it."
+            if saved
+            else "No checkpoint of this run is saved yet: fix the cause, then rerun the same "
+            "command to start again."
+        )
+        return CheckpointNotSavedError(
+            f"The checkpoint of step {step} could not be saved in "
+            f"{self._manager.directory}: {reason}. {kept}"
+        )
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -3,7 +3,6 @@ steps and damaged checkpoints, each ending where an uninterrupted run ends."""
 
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -266,9 +265,15 @@ def test_a_checkpoint_the_disk_refuses_ends_the_run_in_one_line_and_loses_nothin
         "--config.log_every=5", "--config.checkpoint_every=10",
         "--config.allow_config_change=total_steps",
     ]  # fmt: skip
+    # The limit set in a process of its own that then becomes the run (no preexec_fn: a fork
+    # of this multithreaded process must exec at once).
+    set_limit = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+        "(int(sys.argv[1]),) * 2); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+    )
     limited = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=300,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        [sys.executable, "-c", set_limit, str(limit), *command[1:]],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert limited.returncode == 1, limited.stderr[-3000:]
     assert "Traceback" not in limited.stderr, limited.stderr[-3000:]

@@ -147,7 +147,7 @@ def test_restart_resumes_bit_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_restart_with_another_model_is_refused(tmp_path):
+def test_restart_with_another_model_is_refused(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)
     other = small_local_config(tmp_path, total_steps=6)
@@ -171,6 +171,10 @@ def test_restart_with_another_model_is_refused(tmp_path):
     # The refused changes are not recorded: the original run resumes as before.
     assert json.loads((tmp_path / "run" / "run.json").read_text())["changes"] == []
     train_and_evaluate(small_local_config(tmp_path, total_steps=6), workdir)
+    # Fewer steps than the checkpoint's, accepted: evaluated as it is, and said so.
+    fewer = small_local_config(tmp_path, total_steps=4, allow_config_change="total_steps")
+    train_and_evaluate(fewer, workdir)
+    assert "The checkpoint is at step 6, past the run's 4 steps: nothing to train" in caplog.text
 
 
 @pytest.mark.slow

@@ -350,6 +350,13 @@ def _train_loop(
         profile.close()
         close_in_background(batches)
     if not final:  # Resumed a finished run: report where it stands.
+        if start > steps:  # total_steps lowered since (an allowed change).
+            log.warning(
+                "The checkpoint is at step %d, past the run's %d steps: nothing to train, "
+                "its state is evaluated as it is.",
+                start,
+                steps,
+            )
         final = _evaluate(evaluators, state.params, chrono, stop_requests)
         if final is None:
             raise Preempted(steps)

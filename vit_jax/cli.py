@@ -72,6 +72,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def is_local_file(path: str) -> bool:
+    """Whether `path` names an existing local file that is no directory (a URL never does):
+    where a directory goes, a path the first write would fail on."""
+    return "://" not in path and os.path.exists(path) and not os.path.isdir(path)
+
+
 def check_directory(flag: str, path: str) -> None:
     """Refuses a local `path` that exists but is no directory, where a command writes a
     folder.
@@ -79,7 +85,7 @@ def check_directory(flag: str, path: str) -> None:
     Raises:
       UsageError: naming the flag and the path.
     """
-    if "://" not in path and os.path.exists(path) and not os.path.isdir(path):
+    if is_local_file(path):
         raise UsageError(f"{flag} {path} is a file: name a new or existing directory.")
 
 

@@ -8,11 +8,12 @@ the colon to the recipe's `get_config`, which reads it with `parse_args`.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from vit_jax.cli import is_local_file
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -157,7 +158,7 @@ def check_run_fields(config: ml_collections.ConfigDict) -> None:
     if config.num_epochs is not None and not config.num_epochs > 0:
         raise ValueError(f"config.num_epochs={config.num_epochs} must be > 0 (or None).")
     cache = config.compilation_cache_dir
-    if "://" not in cache and os.path.exists(cache) and not os.path.isdir(cache):
+    if is_local_file(cache):
         raise ValueError(
             f"config.compilation_cache_dir={cache!r} is a file: name a directory, 'workdir' "
             "(<workdir>/compilation_cache) or '' (JAX's own setting)."

@@ -149,11 +149,12 @@ def _folder_changed(config: ml_collections.ConfigDict, error: Exception) -> str 
     """What to do when the input pipeline met a file of an image folder that no longer
     reads or decodes as it did when the manifest was written (edited, replaced or deleted
     since: the manifest keeps its verdicts by name); None for any other error."""
+    from vit_jax.data import folder_root
     from vit_jax.data.folder_manifest import manifest_path, tf_error_message
 
-    root = config.dataset.removeprefix("folder:").rstrip("/")
+    root = folder_root(config.dataset)
     message = str(getattr(error, "message", error))
-    if root == config.dataset or not (root in message or "image" in message.lower()):
+    if root is None or not (root in message or "image" in message.lower()):
         return None
     manifest = manifest_path(root, config.get("data_dir"))
     return (

@@ -137,8 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     released; the input pipelines are closed in the background, never holding the exit.
     """
     check_run_fields(config)
-    root = config.dataset.removeprefix("folder:").rstrip("/")
-    if root != config.dataset and f"{workdir.rstrip('/')}/".startswith(f"{root}/"):
+    root = data.folder_root(config.dataset)
+    if root is not None and f"{workdir.rstrip('/')}/".startswith(f"{root}/"):
         raise ValueError(
             f"The workdir {workdir} is inside the image folder {root}: its files would be "
             "listed as a split of the dataset at the next start. Use a workdir outside it."

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vit_jax.cli import absolute_path  # Orbax refuses relative paths.
+from vit_jax.cli import absolute_path, is_local_file  # Orbax refuses relative paths.
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,7 +103,7 @@ class Checkpointer:
         """Raises NotADirectoryError where `workdir/checkpoints` is a file (Orbax would fail
         only at the first save, after the first steps had run)."""
         directory = checkpoint_dir(absolute_path(workdir))
-        if "://" not in directory and os.path.exists(directory) and not os.path.isdir(directory):
+        if is_local_file(directory):
             raise NotADirectoryError(
                 f"{directory} is a file, where the run keeps its checkpoints: move it away, "
                 "or use another --workdir."
@@ -118,7 +118,6 @@ class Checkpointer:
             options=options,
             handler_registry=_handlers(ocp.StandardCheckpointHandler()),
         )
-        self._workdir = workdir
         self._saving: int | None = None  # The step of the save under way.
 
     def latest_step(self) -> int | None:
@@ -237,7 +236,8 @@ class Checkpointer:
         if code is None and (match := re.search(r"os_error_code='?(\d+)", str(error))):
             code = int(match.group(1))
         reason = f"[Errno {code}] {os.strerror(code)}" if code else error_summary(error)
-        saved = saved_steps(self._workdir)
+        self._manager.reload()  # The steps on disk: the failed one is not among them.
+        saved = self.steps()
         kept = (
             f"The checkpoints saved before it are intact (newest: step {saved[-1]}): fix the "
             "cause, then rerun the same command to resume from it."

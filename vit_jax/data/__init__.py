@@ -18,6 +18,7 @@ except RuntimeError as e:  # TF already initialised its devices: it may hold GPU
 from vit_jax.data.embedded import EMBEDDED_DATASETS  # noqa: E402
 from vit_jax.data.pipeline import (  # noqa: E402
     eval_batches,
+    folder_root,
     get_dataset_info,
     num_eval_batches,
     num_train_examples,
@@ -30,6 +31,7 @@ __all__ = [
     "EMBEDDED_DATASETS",
     "DatasetInfo",
     "eval_batches",
+    "folder_root",
     "get_dataset_info",
     "num_eval_batches",
     "num_train_examples",

@@ -118,7 +118,7 @@ def _listdir(path: str) -> list[str]:
         ) from None
     except tf.errors.OpError as e:
         raise FolderUnreadableError(
-            f"Cannot list {path} ({e.message.splitlines()[0]}). Every process of a run must "
+            f"Cannot list {path} ({tf_error_message(e)}). Every process of a run must "
             "see the same images: make it readable, or retry if the storage had a passing error."
         ) from None
 

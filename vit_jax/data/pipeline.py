@@ -70,6 +70,14 @@ FOLDER_PREFIX = "folder:"
 Batch = dict[str, np.ndarray]
 
 
+def folder_root(dataset: str) -> str | None:
+    """The image folder a `folder:DIR` dataset names, without a trailing slash; None for a
+    tfds name."""
+    if not dataset.startswith(FOLDER_PREFIX):
+        return None
+    return dataset.removeprefix(FOLDER_PREFIX).rstrip("/")
+
+
 @functools.cache
 def open_source(dataset: str, data_dir: str | None) -> Source:
     """The dataset behind a config's `dataset`/`data_dir`, opened once per process.

@@ -1,5 +1,6 @@
 """Few-shot linear evaluation: the ridge solver, the protocol, and sharded feature extraction."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -77,8 +78,26 @@ def test_random_features_are_at_chance():
     assert 0.05 < accuracies[5] < 0.15
 
 
+def test_each_shot_counts_accuracy_is_the_same_whichever_other_counts_are_asked():
+    """The held-out images that choose the L2 strength come first and are the same for every
+    shot count, so `fewshot/<name>_5shot` of one run compares with another run's that asked
+    other shot counts (before, the held-out images followed the largest count asked)."""
+    rng = np.random.default_rng(3)
+    train_x, train_y = separable(5, 40, 16, rng)
+    test_x, test_y = separable(5, 40, 16, rng)
+    train_x += 8.0 * rng.normal(size=train_x.shape)  # Overlapping classes: the L2 matters.
+    test_x += 8.0 * rng.normal(size=test_x.shape)
+    probe = functools.partial(
+        fewshot.fewshot_accuracies, train_x, train_y, test_x, test_y, holdout_per_class=5,
+        num_classes=5,
+    )  # fmt: skip
+    together = probe(shots=(1, 2, 5, 10, 25))
+    assert together == {n: probe(shots=(n,))[n] for n in together}
+    assert 0.3 < together[25] < 0.95, together  # Neither chance nor separable.
+
+
 def test_ranks_count_the_earlier_examples_of_each_class():
-    """Shots are the examples ranked below n; the held-out ones rank from max(shots) on."""
+    """The held-out examples rank below holdout_per_class, the n shots from there on."""
     labels = np.array([2, 0, 2, 1, 0, 0, 2, 1, 1, 0])
     np.testing.assert_array_equal(
         fewshot.per_class_ranks(labels, 3), [0, 0, 1, 0, 1, 2, 2, 1, 2, 3]

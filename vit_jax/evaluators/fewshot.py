@@ -5,9 +5,10 @@ For each dataset and shot count n (`config.fewshot`, see `vit_jax/config.py`):
   * features: the model's pooled pre-logits output (the model built with `num_classes=0`)
     of every image of the train and test splits, preprocessed as evaluation is; computed
     once per evaluation and shared by all shot counts;
-  * train set: the first n images of every class in the train split's stored order;
-  * held-out set: the next `holdout_per_class` images of every class, after the largest
-    shot count, so it never overlaps a train set; it only picks the L2 strength;
+  * held-out set: the first `holdout_per_class` images of every class in the train split's
+    stored order; it only picks the L2 strength, and is the same for every shot count;
+  * train set: the next n images of every class, so it never overlaps the held-out set,
+    and the n-shot result does not depend on which other shot counts are asked;
   * a closed-form ridge regression from the features to {-1, 1}^K targets for every L2
     strength of `L2_GRID`; the one with the best held-out accuracy (ties: the strongest)
     is used;
@@ -83,14 +84,16 @@ def fewshot_accuracies(
 ) -> dict[int, float]:
     """Test accuracy of the ridge probe trained on `n` examples per class, for each n in `shots`.
 
-    `train_x`/`train_y` are features and integer labels in the train split's stored order.
+    `train_x`/`train_y` are features and integer labels in the train split's stored order:
+    the first `holdout_per_class` of each class choose the L2 strength, the next `n` train
+    the probe (module docstring).
     """
     ranks = per_class_ranks(train_y, num_classes)
     needed = max(shots) + holdout_per_class
     counts = np.bincount(train_y, minlength=num_classes)
     if counts.min() < needed:
         raise too_few_per_class(np.flatnonzero(counts < needed).tolist(), shots, holdout_per_class)
-    held_out = (ranks >= max(shots)) & (ranks < needed)
+    held_out = ranks < holdout_per_class
     targets = 2.0 * np.eye(num_classes)[train_y] - 1.0
 
     def accuracy(w_b: tuple[np.ndarray, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
@@ -99,7 +102,7 @@ def fewshot_accuracies(
 
     results = {}
     for n in shots:
-        chosen = ranks < n
+        chosen = (ranks >= holdout_per_class) & (ranks < holdout_per_class + n)
         x = train_x[chosen]
         scale = float(np.mean(np.sum((x - x.mean(0)) ** 2, axis=-1))) or 1.0
         fits = [ridge_regression(x, targets[chosen], r * scale) for r in L2_GRID]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from helpers import BLOCK_TENSORFLOW, REPO
@@ -39,6 +40,7 @@ from vit_jax.bench.targets import (
     parse_target,
 )
 from vit_jax.config import base_config
+from vit_jax.train import out_of_device_memory
 from vit_jax.trainer import Trainer, compiled_memory
 
 TPU = pytest.mark.compile
@@ -281,6 +283,27 @@ def test_a_setting_that_cannot_fit_reports_the_compilers_refusal():
     assert "RESOURCE_EXHAUSTED: Ran out of memory on HBM" in f["compiler_message"]
     assert f["param_bytes"] + f["optimizer_bytes"] > 15.75 * 2**30
     assert summarize(f).startswith("does not fit: the compiler ran out of 15.75 GiB per device")
+
+
+@TPU
+def test_vit_train_says_what_to_change_when_the_tpu_compiler_runs_out_of_hbm(caplog):
+    """The error vit-train's first step meets on a TPU slice the step does not fit: the TPU
+    compiler's own, as `Trainer.compile_train_step` raises it there."""
+    config = tiny(batch_size=8, eval_batch_size=8, **HUGE)
+    devices = topology_devices(parse_target("v5e-4"))
+    trainer = Trainer(config, parallel.make_mesh(config.mesh, config.dcn_mesh, devices), 10, 100)
+    batch = abstract_batch(config, trainer, 8, eval_mask=False)
+    with pytest.raises(jax.errors.JaxRuntimeError) as refusal:
+        trainer.compile_train_step(trainer.abstract_state(), batch)
+    with caplog.at_level("WARNING", logger="vit_jax"):
+        error = out_of_device_memory(refusal.value, [100, 200])
+    assert str(error).startswith(
+        "A program of the run does not fit in device memory (RESOURCE_EXHAUSTED: Ran out of "
+        "memory on HBM"
+    )
+    assert "--config.sharding_rules=fsdp" in str(error)
+    assert "The checkpoints saved are intact (newest: step 200)" in str(error)
+    assert out_of_device_memory(RuntimeError("RESOURCE_EXHAUSTED: message too large"), []) is None
 
 
 @pytest.mark.slow

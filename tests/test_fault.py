@@ -246,6 +246,57 @@ def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digit
     assert _checkpoints(workdir) == names
 
 
+def _limited(
+    limit: int, resource_name: str, command: list[str], env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`command` run under an rlimit, set by a process of its own that then becomes the run
+    (no preexec_fn: a fork of this multithreaded process must exec at once)."""
+    set_limit = (
+        f"import os, resource, sys; resource.setrlimit(resource.{resource_name}, "
+        "(int(sys.argv[1]),) * 2); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", set_limit, str(limit), *command[1:]],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_step_the_device_memory_cannot_hold_ends_the_run_saying_what_to_change(tmp_path, digits):
+    """A train step that does not fit in device memory (here the CPU's: an address-space
+    limit, RLIMIT_AS, fails XLA's allocation with the RESOURCE_EXHAUSTED error a GPU or TPU
+    gives) ends the run with status 1 and one line naming the settings that need less, the
+    checkpoints intact. Before: a traceback ending in XLA's error."""
+    workdir = tmp_path / "run"
+    first = load_recipe("local.py", "steps=2,dataset=digits,batch=32")
+    first.update(data_dir=str(digits / "tfds"), checkpoint_every=2)
+    first.fewshot.every = 1000
+    train_and_evaluate(first, str(workdir))
+    command = [
+        sys.executable, "-m", "vit_jax.main",
+        "--config", "configs/local.py:steps=4,dataset=digits,batch=32768",
+        f"--config.data_dir={digits / 'tfds'}", "--workdir", str(workdir),
+        "--config.fewshot.every=1000", "--config.allow_config_change=total_steps,batch_size",
+    ]  # fmt: skip
+    # The step needs about 17 GiB of temporaries: beyond 12 GiB of address space, which
+    # holds the rest of the run (Python, TensorFlow, JAX and the input pipeline).
+    # One CPU device: of several simulated ones, those whose allocations succeeded would wait
+    # in the step's collectives for the one whose allocation failed.
+    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    limited = _limited(12 * 2**30, "RLIMIT_AS", command, one_device)
+    assert limited.returncode == 1, limited.stderr[-3000:]
+    assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    (line,) = [x for x in limited.stderr.splitlines() if x.startswith("vit-train: ")]
+    assert re.fullmatch(
+        r"vit-train: A program of the run does not fit in device memory \(RESOURCE_EXHAUSTED: "
+        r"Out of memory allocating \d+ bytes\)\. To fit: --config\.model\.remat_policy=full .*"
+        r"`vit-bench compile --target TARGET --sweep` finds the fastest setting that fits\. "
+        r"The checkpoints saved are intact \(newest: step 2\): .*",
+        line,
+    ), line
+    assert _checkpoints(workdir) == ["2"]
+
+
 @pytest.mark.slow
 def test_a_checkpoint_the_disk_refuses_ends_the_run_in_one_line_and_loses_nothing(tmp_path, digits):
     """A save the file system refuses (here a file-size limit, RLIMIT_FSIZE, which fails a
@@ -265,16 +316,7 @@ def test_a_checkpoint_the_disk_refuses_ends_the_run_in_one_line_and_loses_nothin
         "--config.log_every=5", "--config.checkpoint_every=10",
         "--config.allow_config_change=total_steps",
     ]  # fmt: skip
-    # The limit set in a process of its own that then becomes the run (no preexec_fn: a fork
-    # of this multithreaded process must exec at once).
-    set_limit = (
-        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
-        "(int(sys.argv[1]),) * 2); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
-    )
-    limited = subprocess.run(
-        [sys.executable, "-c", set_limit, str(limit), *command[1:]],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    limited = _limited(limit, "RLIMIT_FSIZE", command)
     assert limited.returncode == 1, limited.stderr[-3000:]
     assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
     assert limited.stderr.splitlines()[-1] == (

@@ -11,9 +11,9 @@ Exit status: 0 when the run is complete; 75 (EX_TEMPFAIL) when it stopped on SIG
 SIGINT or a preemption notice after saving a checkpoint, so rerunning the same command
 resumes it (launch scripts requeue on 75); 2 when the command line or what it names is
 wrong (the one-line message says what to change: vit_jax.cli); anything else is an error
-that a rerun would repeat (non-finite loss, unreadable checkpoints, a process of the run
-died). Paths (workdir, data_dir, model_init, folder datasets) are relative to where the
-command is typed, or gs:// URLs.
+that a rerun would repeat (non-finite loss, unreadable checkpoints, out of device memory,
+a process of the run died). Paths (workdir, data_dir, model_init, folder datasets) are
+relative to where the command is typed, or gs:// URLs.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _main(argv: list[str]) -> int:
 
     from vit_jax.checkpoint.manager import CheckpointNotSavedError
     from vit_jax.data.folder_manifest import FolderUnreadableError
-    from vit_jax.train import train_and_evaluate
+    from vit_jax.train import OutOfDeviceMemoryError, train_and_evaluate
     from vit_jax.workdir import UnreadableCheckpointsError, WorkdirLockedError
 
     try:
@@ -132,6 +132,7 @@ def _main(argv: list[str]) -> int:
         UnreadableCheckpointsError,
         FolderUnreadableError,
         CheckpointNotSavedError,
+        OutOfDeviceMemoryError,
     ) as e:
         # The run failed, for a reason the message gives; not a bug.
         print(f"vit-train: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -44,6 +45,41 @@ log = logging.getLogger(__name__)
 # Checkpoint metadata: the per-step train metrics since the last log, so that the first log
 # after a resume from this checkpoint averages the same steps as an uninterrupted run's.
 UNLOGGED = "unlogged_steps"
+
+
+class OutOfDeviceMemoryError(RuntimeError):
+    """A program of the run does not fit in device memory; the message says what to change."""
+
+
+def out_of_device_memory(error: Exception, saved: list[int]) -> OutOfDeviceMemoryError | None:
+    """`error` as an `OutOfDeviceMemoryError` naming the settings that need less memory and
+    the newest of the `saved` checkpoint steps, when it is XLA's RESOURCE_EXHAUSTED for
+    device memory (the TPU compiler's refusal, or an allocation failing on a GPU or CPU);
+    None for any other error. XLA's report of the largest buffers, when it gives one, is
+    logged."""
+    first, _, report = str(error).strip().partition("\n")
+    # "Out of memory while trying to allocate", "Failed to allocate request for" (GPU), "Ran
+    # out of memory on HBM", "Error allocating device buffer" (TPU), "Out of memory
+    # allocating" (CPU); gRPC's RESOURCE_EXHAUSTED (a message too large) is none of them.
+    if "RESOURCE_EXHAUSTED" not in first or not re.search("memory|allocat", first, re.I):
+        return None
+    if report.strip():
+        log.warning("XLA's report:\n%s", report.strip())
+    kept = (
+        f"The checkpoints saved are intact (newest: step {saved[-1]}): remat_policy, "
+        "sharding_rules, mesh and eval_batch_size may change when it resumes, other fields "
+        "with --config.allow_config_change."
+        if saved
+        else "No checkpoint of this run was saved yet."
+    )
+    return OutOfDeviceMemoryError(
+        f"A program of the run does not fit in device memory ({first.rstrip('.')}). To fit: "
+        "--config.model.remat_policy=full (or selective), --config.sharding_rules=fsdp, a "
+        "larger --config.accum_steps or a smaller --config.batch_size (for an evaluation, "
+        "--config.eval_batch_size), --config.optim.mu_dtype=bfloat16; before a launch, "
+        "`vit-bench compile --target TARGET --sweep` finds the fastest setting that fits. "
+        f"{kept}"
+    )
 
 
 def total_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
@@ -132,7 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (or resumes) in `workdir` and returns the evaluators' metrics at the last step.
 
     Raises `Preempted` after saving the last completed step when SIGTERM, SIGINT or a
-    preemption notice arrives (an evaluation under way is abandoned). On any exit the
+    preemption notice arrives (an evaluation under way is abandoned), and
+    `OutOfDeviceMemoryError` when a program does not fit in device memory. On any exit the
     checkpoints already started are completed, the metrics written and the workdir's lock
     released; the input pipelines are closed in the background, never holding the exit.
     """
@@ -196,6 +233,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         stop_requests,
                         profile,
                     )
+            except jax.errors.JaxRuntimeError as e:
+                if (error := out_of_device_memory(e, checkpointer.steps())) is None:
+                    raise
+                raise error from e
             finally:
                 checkpointer.wait()
                 checkpointer.close()

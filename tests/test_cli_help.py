@@ -299,6 +299,7 @@ def test_only_errors_vit_jax_raises_are_user_errors(capsys):
         ({"dev/vfio/vfio": ""}, False),  # VFIO's control node alone: no device assigned.
         ({"sys/bus/pci/devices/0000:00:04.0/vendor": "0x1af4\n"}, False),  # A virtio disk.
         ({"dev/nvidia0": ""}, True),
+        ({"dev/nvidiactl": ""}, True),  # A container's.
         ({"dev/dxg": ""}, True),  # A GPU under WSL.
         ({"dev/accel0": ""}, True),  # TPU v4.
         ({"dev/vfio/0": ""}, True),  # TPU v5e and later.

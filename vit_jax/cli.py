@@ -140,9 +140,9 @@ class ArgumentParser(argparse.ArgumentParser):
 # The JAX plugins whose devices `accelerator_present` finds (NVIDIA's); libtpu is JAX's own
 # TPU backend, no plugin, and TPU chips are found too.
 _KNOWN_PLUGINS = frozenset({"xla_cuda12", "xla_cuda13"})
-# Device nodes of NVIDIA GPUs (WSL's /dev/dxg too) and TPUs (v4: /dev/accel*, v5e and
-# later: VFIO groups), and TPU chips' PCI vendor (Google's).
-_ACCELERATOR_NODES = ("dev/nvidia[0-9]*", "dev/dxg", "dev/accel*", "dev/vfio/[0-9]*")
+# Device nodes of NVIDIA GPUs (/dev/nvidia0, a container's /dev/nvidiactl, WSL's /dev/dxg)
+# and TPUs (v4: /dev/accel*, v5e and later: VFIO groups), and TPU chips' PCI vendor.
+_ACCELERATOR_NODES = ("dev/nvidia*", "dev/dxg", "dev/accel*", "dev/vfio/[0-9]*")
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import socket
 import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -62,6 +63,22 @@ def require_extra(name: str, modules: tuple[str, ...], install: str) -> None:
 
 # `vit-train` paused before a given step until its stdin gets a line: see the script.
 PAUSED_TRAIN = os.path.join(REPO, "tests", "paused_train.py")
+
+
+def run_limited(
+    limit: int, resource_name: str, command: list[str], env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`command` (its first item the interpreter) run from the repository under the rlimit
+    `resource.<resource_name>` = `limit`, set by a process of its own that then becomes the
+    command (no preexec_fn: a fork of the multithreaded test process must exec at once)."""
+    set_limit = (
+        f"import os, resource, sys; resource.setrlimit(resource.{resource_name}, "
+        "(int(sys.argv[1]),) * 2); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", set_limit, str(limit), *command[1:]],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
 
 
 def wait_until_paused(run: subprocess.Popen, step: int) -> bool:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import BLOCK_TENSORFLOW, REPO
+from helpers import BLOCK_TENSORFLOW, REPO, run_limited
 from PIL import Image
 
 from vit_jax.bench.peaks import peak_tflops
@@ -148,4 +148,29 @@ def test_input_figures_on_a_photo_folder(tmp_path):
     assert figures["image_size"] == 224 and figures["train_crop"] == "inception"
     assert figures["img_per_s_per_core"] == pytest.approx(
         figures["img_per_s"] / figures["host_cores"], rel=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_a_step_that_does_not_fit_ends_with_status_3_saying_what_to_change():
+    """As `vit-bench compile` ends for a setting that does not fit, so do `train` and
+    `infer` on the devices at hand: here the CPU's memory, held under an address-space
+    limit (RLIMIT_AS) below the step's 17 GiB, fails XLA's allocation with the
+    RESOURCE_EXHAUSTED a GPU gives. One device: of several simulated ones, those whose
+    allocations succeeded would wait in the step's collectives for the one that failed."""
+    command = [
+        sys.executable, "-m", "vit_jax.bench.cli", "train",
+        "--config", f"{REPO}/configs/local.py:batch=32768", "--steps", "2",
+    ]  # fmt: skip
+    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = run_limited(12 * 2**30, "RLIMIT_AS", command, one_device)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith(
+        "vit-bench: the train step does not fit in device memory (RESOURCE_EXHAUSTED: Out of "
+        "memory allocating "
+    )
+    assert "a smaller --config.batch_size; `vit-bench compile --target TARGET --sweep`" in (
+        result.stderr
     )

@@ -18,6 +18,7 @@ from helpers import (
     REPO,
     TINY,
     load_recipe,
+    run_limited,
     small_local_config,
     wait_until_paused,
 )
@@ -246,21 +247,6 @@ def test_damaged_checkpoints_fall_back_then_refuse_a_fresh_start(tmp_path, digit
     assert _checkpoints(workdir) == names
 
 
-def _limited(
-    limit: int, resource_name: str, command: list[str], env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """`command` run under an rlimit, set by a process of its own that then becomes the run
-    (no preexec_fn: a fork of this multithreaded process must exec at once)."""
-    set_limit = (
-        f"import os, resource, sys; resource.setrlimit(resource.{resource_name}, "
-        "(int(sys.argv[1]),) * 2); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", set_limit, str(limit), *command[1:]],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_a_step_the_device_memory_cannot_hold_ends_the_run_saying_what_to_change(tmp_path, digits):
     """A train step that does not fit in device memory (here the CPU's: an address-space
@@ -283,7 +269,7 @@ def test_a_step_the_device_memory_cannot_hold_ends_the_run_saying_what_to_change
     # One CPU device: of several simulated ones, those whose allocations succeeded would wait
     # in the step's collectives for the one whose allocation failed.
     one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    limited = _limited(12 * 2**30, "RLIMIT_AS", command, one_device)
+    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, one_device)
     assert limited.returncode == 1, limited.stderr[-3000:]
     assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
     (line,) = [x for x in limited.stderr.splitlines() if x.startswith("vit-train: ")]
@@ -316,7 +302,7 @@ def test_a_checkpoint_the_disk_refuses_ends_the_run_in_one_line_and_loses_nothin
         "--config.log_every=5", "--config.checkpoint_every=10",
         "--config.allow_config_change=total_steps",
     ]  # fmt: skip
-    limited = _limited(limit, "RLIMIT_FSIZE", command)
+    limited = run_limited(limit, "RLIMIT_FSIZE", command)
     assert limited.returncode == 1, limited.stderr[-3000:]
     assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
     assert limited.stderr.splitlines()[-1] == (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from typing import Any
 
@@ -30,7 +29,13 @@ from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import build_model
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
 from vit_jax.profiling import ProfileWindow
-from vit_jax.trainer import NONFINITE, Trainer, TrainState, compiled_memory
+from vit_jax.trainer import (
+    NONFINITE,
+    Trainer,
+    TrainState,
+    compiled_memory,
+    device_memory_refusal,
+)
 from vit_jax.workdir import (
     check_config,
     claim,
@@ -54,17 +59,13 @@ class OutOfDeviceMemoryError(RuntimeError):
 def out_of_device_memory(error: Exception, saved: list[int]) -> OutOfDeviceMemoryError | None:
     """`error` as an `OutOfDeviceMemoryError` naming the settings that need less memory and
     the newest of the `saved` checkpoint steps, when it is XLA's RESOURCE_EXHAUSTED for
-    device memory (the TPU compiler's refusal, or an allocation failing on a GPU or CPU);
-    None for any other error. XLA's report of the largest buffers, when it gives one, is
-    logged."""
-    first, _, report = str(error).strip().partition("\n")
-    # "Out of memory while trying to allocate", "Failed to allocate request for" (GPU), "Ran
-    # out of memory on HBM", "Error allocating device buffer" (TPU), "Out of memory
-    # allocating" (CPU); gRPC's RESOURCE_EXHAUSTED (a message too large) is none of them.
-    if "RESOURCE_EXHAUSTED" not in first or not re.search("memory|allocat", first, re.I):
+    device memory (`device_memory_refusal`); None for any other error. XLA's report of the
+    largest buffers, when it gives one, is logged."""
+    first = device_memory_refusal(error)
+    if first is None:
         return None
-    if report.strip():
-        log.warning("XLA's report:\n%s", report.strip())
+    if report := str(error).strip().partition("\n")[2].strip():
+        log.warning("XLA's report:\n%s", report)
     kept = (
         f"The checkpoints saved are intact (newest: step {saved[-1]}): remat_policy, "
         "sharding_rules, mesh and eval_batch_size may change when it resumes, other fields "

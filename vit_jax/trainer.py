@@ -8,6 +8,7 @@ from them. The loop that feeds it real data lives in `vit_jax.train`.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import flax
@@ -92,6 +93,18 @@ def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int] | None:
         "temp_bytes": m.temp_size_in_bytes,
         "total_bytes": total + m.temp_size_in_bytes,
     }
+
+
+def device_memory_refusal(error: Exception) -> str | None:
+    """The first line of `error` when it is XLA's RESOURCE_EXHAUSTED for device memory: the
+    TPU compiler's "Ran out of memory on HBM", a failed allocation on a GPU ("Out of memory
+    while trying to allocate", "Failed to allocate request for"), a TPU ("Error allocating
+    device buffer") or the CPU ("Out of memory allocating"); None for any other error,
+    gRPC's RESOURCE_EXHAUSTED for a message too large among them."""
+    first = str(error).strip().partition("\n")[0]
+    if "RESOURCE_EXHAUSTED" in first and re.search("memory|allocat", first, re.I):
+        return first
+    return None
 
 
 class Trainer:

@@ -8,7 +8,8 @@ Modes: train | infer | input | photos | compile (see `vit_jax.bench`). Prints on
 compiles the recipe's train and eval steps for a TPU slice or GPU node on this machine and
 reports memory per device, fits yes/no, FLOPs, collectives and a roofline estimate of the
 step, then a `summary` line (not with --json). Exit status: 0 when it fits, 3 when it does
-not, 2 on a bad target or config.
+not, 2 on a bad target or config. `train` and `infer` end with status 3 too, in one line,
+when their step does not fit in the local devices' memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -92,7 +94,7 @@ def _show(figures: dict) -> None:
         print(f"{name} {value}")
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str]) -> int | None:
     logging.getLogger().setLevel(logging.WARNING)  # Figures only, no library INFO lines.
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"Usage: vit-bench {{{'|'.join(MODES)}}} --config RECIPE[:args] ...")
@@ -116,9 +118,31 @@ def _main(argv: list[str]) -> None:
         return
     if mode == "compile":
         return _compile(_CONFIG.value)
-    from vit_jax.bench.steps import benchmark_steps
+    import jax
 
-    _show(benchmark_steps(_CONFIG.value, mode, _STEPS.value, _PEAK.value, _PROFILE.value))
+    from vit_jax.bench.compile import DOES_NOT_FIT
+    from vit_jax.bench.steps import benchmark_steps
+    from vit_jax.trainer import device_memory_refusal
+
+    try:
+        figures = benchmark_steps(_CONFIG.value, mode, _STEPS.value, _PEAK.value, _PROFILE.value)
+    except jax.errors.JaxRuntimeError as e:
+        if (refusal := device_memory_refusal(e)) is None:
+            raise
+        levers = (
+            "--config.model.remat_policy=full (or selective), --config.sharding_rules=fsdp, "
+            "a larger --config.accum_steps or a smaller --config.batch_size"
+            if mode == "train"
+            else "--config.sharding_rules=fsdp or a smaller --config.eval_batch_size"
+        )
+        print(
+            f"vit-bench: the {mode} step does not fit in device memory ({refusal.rstrip('.')})."
+            f" To fit: {levers}; `vit-bench compile --target TARGET --sweep` finds the fastest "
+            "training setting that fits.",
+            file=sys.stderr,
+        )
+        return DOES_NOT_FIT
+    _show(figures)
 
 
 def _compile(config) -> int:

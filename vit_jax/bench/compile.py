@@ -30,7 +30,7 @@ from vit_jax import parallel
 from vit_jax.bench import hlo
 from vit_jax.bench.peaks import peak_tflops
 from vit_jax.bench.targets import GIB, Target, compiler_version, topology_devices
-from vit_jax.trainer import Trainer, compiled_memory
+from vit_jax.trainer import Trainer, compiled_memory, device_memory_refusal
 
 # Classes of the datasets the recipes name; others need --num_classes.
 NUM_CLASSES = {
@@ -87,9 +87,9 @@ def _compile(lowerable, *args) -> tuple[jax.stages.Compiled | None, str | None, 
     try:
         return lowerable(*args), None, time.perf_counter() - start
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if (refusal := device_memory_refusal(e)) is None:
             raise
-        return None, str(e).strip().splitlines()[0], time.perf_counter() - start
+        return None, refusal, time.perf_counter() - start
 
 
 def _eval_step_figures(

@@ -171,6 +171,6 @@ def test_a_step_that_does_not_fit_ends_with_status_3_saying_what_to_change():
         "vit-bench: the train step does not fit in device memory (RESOURCE_EXHAUSTED: Out of "
         "memory allocating "
     )
-    assert "a smaller --config.batch_size; `vit-bench compile --target TARGET --sweep`" in (
+    assert "--config.optim.mu_dtype=bfloat16; `vit-bench compile --target TARGET --sweep`" in (
         result.stderr
     )

@@ -31,6 +31,7 @@ from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import (
     NONFINITE,
+    TRAIN_STEP_LEVERS,
     Trainer,
     TrainState,
     compiled_memory,
@@ -75,11 +76,9 @@ def out_of_device_memory(error: Exception, saved: list[int]) -> OutOfDeviceMemor
     )
     return OutOfDeviceMemoryError(
         f"A program of the run does not fit in device memory ({first.rstrip('.')}). To fit: "
-        "--config.model.remat_policy=full (or selective), --config.sharding_rules=fsdp, a "
-        "larger --config.accum_steps or a smaller --config.batch_size (for an evaluation, "
-        "--config.eval_batch_size), --config.optim.mu_dtype=bfloat16; before a launch, "
-        "`vit-bench compile --target TARGET --sweep` finds the fastest setting that fits. "
-        f"{kept}"
+        f"{TRAIN_STEP_LEVERS} (for an evaluation, a smaller --config.eval_batch_size); before "
+        "a launch, `vit-bench compile --target TARGET --sweep` finds the fastest setting that "
+        f"fits. {kept}"
     )
 
 

@@ -95,6 +95,13 @@ def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int] | None:
     }
 
 
+# The settings that make a train step need less memory per device, as messages name them.
+TRAIN_STEP_LEVERS = (
+    "--config.model.remat_policy=full (or selective), --config.sharding_rules=fsdp, a larger "
+    "--config.accum_steps or a smaller --config.batch_size, --config.optim.mu_dtype=bfloat16"
+)
+
+
 def device_memory_refusal(error: Exception) -> str | None:
     """The first line of `error` when it is XLA's RESOURCE_EXHAUSTED for device memory: the
     TPU compiler's "Ran out of memory on HBM", a failed allocation on a GPU ("Out of memory

@@ -122,7 +122,7 @@ def _main(argv: list[str]) -> int | None:
 
     from vit_jax.bench.compile import DOES_NOT_FIT
     from vit_jax.bench.steps import benchmark_steps
-    from vit_jax.trainer import device_memory_refusal
+    from vit_jax.trainer import TRAIN_STEP_LEVERS, device_memory_refusal
 
     try:
         figures = benchmark_steps(_CONFIG.value, mode, _STEPS.value, _PEAK.value, _PROFILE.value)
@@ -130,8 +130,7 @@ def _main(argv: list[str]) -> int | None:
         if (refusal := device_memory_refusal(e)) is None:
             raise
         levers = (
-            "--config.model.remat_policy=full (or selective), --config.sharding_rules=fsdp, "
-            "a larger --config.accum_steps or a smaller --config.batch_size"
+            TRAIN_STEP_LEVERS
             if mode == "train"
             else "--config.sharding_rules=fsdp or a smaller --config.eval_batch_size"
         )

@@ -286,7 +286,7 @@ def test_a_setting_that_cannot_fit_reports_the_compilers_refusal():
 
 
 @TPU
-def test_vit_train_says_what_to_change_when_the_tpu_compiler_runs_out_of_hbm(caplog):
+def test_vit_train_says_what_to_change_when_the_tpu_compiler_runs_out_of_hbm():
     """The error vit-train's first step meets on a TPU slice the step does not fit: the TPU
     compiler's own, as `Trainer.compile_train_step` raises it there."""
     config = tiny(batch_size=8, eval_batch_size=8, **HUGE)
@@ -295,15 +295,45 @@ def test_vit_train_says_what_to_change_when_the_tpu_compiler_runs_out_of_hbm(cap
     batch = abstract_batch(config, trainer, 8, eval_mask=False)
     with pytest.raises(jax.errors.JaxRuntimeError) as refusal:
         trainer.compile_train_step(trainer.abstract_state(), batch)
-    with caplog.at_level("WARNING", logger="vit_jax"):
-        error = out_of_device_memory(refusal.value, [100, 200])
+    error = out_of_device_memory(refusal.value, [100, 200])
     assert str(error).startswith(
         "A program of the run does not fit in device memory (RESOURCE_EXHAUSTED: Ran out of "
         "memory on HBM"
     )
     assert "--config.sharding_rules=fsdp" in str(error)
     assert "The checkpoints saved are intact (newest: step 200)" in str(error)
-    assert out_of_device_memory(RuntimeError("RESOURCE_EXHAUSTED: message too large"), []) is None
+
+
+# The GPU's out-of-memory errors as XLA words them (the first with the buffer report its
+# allocator appends), and gRPC's RESOURCE_EXHAUSTED, which is no memory of a device.
+GPU_OUT_OF_MEMORY = (
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4770354232 bytes.\n"
+    "BufferAssignment OOM Debugging.\nBufferAssignment stats:\n"
+    "             parameter allocation:  372.76MiB\n"
+)
+
+
+@pytest.mark.parametrize(
+    "message, first",
+    [
+        (GPU_OUT_OF_MEMORY, GPU_OUT_OF_MEMORY.splitlines()[0].rstrip(".")),
+        ("RESOURCE_EXHAUSTED: Failed to allocate request for 2.99GiB (3206250496B) on device "
+         "ordinal 0", "RESOURCE_EXHAUSTED: Failed to allocate request for 2.99GiB"),
+        ("RESOURCE_EXHAUSTED: Received message larger than max (5242880 vs. 4194304)", None),
+    ],
+)  # fmt: skip
+def test_out_of_device_memory_is_told_from_other_exhausted_resources(message, first, caplog):
+    with caplog.at_level("WARNING", logger="vit_jax"):
+        error = out_of_device_memory(RuntimeError(message), [])
+    if first is None:
+        assert error is None
+        return
+    assert str(error).startswith(f"A program of the run does not fit in device memory ({first}")
+    assert str(error).endswith("No checkpoint of this run was saved yet.")
+    report = [r.getMessage() for r in caplog.records if r.getMessage().startswith("XLA's report")]
+    assert report == (
+        ["XLA's report:\n" + message.partition("\n")[2].strip()] if "\n" in message else []
+    )
 
 
 @pytest.mark.slow

@@ -65,6 +65,13 @@ def require_extra(name: str, modules: tuple[str, ...], install: str) -> None:
 PAUSED_TRAIN = os.path.join(REPO, "tests", "paused_train.py")
 
 
+def one_cpu_device_env() -> dict[str, str]:
+    """This process's environment without the simulated devices: a run under a memory limit
+    gets one CPU device, since of several sharing the limit, those whose allocations
+    succeeded would wait in the step's collectives for the one whose allocation failed."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
 def run_limited(
     limit: int, resource_name: str, command: list[str], env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import BLOCK_TENSORFLOW, REPO, run_limited
+from helpers import BLOCK_TENSORFLOW, REPO, one_cpu_device_env, run_limited
 from PIL import Image
 
 from vit_jax.bench.peaks import peak_tflops
@@ -156,14 +156,12 @@ def test_a_step_that_does_not_fit_ends_with_status_3_saying_what_to_change():
     """As `vit-bench compile` ends for a setting that does not fit, so do `train` and
     `infer` on the devices at hand: here the CPU's memory, held under an address-space
     limit (RLIMIT_AS) below the step's 17 GiB, fails XLA's allocation with the
-    RESOURCE_EXHAUSTED a GPU gives. One device: of several simulated ones, those whose
-    allocations succeeded would wait in the step's collectives for the one that failed."""
+    RESOURCE_EXHAUSTED a GPU gives."""
     command = [
         sys.executable, "-m", "vit_jax.bench.cli", "train",
         "--config", f"{REPO}/configs/local.py:batch=32768", "--steps", "2",
     ]  # fmt: skip
-    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = run_limited(12 * 2**30, "RLIMIT_AS", command, one_device)
+    result = run_limited(12 * 2**30, "RLIMIT_AS", command, one_cpu_device_env())
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stdout == ""

@@ -18,6 +18,7 @@ from helpers import (
     REPO,
     TINY,
     load_recipe,
+    one_cpu_device_env,
     run_limited,
     small_local_config,
     wait_until_paused,
@@ -266,10 +267,7 @@ def test_a_step_the_device_memory_cannot_hold_ends_the_run_saying_what_to_change
     ]  # fmt: skip
     # The step needs about 17 GiB of temporaries: beyond 12 GiB of address space, which
     # holds the rest of the run (Python, TensorFlow, JAX and the input pipeline).
-    # One CPU device: of several simulated ones, those whose allocations succeeded would wait
-    # in the step's collectives for the one whose allocation failed.
-    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, one_device)
+    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, one_cpu_device_env())
     assert limited.returncode == 1, limited.stderr[-3000:]
     assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
     (line,) = [x for x in limited.stderr.splitlines() if x.startswith("vit-train: ")]

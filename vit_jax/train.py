@@ -57,14 +57,12 @@ class OutOfDeviceMemoryError(RuntimeError):
     """A program of the run does not fit in device memory; the message says what to change."""
 
 
-def out_of_device_memory(error: Exception, saved: list[int]) -> OutOfDeviceMemoryError | None:
-    """`error` as an `OutOfDeviceMemoryError` naming the settings that need less memory and
-    the newest of the `saved` checkpoint steps, when it is XLA's RESOURCE_EXHAUSTED for
-    device memory (`device_memory_refusal`); None for any other error. XLA's report of the
-    largest buffers, when it gives one, is logged."""
+def out_of_device_memory(error: Exception, saved: list[int]) -> OutOfDeviceMemoryError:
+    """`error`, XLA's RESOURCE_EXHAUSTED for device memory (`device_memory_refusal` tells
+    it), as an `OutOfDeviceMemoryError` naming the settings that need less memory and the
+    newest of the `saved` checkpoint steps. XLA's report of the largest buffers, when it
+    gives one, is logged."""
     first = device_memory_refusal(error)
-    if first is None:
-        return None
     if report := str(error).strip().partition("\n")[2].strip():
         log.warning("XLA's report:\n%s", report)
     kept = (
@@ -234,9 +232,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         profile,
                     )
             except jax.errors.JaxRuntimeError as e:
-                if (error := out_of_device_memory(e, checkpointer.steps())) is None:
+                if device_memory_refusal(e) is None:
                     raise
-                raise error from e
+                checkpointer.wait()  # A save under way is among the intact ones once done.
+                raise out_of_device_memory(e, checkpointer.steps()) from e
             finally:
                 checkpointer.wait()
                 checkpointer.close()

@@ -229,6 +229,17 @@ def test_unprepared_tfds_dataset_is_a_clear_error_not_a_download(tmp_path):
         data.get_dataset_info("no_such_dataset", str(tmp_path))
 
 
+@pytest.mark.parametrize("path", ["/data/photos", "./photos", "../photos", "~/photos", "gs://b/p"])
+def test_a_folders_path_without_its_prefix_is_refused_naming_the_prefix(path):
+    """tfds refused such a name in a traceback of its own (`Parsing builder name string`)."""
+    with pytest.raises(
+        ValueError,
+        match=f"Unknown dataset '{path}': a path is no tfds name. An "
+        f"image folder is given as 'folder:{path}'",
+    ):
+        data.get_dataset_info(path, None)
+
+
 def test_image_folder_round_trip(tmp_path):
     where = make_folder(tmp_path, {"train": {"dog": 4, "cat": 3}, "test": {"cat": 2, "dog": 3}})
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")

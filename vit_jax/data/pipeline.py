@@ -85,7 +85,17 @@ def open_source(dataset: str, data_dir: str | None) -> Source:
     Cached because opening lists folders or reads tfds metadata, possibly on GCS. For an
     image folder, `data_dir` (if set) is where its manifest is kept; process 0 writes it
     and the others wait for it at a barrier, so every process of a run opens the source.
+
+    Raises:
+      ValueError: a path given without `folder:` (and `FolderSource`'s and `TfdsSource`'s
+        errors for what they cannot open).
     """
+    if dataset.startswith(("/", "./", "../", "~")) or "://" in dataset:
+        raise ValueError(
+            f"Unknown dataset {dataset!r}: a path is no tfds name. An image folder is given as "
+            f"'{FOLDER_PREFIX}{dataset}': its split folders (train/, test/) hold a folder of "
+            "images per class."
+        )
     if dataset.startswith(FOLDER_PREFIX):
         barrier = None
         if jax.process_count() > 1:

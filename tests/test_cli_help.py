@@ -28,7 +28,7 @@ HELP = {
     "vit-bench": [(mode, None) for mode in ("train", "infer", "input", "photos", "compile")]
     + [("--steps", "10"), ("--count", "1000")],
 }
-HEAVY = ("jax", "tensorflow", "flax", "orbax")
+HEAVY = ("jax", "tensorflow", "keras", "flax", "orbax")
 
 # Runs a console script's entry point in this interpreter; reports its exit status and which
 # heavy libraries it imported, as JSON on the last line of stderr.
@@ -251,6 +251,22 @@ def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
     assert re.match(rf"{name}( \w+)?: ", line), line  # The command (and its subcommand).
     assert message.format(tmp=tmp_path) in line, line
     assert not (tmp_path / "run").exists()  # Refused before anything was written.
+
+
+@pytest.mark.slow
+def test_a_command_loads_tensorflow_without_keras(tmp_path):
+    """TensorFlow imports Keras as it loads, matplotlib and scikit-learn with it (1.8 s of a
+    command's start on a 2-core CPU), unless told otherwise (cli.skip_keras)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    # Refused once the data is opened, after TensorFlow loaded.
+    command = [*TRAIN, "--config.dataset=no_such_dataset"]
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *(arg.format(tmp=tmp_path) for arg in command)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    assert report["status"] == 2 and "tensorflow" in report["heavy"], result.stderr[-3000:]
+    assert "keras" not in report["heavy"], report
 
 
 @pytest.mark.parametrize(

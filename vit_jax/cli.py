@@ -7,7 +7,8 @@
 - `--help` lists the command's own flags with their defaults and exits 0 before JAX or
   TensorFlow is imported: commands import those after parsing.
 - On a Linux machine with no accelerator, JAX runs on the CPU without first asking the
-  `compile` extra's plugins (libtpu, CUDA) for their devices (`skip_absent_accelerators`).
+  `compile` extra's plugins (libtpu, CUDA) for their devices (`skip_absent_accelerators`),
+  and TensorFlow loads without Keras (`skip_keras`): vit_jax uses tf.data alone.
 - A user error (a bad flag value, a config field that does not exist, a missing file, a
   checkpoint of another model) ends the command with one line, `PROG: what was wrong and
   how to fix it`, on stderr and exit status `USAGE_ERROR` (2). A traceback means a bug in
@@ -185,14 +186,29 @@ def skip_absent_accelerators() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def skip_keras() -> None:
+    """Keeps TensorFlow from importing Keras as it loads: 1.8 of the 5.3 s `import
+    tensorflow` took on a 2-core CPU (Keras 3 imports matplotlib and scikit-learn), in every
+    command that reads images. TensorFlow imports `keras.src.optimizers` at load time for
+    its SavedModel registry; with TF_USE_LEGACY_KERAS set it looks for the `tf_keras`
+    package instead and goes on without it when it is absent. The variable changes only what
+    `tf.keras` names, which vit_jax never uses. A value the user set is kept, and none is set
+    where `tf_keras` is installed (TensorFlow would load it instead)."""
+    if "TF_USE_LEGACY_KERAS" in os.environ or importlib.util.find_spec("tf_keras") is not None:
+        return
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+
 def run(prog: str, body: Callable[[], int | None]) -> int:
     """`body()`'s exit status, or `USAGE_ERROR` after one line on stderr for a user error.
 
     A ValueError counts as one only when vit_jax raised it (on purpose, with its message);
     one from inside a library (JAX, NumPy, ...) is a bug and keeps its traceback. JAX's
-    platforms are chosen first (`skip_absent_accelerators`).
+    platforms are chosen first (`skip_absent_accelerators`), and TensorFlow is kept from
+    importing Keras (`skip_keras`).
     """
     skip_absent_accelerators()
+    skip_keras()
     try:
         return body() or 0
     except USER_ERRORS as e:

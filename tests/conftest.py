@@ -1,6 +1,6 @@
-"""Every test sees 8 simulated CPU devices; TensorFlow never sees an accelerator; compiled
-programs are shared through JAX's persistent cache; a test that needs a missing extra is
-skipped, or fails under CI."""
+"""Every test sees 8 simulated CPU devices; TensorFlow never sees an accelerator and loads
+without Keras; compiled programs are shared through JAX's persistent cache; a test that needs
+a missing extra is skipped, or fails under CI."""
 
 import os
 import shutil
@@ -32,6 +32,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # (Flax's example tests do the same). It lowers the backend's (LLVM's) optimisation level;
 # sharding, collectives and results are the same programs'.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# TensorFlow loads without Keras here too, as in the commands (vit_jax.cli.skip_keras): the
+# tests' own processes and helper scripts import it outside a command.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 # The interop extra's torch build brings triton (a GPU kernel compiler), which crashes the
 # process when loaded after TensorFlow; torch on CPU never needs it, so it is kept out.

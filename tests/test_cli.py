@@ -1,13 +1,21 @@
-"""vit-predict and vit-export on a tiny trained run: output, preprocessing, round trip."""
+"""vit-predict and vit-export on a tiny trained run: output, preprocessing, round trip; the
+inference commands' line for a forward pass that does not fit in device memory."""
 
 import json
 import os
+import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import parse_predictions, random_params, small_local_config
+from helpers import (
+    one_cpu_device_env,
+    parse_predictions,
+    random_params,
+    run_limited,
+    small_local_config,
+)
 from PIL import Image
 
 from vit_jax import checkpoint, data, export, predict
@@ -104,6 +112,56 @@ def test_predict_reports_unreadable_files_and_goes_on(run, images, tmp_path, cap
 
     assert predict.main([*args, str(broken)]) == 1
     assert "no image could be classified" in capsys.readouterr().err
+
+
+# Forward passes of the tiny model too large for 12 GiB: 128 images at 256 px (4,097 tokens)
+# need 17 GB of attention weights, one at 1024 px (65,537 tokens) 34 GB.
+BATCH = ["--image_size", "256", "--batch_size", "128"]
+DIGITS = ["--dataset", "digits", "--data_dir", "{tfds}"]
+TOO_LARGE = {
+    "predict": ("vit_jax.predict:main", [*BATCH, "{test}"], "a smaller --batch_size (now 128)"),
+    "fewshot": (
+        "vit_jax.insight.cli:fewshot_main",
+        [*BATCH, *DIGITS, "--shots", "1"],
+        "a smaller --batch_size (now 128)",
+    ),
+    "distance": (
+        "vit_jax.insight.cli:visualize_main",
+        ["distance", *BATCH, *DIGITS, "--num_images", "128", "--out", "{tmp}/d.png"],
+        "a smaller --batch_size (now 128)",
+    ),
+    "rollout": (
+        "vit_jax.insight.cli:visualize_main",
+        ["rollout", "--image_size", "1024", "{test}/0", "--out", "{tmp}/r.png"],
+        "fewer images (--num_images, now 6, or fewer files named)",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", TOO_LARGE)
+def test_a_forward_pass_the_device_memory_cannot_hold_ends_in_one_line_naming_the_lever(
+    run, images, tmp_path, case
+):
+    """Beyond 12 GiB of address space (RLIMIT_AS fails XLA's CPU allocation with the
+    RESOURCE_EXHAUSTED a GPU gives), status 1 and one line. Before: a traceback."""
+    workdir, config = run
+    entry, args, lever = TOO_LARGE[case]
+    module, function = entry.split(":")
+    where = {"test": images / "test", "tfds": config.data_dir, "tmp": tmp_path}
+    command = [
+        sys.executable, "-c", f"import sys, {module} as m; sys.exit(m.{function}())",
+        *[arg.format(**where) for arg in args], "--checkpoint", workdir,
+    ]  # fmt: skip
+    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, one_cpu_device_env())
+    assert limited.returncode == 1, limited.stderr[-3000:]
+    assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    (line,) = [x for x in limited.stderr.splitlines() if "does not fit" in x]
+    prog = "vit-" + ("visualize" if entry.endswith("visualize_main") else case)
+    assert line.startswith(
+        f"{prog}: the forward pass does not fit in device memory (RESOURCE_EXHAUSTED: "
+    ), line
+    assert line.endswith(f"To fit: {lever}."), line
 
 
 def test_predict_finds_each_image_of_a_folder_once_in_order(tmp_path):

@@ -199,13 +199,15 @@ def skip_keras() -> None:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 
-def run(prog: str, body: Callable[[], int | None]) -> int:
+def run(prog: str, body: Callable[[], int | None], memory_lever: str | None = None) -> int:
     """`body()`'s exit status, or `USAGE_ERROR` after one line on stderr for a user error.
 
     A ValueError counts as one only when vit_jax raised it (on purpose, with its message);
-    one from inside a library (JAX, NumPy, ...) is a bug and keeps its traceback. JAX's
-    platforms are chosen first (`skip_absent_accelerators`), and TensorFlow is kept from
-    importing Keras (`skip_keras`).
+    one from inside a library (JAX, NumPy, ...) is a bug and keeps its traceback. With a
+    `memory_lever` (what makes the command's forward pass smaller, e.g. "a smaller
+    --batch_size (now 32)"), a forward pass that does not fit in device memory ends the
+    command with one line naming it, and status 1. JAX's platforms are chosen first
+    (`skip_absent_accelerators`), and TensorFlow is kept from importing Keras (`skip_keras`).
     """
     skip_absent_accelerators()
     skip_keras()
@@ -216,6 +218,19 @@ def run(prog: str, body: Callable[[], int | None]) -> int:
             raise
         print(f"{prog}: {_message(e)}", file=sys.stderr)
         return USAGE_ERROR
+    except RuntimeError as e:  # JAX's errors (JaxRuntimeError) among them.
+        if memory_lever is None:
+            raise
+        from vit_jax.trainer import device_memory_refusal  # JAX is loaded by now.
+
+        if (refusal := device_memory_refusal(e)) is None:
+            raise
+        print(
+            f"{prog}: the forward pass does not fit in device memory ({refusal.rstrip('.')}). "
+            f"To fit: {memory_lever}.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _raised_here(error: BaseException) -> bool:

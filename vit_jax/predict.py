@@ -62,7 +62,9 @@ def classifier(
 
     squash = jax.nn.sigmoid if run.get("loss") == "sigmoid_xent" else jax.nn.softmax
     apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, scale_images(x), train=False)))
-    return lambda images: np.asarray(apply(params, images))
+    # Waited for before NumPy reads it: XLA's error (an allocation that failed) is raised
+    # there, where NumPy's read of a failed CPU array would abort the process.
+    return lambda images: np.asarray(jax.block_until_ready(apply(params, images)))
 
 
 def find_images(paths: Sequence[str]) -> Iterator[str]:
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         "--batch_size", type=cli.positive_int, default=32, help="Images per forward pass."
     )
     args = parser.parse_args(argv)
-    return cli.run("vit-predict", lambda: _predict(args))
+    lever = f"a smaller --batch_size (now {args.batch_size})"
+    return cli.run("vit-predict", lambda: _predict(args), memory_lever=lever)
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -97,7 +97,8 @@ def fewshot_main(argv: Sequence[str] | None = None) -> int:
     )
     _add_data_dir_flag(parser)
     args = parser.parse_args(argv)
-    return cli.run("vit-fewshot", lambda: _fewshot(args))
+    lever = f"a smaller --batch_size (now {args.batch_size})"
+    return cli.run("vit-fewshot", lambda: _fewshot(args), memory_lever=lever)
 
 
 def _fewshot(args: argparse.Namespace) -> int:
@@ -169,4 +170,10 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
         print(f"Wrote {args.out}.")
         return 0
 
-    return cli.run("vit-visualize", draw)
+    # The figures that run the model: rollout on all its images at once, distance in batches.
+    lever = None
+    if args.figure == "rollout":
+        lever = f"fewer images (--num_images, now {args.num_images}, or fewer files named)"
+    elif args.figure == "distance":
+        lever = f"a smaller --batch_size (now {args.batch_size})"
+    return cli.run("vit-visualize", draw, memory_lever=lever)

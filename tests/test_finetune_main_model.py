@@ -6,6 +6,7 @@ model the recipe names: the architecture comes from the checkpoint.
 """
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -154,21 +155,31 @@ def test_a_workdir_from_before_the_size_fields_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_fine_tuning_run_resumes_when_its_model_init_file_is_gone(
+def test_a_fine_tuning_run_resumes_without_reading_its_model_init_again(
     main_job, images, tmp_path, caplog
 ):
-    """A pretrained file on a preempted VM's local disk is gone at the restart: the run
-    resumes from its own checkpoints with the architecture it saved. Without a checkpoint
-    to resume, its absence is still an error, before anything is written."""
+    """A restart resumes from the run's own checkpoints with the architecture it saved and
+    never reads the pretrained file again (before: read on every restart, on every host),
+    so it resumes when the file is unreadable or gone (a preempted VM's local disk).
+    Without a checkpoint to resume, its absence is still an error, before anything is
+    written."""
+    caplog.set_level(logging.INFO, logger="vit_jax.train")
     source = _source(main_job, "npz", tmp_path)
     recipe = f"dataset={images},model_init={source},local=true"
     workdir = str(tmp_path / "finetuned")
     first = train_and_evaluate(load_recipe("finetune.py", f"{recipe},steps=2"), workdir)
+    with open(source, "wb") as f:  # Before: ValueError, a file in no layout read_weights reads.
+        f.write(b"not an npz")
+    config = load_recipe("finetune.py", f"{recipe},steps=3")
+    config.allow_config_change = "total_steps"
+    train_and_evaluate(config, workdir)
+    assert (
+        f"Resuming {workdir} from its checkpoints, with the architecture it saved: " in caplog.text
+    )
     os.remove(source)
     config = load_recipe("finetune.py", f"{recipe},steps=4")
     config.allow_config_change = "total_steps"
     final = train_and_evaluate(config, workdir)
-    assert f"No checkpoint at {source} (model_init): resuming" in caplog.text
     assert checkpoint.load_metadata(workdir)["model"]["width"] == ARCHITECTURE["width"]
     assert final.keys() == first.keys() and (tmp_path / "finetuned/checkpoints/4").is_dir()
     with pytest.raises(FileNotFoundError, match="No checkpoint at .*model.npz"):

@@ -121,10 +121,10 @@ def _initial_state(
     if pretrained is not None:
         log.info("Initialised from %s.", config.model_init)
         return trainer.init_state(pretrained)
-    if config.model_init:  # Its file gone, and the checkpoints with it since the start.
+    if config.model_init:  # Not read, as the workdir held checkpoints, gone since the start.
         raise FileNotFoundError(
-            f"No checkpoint at {config.model_init}, and none left in the workdir to resume "
-            "from: restore model_init's file."
+            f"The checkpoints of this workdir are gone since the run started, and "
+            f"model_init ({config.model_init}) was not read: start the run again."
         )
     return trainer.init_state()
 
@@ -135,29 +135,28 @@ def _with_model_init(
     """A copy of `config` whose model has the architecture `config.model_init` fixes, and
     the weights read from it.
 
-    A resume whose model_init is gone (a file on the local disk of a preempted VM) takes
-    the architecture its workdir saved and no weights: its checkpoints hold the state.
+    A resume reads no weights (None) and takes the architecture its workdir saved: its
+    checkpoints hold the state, or the run stops over them (`restore_newest_readable`).
+    So a restarted pod job does not read a pretrained file of hundreds of MB to GBs on
+    every host again, and resumes when that file is gone (a preempted VM's local disk).
 
     Raises:
       FileNotFoundError: nothing at model_init, and no checkpoint in `workdir` to resume.
       ValueError: a model_init file in no layout `checkpoint.read_weights` reads.
     """
     config = config.copy_and_resolve_references()
-    try:
-        weights = checkpoint.read_weights(config.model_init)
-    except FileNotFoundError:
-        saved = resumed_model(workdir)
-        if saved is None:
-            raise
-        log.warning(
-            "No checkpoint at %s (model_init): resuming %s from its own checkpoints, with "
-            "the architecture it saved.",
-            config.model_init,
+    saved = resumed_model(workdir)
+    if saved is not None:
+        log.info(
+            "Resuming %s from its checkpoints, with the architecture it saved: model_init "
+            "(%s) is not read again.",
             workdir,
+            config.model_init,
         )
         architecture = set(checkpoint.ARCHITECTURE_FIELDS) & saved.keys() & set(config.model.keys())
         config.model.update({key: saved[key] for key in architecture})
         return config, None
+    weights = checkpoint.read_weights(config.model_init)
     config.model.update(checkpoint.model_init_changes(config.model, weights))
     return config, weights
 
@@ -192,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
         trainer = Trainer(config, mesh, info.num_classes, steps)
         pretrained = None
-        if weights is not None:  # Read on a resume too: the price of refusing before claiming.
+        if weights is not None:  # A first start: read before the workdir is claimed.
             pretrained = checkpoint.load_pretrained(
                 weights,
                 init_params=trainer.abstract_state().params,

@@ -101,6 +101,14 @@ USER_ERRORS = {
         ("vit-train", "--config", RECIPE, "--workdir", "a_file"),
         "--workdir {tmp}/a_file is a file",
     ),
+    "workdir under a file": (
+        ("vit-train", "--config", RECIPE, "--workdir", "a_file/run"),
+        "--workdir {tmp}/a_file/run lies under {tmp}/a_file, a file: name a new or existing",
+    ),
+    "bench trace under a file": (
+        ("vit-bench", "train", "--config", RECIPE, "--profile", "a_file/trace"),
+        "--profile a_file/trace lies under a_file, a file: name a new or existing directory.",
+    ),
     "mesh axis of size 0": (
         ("vit-bench", "train", "--config", RECIPE, "--config.mesh.fsdp=0"),
         "config.mesh.fsdp=0: an axis size must be a whole number >= 1, or -1",

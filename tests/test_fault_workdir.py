@@ -13,6 +13,7 @@ from vit_jax.workdir import (
     LOCK_FILE,
     ConfigChangedError,
     WorkdirLockedError,
+    WorkdirUnwritableError,
     _process_start,
     check_config,
     claim,
@@ -37,6 +38,27 @@ def test_second_run_is_refused_and_named(tmp_path):
             with claim(str(tmp_path)):
                 pass
     assert not (tmp_path / LOCK_FILE).exists()  # Released at the end of the run.
+
+
+@pytest.mark.parametrize(
+    "where, reason",
+    [("/proc/vit_jax_run", "No such file or directory"), ("a_file/run", "is not a directory")],
+)
+def test_a_workdir_that_cannot_be_created_is_named_with_the_file_systems_reason(
+    tmp_path, where, reason
+):
+    """Before: TensorFlow's error in a traceback (a gs:// bucket that refuses this machine
+    ends there the same way)."""
+    (tmp_path / "a_file").write_text("")
+    workdir = os.path.join(tmp_path, where)
+    with pytest.raises(WorkdirUnwritableError) as refused:
+        with claim(workdir):
+            pass
+    message = str(refused.value)
+    assert message.startswith(f"Cannot create the workdir {workdir} (") and reason in message
+    assert message.endswith(
+        "check that it lies on a writable file system, or use another --workdir."
+    )
 
 
 def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):

@@ -86,14 +86,21 @@ def is_local_file(path: str) -> bool:
 
 
 def check_directory(flag: str, path: str) -> None:
-    """Refuses a local `path` that exists but is no directory, where a command writes a
-    folder.
+    """Refuses a local `path` where a command writes a folder and none can be made: the
+    path, or a folder above it, is a file.
 
     Raises:
-      UsageError: naming the flag and the path.
+      UsageError: naming the flag, the path and the file in the way.
     """
     if is_local_file(path):
         raise UsageError(f"{flag} {path} is a file: name a new or existing directory.")
+    above = os.path.dirname(path)
+    while "://" not in path and above != os.path.dirname(above) and not os.path.isdir(above):
+        if os.path.exists(above):
+            raise UsageError(
+                f"{flag} {path} lies under {above}, a file: name a new or existing directory."
+            )
+        above = os.path.dirname(above)
 
 
 def absolute_dataset(name: str) -> str:

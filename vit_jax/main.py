@@ -118,14 +118,18 @@ def _main(argv: list[str]) -> int:
     from vit_jax.checkpoint.manager import CheckpointNotSavedError
     from vit_jax.data.folder_manifest import FolderUnreadableError
     from vit_jax.train import OutOfDeviceMemoryError, train_and_evaluate
-    from vit_jax.workdir import UnreadableCheckpointsError, WorkdirLockedError
+    from vit_jax.workdir import (
+        UnreadableCheckpointsError,
+        WorkdirLockedError,
+        WorkdirUnwritableError,
+    )
 
     try:
         final = train_and_evaluate(config, workdir)
     except Preempted as e:
         log.warning("%s Exit status %d.", e, PREEMPTED_EXIT_STATUS)
         return PREEMPTED_EXIT_STATUS
-    except WorkdirLockedError as e:  # Another run holds it: the user picks another workdir.
+    except (WorkdirLockedError, WorkdirUnwritableError) as e:  # The user picks another.
         raise cli.UsageError(str(e)) from None
     except (
         FloatingPointError,

@@ -76,6 +76,11 @@ class WorkdirLockedError(RuntimeError):
     """Another run holds the workdir."""
 
 
+class WorkdirUnwritableError(RuntimeError):
+    """The workdir cannot be created or its lock written: a bucket that does not exist or
+    refuses this machine's credentials, no network, a read-only file system."""
+
+
 class ConfigChangedError(ValueError):
     """A resume-contract field differs from the one the run was started with."""
 
@@ -198,11 +203,22 @@ def claim(workdir: str) -> Iterator[None]:
     path = os.path.join(workdir, LOCK_FILE)
     mine, error = None, None
     if jax.process_index() == 0:
-        tf.io.gfile.makedirs(workdir)
         try:
+            tf.io.gfile.makedirs(workdir)
             mine = _take_lock(path)
         except WorkdirLockedError as e:
             error = e
+        except tf.errors.OpError as e:  # The file system's refusal, in TensorFlow's words.
+            hint = (
+                "check that the bucket exists and that this machine's credentials may write "
+                "to it (`gcloud storage ls` it from here)"
+                if workdir.startswith("gs://")
+                else "check that it lies on a writable file system"
+            )
+            error = WorkdirUnwritableError(
+                f"Cannot create the workdir {workdir} ({e.message.splitlines()[0]}): {hint}, "
+                "or use another --workdir."
+            )
     if not _all_processes_agree(error is None):
         raise error or WorkdirLockedError(f"Process 0 could not lock {workdir}; see its log.")
     try:

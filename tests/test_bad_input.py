@@ -281,7 +281,8 @@ CASES = {
     "unknown eval split (was refused at the first evaluation, in a workdir made)": Case(
         lambda p: _train(p, eval_split="validation"),
         ValueError,
-        r"^Cannot read split 'validation' of tfds dataset 'digits': Unknown split",
+        r"^Cannot read split 'validation' of tfds dataset 'digits': Unknown split .* Name one "
+        r"of its splits with --config.train_split or --config.eval_split",
         setup=_prepared_digits,
     ),
     # Preprocessing, refused before the data is prepared or the workdir made.

@@ -10,6 +10,7 @@ from helpers import data_config, make_folder
 
 import vit_jax.data as data
 from vit_jax import cli
+from vit_jax.data.source import SPLIT_FLAGS
 
 DIGITS_TRAIN_PER_CLASS = [142, 145, 141, 146, 144, 145, 144, 143, 139, 144]
 DIGITS_TEST_PER_CLASS = [36, 37, 36, 37, 37, 37, 37, 36, 35, 36]
@@ -289,8 +290,9 @@ def test_image_folder_errors(tmp_path):
     config = data_config(None, dataset=f"folder:{tmp_path / 'c'}", eval_batch_size=2)
     with pytest.raises(
         ValueError, match=r"folder .*/c: Unknown split 'test'. Should be one of \['train'\]"
-    ):
+    ) as refused:
         data.num_eval_batches(config, 1)
+    assert str(refused.value).endswith(SPLIT_FLAGS)
 
 
 def test_mocked_tfds_dataset_flows_through_both_streams(tmp_path):

@@ -28,7 +28,7 @@ from vit_jax.data.folder_manifest import (
     manifest_path,
     validated_listing,
 )
-from vit_jax.data.source import DatasetInfo, Split
+from vit_jax.data.source import SPLIT_FLAGS, DatasetInfo, Split
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class FolderSource:
         except (ValueError, KeyError) as e:
             raise ValueError(
                 f"Cannot read image folder {self.root}: {e} Its splits are its subdirectories "
-                f"({self.root}/<split>/<class>/<image>)."
+                f"({self.root}/<split>/<class>/<image>). {SPLIT_FLAGS}"
             ) from e
         return [
             (

@@ -14,6 +14,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 Split = tfds.typing.SplitArg  # "train", "train[:90%]", tfds.even_splits(...)[i], ...
+# Where a split is named, for a message about a split the dataset lacks.
+SPLIT_FLAGS = (
+    "Name one of its splits with --config.train_split or --config.eval_split (vit-train; a "
+    "few-shot dataset's in --config.fewshot.datasets), --train_split and --test_split "
+    "(vit-fewshot) or --split (vit-visualize)."
+)
 
 
 @dataclasses.dataclass(frozen=True)

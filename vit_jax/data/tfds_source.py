@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import embedded
-from vit_jax.data.source import DatasetInfo, Split
+from vit_jax.data.source import SPLIT_FLAGS, DatasetInfo, Split
 
 
 class _DropTfdsNoise(logging.Filter):
@@ -86,7 +86,8 @@ class TfdsSource:
             return self._builder.info.splits[split].num_examples
         except (ValueError, KeyError) as e:  # tfds: "Unknown split 'x'. Should be one of [...]".
             raise ValueError(
-                f"Cannot read split {split!r} of tfds dataset {self._builder.name!r}: {e}"
+                f"Cannot read split {split!r} of tfds dataset {self._builder.name!r}: {e} "
+                f"{SPLIT_FLAGS}"
             ) from None
 
     def records(self, split: Split) -> tf.data.Dataset:

@@ -181,7 +181,7 @@ CASES = {
     "recipe argument of the wrong type": Case(
         lambda p: load_recipe("local.py", "steps=many"),
         ValueError,
-        r"steps='many': expected a int",
+        r"steps='many': expected an integer",
     ),
     "stochastic_depth=1 (always NaN)": Case(
         lambda p: _trainer(p, **{"model.stochastic_depth": 1.0}),

@@ -29,7 +29,7 @@ def test_recipe_arguments():
     assert (args.steps, args.dataset, args.flag) == (10, "digits", True)
     with pytest.raises(ValueError, match="Bad recipe argument 'stepz=3'"):
         parse_args("stepz=3", {"steps": 1})
-    with pytest.raises(ValueError, match="steps='ten': expected a int"):
+    with pytest.raises(ValueError, match="steps='ten': expected an integer"):
         parse_args("steps=ten", {"steps": 1})
 
 

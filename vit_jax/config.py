@@ -233,7 +233,6 @@ def parse_args(arg: str | None, defaults: dict[str, Any]) -> ml_collections.Conf
             try:
                 args[key] = type(default)(value)
             except ValueError as e:
-                raise ValueError(
-                    f"Recipe argument {key}={value!r}: expected a {type(default).__name__}."
-                ) from e
+                kind = "an integer" if isinstance(default, int) else "a number"  # str never fails.
+                raise ValueError(f"Recipe argument {key}={value!r}: expected {kind}.") from e
     return args

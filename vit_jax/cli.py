@@ -94,8 +94,8 @@ def check_directory(flag: str, path: str) -> None:
     """
     if is_local_file(path):
         raise UsageError(f"{flag} {path} is a file: name a new or existing directory.")
-    above = os.path.dirname(path)
-    while "://" not in path and above != os.path.dirname(above) and not os.path.isdir(above):
+    above = "" if "://" in path else os.path.dirname(path)  # A URL's folders are not local.
+    while above != os.path.dirname(above) and not os.path.isdir(above):
         if os.path.exists(above):
             raise UsageError(
                 f"{flag} {path} lies under {above}, a file: name a new or existing directory."

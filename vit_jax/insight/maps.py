@@ -19,6 +19,7 @@ from vit_jax.metrics import parse_record
 from vit_jax.models import VisionTransformer, scale_images
 from vit_jax.models.resnet import standardize
 from vit_jax.models.vit import sincos2d_posemb
+from vit_jax.predict import host_arrays
 
 
 class Attention(NamedTuple):
@@ -53,17 +54,10 @@ def patch_grid(model: VisionTransformer, image_size: int) -> tuple[int, int]:
     return side, side
 
 
-def _ready(outputs: Any) -> Any:
-    """`outputs` once computed; XLA's error (an allocation that failed) raised here. NumPy
-    reads a CPU array through the buffer protocol, where JAX aborts the process on an array
-    whose computation failed (a failed check, no exception)."""
-    return jax.block_until_ready(outputs)
-
-
 def attention_fn(model: VisionTransformer) -> Callable[[Any, jax.Array], Attention]:
     """A jitted `(params, uint8 images) -> Attention`: scanned or not, plain or hybrid."""
     jitted = jax.jit(_attention(model))
-    return lambda params, images: Attention(*map(np.asarray, _ready(jitted(params, images))))
+    return lambda params, images: Attention(*host_arrays(jitted(params, images)))
 
 
 def attention_distance_fn(
@@ -80,7 +74,7 @@ def attention_distance_fn(
         return mean_attention_distance(attention(params, images)[0], grid, patch_pixels)
 
     jitted = jax.jit(distance)
-    return lambda params, images: np.asarray(_ready(jitted(params, images)))
+    return lambda params, images: host_arrays(jitted(params, images))
 
 
 def _attention(model: VisionTransformer) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:

@@ -2,6 +2,9 @@
 registry, step metadata): keep-N, and workdirs written with the API used before (max_to_keep,
 item_handlers) still restore, state, parameters and metadata alike."""
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -137,3 +140,28 @@ def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_step(tmp_path):
     (tmp_path / "checkpoints").write_text("")
     with pytest.raises(NotADirectoryError, match=r"checkpoints is a file, where the run keeps"):
         Checkpointer(str(tmp_path), keep=2)
+
+
+IMPORT_THEN_CHECKPOINTER = """
+import logging, sys
+import vit_jax.checkpoint.manager as manager
+
+def installed():
+    filters = [f for name in ("absl", "asyncio") for f in logging.getLogger(name).filters]
+    return len(filters), sys.unraisablehook is sys.__unraisablehook__
+
+print(installed())
+manager.Checkpointer(sys.argv[1], keep=1).close()
+manager.Checkpointer(sys.argv[1], keep=1).close()
+print(installed())
+"""
+
+
+def test_importing_the_checkpoints_leaves_logging_and_hooks_as_they_were(tmp_path):
+    """The filter and hook that drop a failed save's echoes are a run's, installed once by its
+    first Checkpointer: a library user who imports vit_jax keeps their own."""
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_THEN_CHECKPOINTER, str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    assert out[:2] == ["(0, True)", "(2, False)"]

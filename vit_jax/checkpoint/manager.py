@@ -10,6 +10,7 @@ waits for it (the next save, `wait` or `close`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -64,9 +65,13 @@ def _drop_closed_loop_callbacks(previous_hook: Callable[[Any], None]) -> Callabl
     return hook
 
 
-for _logger in ("absl", "asyncio"):
-    logging.getLogger(_logger).addFilter(_DropSaveFailureEchoes())
-sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+@functools.cache
+def _drop_save_failure_echoes() -> None:
+    """Installs the filter and the hook above, once per process: by the first `Checkpointer`,
+    so that importing vit_jax leaves a library user's logging and hooks as they were."""
+    for logger in ("absl", "asyncio"):
+        logging.getLogger(logger).addFilter(_DropSaveFailureEchoes())
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 class CheckpointMismatchError(ValueError):
@@ -108,6 +113,7 @@ class Checkpointer:
                 f"{directory} is a file, where the run keeps its checkpoints: move it away, "
                 "or use another --workdir."
             )
+        _drop_save_failure_echoes()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=async_save,

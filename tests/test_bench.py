@@ -15,7 +15,7 @@ from vit_jax.bench.photos import make_photo_folder
 TINY = ["--config", os.path.join(REPO, "configs", "local.py"), "--config.batch_size=16",
         "--config.eval_batch_size=16", "--steps", "2"]  # fmt: skip
 STEP_FIELDS = {
-    "mode", "model", "image_size", "batch_size", "dtype", "attention_impl", "scan",
+    "mode", "model", "image_size", "batch_size", "num_classes", "dtype", "attention_impl", "scan",
     "remat_policy", "mesh", "sharding_rules", "device_kind", "num_devices", "jax_version",
     "compile_s", "step_s", "img_per_s", "tflops_per_device", "peak_tflops_per_device", "mfu",
     "peak_bytes_per_device",
@@ -70,18 +70,25 @@ def vit_forward_flops(image, patch, width, depth, mlp_dim, classes) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["train", "infer"])
-def test_step_figures_match_a_known_step_time_and_a_hand_count(mode):
-    figures = bench(mode, *TINY, "--peak_tflops", "1", prelude=BLOCK_TENSORFLOW + SLEEPING_STEPS)
+@pytest.mark.parametrize(
+    "mode, head, classes", [("train", [], 10), ("infer", ["--num_classes", "1000"], 1000)]
+)
+def test_step_figures_match_a_known_step_time_and_a_hand_count(mode, head, classes):
+    """The head is the recipe's dataset's (mnist5k: 10 classes), as in `vit-bench compile`'s
+    program of the same flags, or --num_classes."""
+    figures = bench(
+        mode, *TINY, *head, "--peak_tflops", "1", prelude=BLOCK_TENSORFLOW + SLEEPING_STEPS
+    )
     assert set(figures) >= STEP_FIELDS
     assert figures["mode"] == mode and figures["batch_size"] == 16
+    assert figures["num_classes"] == classes
     assert figures["num_devices"] == 8 and figures["device_kind"] == "cpu"
     # Each timed step took SLEEP_S and nothing else: warm-up and compilation left out.
     assert SLEEP_S <= figures["step_s"] < SLEEP_S + 0.1
     assert 16 / (SLEEP_S + 0.1) < figures["img_per_s"] <= 16 / SLEEP_S
-    # configs/local.py: Ti/7 at 28 px (16 patches), width 64, 4 blocks, MLP 256; vit-bench's
-    # 1,000-class head. Training counts the backward pass as twice the forward.
-    flops = 16 * vit_forward_flops(28, 7, 64, 4, 256, 1000) * (3 if mode == "train" else 1)
+    # configs/local.py: Ti/7 at 28 px (16 patches), width 64, 4 blocks, MLP 256. Training
+    # counts the backward pass as twice the forward.
+    flops = 16 * vit_forward_flops(28, 7, 64, 4, 256, classes) * (3 if mode == "train" else 1)
     assert figures["model_flops_per_step"] == flops
     per_device = flops / 8 / figures["step_s"] / 1e12
     assert figures["tflops_per_device"] == pytest.approx(per_device, rel=1e-6)

@@ -230,6 +230,10 @@ USER_ERRORS = {
         ("vit-bench", "compile", "--target", "h100x1", "--config", RECIPE, "--num_classes", "0"),
         "flag --num_classes=0: 0 is not a positive integer",
     ),
+    "bench, a head of classes no one named": (
+        ("vit-bench", "train", "--config", RECIPE, "--config.dataset=folder:{tmp}/photos"),
+        "Pass --num_classes: the class count of 'folder:{tmp}/photos' is not known.",
+    ),
 }
 
 
@@ -239,6 +243,7 @@ NEEDS_JAX = (
     "predict, missing checkpoint",
     "visualize, not a workdir",
     "visualize, a file that is no image",
+    "bench, a head of classes no one named",
 )
 
 

@@ -57,7 +57,7 @@ _SLICES = flags.DEFINE_integer("slices", 1, "compile: TPU slices (multi-slice ov
 _NUM_CLASSES = flags.DEFINE_integer(
     "num_classes",
     None,
-    "compile: classes of the head (default: the recipe's dataset's).",
+    "train, infer, compile: classes of the head (default: the recipe's dataset's).",
     lower_bound=1,
 )
 _SWEEP = flags.DEFINE_bool(
@@ -125,7 +125,9 @@ def _main(argv: list[str]) -> int | None:
     from vit_jax.trainer import TRAIN_STEP_LEVERS, device_memory_refusal
 
     try:
-        figures = benchmark_steps(_CONFIG.value, mode, _STEPS.value, _PEAK.value, _PROFILE.value)
+        figures = benchmark_steps(
+            _CONFIG.value, mode, _STEPS.value, _PEAK.value, _PROFILE.value, _NUM_CLASSES.value
+        )
     except jax.errors.JaxRuntimeError as e:
         if (refusal := device_memory_refusal(e)) is None:
             raise

@@ -29,15 +29,10 @@ import ml_collections
 from vit_jax import parallel
 from vit_jax.bench import hlo
 from vit_jax.bench.peaks import peak_tflops
+from vit_jax.bench.steps import num_classes_of
 from vit_jax.bench.targets import GIB, Target, compiler_version, topology_devices
 from vit_jax.trainer import Trainer, compiled_memory, device_memory_refusal
 
-# Classes of the datasets the recipes name; others need --num_classes.
-NUM_CLASSES = {
-    "imagenet21k": 21843, "imagenet2012": 1000, "jft": 18291, "cifar10": 10,
-    "cifar100": 100, "oxford_iiit_pet": 37, "oxford_flowers102": 102, "mnist5k": 10,
-    "digits": 10,
-}  # fmt: skip
 FITS, DOES_NOT_FIT = 0, 3  # `vit-bench compile`'s exit status, for launch scripts to gate on.
 # The TPU compiler recomputes parts of a program that needs more than 95% of HBM until it
 # fits: the step then runs slower than it reads, and its memory figure says where the
@@ -49,14 +44,6 @@ AS_WRITTEN = {REMAT_TARGET_FLAG: 1000}
 # A step that needs more than this share of HBM as written is compiled again with the
 # compiler's defaults, which may recompute to fit it.
 AS_WRITTEN_SHARE = 0.9
-
-
-def num_classes_of(config: ml_collections.ConfigDict, given: int | None) -> int:
-    if given:
-        return given
-    if config.dataset in NUM_CLASSES:
-        return NUM_CLASSES[config.dataset]
-    raise ValueError(f"Pass --num_classes: the class count of {config.dataset!r} is not known.")
 
 
 def abstract_batch(config, trainer: Trainer, size: int, eval_mask: bool) -> dict:

@@ -21,15 +21,37 @@ from vit_jax import parallel
 from vit_jax.bench.peaks import peak_tflops
 from vit_jax.trainer import Trainer, compiled_memory
 
-NUM_CLASSES = 1000
+# Classes of the datasets the recipes name; others need --num_classes.
+NUM_CLASSES = {
+    "imagenet21k": 21843, "imagenet2012": 1000, "jft": 18291, "cifar10": 10,
+    "cifar100": 100, "oxford_iiit_pet": 37, "oxford_flowers102": 102, "mnist5k": 10,
+    "digits": 10,
+}  # fmt: skip
 
 
-def _synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, eval_mask: bool) -> dict:
+def num_classes_of(config: ml_collections.ConfigDict, given: int | None) -> int:
+    """The head's classes in a program of `config` compiled or timed without its data:
+    `given` (--num_classes), else its dataset's. `vit-bench train` and `compile` share it,
+    so that the program timed on a device is the one predicted for it.
+
+    Raises:
+      ValueError: neither is known (an image folder, a dataset not in NUM_CLASSES).
+    """
+    if given:
+        return given
+    if config.dataset in NUM_CLASSES:
+        return NUM_CLASSES[config.dataset]
+    raise ValueError(f"Pass --num_classes: the class count of {config.dataset!r} is not known.")
+
+
+def _synthetic_batch(
+    config: ml_collections.ConfigDict, batch_size: int, num_classes: int, eval_mask: bool
+) -> dict:
     rng = np.random.default_rng(0)
     size = config.image_size
     batch = {
         "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
     }
     if eval_mask:
         batch["mask"] = np.ones(batch_size, np.float32)
@@ -62,18 +84,22 @@ def benchmark_steps(
     steps: int,
     peak: float | None = None,
     profile_dir: str | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Figures of `mode` "train" (one optimizer step) or "infer" (forward at eval batch);
-    with `profile_dir`, a profiler trace of the timed steps there."""
+    with `profile_dir`, a profiler trace of the timed steps there. The head has
+    `num_classes_of(config, num_classes)` classes."""
     if mode not in ("train", "infer"):
         raise ValueError(f"mode={mode!r}: choose 'train' or 'infer'.")
+    classes = num_classes_of(config, num_classes)
     # A schedule long enough for the recipe's warmup; the timed steps don't depend on it.
     total_steps = config.optim.warmup_steps + steps + 10
     mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
-    trainer = Trainer(config, mesh, num_classes=NUM_CLASSES, total_steps=total_steps)
+    trainer = Trainer(config, mesh, num_classes=classes, total_steps=total_steps)
     batch_size = config.batch_size if mode == "train" else config.eval_batch_size
     batch = parallel.to_global(
-        _synthetic_batch(config, batch_size, eval_mask=mode == "infer"), trainer.batch_sharding
+        _synthetic_batch(config, batch_size, classes, eval_mask=mode == "infer"),
+        trainer.batch_sharding,
     )
     if mode == "train":
         holder = {"state": trainer.init_state()}
@@ -111,6 +137,7 @@ def benchmark_steps(
         "model": config.model.name,
         "image_size": config.image_size,
         "batch_size": batch_size,
+        "num_classes": classes,
         "dtype": dtype,
         "attention_impl": config.model.attention_impl,
         "scan": bool(config.model.scan),

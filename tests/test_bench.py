@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import BLOCK_TENSORFLOW, REPO, one_cpu_device_env, run_limited
+from helpers import BLOCK_TENSORFLOW, REPO, one_cpu_device_env, run_limited, vit_forward_flops
 from PIL import Image
 
 from vit_jax.bench.peaks import peak_tflops
@@ -57,16 +57,6 @@ for _name in ("compile_train_step", "compile_eval_step"):
         return _Sleeping(_compile(self, *args))
     setattr(Trainer, _name, _sleeping)
 """
-
-
-def vit_forward_flops(image, patch, width, depth, mlp_dim, classes) -> int:
-    """2 x multiply-adds of one image's matmuls through a class-token ViT, counted by hand."""
-    patches = (image // patch) ** 2
-    tokens = patches + 1
-    embedding = 2 * patches * (patch * patch * 3) * width
-    attention = 2 * tokens * width * (3 * width) + 2 * (2 * tokens * tokens * width)
-    block = attention + 2 * tokens * width * width + 2 * (2 * tokens * width * mlp_dim)
-    return embedding + depth * block + 2 * width * classes
 
 
 @pytest.mark.slow

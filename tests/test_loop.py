@@ -13,7 +13,7 @@ import evaluator_support
 import jax
 import numpy as np
 import pytest
-from helpers import load_recipe, small_local_config
+from helpers import load_recipe, small_local_config, vit_forward_flops
 
 from vit_jax import train
 from vit_jax.bench.steps import benchmark_steps
@@ -50,6 +50,43 @@ def test_chrono_keeps_periodic_work_out_of_the_step_time():
     # The ETA counts the pauses at their rate so far: (1.75 + 100 / 4) s for 6 steps.
     assert metrics["train/eta_s"] == (1.75 + 25.0) * 6
     assert "time/eval_s" not in chrono.report(5)  # Each window reports its own pauses.
+    assert "train/tflops_per_device" not in metrics and "train/mfu" not in metrics
+
+
+def test_chrono_reports_model_tflops_per_device_and_mfu_against_the_peak():
+    now = evaluator_support.FakeClock()
+    chrono = Chrono(10, 8, model_flops_per_device=7e12, peak_tflops=8.0, now=now)
+    chrono.start(0)
+    now.seconds += 3.0
+    metrics = chrono.report(2)  # Reads t = 1 and 5: 2 s per step.
+    assert metrics["train/tflops_per_device"] == 3.5 and metrics["train/mfu"] == 3.5 / 8.0
+    unknown_peak = Chrono(10, 8, model_flops_per_device=7e12, now=now)  # A CPU, say.
+    unknown_peak.start(0)
+    assert "train/mfu" not in unknown_peak.report(2) and "train/tflops_per_device" in metrics
+
+
+@pytest.mark.slow
+def test_the_loop_logs_mfu_from_a_hand_count_of_the_models_flops(data_root, monkeypatch, caplog):
+    """Model FLOPs per step (3x the forward's matmuls on the global batch, no recomputation)
+    over the devices and the window's step time, against the device's peak: a CPU has none
+    in bench/peaks.py, so the test gives it 0.5 TFLOP/s."""
+    monkeypatch.setattr(train, "peak_tflops", lambda kind, dtype: 0.5)
+    config = _config(data_root, ["classification"])
+    config.model.remat_policy = "full"
+    workdir = str(data_root / "mfu")
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, workdir)
+    # The helpers' TINY model on 8 px digits: 4 patches of 4x4, width 32, one block, MLP 64,
+    # 10 classes; 32 images per step. Full remat recomputes the forward: not model work.
+    flops = 3 * 32 * vit_forward_flops(8, 4, 32, 1, 64, 10)
+    records = [r for r in read_records(workdir) if "train/step_time_s" in r]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for r in records:
+        per_device = flops / jax.device_count() / r["train/step_time_s"] / 1e12
+        assert r["train/tflops_per_device"] == pytest.approx(per_device, rel=1e-9)
+        assert r["train/mfu"] == pytest.approx(per_device / 0.5, rel=1e-9)
+    progress = [m for m in caplog.messages if m.startswith("step 12/12 |")]
+    assert progress and f"MFU {records[-1]['train/mfu']:.1%}" in progress[0], progress
 
 
 @pytest.mark.slow

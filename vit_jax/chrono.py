@@ -16,13 +16,22 @@ from collections.abc import Callable, Iterator
 class Chrono:
     """Splits the loop's wall time into training (input wait included) and named pauses.
 
-    `now` returns seconds (default `time.perf_counter`); tests inject a fake clock.
+    `model_flops_per_device`: one step's model FLOPs over the devices (`Trainer.model_flops`),
+    for `train/tflops_per_device`; with `peak_tflops`, the device's dense peak
+    (`bench/peaks.py`), for `train/mfu`. `now` returns seconds (default
+    `time.perf_counter`); tests inject a fake clock.
     """
 
     def __init__(
-        self, total_steps: int, batch_size: int, now: Callable[[], float] = time.perf_counter
+        self,
+        total_steps: int,
+        batch_size: int,
+        model_flops_per_device: float | None = None,
+        peak_tflops: float | None = None,
+        now: Callable[[], float] = time.perf_counter,
     ):
         self.total_steps, self.batch_size, self.now = total_steps, batch_size, now
+        self.model_flops_per_device, self.peak_tflops = model_flops_per_device, peak_tflops
         self._window_start, self._window_first_step = 0.0, 0  # Set by `start`.
         self._paused_in_window = 0.0
         self._input_wait = 0.0
@@ -63,7 +72,9 @@ class Chrono:
         `train/step_time_s` (seconds per step, pauses excluded), `train/img_per_s`,
         `train/input_wait_frac` (share of training time spent waiting for data),
         `train/eta_s` (remaining steps at this step time plus the pauses' average share
-        per step so far) and the pauses' `time/<name>_s` summed over the window.
+        per step so far), the pauses' `time/<name>_s` summed over the window, and where
+        the model FLOPs are given `train/tflops_per_device` (model TFLOP/s per device) and,
+        where the peak is too, `train/mfu` (their ratio to the peak, 0-1).
         """
         now = self.now()
         steps = step - self._window_first_step
@@ -78,6 +89,11 @@ class Chrono:
             "train/eta_s": (step_time + paused_per_step) * (self.total_steps - step),
             **self._durations,
         }
+        if self.model_flops_per_device is not None:
+            tflops = self.model_flops_per_device / step_time / 1e12
+            metrics["train/tflops_per_device"] = tflops
+            if self.peak_tflops:
+                metrics["train/mfu"] = tflops / self.peak_tflops
         self._window_start, self._window_first_step = now, step
         self._paused_in_window, self._input_wait, self._durations = 0.0, 0.0, {}
         return metrics

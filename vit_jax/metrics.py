@@ -247,6 +247,7 @@ _PROGRESS = (
     ("train/lr", lambda v: f"lr {v:.2e}"),
     ("train/img_per_s", lambda v: f"{v:.0f} img/s"),
     ("train/step_time_s", lambda v: f"{v * 1000:.0f} ms/step"),
+    ("train/mfu", lambda v: f"MFU {v:.1%}"),
     ("train/eta_s", lambda v: f"ETA {_duration(v)}"),
 )
 

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint, data, parallel
+from vit_jax.bench.peaks import peak_tflops
 from vit_jax.checkpoint.manager import Checkpointer
 from vit_jax.chrono import Chrono
 from vit_jax.config import check_run_fields
@@ -334,7 +335,12 @@ def _train_loop(
     profile: ProfileWindow,
 ) -> dict[str, float]:
     config, start = trainer.config, int(jax.device_get(state.step))
-    chrono = Chrono(steps, config.batch_size)
+    chrono = Chrono(
+        steps,
+        config.batch_size,
+        trainer.model_flops(state.params, config.batch_size) / jax.device_count(),
+        peak_tflops(jax.devices()[0].device_kind, str(config.model.dtype)),
+    )
     final: dict[str, float] = {}
     if stop_requests.reached():  # Requested during start-up: nothing new to save.
         raise Preempted(start)

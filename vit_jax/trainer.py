@@ -295,12 +295,18 @@ class Trainer:
         with parallel.activate(self.mesh, self.rules):
             return matmul_flops(self._train_step, state, batch)
 
-    def forward_flops(self, params: Any, images: jax.ShapeDtypeStruct) -> int:
-        """Matmul FLOPs of the model's forward pass on `images` ([B, H, W, 3])."""
+    def model_flops(self, params: Any, batch_size: int, train: bool = True) -> int:
+        """Model FLOPs of a step on a global batch of `batch_size` images: the forward
+        pass's matmuls and convolutions, counted from its jaxpr, x3 for a train step (the
+        backward pass is twice the forward). Remat's recomputation is not model work: MFU's
+        numerator (Chowdhery et al., 2022, "PaLM", appendix B). `params` may be abstract."""
+        size = self.config.image_size
+        images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
         with parallel.activate(self.mesh, self.rules):
-            return matmul_flops(
+            forward = matmul_flops(
                 lambda p, x: self.model.apply({"params": p}, x, train=False), params, images
             )
+        return 3 * forward if train else forward
 
     def eval_step(self, params: Any, batch: dict) -> dict:
         """Masked loss and correct-prediction sums of a global eval batch."""

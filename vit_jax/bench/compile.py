@@ -174,9 +174,6 @@ def compile_recipe(
     eval_batch = abstract_batch(config, trainer, config.eval_batch_size, eval_mask=True)
     n = len(devices)
 
-    forward = trainer.forward_flops(
-        state.params, jax.ShapeDtypeStruct(train_batch["image"].shape, jnp.float32)
-    )
     hardware = trainer.train_step_flops(state, train_batch)
     # Without a device XLA cannot autotune Triton's GEMM tiling, and a bf16 ViT step fails
     # there ("Couldn't find output tile sizes"); cuBLAS GEMMs compile for any target.
@@ -222,7 +219,7 @@ def compile_recipe(
         "as_written_total_bytes": as_written,
         "compile_s": compile_s,
         **eval_figures,
-        "model_flops_per_step": 3 * forward,  # Forward, and twice that for the backward.
+        "model_flops_per_step": trainer.model_flops(state.params, config.batch_size),
         "hardware_flops_per_step": hardware,  # Recomputation included.
         "peak_tflops_per_device": peak,
     }
@@ -266,7 +263,7 @@ def compile_recipe(
         "estimate_memory_s": seconds["memory"],
         "estimate_interconnect_s": seconds["interconnect"],
         "estimate_img_per_s": config.batch_size / step_s,
-        "estimate_mfu": 3 * forward / n / (step_s * peak * 1e12),
+        "estimate_mfu": figures["model_flops_per_step"] / n / (step_s * peak * 1e12),
     }
 
 

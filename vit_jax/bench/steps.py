@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -118,11 +117,9 @@ def benchmark_steps(
             return compiled(params, batch)
 
     compile_s = time.perf_counter() - start
-    # Model FLOPs: the forward's matmuls counted from its jaxpr, x3 for a train step (the
-    # backward is twice the forward); recomputation (remat) is not model work.
-    images = jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32)
-    model_flops = trainer.forward_flops(trainer.abstract_state().params, images)
-    model_flops *= 3 if mode == "train" else 1
+    model_flops = trainer.model_flops(
+        trainer.abstract_state().params, batch_size, train=mode == "train"
+    )
     # XLA's count is one device's share and includes recomputation (hardware FLOPs); it
     # sees a scanned loop's body once, and GPUs do not report it.
     xla_flops = (compiled.cost_analysis() or {}).get("flops")

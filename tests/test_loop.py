@@ -105,6 +105,39 @@ def test_an_evaluation_between_logs_is_not_counted_as_training(data_root, monkey
     assert "time/stalling_s" not in records[4]
 
 
+def test_work_done_once_is_kept_out_of_the_eta():
+    now = evaluator_support.FakeClock()
+    chrono = Chrono(total_steps=10, batch_size=8, now=now)
+    chrono.start(0)  # t = 1
+    with chrono.paused("compile", once=True):  # Reads t = 2, then 103.
+        now.seconds += 100.0
+    metrics = chrono.report(2)  # t = 104: 2 s of training in two steps.
+    assert metrics["time/compile_s"] == 101.0 and metrics["train/step_time_s"] == 1.0
+    assert metrics["train/eta_s"] == 1.0 * 8  # Not (1 + 101 / 2) s per step to come.
+
+
+@pytest.mark.slow
+def test_the_train_steps_compilation_is_not_counted_as_training(data_root, monkeypatch):
+    """The first window's step time, img/s, MFU and ETA leave the compilation out: it takes
+    minutes on a pod, where the first window would have read a fraction of the real rate."""
+    evaluator_support.CLOCK.seconds = 0.0
+    monkeypatch.setattr(train, "Chrono", functools.partial(Chrono, now=evaluator_support.CLOCK))
+    compile_train_step = train._compile_train_step
+
+    def slow_compile(*args):
+        evaluator_support.CLOCK.seconds += 1000.0
+        compile_train_step(*args)
+
+    monkeypatch.setattr(train, "_compile_train_step", slow_compile)
+    workdir = str(data_root / "slow_compile")
+    train.train_and_evaluate(_config(data_root, ["classification"]), workdir)
+    records = {r["step"]: r for r in read_records(workdir)}
+    assert records[4]["time/compile_s"] >= 1000.0
+    assert records[4]["train/step_time_s"] < 50.0  # Only the loop's own few readings a step.
+    assert records[4]["train/eta_s"] < 50.0 * 8
+    assert "time/compile_s" not in records[8]
+
+
 @pytest.mark.slow
 def test_a_custom_evaluator_is_configured_and_run_by_the_loop(data_root):
     config = _config(data_root, ["classification", "evaluator_support:params_norm"])

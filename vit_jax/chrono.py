@@ -1,9 +1,10 @@
 """The training loop's clock: training time, with periodic work timed on its own.
 
-An evaluation, a few-shot probe or a checkpoint save at a step between logs would
-otherwise count as training time in the next window: the step time, images per second
-and ETA would jump whenever it runs. `Chrono` pauses the training clock for such work
-and reports its duration under its own name instead (as big_vision's `chrono` does).
+An evaluation, a few-shot probe or a checkpoint save at a step between logs, or the train
+step's compilation before the first step, would otherwise count as training time in its
+window: the step time, images per second, MFU and ETA would jump whenever it runs.
+`Chrono` pauses the training clock for such work and reports its duration under its own
+name instead (as big_vision's `chrono` does).
 """
 
 from __future__ import annotations
@@ -45,15 +46,19 @@ class Chrono:
         self._window_start, self._window_first_step = self.now(), step
 
     @contextlib.contextmanager
-    def paused(self, name: str) -> Iterator[None]:
-        """Time spent inside is not training time; it is reported as `time/<name>_s`."""
+    def paused(self, name: str, once: bool = False) -> Iterator[None]:
+        """Time spent inside is not training time; it is reported as `time/<name>_s`.
+
+        `once`: work a run does once (the train step's compilation), which the ETA leaves
+        out of the pauses it expects per step.
+        """
         began = self.now()
         try:
             yield
         finally:
             seconds = self.now() - began
             self._paused_in_window += seconds
-            self._paused_total += seconds
+            self._paused_total += 0.0 if once else seconds
             key = f"time/{name}_s"
             self._durations[key] = self._durations.get(key, 0.0) + seconds
 

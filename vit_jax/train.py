@@ -357,7 +357,8 @@ def _train_loop(
                 with chrono.input_wait():
                     batch = next(batches)
                 if step == start + 1:
-                    _compile_train_step(trainer, state, batch)
+                    with chrono.paused("compile", once=True):
+                        _compile_train_step(trainer, state, batch)
                 state, metrics = trainer.train_step(state, batch)
             profile.finish(step, metrics)
             pending.append(metrics)

@@ -373,6 +373,15 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+def host_arrays(outputs: Any) -> Any:
+    """`outputs` (a jitted function's arrays, or a tuple of them) as NumPy arrays, once
+    computed: XLA's error (an allocation that failed) is raised here. NumPy reads a CPU
+    array through the buffer protocol, where JAX aborts the process on an array whose
+    computation failed (a failed check, no exception)."""
+    outputs = jax.block_until_ready(outputs)
+    return tuple(map(np.asarray, outputs)) if isinstance(outputs, tuple) else np.asarray(outputs)
+
+
 def prefetch_to_devices(
     batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
 ) -> Iterator[dict[str, jax.Array]]:

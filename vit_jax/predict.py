@@ -59,21 +59,11 @@ def classifier(
     import jax
 
     from vit_jax.models import scale_images
+    from vit_jax.parallel import host_arrays
 
     squash = jax.nn.sigmoid if run.get("loss") == "sigmoid_xent" else jax.nn.softmax
     apply = jax.jit(lambda p, x: squash(model.apply({"params": p}, scale_images(x), train=False)))
     return lambda images: host_arrays(apply(params, images))
-
-
-def host_arrays(outputs: Any) -> Any:
-    """`outputs` (a jitted function's arrays, or a tuple of them) as NumPy arrays, once
-    computed: XLA's error (an allocation that failed) is raised here. NumPy reads a CPU
-    array through the buffer protocol, where JAX aborts the process on an array whose
-    computation failed (a failed check, no exception)."""
-    import jax
-
-    outputs = jax.block_until_ready(outputs)
-    return tuple(map(np.asarray, outputs)) if isinstance(outputs, tuple) else np.asarray(outputs)
 
 
 def find_images(paths: Sequence[str]) -> Iterator[str]:

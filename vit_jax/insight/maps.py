@@ -19,7 +19,7 @@ from vit_jax.metrics import parse_record
 from vit_jax.models import VisionTransformer, scale_images
 from vit_jax.models.resnet import standardize
 from vit_jax.models.vit import sincos2d_posemb
-from vit_jax.predict import host_arrays
+from vit_jax.parallel import host_arrays
 
 
 class Attention(NamedTuple):

@@ -9,8 +9,8 @@ import pytest
 from helpers import BLOCK_TENSORFLOW, REPO, one_cpu_device_env, run_limited, vit_forward_flops
 from PIL import Image
 
-from vit_jax.bench.peaks import peak_tflops
 from vit_jax.bench.photos import make_photo_folder
+from vit_jax.peaks import peak_tflops
 
 TINY = ["--config", os.path.join(REPO, "configs", "local.py"), "--config.batch_size=16",
         "--config.eval_batch_size=16", "--steps", "2"]  # fmt: skip

@@ -69,7 +69,7 @@ def test_chrono_reports_model_tflops_per_device_and_mfu_against_the_peak():
 def test_the_loop_logs_mfu_from_a_hand_count_of_the_models_flops(data_root, monkeypatch, caplog):
     """Model FLOPs per step (3x the forward's matmuls on the global batch, no recomputation)
     over the devices and the window's step time, against the device's peak: a CPU has none
-    in bench/peaks.py, so the test gives it 0.5 TFLOP/s."""
+    in vit_jax/peaks.py, so the test gives it 0.5 TFLOP/s."""
     monkeypatch.setattr(train, "peak_tflops", lambda kind, dtype: 0.5)
     config = _config(data_root, ["classification"])
     config.model.remat_policy = "full"

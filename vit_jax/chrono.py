@@ -19,7 +19,7 @@ class Chrono:
 
     `model_flops_per_device`: one step's model FLOPs over the devices (`Trainer.model_flops`),
     for `train/tflops_per_device`; with `peak_tflops`, the device's dense peak
-    (`bench/peaks.py`), for `train/mfu`. `now` returns seconds (default
+    (`vit_jax/peaks.py`), for `train/mfu`. `now` returns seconds (default
     `time.perf_counter`); tests inject a fake clock.
     """
 

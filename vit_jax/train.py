@@ -21,13 +21,13 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint, data, parallel
-from vit_jax.bench.peaks import peak_tflops
 from vit_jax.checkpoint.manager import Checkpointer
 from vit_jax.chrono import Chrono
 from vit_jax.config import check_run_fields
 from vit_jax.evaluators import Evaluator, build_evaluators
 from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import build_model
+from vit_jax.peaks import peak_tflops
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import (

@@ -34,7 +34,7 @@ _STEPS = flags.DEFINE_integer(
 _PEAK = flags.DEFINE_float(
     "peak_tflops",
     None,
-    "Peak TFLOP/s per device, for MFU and compile's estimate (default: vit_jax/bench/peaks.py).",
+    "Peak TFLOP/s per device, for MFU and compile's estimate (default: vit_jax/peaks.py).",
 )
 flags.register_validator(
     "peak_tflops", lambda value: value is None or value > 0, "must be > 0 (TFLOP/s per device)"
@@ -86,8 +86,7 @@ def _show(figures: dict) -> None:
             value = json.dumps(value)
         elif value is None and name in ("peak_tflops_per_device", "mfu"):
             value = (
-                "unknown (none in vit_jax/bench/peaks.py for this device and dtype: pass "
-                "--peak_tflops)"
+                "unknown (none in vit_jax/peaks.py for this device and dtype: pass --peak_tflops)"
             )
         elif value is None:
             value = "unknown"

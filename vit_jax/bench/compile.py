@@ -28,9 +28,9 @@ import ml_collections
 
 from vit_jax import parallel
 from vit_jax.bench import hlo
-from vit_jax.bench.peaks import peak_tflops
 from vit_jax.bench.steps import num_classes_of
 from vit_jax.bench.targets import GIB, Target, compiler_version, topology_devices
+from vit_jax.peaks import peak_tflops
 from vit_jax.trainer import Trainer, compiled_memory, device_memory_refusal
 
 FITS, DOES_NOT_FIT = 0, 3  # `vit-bench compile`'s exit status, for launch scripts to gate on.

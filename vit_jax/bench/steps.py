@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import parallel
-from vit_jax.bench.peaks import peak_tflops
+from vit_jax.peaks import peak_tflops
 from vit_jax.trainer import Trainer, compiled_memory
 
 # Classes of the datasets the recipes name; others need --num_classes.

@@ -2,6 +2,7 @@
 registry, step metadata): keep-N, and workdirs written with the API used before (max_to_keep,
 item_handlers) still restore, state, parameters and metadata alike."""
 
+import logging
 import subprocess
 import sys
 
@@ -165,3 +166,23 @@ def test_importing_the_checkpoints_leaves_logging_and_hooks_as_they_were(tmp_pat
         capture_output=True, text=True, check=True,
     ).stdout.split("\n")  # fmt: skip
     assert out[:2] == ["(0, True)", "(2, False)"]
+
+
+def test_a_failed_writes_error_left_on_a_future_is_not_echoed(tmp_path, caplog):
+    """asyncio logs an exception set on a future that nobody retrieved when the future is
+    collected, with no frames (it was never raised): the error of a write into a save under
+    way, which the Checkpointer reports in its own line. Seen once as the last line of a
+    run whose disk refused a save. Other errors on asyncio's logger still show."""
+    Checkpointer(str(tmp_path), keep=1).close()  # Installs the filter, as a run does.
+    write = ValueError(
+        f'OUT_OF_RANGE: Error writing "params" in OCDBT database at local file '
+        f'"{tmp_path}/checkpoints/20.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/": '
+        "File too large [os_error_code='27']"
+    )
+    other = ValueError("a callback of the user's own")
+    with caplog.at_level(logging.ERROR):
+        for error in (write, other):
+            logging.getLogger("asyncio").error(
+                "Future exception was never retrieved", exc_info=(ValueError, error, None)
+            )
+    assert [r.exc_info[1] for r in caplog.records] == [other]

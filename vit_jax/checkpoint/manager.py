@@ -43,16 +43,25 @@ STATE_ITEM = "state"
 # it (Python prints such errors through sys.unraisablehook). Pages of the same error, dropped.
 
 
+# Where Orbax writes a save until it is complete: every error of a save names it.
+_SAVE_UNDER_WAY = "orbax-checkpoint-tmp"
+
+
 class _DropSaveFailureEchoes(logging.Filter):
-    """Errors Orbax logs, or that carry an exception raised inside it: each reaches
-    vit_jax as the exception of the call that waits for it, which reports it."""
+    """Errors Orbax logs, or that carry an exception raised inside it or about a save under
+    way: each reaches vit_jax as the exception of the call that waits for it, which reports
+    it. A write's error that TensorStore set on a future and nobody raised has no frames
+    (asyncio logs it when the future is collected, "Future exception was never retrieved",
+    at any time up to the exit): it is told by the save's directory it names."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
         inside = f"{os.sep}orbax{os.sep}"
-        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
-        return inside not in record.pathname and all(inside not in f.filename for f in frames)
+        _, error, trace = record.exc_info or (None, None, None)
+        frames = traceback.extract_tb(trace) if trace else []
+        from_orbax = inside in record.pathname or any(inside in f.filename for f in frames)
+        return not (from_orbax or _SAVE_UNDER_WAY in str(error or ""))
 
 
 def _drop_closed_loop_callbacks(previous_hook: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -126,7 +126,8 @@ def test_a_stop_during_start_up_exits_75(tmp_path, data_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [False, True])
 def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop):
-    """Closing the train stream blocks forever here: a run that waited for it would hang."""
+    """Closing the train stream blocks forever here: a run that waited for it would hang.
+    Nothing is lost by not waiting, so the run's output says nothing about it."""
     workdir = tmp_path / "run"
     evaluator = "endless_classification" if stop else "classification"
     run = _start(
@@ -142,6 +143,7 @@ def test_a_blocked_input_teardown_never_holds_the_exit(tmp_path, data_dir, stop)
     output = _finish(run, lines)
     assert run.returncode == (PREEMPTED_EXIT_STATUS if stop else 0), output[-3000:]
     assert _checkpoints(workdir) == (["6"] if stop else ["12"])
+    assert "input pipeline" not in output
 
 
 @pytest.mark.slow
@@ -157,7 +159,7 @@ def test_a_run_that_fails_once_its_input_runs_exits_past_the_teardown_too(tmp_pa
     output = _finish(run, [])
     assert run.returncode == 1, output[-3000:]
     assert "Traceback" in output and "isallowed" in output and "transfer" in output
-    assert "An input pipeline is still closing: exiting without waiting for it." in output
+    assert "FATAL" not in output
 
 
 @pytest.mark.slow

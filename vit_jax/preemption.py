@@ -107,7 +107,7 @@ def exit_status_once_closed(status: int, wait_s: float = 5.0) -> int:
     This is routine, not a fault, so it is logged at debug level only: with autotuning on,
     the iterator's destructor also waits for tf.data's autotuning thread, which in TF 2.21
     at times sleeps out its optimisation period (up to a minute) instead of ending at the
-    iterator's cancellation (8.7 to 37.7 s at the end of the main job on a 2-core CPU).
+    iterator's cancellation (the main job's train stream took 8.7 to 37.7 s to close).
     """
     deadline = time.monotonic() + wait_s
     for thread in _closing:

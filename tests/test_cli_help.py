@@ -77,6 +77,7 @@ def ours(stderr: str) -> list[str]:
 
 RECIPE = f"{REPO}/configs/local.py"
 TRAIN = ("vit-train", "--config", RECIPE, "--workdir", "{tmp}/run")
+FINETUNE = f"{REPO}/configs/finetune.py:dataset=digits,local=true"
 # A command line with one mistake ({tmp}: the test's directory, its working directory) -> what
 # the one line on stderr must say.
 USER_ERRORS = {
@@ -234,6 +235,25 @@ USER_ERRORS = {
         ("vit-bench", "train", "--config", RECIPE, "--config.dataset=folder:{tmp}/photos"),
         "Pass --num_classes: the class count of 'folder:{tmp}/photos' is not known.",
     ),
+    # Paths TensorFlow's file I/O refuses (tracebacks before). No network here: a bucket's
+    # host does not resolve (where it does, the bucket is not found: the path is named too).
+    "train, a model_init on a file system TensorFlow lacks": (
+        (*TRAIN[:2], f"{FINETUNE},model_init=s3://vit-models/ViT-B_16.npz", *TRAIN[3:]),
+        "vit-train: File system scheme 's3' not implemented (file: "
+        "'s3://vit-models/ViT-B_16.npz'). Check the path; on gs:// also that the bucket",
+    ),
+    "train, a model_init in a bucket out of reach": (
+        (*TRAIN[:2], f"{FINETUNE},model_init=gs://no-such-bucket-vit/ViT-B_16.npz", *TRAIN[3:]),
+        "gs://no-such-bucket-vit/ViT-B_16.npz",
+    ),
+    "train, a data_dir in a bucket out of reach": (
+        (*TRAIN, "--config.dataset=cifar10", "--config.data_dir=gs://no-such-bucket-vit/tfds"),
+        "gs://no-such-bucket-vit/tfds",
+    ),
+    "predict, a checkpoint on a file system TensorFlow lacks": (
+        ("vit-predict", "--checkpoint", "s3://vit-models/run", "x.png"),
+        "vit-predict: File system scheme 's3' not implemented",
+    ),
 }
 
 
@@ -244,6 +264,10 @@ NEEDS_JAX = (
     "visualize, not a workdir",
     "visualize, a file that is no image",
     "bench, a head of classes no one named",
+    "train, a model_init on a file system TensorFlow lacks",
+    "train, a model_init in a bucket out of reach",
+    "train, a data_dir in a bucket out of reach",
+    "predict, a checkpoint on a file system TensorFlow lacks",
 )
 
 
@@ -260,7 +284,8 @@ def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    (line,) = ours(result.stderr)
+    # vit-train's start line (processes and devices, timed) precedes what it finds later.
+    (line,) = [line for line in ours(result.stderr) if not re.match(r"\d\d:\d\d:\d\d ", line)]
     assert re.match(rf"{name}( \w+)?: ", line), line  # The command (and its subcommand).
     assert message.format(tmp=tmp_path) in line, line
     assert not (tmp_path / "run").exists()  # Refused before anything was written.
@@ -319,6 +344,37 @@ def test_only_errors_vit_jax_raises_are_user_errors(capsys):
 
     with pytest.raises(ValueError, match="cannot reshape"):
         cli.run("vit-export", library_bug)
+
+
+def test_only_tensorflows_file_io_errors_on_a_path_are_user_errors(capsys):
+    """A path TensorFlow's file I/O refuses is the user's to fix, also when a library raises
+    its own error from it (as tfds does for a `data_dir`); TensorFlow's other errors (here
+    an op's) are bugs and keep their traceback."""
+    import tensorflow as tf
+
+    def unknown_scheme():
+        tf.io.gfile.exists("s3://vit-models/ViT-B_16.npz")
+
+    assert cli.run("vit-train", unknown_scheme) == 2
+    assert capsys.readouterr().err.startswith(
+        "vit-train: File system scheme 's3' not implemented (file: "
+        "'s3://vit-models/ViT-B_16.npz'). Check the path;"
+    )
+
+    def wrapped():
+        try:
+            unknown_scheme()
+        except tf.errors.OpError as e:
+            raise RuntimeError("Failed to construct dataset 'x'") from e
+
+    assert cli.run("vit-train", wrapped) == 2
+    assert capsys.readouterr().err.startswith("vit-train: Failed to construct dataset 'x'. ")
+
+    def op_error():
+        tf.reshape(tf.zeros(3), (2, 2))
+
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        cli.run("vit-train", op_error)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import collections
 import math
+import os
 
 import numpy as np
 import pytest
@@ -241,10 +242,27 @@ def test_a_folders_path_without_its_prefix_is_refused_naming_the_prefix(path):
         data.get_dataset_info(path, None)
 
 
-def test_image_folder_round_trip(tmp_path):
+def _copy_to(url_root: str, local_root) -> None:
+    import tensorflow as tf
+
+    for directory, _, files in os.walk(local_root):
+        target = url_root + directory.removeprefix(str(local_root))
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            tf.io.gfile.copy(os.path.join(directory, name), f"{target}/{name}")
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_image_folder_round_trip(tmp_path, url):
+    """On a local path, and on a URL (`gs://` in use; TensorFlow's in-memory `ram://` file
+    system here), which the folder's reads, listing and manifest go through alike."""
     where = make_folder(tmp_path, {"train": {"dog": 4, "cat": 3}, "test": {"cat": 2, "dog": 3}})
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
-    dataset = f"folder:{tmp_path}"
+    root = str(tmp_path)
+    if url:
+        root = f"ram://{tmp_path.name}"
+        _copy_to(root, tmp_path)
+    dataset = f"folder:{root}"
     info = data.get_dataset_info(dataset, None)
     assert info == data.DatasetInfo(2, ("cat", "dog"), {"test": 5, "train": 7})
     config = data_config(

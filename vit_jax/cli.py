@@ -10,9 +10,9 @@
   `compile` extra's plugins (libtpu, CUDA) for their devices (`skip_absent_accelerators`),
   and TensorFlow loads without Keras (`skip_keras`): vit_jax uses tf.data alone.
 - A user error (a bad flag value, a config field that does not exist, a missing file, a
-  checkpoint of another model) ends the command with one line, `PROG: what was wrong and
-  how to fix it`, on stderr and exit status `USAGE_ERROR` (2). A traceback means a bug in
-  vit_jax.
+  checkpoint of another model, a path its file system refuses) ends the command with one
+  line, `PROG: what was wrong and how to fix it`, on stderr and exit status `USAGE_ERROR`
+  (2). A traceback means a bug in vit_jax.
 """
 
 from __future__ import annotations
@@ -225,8 +225,12 @@ def run(prog: str, body: Callable[[], int | None], memory_lever: str | None = No
             raise
         print(f"{prog}: {_message(e)}", file=sys.stderr)
         return USAGE_ERROR
-    except RuntimeError as e:  # JAX's errors (JaxRuntimeError) among them.
-        if memory_lever is None:
+    except Exception as e:
+        if (refusal := _file_system_refusal(e)) is not None:
+            print(f"{prog}: {refusal}", file=sys.stderr)
+            return USAGE_ERROR
+        # JAX's errors (JaxRuntimeError) are RuntimeErrors.
+        if memory_lever is None or not isinstance(e, RuntimeError):
             raise
         from vit_jax.trainer import device_memory_refusal  # JAX is loaded by now.
 
@@ -238,6 +242,34 @@ def run(prog: str, body: Callable[[], int | None], memory_lever: str | None = No
             file=sys.stderr,
         )
         return 1
+
+
+# TensorFlow's file I/O (`tf.io.gfile`), which reads and writes the paths a user names.
+_TF_FILE_IO = os.path.join("tensorflow", "python", "lib", "io", "file_io.py")
+
+
+def _file_system_refusal(error: BaseException) -> str | None:
+    """One line for an error TensorFlow's file I/O raised on a path, or one a library raised
+    from it (tfds opening a `data_dir`): a bucket misspelt or out of this machine's reach
+    or rights, a scheme TensorFlow has no file system for. The path is the user's to fix,
+    not a bug in vit_jax. None for any other error."""
+    cause: BaseException | None = error
+    while cause is not None and not _from_tf_file_io(cause):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    reason = " ".join(line.strip() for line in _message(error).splitlines() if line.strip())
+    return (
+        f"{reason.rstrip('.')}. Check the path; on gs:// also that the bucket exists and that "
+        "this machine reaches it with credentials that may use it (`gcloud storage ls` it "
+        "from here)."
+    )
+
+
+def _from_tf_file_io(error: BaseException) -> bool:
+    return type(error).__module__.startswith("tensorflow.") and any(
+        f.filename.endswith(_TF_FILE_IO) for f in traceback.extract_tb(error.__traceback__)
+    )
 
 
 def _raised_here(error: BaseException) -> bool:

@@ -90,12 +90,6 @@ def open_source(dataset: str, data_dir: str | None) -> Source:
       ValueError: a path given without `folder:` (and `FolderSource`'s and `TfdsSource`'s
         errors for what they cannot open).
     """
-    if dataset.startswith(("/", "./", "../", "~")) or "://" in dataset:
-        raise ValueError(
-            f"Unknown dataset {dataset!r}: a path is no tfds name. An image folder is given as "
-            f"'{FOLDER_PREFIX}{dataset}': its split folders (train/, test/) hold a folder of "
-            "images per class."
-        )
     if dataset.startswith(FOLDER_PREFIX):
         barrier = None
         if jax.process_count() > 1:
@@ -105,6 +99,12 @@ def open_source(dataset: str, data_dir: str | None) -> Source:
             data_dir,
             writer=jax.process_index() == 0,
             barrier=barrier,
+        )
+    if dataset.startswith(("/", "./", "../", "~")) or "://" in dataset:
+        raise ValueError(
+            f"Unknown dataset {dataset!r}: a path is no tfds name. An image folder is given as "
+            f"'{FOLDER_PREFIX}{dataset}': its split folders (train/, test/) hold a folder of "
+            "images per class."
         )
     return TfdsSource(dataset, data_dir)
 

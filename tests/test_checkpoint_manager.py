@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vit_jax.checkpoint import manager
 from vit_jax.checkpoint.manager import (
     STATE_ITEM,
     Checkpointer,
@@ -134,6 +135,24 @@ def test_the_commands_read_the_newest_checkpoint_they_can(tmp_path, damage, capl
     damage(tmp_path / "checkpoints" / "1")
     with pytest.raises(ValueError, match=r"^None of the checkpoints in .* can be read: step 2: "):
         load_params(workdir)
+
+
+def test_a_workdir_on_gs_is_read_from_its_checkpoints_directory(monkeypatch):
+    """A workdir on gs:// (model_init, --checkpoint, vit-export) was looked into with
+    os.path, which sees no URL: the workdir itself was taken for its checkpoints directory,
+    and "No checkpoint found" said. Cloud Storage is faked here: which paths are folders."""
+    folders = {"gs://bucket/run", "gs://bucket/run/checkpoints"}
+
+    class CloudStoragePath:
+        def __init__(self, path):
+            self.path = str(path)
+
+        def is_dir(self) -> bool:
+            return self.path in folders
+
+    monkeypatch.setattr(manager.epath, "Path", CloudStoragePath)
+    for path in folders:
+        assert manager._find_manager_dir(path) == "gs://bucket/run/checkpoints"
 
 
 def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_step(tmp_path):

@@ -301,9 +301,9 @@ def _flat_shapes(tree: Any) -> dict[str, tuple]:
 
 
 def _find_manager_dir(path: str) -> str:
-    """Accepts a workdir or its `checkpoints/` directory."""
+    """Accepts a workdir or its `checkpoints/` directory, local or `gs://`."""
     candidate = checkpoint_dir(path)
-    return candidate if os.path.isdir(candidate) else path
+    return candidate if epath.Path(candidate).is_dir() else path
 
 
 def error_summary(error: Exception) -> str:

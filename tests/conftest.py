@@ -7,6 +7,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # Simulated devices share the host's cores: on a loaded machine one of them can reach a
 # collective long after the others, past XLA's 40 s CPU default that aborts the process.
 os.environ["XLA_FLAGS"] = (
@@ -41,6 +43,28 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 sys.modules.setdefault("triton", None)
 
 from helpers import EXTRAS, require_extra  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture
+def cloud_storage(tmp_path, monkeypatch):
+    """A local folder that stands for Cloud Storage: what epath reads and writes at
+    gs://BUCKET/PATH lies at FOLDER/BUCKET/PATH; local paths stay local. (epath's own test
+    mock, which it bypasses for TensorFlow's file system wherever TensorFlow is installed.)"""
+    from etils.epath import gpath, testing
+
+    folder = tmp_path / "cloud_storage"
+
+    def local(path) -> str:
+        path = os.fspath(path)
+        return str(folder / path.removeprefix("gs://")) if path.startswith("gs://") else path
+
+    def on_local(original, path, *args, **kwargs):
+        return original(local(path), *args, **kwargs)
+
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    names = ("open", "exists", "isdir", "listdir", "glob", "makedirs", "mkdir", "stat")
+    with testing.mock_epath(**dict.fromkeys(names, on_local)):
+        yield folder
 
 
 def pytest_runtest_setup(item):

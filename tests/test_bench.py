@@ -131,11 +131,18 @@ def test_unknown_kinds_and_dtypes_have_no_peak(kind, dtype):
     assert peak_tflops(kind, dtype) is None  # Said, not guessed: MFU is left out.
 
 
-def test_input_figures_on_a_photo_folder(tmp_path):
+def test_input_figures_on_a_photo_folder(tmp_path, cloud_storage, monkeypatch):
     dataset = make_photo_folder(str(tmp_path / "photos"), count=24, num_classes=3)
     sizes = {Image.open(p).size for p in (tmp_path / "photos" / "train").rglob("*.jpg")}
     assert sizes <= {(500, 375), (375, 500)} and len(sizes) == 2
     assert len(list((tmp_path / "photos" / "train").rglob("*.jpg"))) == 24
+    # On gs://, through its file system: they were written under ./gs:/ on the local disk.
+    monkeypatch.chdir(tmp_path)
+    assert make_photo_folder("gs://bucket/photos", count=3, num_classes=3) == (
+        "folder:gs://bucket/photos"
+    )
+    assert len(list((cloud_storage / "bucket" / "photos" / "train").rglob("*.jpg"))) == 3
+    assert not (tmp_path / "gs:").exists()
     figures = bench(
         "input", "--config", os.path.join(REPO, "configs", "pretrain.py"),
         f"--config.dataset={dataset}", "--config.train_split=train", "--config.batch_size=8",

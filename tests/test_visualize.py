@@ -128,7 +128,7 @@ def test_each_figure_writes_a_png_of_the_expected_size(
     assert png_size(out) == size
 
 
-def test_curves_from_a_workdir(tmp_path):
+def test_curves_from_a_workdir(tmp_path, cloud_storage, monkeypatch):
     lines = [
         {"step": 10, "train/loss": 2.0, "train/lr": 1e-3},
         {"step": 20, "train/loss": 1.0, "train/lr": 5e-4, "eval/top1": 0.5, "fewshot/d_5shot": 0.4},
@@ -144,6 +144,12 @@ def test_curves_from_a_workdir(tmp_path):
     assert visualize_main(["curves", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     assert png_size(out) == (1000, 700)
     assert visualize_main(["curves", "--workdir", str(tmp_path / "none"), "--out", str(out)]) == 2
+    # On gs://, through its file system: it was written under ./gs:/ on the local disk.
+    monkeypatch.chdir(tmp_path)
+    out = "gs://bucket/figures/curves.png"
+    assert visualize_main(["curves", "--workdir", str(tmp_path), "--out", out]) == 0
+    assert png_size(cloud_storage / "bucket" / "figures" / "curves.png") == (1000, 700)
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_patch_grid_counts_the_stem_and_leaves_out_registers():

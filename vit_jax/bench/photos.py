@@ -13,6 +13,7 @@ import importlib.util
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 SOURCE_PHOTOS = (
@@ -47,7 +48,7 @@ def make_photo_folder(
     size: tuple[int, int] = SIZE,
 ) -> str:
     """Writes `count` JPEGs of `size` (width, height; a quarter of them turned to portrait)
-    under `root/train/<class>/`; returns the `folder:` dataset name."""
+    under `root/train/<class>/` (local or `gs://`); returns the `folder:` dataset name."""
     if count < num_classes:
         raise ValueError(f"count={count} must be at least num_classes={num_classes}.")
     rng = np.random.default_rng(seed)
@@ -66,7 +67,8 @@ def make_photo_folder(
         image = photo.crop((left, top, left + w, top + h)).resize((width, height), Image.BICUBIC)
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        folder = os.path.join(root, "train", f"class{i % num_classes:02d}")
-        os.makedirs(folder, exist_ok=True)
-        image.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+        folder = epath.Path(root) / "train" / f"class{i % num_classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f"{i:05d}.jpg").open("wb") as f:
+            image.save(f, format="JPEG", quality=90)
     return f"folder:{root}"

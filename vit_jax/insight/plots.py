@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # Files only: no display is needed, on any machine.
 
@@ -44,8 +45,11 @@ def check_path(path: str | os.PathLike) -> None:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    """Writes `fig` to `path`, local or `gs://` (epath), creating its folder."""
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1].lstrip(".").lower(), dpi=DPI)
     plt.close(fig)
 
 

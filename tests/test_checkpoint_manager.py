@@ -137,21 +137,12 @@ def test_the_commands_read_the_newest_checkpoint_they_can(tmp_path, damage, capl
         load_params(workdir)
 
 
-def test_a_workdir_on_gs_is_read_from_its_checkpoints_directory(monkeypatch):
+def test_a_workdir_on_gs_is_read_from_its_checkpoints_directory(cloud_storage):
     """A workdir on gs:// (model_init, --checkpoint, vit-export) was looked into with
     os.path, which sees no URL: the workdir itself was taken for its checkpoints directory,
-    and "No checkpoint found" said. Cloud Storage is faked here: which paths are folders."""
-    folders = {"gs://bucket/run", "gs://bucket/run/checkpoints"}
-
-    class CloudStoragePath:
-        def __init__(self, path):
-            self.path = str(path)
-
-        def is_dir(self) -> bool:
-            return self.path in folders
-
-    monkeypatch.setattr(manager.epath, "Path", CloudStoragePath)
-    for path in folders:
+    and "No checkpoint found" said."""
+    (cloud_storage / "bucket" / "run" / "checkpoints").mkdir(parents=True)
+    for path in ("gs://bucket/run", "gs://bucket/run/checkpoints"):
         assert manager._find_manager_dir(path) == "gs://bucket/run/checkpoints"
 
 

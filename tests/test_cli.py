@@ -176,6 +176,23 @@ def test_predict_finds_each_image_of_a_folder_once_in_order(tmp_path):
     assert found == ["a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.png"]
 
 
+def test_export_to_gs_and_back(run, cloud_storage, capsys):
+    """vit-export writes to Cloud Storage, and a gs:// export loads back (epath's mock of
+    it); a folder there is refused as a local one is (it was written over as a file)."""
+    workdir, _ = run
+    (cloud_storage / "bucket" / "exports").mkdir(parents=True)
+    assert export.main(["--workdir", workdir, "--out", "gs://bucket/exports"]) == 2
+    assert capsys.readouterr().err == (
+        "vit-export: --out gs://bucket/exports is a directory: name the file, e.g. "
+        "gs://bucket/exports/model.npz.\n"
+    )
+    assert export.main(["--workdir", workdir, "--out", "gs://bucket/exports/run.npz"]) == 0
+    assert (cloud_storage / "bucket" / "exports" / "run.json").exists()
+    params = checkpoint.load_params(workdir)
+    loaded = checkpoint.load_pretrained("gs://bucket/exports/run.npz", init_params=params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
 def test_export_round_trip(run, images, tmp_path, capsys):
     workdir, config = run
     out = tmp_path / "exported" / "run.npz"

@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     out = cli.absolute_path(args.out)
 
     def write() -> int:
-        if os.path.isdir(out):
+        from etils import epath
+
+        if epath.Path(out).is_dir():
             raise ValueError(f"--out {out} is a directory: name the file, e.g. {out}/model.npz.")
         json_path = export(args.workdir, out, args.format)
         print(f"Wrote {out} and {json_path}.")

@@ -36,12 +36,16 @@ def check_path(path: str | os.PathLike) -> None:
       ValueError: the extension is missing or unknown; the message lists the formats.
     """
     formats = Figure().canvas.get_supported_filetypes()
-    extension = os.path.splitext(path)[1].lstrip(".").lower()
-    if extension not in formats:
+    if _extension(path) not in formats:
         raise ValueError(
             f"--out {path}: name an image file, e.g. figure.png; the formats are "
             f"{', '.join(sorted(formats))}."
         )
+
+
+def _extension(path: str | os.PathLike) -> str:
+    """The file format `path` names, as matplotlib names formats: "png", "pdf", ..."""
+    return os.path.splitext(path)[1].lstrip(".").lower()
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
@@ -49,7 +53,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
     out = epath.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as f:
-        fig.savefig(f, format=os.path.splitext(path)[1].lstrip(".").lower(), dpi=DPI)
+        fig.savefig(f, format=_extension(path), dpi=DPI)
     plt.close(fig)
 
 

@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import evaluator_support
 import jax
 import numpy as np
 import pytest
-from helpers import load_recipe, small_local_config, vit_forward_flops
+from helpers import REPO, TINY, load_recipe, small_local_config, vit_forward_flops
 
 from vit_jax import train
 from vit_jax.bench.steps import benchmark_steps
@@ -206,6 +208,32 @@ def test_profile_window_traces_the_annotated_steps(data_root):
     workdir = str(data_root / "profiled")
     train.train_and_evaluate(config, workdir)
     assert _traced_steps(os.path.join(workdir, "tensorboard"), "train") == [3, 4]
+
+
+@pytest.mark.slow
+def test_a_profile_the_file_system_refuses_does_not_end_the_run(data_root):
+    """jax.profiler raises as it writes a trace it cannot write (here its folder's parent is
+    a file; on gs://, a refusal of the bucket): the run ended there, on a diagnostic. A real
+    vit-train process: JAX's profiler stays "started" after such a failure, in the process."""
+    workdir = data_root / "profile_refused"
+    (workdir / "tensorboard").mkdir(parents=True)
+    (workdir / "tensorboard" / "plugins").write_text("")  # Where the trace's folder goes.
+    fields = TINY | {"data_dir": data_root / "tfds", "profile.first_step": 3, "profile.steps": 2}
+    result = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "vit-train"),
+            "--config", f"{REPO}/configs/local.py:steps=6,dataset=digits,batch=32",
+            "--workdir", str(workdir), "--config.fewshot.datasets={}",
+            *(f"--config.{key}={value}" for key, value in fields.items()),
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 6/6" in result.stderr and "Final: " in result.stderr
+    assert load_params(str(workdir))  # The last step's checkpoint was written.
+    assert f"The profile of steps 3-4 could not be written to {workdir}/tensorboard (" in (
+        result.stderr
+    )
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ so the tools split the trace into steps.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,8 @@ import jax
 import ml_collections
 
 from vit_jax.metrics import TENSORBOARD_DIR
+
+log = logging.getLogger(__name__)
 
 
 class ProfileWindow:
@@ -61,11 +64,24 @@ class ProfileWindow:
         results) are computed, so the trace holds the step's device work."""
         if self._tracing and step >= self.last_step:
             jax.block_until_ready(outputs)
-            jax.profiler.stop_trace()
-            self._tracing = False
+            self._stop()
 
     def close(self) -> None:
         """Stops a trace the loop left running (the run ended or stopped inside the window)."""
         if self._tracing:
+            self._stop()
+
+    def _stop(self) -> None:
+        """Stops the trace and writes it. A trace the file system refuses (jax.profiler
+        raises as it writes) is logged as a warning: a diagnostic never ends the run."""
+        self._tracing = False
+        try:
             jax.profiler.stop_trace()
-            self._tracing = False
+        except RuntimeError as e:  # JaxRuntimeError, with the file system's reason.
+            log.warning(
+                "The profile of steps %d-%d could not be written to %s (%s); training goes on.",
+                self.first_step,
+                self.last_step,
+                self.log_dir,
+                str(e).splitlines()[0],
+            )

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from vit_jax.checkpoint.manager import error_summary
 from vit_jax.metrics import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
@@ -83,5 +84,5 @@ class ProfileWindow:
                 self.first_step,
                 self.last_step,
                 self.log_dir,
-                str(e).splitlines()[0],
+                error_summary(e),
             )

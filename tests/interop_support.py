@@ -28,6 +28,8 @@ from vit_jax.models import abstract_params, create_model  # noqa: E402
 TINY = dict(width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=8)
 TIMM_TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, mlp_ratio=4.0)
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+# Pixels as images arrive (uint8 RGB), for what happens before the model.
+PIXELS = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
 
 
 def randomize(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import parse_predictions, random_params
 from interop_support import (
+    PIXELS,
     TIMM_TINY,
     TINY,
     assert_same_logits,
@@ -27,12 +28,13 @@ from interop_support import (
     write_run,
 )
 from PIL import Image
+from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
 from vit_jax import checkpoint, export, predict
 from vit_jax.checkpoint.safetensors_file import read_safetensors
 from vit_jax.config import base_config
-from vit_jax.models import abstract_params, create_model
+from vit_jax.models import abstract_params, create_model, scale_images
 
 pytestmark = pytest.mark.interop
 
@@ -202,6 +204,10 @@ def test_exports_load_into_timm_with_our_logits(case, tmp_path):
     else:
         target.load_state_dict(safetensors.torch.load_file(str(out)), strict=True)
     assert_same_logits(our_logits(model, params), torch_forward(target))
+    # timm's data config gives it our pixels, whatever ViT name builds it (not DeiT's).
+    for name in ("vit_tiny_patch16_224", "deit_tiny_patch16_224"):
+        data = resolve_data_config({}, model=timm.create_model(name, pretrained=False, **options))
+        assert [tuple(data[key]) for key in ("mean", "std")] == [(0.5, 0.5, 0.5)] * 2
 
     # And back: the file and its description rebuild the same model here.
     reimported, reloaded = import_model(out, **fields)
@@ -266,6 +272,33 @@ def test_saved_architecture_selects_the_activation(architecture, activation, tmp
     )
     model, params = import_model(path)
     assert_same_logits(our_logits(model, params), torch_forward(source))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "num_classes"),
+    [("deit_tiny_patch16_224", 10), ("vit_base_patch16_224.mae", 0)],
+    ids=["deit", "mae_features"],
+)
+def test_weights_trained_on_imagenets_mean_and_std_take_our_pixels(
+    architecture, num_classes, tmp_path
+):
+    """DeiT's and MAE's weights were trained on pixels normalised with ImageNet's mean and
+    std, which the config.json timm saves beside them states: imported, they take pixels
+    as `scale_images` gives them to every vit_jax model and compute what timm computes on
+    the same pixels normalised as timm's data config says."""
+    source = timm_vit(architecture, num_classes=num_classes)
+    save_for_hf(source, str(tmp_path), safe_serialization=True)
+    data = resolve_data_config({}, model=source)
+    mean, std = np.asarray(data["mean"]), np.asarray(data["std"])
+    assert not np.allclose(mean, 0.5)  # What the test is about: not our normalisation.
+    theirs = torch_forward(source, ((PIXELS / 255 - mean) / std).astype(np.float32))
+
+    path = tmp_path / "model.safetensors"
+    assert "mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225): folded" in (
+        checkpoint.describe_checkpoint(path).source
+    )
+    model, params = import_model(path)
+    assert_same_logits(our_logits(model, params, np.asarray(scale_images(PIXELS))), theirs)
 
 
 def test_average_pooling_beside_a_class_token_is_refused(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from interop_support import (
+    PIXELS,
     TINY,
     assert_same_logits,
     import_model,
@@ -17,9 +18,16 @@ from interop_support import (
     randomize,
     torch_forward,
 )
-from transformers import ViTConfig, ViTForImageClassification, ViTModel
+from transformers import (
+    AutoImageProcessor,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 from vit_jax import checkpoint
+from vit_jax.models import scale_images
 
 pytestmark = pytest.mark.interop
 
@@ -77,3 +85,35 @@ def test_an_activation_our_vit_lacks_is_refused(tmp_path):
     _, path = save_hf(ViTForImageClassification, tmp_path, hidden_act="relu")
     with pytest.raises(ValueError, match="hidden_act='relu'"):
         checkpoint.describe_checkpoint(path)
+
+
+IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [IMAGENET, IMAGENET | dict(rescale_factor=1 / 127.5), dict(do_normalize=False)],
+    ids=["imagenet", "imagenet_rescaled_otherwise", "unnormalised"],
+)
+def test_weights_trained_on_other_pixels_take_ours(processor, tmp_path):
+    """The preprocessor_config.json beside the weights says what pixels they were trained
+    on: imported, they take pixels as `scale_images` gives them to every vit_jax model and
+    compute what transformers computes on the same pixels through its own image processor."""
+    source, path = save_hf(ViTForImageClassification, tmp_path)
+    ViTImageProcessor(**processor).save_pretrained(str(tmp_path))
+    pixel_values = AutoImageProcessor.from_pretrained(str(tmp_path))(
+        images=list(PIXELS), do_resize=False, return_tensors="pt"
+    )["pixel_values"]
+    theirs = torch_forward(source, pixel_values.numpy().transpose(0, 2, 3, 1)).logits
+
+    model, params = import_model(path)
+    assert_same_logits(our_logits(model, params, np.asarray(scale_images(PIXELS))), theirs)
+
+
+def test_a_stated_normalisation_that_cannot_be_is_refused_naming_the_file(tmp_path):
+    _, path = save_hf(ViTForImageClassification, tmp_path)
+    ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.0, 0.5]).save_pretrained(
+        str(tmp_path)
+    )
+    with pytest.raises(ValueError, match="preprocessor_config.json states an input std of"):
+        checkpoint.read_weights(path)

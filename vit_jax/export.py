@@ -19,7 +19,8 @@ options, image size, evaluation crop, loss) for `vit-predict` and fine-tuning; f
 formats it also holds `timm_model_args`, every `timm.create_model` argument that rebuilds
 the model at its size: embed_dim, depth, num_heads, mlp_ratio, patch_size, img_size,
 num_classes, pooling, fc_norm, registers and activation (Google-style models use
-`act_layer="gelu_tanh"`; timm's default is the exact GELU).
+`act_layer="gelu_tanh"`; timm's default is the exact GELU), and the input normalisation
+(`pretrained_cfg_overlay`, for timm's `resolve_data_config`).
 
 Loading an export into timm (any size; the model name only picks the ViT class, the
 arguments set every dimension):

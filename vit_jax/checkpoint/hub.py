@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from vit_jax.checkpoint import timm_layout, transformers_layout
+from vit_jax.checkpoint import input_normalization, timm_layout, transformers_layout
 from vit_jax.checkpoint.safetensors_file import read_header, read_safetensors
 
 SUFFIX = ".safetensors"
@@ -33,13 +33,26 @@ def read_params(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
     """The file's weights as our unrolled tree ('/'-joined), and the name of its layout.
 
     Attention heads are fused into one (the file does not record how many there are).
+    An input normalisation other than ours that the files beside it state (ImageNet's mean
+    and std, for DeiT, MAE, DINO, ...) is folded into the patch embedding, so the weights
+    take [-1, 1] images as every vit_jax model does (`input_normalization`).
     """
-    arrays, _ = read_safetensors(path)
+    arrays, metadata = read_safetensors(path)
     if timm_layout.is_timm(arrays):
-        return timm_layout.from_timm(arrays), "timm ViT layout"
-    if transformers_layout.is_transformers(arrays):
-        return transformers_layout.from_transformers(arrays), "transformers ViT layout"
-    raise ValueError(_unknown_layout(path, arrays))
+        params, layout = timm_layout.from_timm(arrays), "timm ViT layout"
+    elif transformers_layout.is_transformers(arrays):
+        params, layout = transformers_layout.from_transformers(arrays), "transformers ViT layout"
+    else:
+        raise ValueError(_unknown_layout(path, arrays))
+    stated = None if MODEL_METADATA in metadata else input_normalization.stated_normalization(path)
+    if stated is not None and not input_normalization.is_inception(*stated):
+        params = input_normalization.fold_into_patch_embedding(params, *stated)
+        mean, std = (", ".join(f"{v:.4g}" for v in values) for values in stated)
+        layout += (
+            f", trained on pixels normalised with mean ({mean}) and std ({std}): folded into "
+            "the patch embedding, which takes [-1, 1] images as vit_jax models do"
+        )
+    return params, layout
 
 
 def model_fields(path: str | os.PathLike) -> dict[str, Any]:

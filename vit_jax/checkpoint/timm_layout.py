@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax.checkpoint.input_normalization import INCEPTION_MEAN, INCEPTION_STD
 from vit_jax.checkpoint.npz import POSEMB
 
 # timm parameter patterns that name a feature our ViT lacks.
@@ -272,7 +273,12 @@ def export_problems(model: dict[str, Any], file_format: str) -> list[str]:
 
 
 def timm_model_args(model: dict[str, Any], num_heads: int) -> dict[str, Any]:
-    """`timm.create_model(..., **args)` options that rebuild `model` (our model fields) in timm."""
+    """`timm.create_model(..., **args)` options that rebuild `model` (our model fields) in timm.
+
+    Its `pretrained_cfg_overlay` gives the model the input normalisation ours take (mean
+    and std 0.5), so timm's `resolve_data_config(model=...)` normalises pixels for it
+    whichever ViT name builds it (DeiT's would say ImageNet's mean and std).
+    """
     pool = model.get("pool", "token")
     registers = model.get("num_registers") or 0
     args = {
@@ -281,6 +287,7 @@ def timm_model_args(model: dict[str, Any], num_heads: int) -> dict[str, Any]:
         "global_pool": {"token": "token", "gap": "avg", "map": "map"}[pool],
         "fc_norm": bool(model.get("fc_norm", False)),
         "act_layer": "gelu" if model.get("activation") == "gelu_exact" else "gelu_tanh",
+        "pretrained_cfg_overlay": {"mean": list(INCEPTION_MEAN), "std": list(INCEPTION_STD)},
     }
     if registers:
         args |= {"reg_tokens": registers, "no_embed_class": True}

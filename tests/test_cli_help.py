@@ -375,28 +375,3 @@ def test_only_tensorflows_file_io_errors_on_a_path_are_user_errors(capsys):
 
     with pytest.raises(tf.errors.InvalidArgumentError):
         cli.run("vit-train", op_error)
-
-
-@pytest.mark.parametrize(
-    "files, present",
-    [
-        ({}, False),
-        ({"dev/vfio/vfio": ""}, False),  # VFIO's control node alone: no device assigned.
-        ({"sys/bus/pci/devices/0000:00:04.0/vendor": "0x1af4\n"}, False),  # A virtio disk.
-        ({"dev/nvidia0": ""}, True),
-        ({"dev/nvidiactl": ""}, True),  # A container's.
-        ({"dev/dxg": ""}, True),  # A GPU under WSL.
-        ({"dev/accel0": ""}, True),  # TPU v4.
-        ({"dev/vfio/0": ""}, True),  # TPU v5e and later.
-        ({"sys/bus/pci/devices/0000:00:05.0/vendor": "0x1ae0\n"}, True),  # Google's.
-    ],
-)
-def test_an_accelerator_may_be_present_where_a_device_node_or_a_google_pci_device_is(
-    tmp_path, files, present
-):
-    """Where this says no, commands run JAX on the CPU without asking the plugins: it must
-    never say no on a machine with a GPU or TPU."""
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cli.accelerator_present(str(tmp_path)) is present

@@ -7,8 +7,9 @@
 - `--help` lists the command's own flags with their defaults and exits 0 before JAX or
   TensorFlow is imported: commands import those after parsing.
 - On a Linux machine with no accelerator, JAX runs on the CPU without first asking the
-  `compile` extra's plugins (libtpu, CUDA) for their devices (`skip_absent_accelerators`),
-  and TensorFlow loads without Keras (`skip_keras`): vit_jax uses tf.data alone.
+  `compile` extra's plugins (libtpu, CUDA) for their devices
+  (`accelerators.skip_absent_accelerators`), and TensorFlow loads without Keras
+  (`skip_keras`): vit_jax uses tf.data alone.
 - A user error (a bad flag value, a config field that does not exist, a missing file, a
   checkpoint of another model, a path its file system refuses) ends the command with one
   line, `PROG: what was wrong and how to fix it`, on stderr and exit status `USAGE_ERROR`
@@ -18,11 +19,8 @@
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.metadata
 import importlib.util
 import os
-import pkgutil
 import re
 import sys
 import textwrap
@@ -32,6 +30,8 @@ from typing import NoReturn
 
 import ml_collections
 from absl import app, flags
+
+from vit_jax import accelerators
 
 USAGE_ERROR = 2  # Exit status of every user error, as argparse and the launch scripts use it.
 HELP = ("-h", "--help", "--helpshort")
@@ -45,6 +45,7 @@ class UsageError(Exception):
 # Errors whose message is meant for the user: the library raises them for input it refuses.
 USER_ERRORS = (
     UsageError,
+    accelerators.CpuFallbackError,
     app.UsageError,
     argparse.ArgumentTypeError,
     ValueError,
@@ -145,54 +146,6 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-# The JAX plugins whose devices `accelerator_present` finds (NVIDIA's); libtpu is JAX's own
-# TPU backend, no plugin, and TPU chips are found too.
-_KNOWN_PLUGINS = frozenset({"xla_cuda12", "xla_cuda13"})
-# Device nodes of NVIDIA GPUs (/dev/nvidia0, a container's /dev/nvidiactl, WSL's /dev/dxg)
-# and TPUs (v4: /dev/accel*, v5e and later: VFIO groups), and TPU chips' PCI vendor.
-_ACCELERATOR_NODES = ("dev/nvidia*", "dev/dxg", "dev/accel*", "dev/vfio/[0-9]*")
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-
-
-def accelerator_present(root: str = "/") -> bool:
-    """Whether the machine whose file system is at `root` may have a GPU or TPU: a device
-    node of either, or any PCI device of Google's (TPU chips, and Google Cloud's virtual
-    NICs: on a CPU VM there, a false yes, which costs only the plugins' messages)."""
-    if any(glob.glob(os.path.join(root, pattern)) for pattern in _ACCELERATOR_NODES):
-        return True
-    for vendor in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor")):
-        with open(vendor) as f:
-            if f.read().strip() == _GOOGLE_PCI_VENDOR:
-                return True
-    return False
-
-
-def _jax_plugins() -> set[str]:
-    """The names of the plugins JAX loads: its `jax_plugins` entry points and the modules of
-    the `jax_plugins` namespace package (found without importing them)."""
-    names = {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
-    spec = importlib.util.find_spec("jax_plugins")
-    if spec is not None and spec.submodule_search_locations:
-        names |= {m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)}
-    return names
-
-
-def skip_absent_accelerators() -> None:
-    """Sets JAX_PLATFORMS=cpu, before JAX loads, on a Linux machine with neither a GPU nor a
-    TPU when no JAX plugin but the CUDA ones is installed: JAX would fall back to the CPU
-    anyway, after the `compile` extra's plugins had looked for their devices and logged a
-    traceback ("Unable to load CUDA") and libtpu's errors. A JAX_PLATFORMS the user set is
-    kept, and so is JAX's own choice wherever an accelerator or another plugin may be."""
-    if (
-        os.environ.get("JAX_PLATFORMS")
-        or not sys.platform.startswith("linux")
-        or not _jax_plugins() <= _KNOWN_PLUGINS
-        or accelerator_present()
-    ):
-        return
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
-
 def skip_keras() -> None:
     """Keeps TensorFlow from importing Keras as it loads: 1.8 of the 5.3 s `import
     tensorflow` took on a 2-core CPU (Keras 3 imports matplotlib and scikit-learn), in every
@@ -214,9 +167,10 @@ def run(prog: str, body: Callable[[], int | None], memory_lever: str | None = No
     `memory_lever` (what makes the command's forward pass smaller, e.g. "a smaller
     --batch_size (now 32)"), a forward pass that does not fit in device memory ends the
     command with one line naming it, and status 1. JAX's platforms are chosen first
-    (`skip_absent_accelerators`), and TensorFlow is kept from importing Keras (`skip_keras`).
+    (`accelerators.skip_absent_accelerators`), and TensorFlow is kept from importing Keras
+    (`skip_keras`).
     """
-    skip_absent_accelerators()
+    accelerators.skip_absent_accelerators()
     skip_keras()
     try:
         return body() or 0

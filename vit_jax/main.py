@@ -26,6 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli
+from vit_jax.accelerators import check_cpu_fallback
 from vit_jax.preemption import (
     PREEMPTED_EXIT_STATUS,
     Preempted,
@@ -107,6 +108,7 @@ def _main(argv: list[str]) -> int:
     )
     verbose = jax.process_index() == 0
     logging.getLogger("vit_jax").setLevel(logging.INFO if verbose else logging.WARNING)
+    check_cpu_fallback()
     log.info(
         "%d process(es), %d device(s): %s",
         jax.process_count(),

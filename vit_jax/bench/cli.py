@@ -119,6 +119,9 @@ def _main(argv: list[str]) -> int | None:
         return _compile(_CONFIG.value)
     import jax
 
+    from vit_jax.accelerators import check_cpu_fallback
+
+    check_cpu_fallback()  # A CPU's figures in place of the device's would mislead.
     from vit_jax.bench.compile import DOES_NOT_FIT
     from vit_jax.bench.steps import benchmark_steps
     from vit_jax.trainer import TRAIN_STEP_LEVERS, device_memory_refusal

@@ -29,9 +29,11 @@ OVERRIDES = TINY | {
 }
 
 
-def _launch(tmp_path, workdir, *flags, pause_at: int | None = None) -> list[subprocess.Popen]:
-    """Two processes of one run, 4 simulated devices each; paused before step `pause_at` + 1
-    (tests/paused_train.py) until a line arrives on their stdin."""
+def _launch(
+    tmp_path, workdir, *flags, pause_at: int | None = None, cwds: tuple = (REPO, REPO)
+) -> list[subprocess.Popen]:
+    """Two processes of one run, 4 simulated devices each, started in `cwds`; paused before
+    step `pause_at` + 1 (tests/paused_train.py) until a line arrives on their stdin."""
     port = free_port()
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
@@ -40,7 +42,7 @@ def _launch(tmp_path, workdir, *flags, pause_at: int | None = None) -> list[subp
     procs = []
     for i in range(2):
         command = [
-            sys.executable, *main, "--config", f"configs/{RECIPE}",
+            sys.executable, *main, "--config", f"{REPO}/configs/{RECIPE}",
             f"--config.data_dir={tmp_path}/tfds{i}", "--workdir", workdir,
             "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
             "--process_id", str(i), *overrides, *flags,
@@ -48,7 +50,7 @@ def _launch(tmp_path, workdir, *flags, pause_at: int | None = None) -> list[subp
         procs.append(
             subprocess.Popen(
                 command,
-                cwd=REPO,
+                cwd=cwds[i],
                 env=env,
                 text=True,
                 stdin=subprocess.PIPE,
@@ -124,3 +126,28 @@ def test_a_dead_process_stops_the_other_with_a_clear_error(tmp_path):
     print(f"survivor exited {time.perf_counter() - killed:.1f} s after the kill")
     assert procs[0].returncode not in (0, PREEMPTED_EXIT_STATUS)
     assert "another task died" in stderr and "stopped sending heartbeats" in stderr
+
+
+@pytest.mark.slow
+def test_a_workdir_on_each_hosts_own_disk_is_refused_before_anything_is_written(tmp_path):
+    """`--workdir /tmp/run` on each VM of a slice: every host writes its shards of a
+    checkpoint on its own disk, and the run waited forever for the others' at the first
+    save. Here the same path is another directory for each process: /proc/self/cwd is the
+    process's own working directory, and each starts in its own."""
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for host in hosts:
+        host.mkdir()
+    procs = _launch(tmp_path, "/proc/self/cwd/run", cwds=tuple(hosts))
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:  # Before the refusal, such a run never ended.
+        for p in procs:
+            p.kill()
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 2, stderr[-3000:]
+        refusal = stderr.strip().splitlines()[-1]
+        assert refusal.startswith(
+            "vit-train: The workdir /proc/self/cwd/run is not one storage for every process: "
+            "process(es) 1 of 2 do not see the lock file process 0 wrote there"
+        ), stderr[-3000:]
+    assert [sorted(p.name for p in host.rglob("*")) for host in hosts] == [["run"], []]

@@ -123,6 +123,7 @@ def _main(argv: list[str]) -> int:
     from vit_jax.workdir import (
         UnreadableCheckpointsError,
         WorkdirLockedError,
+        WorkdirNotSharedError,
         WorkdirUnwritableError,
     )
 
@@ -131,7 +132,8 @@ def _main(argv: list[str]) -> int:
     except Preempted as e:
         log.warning("%s Exit status %d.", e, PREEMPTED_EXIT_STATUS)
         return PREEMPTED_EXIT_STATUS
-    except (WorkdirLockedError, WorkdirUnwritableError) as e:  # The user picks another.
+    # The user picks another.
+    except (WorkdirLockedError, WorkdirUnwritableError, WorkdirNotSharedError) as e:
         raise cli.UsageError(str(e)) from None
     except (
         FloatingPointError,

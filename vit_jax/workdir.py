@@ -3,6 +3,9 @@
 - `claim`: a lock file held by process 0 (holder host, pid, start time). A second run in
   the same workdir is refused and told who holds it; a lock left by a dead process on this
   host, or by an earlier run of the same requeued SLURM job, is taken over with a warning.
+  Every process of a multi-process run must read that lock as process 0 wrote it: a
+  workdir on each host's own disk is refused before anything else is written (Orbax then
+  waited forever for the other hosts' shards of the first checkpoint).
 - `check_config`: on resume, the fields that decide the run's trajectory are compared with
   those saved in `config.json` (and the process count, in `run.json`); a difference is an
   error listing `field: saved -> now` unless `config.allow_config_change` names the field.
@@ -23,6 +26,8 @@ import json
 import logging
 import os
 import socket
+import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,6 +84,11 @@ class WorkdirLockedError(RuntimeError):
 class WorkdirUnwritableError(RuntimeError):
     """The workdir cannot be created or its lock written: a bucket that does not exist or
     refuses this machine's credentials, no network, a read-only file system."""
+
+
+class WorkdirNotSharedError(RuntimeError):
+    """Some processes of a multi-process run do not see the workdir process 0 writes: the
+    path names a local disk on each host."""
 
 
 class ConfigChangedError(ValueError):
@@ -222,10 +232,45 @@ def claim(workdir: str) -> Iterator[None]:
     if not _all_processes_agree(error is None):
         raise error or WorkdirLockedError(f"Process 0 could not lock {workdir}; see its log.")
     try:
+        _check_shared(workdir, path)
         yield
     finally:
         if mine is not None:
             tf.io.gfile.remove(path)
+
+
+_SHARED_READS, _SHARED_READ_INTERVAL_S = 10, 0.5
+
+
+def _check_shared(workdir: str, lock_path: str) -> None:
+    """Refuses a workdir that is not one storage for every process: each reads the lock
+    process 0 wrote and all compare what they read (one all-gather, at start-up).
+
+    Raises:
+      WorkdirNotSharedError: naming the processes that read something else or nothing.
+    """
+    if jax.process_count() == 1:
+        return
+    seen = 0  # Not seen; else the CRC of what was read, plus one.
+    # A network file system may answer from a cache that predates the lock for a moment.
+    for _ in range(_SHARED_READS):
+        try:
+            with tf.io.gfile.GFile(lock_path, "rb") as f:
+                seen = zlib.crc32(f.read()) + 1
+            break
+        except tf.errors.NotFoundError:
+            time.sleep(_SHARED_READ_INTERVAL_S)
+    everyone = multihost_utils.process_allgather(np.array(seen, np.int64))
+    blind = [index for index, crc in enumerate(everyone.tolist()) if crc != everyone[0]]
+    if blind:
+        raise WorkdirNotSharedError(
+            f"The workdir {workdir} is not one storage for every process: process(es) "
+            f"{', '.join(map(str, blind))} of {jax.process_count()} do not see the lock file "
+            f"process 0 wrote there ({lock_path}). Every host writes its shards of each "
+            "checkpoint into the workdir, so a multi-process run needs one that every host "
+            "reads and writes: a gs:// bucket or a shared file system (NFS), not a path on "
+            "each host's own disk."
+        )
 
 
 # ---- config contract -----------------------------------------------------------------------

@@ -3,6 +3,7 @@ a preemption notice that every process obeys at the same step, and a process tha
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,10 +31,16 @@ OVERRIDES = TINY | {
 
 
 def _launch(
-    tmp_path, workdir, *flags, pause_at: int | None = None, cwds: tuple = (REPO, REPO)
+    tmp_path,
+    workdir,
+    *flags,
+    pause_at: int | None = None,
+    cwds: tuple = (REPO, REPO),
+    own_flags: tuple = ((), ()),
 ) -> list[subprocess.Popen]:
-    """Two processes of one run, 4 simulated devices each, started in `cwds`; paused before
-    step `pause_at` + 1 (tests/paused_train.py) until a line arrives on their stdin."""
+    """Two processes of one run, 4 simulated devices each, started in `cwds` with `flags`
+    and their `own_flags`; paused before step `pause_at` + 1 (tests/paused_train.py) until a
+    line arrives on their stdin."""
     port = free_port()
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
@@ -45,7 +52,7 @@ def _launch(
             sys.executable, *main, "--config", f"{REPO}/configs/{RECIPE}",
             f"--config.data_dir={tmp_path}/tfds{i}", "--workdir", workdir,
             "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-            "--process_id", str(i), *overrides, *flags,
+            "--process_id", str(i), *overrides, *flags, *own_flags[i],
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(
@@ -151,3 +158,36 @@ def test_a_workdir_on_each_hosts_own_disk_is_refused_before_anything_is_written(
             "process(es) 1 of 2 do not see the lock file process 0 wrote there"
         ), stderr[-3000:]
     assert [sorted(p.name for p in host.rglob("*")) for host in hosts] == [["run"], []]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("differs_in", ["config", "code"])
+def test_processes_started_differently_are_refused_naming_the_difference(tmp_path, differs_in):
+    """A host left on other flags or other code built other programs, and the run crashed
+    in its first collective ("Is there a distributed collective mismatch?", status -6) or,
+    on TPUs, hung there. Process 1 here gets another depth, or runs a copy of vit_jax with
+    one line added (`python -m` finds the package in its working directory first)."""
+    host1 = tmp_path / "host1"
+    own_flags = ((), ())
+    if differs_in == "config":
+        host1.mkdir()
+        own_flags = ((), ("--config.model.depth=2",))
+    else:
+        shutil.copytree(os.path.join(REPO, "vit_jax"), host1 / "vit_jax")
+        with open(host1 / "vit_jax" / "train.py", "a") as f:
+            f.write("# A local edit on one host.\n")
+    procs = _launch(tmp_path, str(tmp_path / "run"), cwds=(REPO, host1), own_flags=own_flags)
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    difference = "config model.depth: 1 -> 2" if differs_in == "config" else "vit_jax source: "
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 2, stderr[-3000:]
+        refusal = stderr.strip().splitlines()[-1]
+        assert refusal.startswith(
+            "vit-train: The processes of this run were started differently: 1 of 2 differ "
+            f"from process 0; process 1 in {difference}"
+        ), stderr[-3000:]
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,9 @@
   Every process of a multi-process run must read that lock as process 0 wrote it: a
   workdir on each host's own disk is refused before anything else is written (Orbax then
   waited forever for the other hosts' shards of the first checkpoint).
+- `check_processes_agree`: the processes of a multi-process run were started with the same
+  config (but `PER_PROCESS` fields), vit_jax code and JAX: a host left on other code or
+  flags ran other programs, and the run crashed or hung in its first collective.
 - `check_config`: on resume, the fields that decide the run's trajectory are compared with
   those saved in `config.json` (and the process count, in `run.json`); a difference is an
   error listing `field: saved -> now` unless `config.allow_config_change` names the field.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -77,6 +81,15 @@ BOOKKEEPING = (
 )
 
 
+# Fields each process of one run may set for itself: where it finds the same data, and its
+# own compilation cache.
+PER_PROCESS = ("data_dir", "compilation_cache_dir")
+
+
+class ProcessesDisagreeError(ValueError):
+    """Processes of one run were started with different configs, code or JAX."""
+
+
 class WorkdirLockedError(RuntimeError):
     """Another run holds the workdir."""
 
@@ -104,6 +117,70 @@ def _all_processes_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _allgather_text(text: str) -> list[str]:
+    """Every process's `text`, in process order (two all-gathers: lengths, then bytes)."""
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array(len(data), np.int64)).tolist()
+    padded = np.zeros(max(lengths), np.uint8)
+    padded[: len(data)] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [bytes(row[:length]).decode() for row, length in zip(rows, lengths, strict=True)]
+
+
+def _code_identity() -> dict[str, str]:
+    """What decides the programs a process builds besides its config: vit_jax's source
+    (a digest of its files), JAX and jaxlib."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(package)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, package).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return {
+        "vit_jax source": digest.hexdigest()[:12],
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__,
+    }
+
+
+def check_processes_agree(config: ml_collections.ConfigDict) -> None:
+    """Refuses a multi-process run whose processes were started with different config
+    fields (but `PER_PROCESS`), vit_jax code or JAX versions. One exchange at start-up.
+
+    Raises:
+      ProcessesDisagreeError: on every process, naming the first process that differs
+        from process 0 and each difference (`field: process 0's -> theirs`).
+    """
+    if jax.process_count() == 1:
+        return
+    fields = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+    mine = {f"config {k}": v for k, v in fields.items() if k not in PER_PROCESS}
+    mine |= _code_identity()
+    everyone = [json.loads(text) for text in _allgather_text(json.dumps(mine, sort_keys=True))]
+    other = next((i for i, theirs in enumerate(everyone) if theirs != everyone[0]), None)
+    if other is None:
+        return
+    first, theirs = everyone[0], everyone[other]
+    absent = "(absent)"
+    differences = [
+        f"{key}: {first.get(key, absent)} -> {theirs.get(key, absent)}"
+        for key in sorted(first.keys() | theirs.keys())
+        if first.get(key, absent) != theirs.get(key, absent)
+    ]
+    count = sum(theirs != everyone[0] for theirs in everyone)
+    raise ProcessesDisagreeError(
+        f"The processes of this run were started differently: {count} of "
+        f"{jax.process_count()} differ from process 0; process {other} in "
+        f"{'; '.join(differences[:8])}"
+        + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        + ". Every process of one run must run the same code, JAX and config (but "
+        f"{', '.join(PER_PROCESS)}): update or reinstall the hosts that differ and start "
+        "them with the same flags."
+    )
 
 
 # ---- lock ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ EXTRAS = {
         'pip install -e ".[test,interop]"',
     ),
     # TPU targets by default; `@pytest.mark.compile("jax_plugins.xla_cuda12")` for GPU ones.
-    "compile": (("libtpu",), 'pip install -e ".[test,compile]"'),
+    "compile": (("libtpu",), 'pip install -e ".[test,compile]" (published for x86-64 Linux)'),
 }
 
 

@@ -196,3 +196,15 @@ def test_a_failed_writes_error_left_on_a_future_is_not_echoed(tmp_path, caplog):
                 "Future exception was never retrieved", exc_info=(ValueError, error, None)
             )
     assert [r.exc_info[1] for r in caplog.records] == [other]
+
+
+def test_a_folder_of_weights_files_names_them(tmp_path):
+    """A hub download (`hf download ... --local-dir folder`) is a folder: given as a
+    checkpoint, the refusal names the file to give instead."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as refused:
+        manager.load_params(str(tmp_path))
+    assert str(refused.value).endswith(
+        f"directory; to read a weights file in it, name the file: {tmp_path}/model.safetensors."
+    )

@@ -103,7 +103,7 @@ def check_cpu_fallback(root: str = "/", environ: Mapping[str, str] = os.environ)
     Raises:
       CpuFallbackError: on a TPU machine, with JAX's reason and what to do.
     """
-    found = cpu_fallback(root, environ)
+    found = _cpu_fallback(root, environ)
     if found is None:
         return
     platform, reason = found
@@ -112,7 +112,7 @@ def check_cpu_fallback(root: str = "/", environ: Mapping[str, str] = os.environ)
     logger.warning("%s", reason[0].upper() + reason[1:])
 
 
-def cpu_fallback(
+def _cpu_fallback(
     root: str = "/", environ: Mapping[str, str] = os.environ
 ) -> tuple[str, str] | None:
     """JAX's platform for the device of the machine whose file system is at `root` ("tpu" or

@@ -25,14 +25,11 @@ vit_jax command keeps one input contract.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
 import numpy as np
 from etils import epath
-
-logger = logging.getLogger(__name__)
 
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # What `scale_images` computes: pixels / 127.5 - 1.
 INCEPTION_STD = (0.5, 0.5, 0.5)

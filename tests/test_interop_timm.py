@@ -319,3 +319,18 @@ def test_fine_tuning_from_a_timm_file_builds_the_model_timm_trained(tmp_path):
     changes = checkpoint.model_init_changes(config.model, config.model_init)
     assert changes == dict(activation="gelu_exact", pool="gap", fc_norm=True)
     assert (config.model.activation, config.model.pool) == ("gelu_tanh", "token")
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "mae_pretrain_vit_base.pth"])
+def test_a_pytorch_pickle_is_refused_pointing_to_safetensors(tmp_path, name, zipped):
+    """MAE's, DINO's and DeiT's official releases are torch.save files: refused as such (a
+    zip of a pickle read as an .npz said 'Expected the ViT patch embedding ... found none'),
+    with where to find the weights that say their input normalisation."""
+    path = tmp_path / name
+    torch.save({"model": timm_vit().state_dict()}, str(path), _use_new_zipfile_serialization=zipped)
+    with pytest.raises(ValueError, match=r"is a PyTorch pickle \(torch\.save\)") as refused:
+        checkpoint.read_weights(path)
+    assert "hf download timm/vit_base_patch16_224.mae model.safetensors config.json" in str(
+        refused.value
+    )

@@ -110,6 +110,9 @@ def _open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
         except zipfile.BadZipFile as e:  # A zip cut short (an interrupted download).
             raise _damaged(path, e) from None
         except (ValueError, EOFError):  # Not a NumPy file: text, a pickle, empty, ...
+            f.seek(0)
+            if f.read(1) == _PICKLE_PROTOCOL:  # PyTorch's legacy format is a bare pickle.
+                raise _pytorch_pickle(path) from None
             raise ValueError(
                 f"{path} is not an .npz archive: a checkpoint is an .npz or .safetensors file "
                 "or a vit_jax workdir."
@@ -117,7 +120,26 @@ def _open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError(f"{path} holds a single array, not an .npz archive of parameters.")
         with loaded:
+            if any(name.endswith("data.pkl") for name in loaded.zip.namelist()):
+                raise _pytorch_pickle(path)  # torch.save's zip: a pickle and its tensors.
             yield loaded
+
+
+_PICKLE_PROTOCOL = b"\x80"  # The first byte of a pickle of protocol 2 or later.
+
+
+def _pytorch_pickle(path: str | os.PathLike) -> ValueError:
+    """The refusal of a `torch.save` file (`.pth`, `.bin`, `.pt`: the official MAE, DINO and
+    DeiT releases): unpickling runs code from the file, and such a file does not say how
+    its inputs were normalised (MAE's, DINO's and DeiT's: ImageNet's mean and std)."""
+    return ValueError(
+        f"{path} is a PyTorch pickle (torch.save), which vit_jax does not read: unpickling "
+        "runs code from the file, and it does not say how the model's inputs were "
+        "normalised. Download the weights as .safetensors with the config.json that says "
+        "so, e.g. `hf download timm/vit_base_patch16_224.mae model.safetensors config.json "
+        "--local-dir mae` (timm publishes MAE, DINO and DeiT weights so), and pass "
+        "mae/model.safetensors."
+    )
 
 
 def _damaged(path: str | os.PathLike, error: Exception) -> ValueError:

@@ -334,3 +334,29 @@ def test_a_pytorch_pickle_is_refused_pointing_to_safetensors(tmp_path, name, zip
     assert "hf download timm/vit_base_patch16_224.mae model.safetensors config.json" in str(
         refused.value
     )
+
+
+def test_predict_names_the_classes_the_saved_config_names(tmp_path, capsys):
+    """timm saves ImageNet-style label names (synsets) and their descriptions in config.json:
+    `vit-predict` on the bare file prints the descriptions, in the head's order."""
+    synsets = [f"n0{i}" for i in range(4)]
+    descriptions = {name: f"class {name}, described" for name in synsets}
+    source = randomize(
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=4
+        )
+    )  # Ti/16's sizes: the file names no model, and these are a named one.
+    save_for_hf(
+        source,
+        str(tmp_path),
+        model_config={"label_names": synsets, "label_descriptions": descriptions},
+        safe_serialization=True,
+    )
+    image_path = tmp_path / "image.png"
+    Image.fromarray(PIXELS[0]).save(image_path)
+    path = str(tmp_path / "model.safetensors")
+    assert predict.main(["--checkpoint", path, "--top_k", "4", str(image_path)]) == 0
+    printed = parse_predictions(capsys.readouterr().out)[str(image_path)]
+    expected = torch.softmax(torch_forward(source, PIXELS[:1] / np.float32(127.5) - 1), -1)
+    order = np.argsort(-expected.numpy()[0])
+    assert [label for _, label in printed] == [descriptions[synsets[i]] for i in order]

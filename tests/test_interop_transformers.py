@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from vit_jax import checkpoint
+from vit_jax.checkpoint import hub
 from vit_jax.models import scale_images
 
 pytestmark = pytest.mark.interop
@@ -117,3 +118,9 @@ def test_a_stated_normalisation_that_cannot_be_is_refused_naming_the_file(tmp_pa
     )
     with pytest.raises(ValueError, match="preprocessor_config.json states an input std of"):
         checkpoint.read_weights(path)
+
+
+def test_class_names_come_from_the_saved_id2label(tmp_path):
+    names = {i: f"name {i}" for i in range(10)}
+    _, path = save_hf(ViTForImageClassification, tmp_path, id2label=names)
+    assert hub.class_names(path) == [names[i] for i in range(10)]

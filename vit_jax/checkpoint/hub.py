@@ -70,6 +70,26 @@ def model_fields(path: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(_unknown_layout(path, entries))
 
 
+def class_names(path: str | os.PathLike) -> list[str] | None:
+    """What the hub `config.json` beside `path` names its head's outputs, in order:
+    transformers' `id2label`, or timm's `label_names` (ImageNet's synsets, say) with the
+    `label_descriptions` it gives them ("tench, Tinca tinca"); None when it names none."""
+    config = _hub_config(path)
+    timm_names = config.get("label_names", config.get("pretrained_cfg", {}).get("label_names"))
+    if "id2label" in config:
+        labels = config["id2label"]
+    elif timm_names:
+        described = config.get("label_descriptions") or {}
+        named = timm_names if isinstance(timm_names, dict) else dict(enumerate(timm_names))
+        labels = {i: described.get(name, name) for i, name in named.items()}
+    else:
+        return None
+    labels = {int(i): str(name) for i, name in labels.items()}
+    return (
+        [labels[i] for i in range(len(labels))] if set(labels) == set(range(len(labels))) else None
+    )
+
+
 def _hub_config(path: str | os.PathLike) -> dict[str, Any]:
     config = epath.Path(path).parent / _HUB_CONFIG
     return json.loads(config.read_text()) if config.exists() else {}

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 from etils import epath
 
+from vit_jax.checkpoint import hub
 from vit_jax.checkpoint.describe import describe_checkpoint, description_path, read_weights
 from vit_jax.checkpoint.fit import load_pretrained
 from vit_jax.checkpoint.manager import load_metadata
@@ -47,9 +48,10 @@ def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dic
     A workdir or an exported file's `.json` describes the run. A bare file is described by
     what its weights imply (`describe_checkpoint`: sizes, pooling, representation layer,
     activation of hub layouts, class count, and for plain ViTs resolution), read once for
-    both. `overrides` (None: keep) replace the description's fields; `model` the model's
-    name only, keeping those implied fields. What this machine's platform cannot compute
-    is replaced (`runnable_on`: float16 by float32, cuDNN attention by XLA's).
+    both, and a hub file's class names by the `config.json` beside it (`hub.class_names`).
+    `overrides` (None: keep) replace the description's fields; `model` the model's name
+    only, keeping those implied fields. What this machine's platform cannot compute is
+    replaced (`runnable_on`: float16 by float32, cuDNN attention by XLA's).
 
     Raises:
       ValueError: the checkpoint does not say its model, class count or image size and
@@ -68,6 +70,9 @@ def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dic
         run = {"model": implied.model}
         if implied.num_classes:
             run["num_classes"] = implied.num_classes
+            names = hub.class_names(path) if hub.is_safetensors(path) else None
+            if names is not None and len(names) == implied.num_classes:
+                run["class_names"] = names
         if implied.image_size:
             run["image_size"] = implied.image_size
     if overrides.get("model"):

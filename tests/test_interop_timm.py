@@ -336,9 +336,10 @@ def test_a_pytorch_pickle_is_refused_pointing_to_safetensors(tmp_path, name, zip
     )
 
 
-def test_predict_names_the_classes_the_saved_config_names(tmp_path, capsys):
-    """timm saves ImageNet-style label names (synsets) and their descriptions in config.json:
-    `vit-predict` on the bare file prints the descriptions, in the head's order."""
+def test_predict_names_the_classes_and_crops_as_the_saved_config_says(tmp_path, capsys):
+    """timm saves ImageNet-style label names (synsets) and their descriptions in config.json,
+    and the central crop it evaluates with (`crop_pct`): `vit-predict` on the bare file
+    prints the descriptions, in the head's order, of the image cropped so."""
     synsets = [f"n0{i}" for i in range(4)]
     descriptions = {name: f"class {name}, described" for name in synsets}
     source = randomize(
@@ -352,11 +353,17 @@ def test_predict_names_the_classes_the_saved_config_names(tmp_path, capsys):
         model_config={"label_names": synsets, "label_descriptions": descriptions},
         safe_serialization=True,
     )
+    crop = source.pretrained_cfg["crop_pct"]
+    assert crop == 0.9  # vit_tiny_patch16_224's: the test is about a crop other than ours.
     image_path = tmp_path / "image.png"
-    Image.fromarray(PIXELS[0]).save(image_path)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 50, 3), np.uint8)).save(
+        image_path
+    )
     path = str(tmp_path / "model.safetensors")
     assert predict.main(["--checkpoint", path, "--top_k", "4", str(image_path)]) == 0
     printed = parse_predictions(capsys.readouterr().out)[str(image_path)]
-    expected = torch.softmax(torch_forward(source, PIXELS[:1] / np.float32(127.5) - 1), -1)
-    order = np.argsort(-expected.numpy()[0])
+    image = predict.load_image(str(image_path), 32, crop)[None] / np.float32(127.5) - 1
+    expected = torch.softmax(torch_forward(source, image), -1).numpy()[0]
+    np.testing.assert_allclose([p for p, _ in printed], np.sort(expected)[::-1], atol=1e-4)
+    order = np.argsort(-expected)
     assert [label for _, label in printed] == [descriptions[synsets[i]] for i in order]

@@ -90,6 +90,17 @@ def class_names(path: str | os.PathLike) -> list[str] | None:
     )
 
 
+def eval_crop_fraction(path: str | os.PathLike) -> float | None:
+    """The central crop timm evaluates the checkpoint at `path` with (`pretrained_cfg.crop_pct`
+    in the `config.json` beside it: 0.9 keeps the central 90% of the shorter side, as
+    "resize to size / 0.9, crop size" does); None when it states none or another crop mode."""
+    pretrained = _hub_config(path).get("pretrained_cfg", {})
+    if pretrained.get("crop_mode", "center") != "center" or "crop_pct" not in pretrained:
+        return None
+    fraction = float(pretrained["crop_pct"])
+    return fraction if 0.0 < fraction <= 1.0 else None
+
+
 def _hub_config(path: str | os.PathLike) -> dict[str, Any]:
     config = epath.Path(path).parent / _HUB_CONFIG
     return json.loads(config.read_text()) if config.exists() else {}

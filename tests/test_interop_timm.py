@@ -8,6 +8,7 @@ random models are exported with `vit-export` and loaded by timm's own loaders.
 from __future__ import annotations
 
 import json
+import logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -367,3 +368,18 @@ def test_predict_names_the_classes_and_crops_as_the_saved_config_says(tmp_path, 
     np.testing.assert_allclose([p for p, _ in printed], np.sort(expected)[::-1], atol=1e-4)
     order = np.argsort(-expected)
     assert [label for _, label in printed] == [descriptions[synsets[i]] for i in order]
+
+
+def test_a_file_whose_normalisation_nothing_states_is_read_with_a_warning(tmp_path, caplog):
+    """A model.safetensors downloaded without its config.json: taken as Google's [-1, 1],
+    saying so and what to download; with the config.json timm saves, nothing is said."""
+    source = timm_vit("deit_tiny_patch16_224")
+    (tmp_path / "bare").mkdir()
+    bare = save_timm(source, tmp_path / "bare" / "model.safetensors")
+    save_for_hf(source, str(tmp_path / "saved"), safe_serialization=True)
+    with caplog.at_level(logging.WARNING, logger="vit_jax.checkpoint.hub"):
+        checkpoint.read_weights(bare)
+        checkpoint.read_weights(tmp_path / "saved" / "model.safetensors")
+    (warning,) = caplog.messages
+    assert warning.startswith(f"{bare}: no file beside it says how its inputs were normalised")
+    assert warning.endswith("download that file with the weights.")

@@ -10,6 +10,7 @@ then wins, so a re-import is exact whatever the activation.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -23,6 +24,8 @@ SUFFIX = ".safetensors"
 # Metadata key under which vit-export records the model fields of the exported model.
 MODEL_METADATA = "vit_jax.model"
 _HUB_CONFIG = "config.json"  # Saved beside the weights by timm and transformers.
+
+logger = logging.getLogger(__name__)
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -44,8 +47,18 @@ def read_params(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
         params, layout = transformers_layout.from_transformers(arrays), "transformers ViT layout"
     else:
         raise ValueError(_unknown_layout(path, arrays))
-    stated = None if MODEL_METADATA in metadata else input_normalization.stated_normalization(path)
-    if stated is not None and not input_normalization.is_inception(*stated):
+    if MODEL_METADATA in metadata:  # vit-export's: our models' normalisation.
+        return params, layout
+    stated = input_normalization.stated_normalization(path)
+    if stated is None:
+        logger.warning(
+            "%s: no file beside it says how its inputs were normalised (timm's config.json, "
+            "transformers' preprocessor_config.json), so pixels are scaled to [-1, 1] as for "
+            "Google's and AugReg's weights. DeiT, MAE and DINO weights were trained on "
+            "ImageNet's mean and std: download that file with the weights.",
+            path,
+        )
+    elif not input_normalization.is_inception(*stated):
         params = input_normalization.fold_into_patch_embedding(params, *stated)
         mean, std = (", ".join(f"{v:.4g}" for v in values) for values in stated)
         layout += (

@@ -31,7 +31,6 @@ import logging
 import os
 import socket
 import time
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,6 +118,17 @@ def _all_processes_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple]:
+    """{key: (before's, after's)} for each key whose value differs, "(absent)" for a key one
+    of them lacks, in key order."""
+    absent = "(absent)"
+    return {
+        key: (before.get(key, absent), after.get(key, absent))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, absent) != after.get(key, absent)
+    }
+
+
 def _allgather_text(text: str) -> list[str]:
     """Every process's `text`, in process order (two all-gathers: lengths, then bytes)."""
     data = np.frombuffer(text.encode(), np.uint8)
@@ -164,12 +174,9 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
     other = next((i for i, theirs in enumerate(everyone) if theirs != everyone[0]), None)
     if other is None:
         return
-    first, theirs = everyone[0], everyone[other]
-    absent = "(absent)"
     differences = [
-        f"{key}: {first.get(key, absent)} -> {theirs.get(key, absent)}"
-        for key in sorted(first.keys() | theirs.keys())
-        if first.get(key, absent) != theirs.get(key, absent)
+        f"{key}: {first} -> {theirs}"
+        for key, (first, theirs) in _differences(everyone[0], everyone[other]).items()
     ]
     count = sum(theirs != everyone[0] for theirs in everyone)
     raise ProcessesDisagreeError(
@@ -321,24 +328,24 @@ _SHARED_READS, _SHARED_READ_INTERVAL_S = 10, 0.5
 
 def _check_shared(workdir: str, lock_path: str) -> None:
     """Refuses a workdir that is not one storage for every process: each reads the lock
-    process 0 wrote and all compare what they read (one all-gather, at start-up).
+    process 0 wrote and all compare what they read (`_allgather_text`, at start-up).
 
     Raises:
       WorkdirNotSharedError: naming the processes that read something else or nothing.
     """
     if jax.process_count() == 1:
         return
-    seen = 0  # Not seen; else the CRC of what was read, plus one.
+    seen = ""  # What this process reads of the lock; nothing when it is not there.
     # A network file system may answer from a cache that predates the lock for a moment.
     for _ in range(_SHARED_READS):
         try:
-            with tf.io.gfile.GFile(lock_path, "rb") as f:
-                seen = zlib.crc32(f.read()) + 1
+            with tf.io.gfile.GFile(lock_path) as f:
+                seen = f.read()
             break
         except tf.errors.NotFoundError:
             time.sleep(_SHARED_READ_INTERVAL_S)
-    everyone = multihost_utils.process_allgather(np.array(seen, np.int64))
-    blind = [index for index, crc in enumerate(everyone.tolist()) if crc != everyone[0]]
+    everyone = _allgather_text(seen)
+    blind = [index for index, text in enumerate(everyone) if text != everyone[0]]
     if blind:
         raise WorkdirNotSharedError(
             f"The workdir {workdir} is not one storage for every process: process(es) "
@@ -415,12 +422,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool
     run = _read_json(os.path.join(workdir, RUN_FILE)) or {}
     saved = _contract(saved_config, run.get("process_count"))
     now = _contract(now_config, jax.process_count() if "process_count" in run else None)
-    absent = "(absent)"
-    changed = {
-        k: (saved.get(k, absent), now.get(k, absent))
-        for k in sorted(saved.keys() | now.keys())
-        if saved.get(k, absent) != now.get(k, absent)
-    }
+    changed = _differences(saved, now)
     allowed = {f.strip() for f in config.allow_config_change.split(",") if f.strip()}
     refused = [k for k in changed if k not in allowed]
     if refused:

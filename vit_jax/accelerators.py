@@ -33,9 +33,19 @@ logger = logging.getLogger(__name__)
 # The JAX plugins whose devices `accelerator_present` finds (NVIDIA's); libtpu is JAX's own
 # TPU backend, no plugin, and TPU chips are found too.
 _KNOWN_PLUGINS = frozenset({"xla_cuda12", "xla_cuda13"})
-# Device nodes of NVIDIA GPUs (/dev/nvidia0, a container's /dev/nvidiactl, WSL's /dev/dxg)
-# and TPUs (v4: /dev/accel*, v5e and later: VFIO groups), and TPU chips' PCI vendor.
-_ACCELERATOR_NODES = ("dev/nvidia*", "dev/dxg", "dev/accel*", "dev/vfio/[0-9]*")
+# Device nodes that only a TPU (v4: /dev/accel*, v5e and later: VFIO groups) or an NVIDIA
+# GPU gives a machine, by JAX's platform name.
+_DEVICES = {
+    "tpu": ("a TPU", ("dev/accel*", "dev/vfio/[0-9]*")),
+    "cuda": ("an NVIDIA GPU", ("dev/nvidia[0-9]*",)),
+}
+# Those, and nodes a GPU may be behind: a container's /dev/nvidiactl, WSL's /dev/dxg (which
+# any GPU under WSL gives, an NVIDIA one or not); and TPU chips' PCI vendor.
+_ACCELERATOR_NODES = (
+    *(pattern for _, patterns in _DEVICES.values() for pattern in patterns),
+    "dev/nvidiactl",
+    "dev/dxg",
+)
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 
 
@@ -78,12 +88,6 @@ def skip_absent_accelerators() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-# Device nodes that only a TPU or an NVIDIA GPU gives a machine: not WSL's /dev/dxg (any GPU
-# under WSL has it) nor Google's PCI vendor (Google Cloud's virtual NICs have it too).
-_DEVICES = {
-    "tpu": ("a TPU", ("dev/accel*", "dev/vfio/[0-9]*")),
-    "cuda": ("an NVIDIA GPU", ("dev/nvidia[0-9]*",)),
-}
 _SUPPORT = {
     "tpu": '"jax[tpu]" (pip install -e ".[tpu]")',
     "cuda": '"jax[cuda12]" (pip install -e ".[gpu]")',

@@ -24,6 +24,8 @@ SUFFIX = ".safetensors"
 # Metadata key under which vit-export records the model fields of the exported model.
 MODEL_METADATA = "vit_jax.model"
 _HUB_CONFIG = "config.json"  # Saved beside the weights by timm and transformers.
+# Saved beside transformers' weights on the hub: how images become the model's input.
+_PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ def read_params(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
         raise ValueError(_unknown_layout(path, arrays))
     if MODEL_METADATA in metadata:  # vit-export's: our models' normalisation.
         return params, layout
-    stated = input_normalization.stated_normalization(path)
+    stated = input_normalization.stated_normalization(
+        str(epath.Path(path).parent), _hub_config(path), _beside(path, _PREPROCESSOR_CONFIG)
+    )
     if stated is None:
         logger.warning(
             "%s: no file beside it says how its inputs were normalised (timm's config.json, "
@@ -115,8 +119,13 @@ def eval_crop_fraction(path: str | os.PathLike) -> float | None:
 
 
 def _hub_config(path: str | os.PathLike) -> dict[str, Any]:
-    config = epath.Path(path).parent / _HUB_CONFIG
-    return json.loads(config.read_text()) if config.exists() else {}
+    return _beside(path, _HUB_CONFIG) or {}
+
+
+def _beside(path: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The JSON file `name` in the folder of `path`; None when there is none."""
+    config = epath.Path(path).parent / name
+    return json.loads(config.read_text()) if config.exists() else None
 
 
 def _unknown_layout(path: str | os.PathLike, keys: Any) -> str:

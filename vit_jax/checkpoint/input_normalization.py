@@ -24,53 +24,46 @@ vit_jax command keeps one input contract.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
-from etils import epath
 
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # What `scale_images` computes: pixels / 127.5 - 1.
 INCEPTION_STD = (0.5, 0.5, 0.5)
-_TIMM_CONFIG = "config.json"
-_TRANSFORMERS_PREPROCESSOR = "preprocessor_config.json"
 
 
-def stated_normalization(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
-    """The (mean, std) per RGB channel, of pixels in [0, 1], that the files beside the hub
-    checkpoint at `path` state its inputs were normalised with; None when they state none.
+def stated_normalization(
+    folder: str, timm_config: dict[str, Any], preprocessor: dict[str, Any] | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (mean, std) per RGB channel, of pixels in [0, 1], that the hub files in `folder`
+    beside a checkpoint state its inputs were normalised with; None when they state none.
 
-    Read from transformers' `preprocessor_config.json` (its `do_rescale`, `rescale_factor`
-    and `do_normalize` taken into account, as `ViTImageProcessor` applies them), else from
-    timm's `config.json` (`pretrained_cfg`).
+    `preprocessor`: transformers' `preprocessor_config.json` (None: there is none), read
+    with its `do_rescale`, `rescale_factor` and `do_normalize` as `ViTImageProcessor`
+    applies them; else `timm_config`, timm's `config.json` ({}: none), its `pretrained_cfg`.
 
     Raises:
       ValueError: a mean or std that is not three numbers, or a std that is not positive.
     """
-    folder = epath.Path(path).parent
-    preprocessor = folder / _TRANSFORMERS_PREPROCESSOR
-    if preprocessor.exists():
-        stated = json.loads(preprocessor.read_text())
+    if preprocessor is not None:
         mean, std = INCEPTION_MEAN, INCEPTION_STD  # ViTImageProcessor's defaults.
-        if stated.get("do_normalize", True):
-            mean = stated.get("image_mean", mean)
-            std = stated.get("image_std", std)
+        if preprocessor.get("do_normalize", True):
+            mean = preprocessor.get("image_mean", mean)
+            std = preprocessor.get("image_std", std)
         else:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         # Pixels reach the normalisation as 255 y * rescale_factor (unscaled: 255 y).
         rescale = (
-            255.0 * stated.get("rescale_factor", 1 / 255)
-            if stated.get("do_rescale", True)
+            255.0 * preprocessor.get("rescale_factor", 1 / 255)
+            if preprocessor.get("do_rescale", True)
             else 255.0
         )
-        return _checked(preprocessor, mean, std, rescale)
-    config = folder / _TIMM_CONFIG
-    if config.exists():
-        pretrained = json.loads(config.read_text()).get("pretrained_cfg", {})
-        if "mean" in pretrained or "std" in pretrained:
-            mean = pretrained.get("mean", INCEPTION_MEAN)
-            return _checked(config, mean, pretrained.get("std", INCEPTION_STD))
+        return _checked(f"{folder}/preprocessor_config.json", mean, std, rescale)
+    pretrained = timm_config.get("pretrained_cfg", {})
+    if "mean" in pretrained or "std" in pretrained:
+        mean = pretrained.get("mean", INCEPTION_MEAN)
+        std = pretrained.get("std", INCEPTION_STD)
+        return _checked(f"{folder}/config.json", mean, std)
     return None
 
 
@@ -102,7 +95,7 @@ def is_inception(mean: np.ndarray, std: np.ndarray) -> bool:
 
 
 def _checked(
-    source: epath.Path, mean: Any, std: Any, rescale: float = 1.0
+    source: str, mean: Any, std: Any, rescale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """`mean` and `std` as float64 arrays on the [0, 1] scale (stated on the scale of
     pixels times `rescale` / 255)."""

@@ -11,6 +11,7 @@ from helpers import data_config, make_folder
 
 import vit_jax.data as data
 from vit_jax import cli
+from vit_jax.data.folder import FolderSource
 from vit_jax.data.source import SPLIT_FLAGS
 
 DIGITS_TRAIN_PER_CLASS = [142, 145, 141, 146, 144, 145, 144, 143, 139, 144]
@@ -99,7 +100,12 @@ def test_embedded_builders_prepare_offline_with_documented_splits(data_dir, name
         # Stored order is not sorted by class (small shuffle buffers still mix classes).
         assert len(set(labels[:20])) > 3
     info = data.get_dataset_info(name, data_dir)
-    assert info == data.DatasetInfo(10, tuple(str(i) for i in range(10)), sizes)
+    assert (info.num_classes, info.class_names, info.split_sizes) == (
+        10,
+        tuple(str(i) for i in range(10)),
+        sizes,
+    )
+    assert info.fingerprint.startswith(f"{name}/{builder.version} shards ")
 
 
 @pytest.mark.parametrize("crop", ["inception", "shift", "resize"])
@@ -252,6 +258,30 @@ def _copy_to(url_root: str, local_root) -> None:
             tf.io.gfile.copy(os.path.join(directory, name), f"{target}/{name}")
 
 
+def test_an_embedded_dataset_prepared_on_two_hosts_has_one_fingerprint(data_dir, tmp_path):
+    """What lets the processes of a run, each with its own data_dir, agree that they read
+    the same records (workdir.check_processes_read_the_same_data)."""
+    here = data.get_dataset_info("digits", data_dir).fingerprint
+    assert data.get_dataset_info("digits", str(tmp_path / "other_host")).fingerprint == here
+
+
+def test_a_folder_fingerprint_tells_other_files_apart(tmp_path):
+    """Same counts and classes, other records: the digest of the ordered listing differs."""
+    root = tmp_path / "images"
+    make_folder(root, {"train": {"cat": 3, "dog": 3}, "test": {"cat": 1, "dog": 1}})
+
+    def fingerprint() -> str:
+        return FolderSource(str(root), str(tmp_path / "manifests")).info.fingerprint
+
+    first = fingerprint()
+    assert fingerprint() == first  # Opened again, through its manifest.
+    (root / "train" / "cat" / "img0.png").rename(root / "train" / "cat" / "img9.png")
+    renamed = fingerprint()
+    (root / "train" / "cat" / "img9.png").rename(root / "train" / "dog" / "img9.png")
+    moved = fingerprint()
+    assert len({first, renamed, moved}) == 3
+
+
 @pytest.mark.parametrize("url", [False, True])
 def test_image_folder_round_trip(tmp_path, url):
     """On a local path, and on a URL (`gs://` in use; TensorFlow's in-memory `ram://` file
@@ -264,7 +294,11 @@ def test_image_folder_round_trip(tmp_path, url):
         _copy_to(root, tmp_path)
     dataset = f"folder:{root}"
     info = data.get_dataset_info(dataset, None)
-    assert info == data.DatasetInfo(2, ("cat", "dog"), {"test": 5, "train": 7})
+    assert (info.num_classes, info.class_names, info.split_sizes) == (
+        2,
+        ("cat", "dog"),
+        {"test": 5, "train": 7},
+    )
     config = data_config(
         None, dataset=dataset, train_split="train", image_size=7, eval_batch_size=4
     )

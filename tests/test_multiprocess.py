@@ -11,9 +11,18 @@ import time
 
 import jax
 import pytest
-from helpers import PAUSED_TRAIN, REPO, TINY, free_port, load_recipe, wait_until_paused
+from helpers import (
+    PAUSED_TRAIN,
+    REPO,
+    TINY,
+    free_port,
+    load_recipe,
+    make_folder,
+    wait_until_paused,
+)
 
 from vit_jax.checkpoint import load_params
+from vit_jax.data.folder import FolderSource
 from vit_jax.evaluators.classification import ClassificationEvaluator
 from vit_jax.metrics import read_records
 from vit_jax.parallel import make_mesh
@@ -66,6 +75,19 @@ def _launch(
             )
         )
     return procs
+
+
+def _refusals(procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's last line once both have ended, which must be with status 2 (both
+    are killed if they have not ended in 600 s: such runs never ended before a refusal)."""
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 2, stderr[-3000:]
+    return [stderr.strip().splitlines()[-1] for _, stderr in outputs]
 
 
 def _wait_for_line(process: subprocess.Popen, text: str) -> str:
@@ -144,19 +166,11 @@ def test_a_workdir_on_each_hosts_own_disk_is_refused_before_anything_is_written(
     hosts = [tmp_path / "host0", tmp_path / "host1"]
     for host in hosts:
         host.mkdir()
-    procs = _launch(tmp_path, "/proc/self/cwd/run", cwds=tuple(hosts))
-    try:
-        outputs = [p.communicate(timeout=600) for p in procs]
-    finally:  # Before the refusal, such a run never ended.
-        for p in procs:
-            p.kill()
-    for p, (_, stderr) in zip(procs, outputs, strict=True):
-        assert p.returncode == 2, stderr[-3000:]
-        refusal = stderr.strip().splitlines()[-1]
+    for refusal in _refusals(_launch(tmp_path, "/proc/self/cwd/run", cwds=tuple(hosts))):
         assert refusal.startswith(
             "vit-train: The workdir /proc/self/cwd/run is not one storage for every process: "
             "process(es) 1 of 2 do not see the lock file process 0 wrote there"
-        ), stderr[-3000:]
+        ), refusal
     assert [sorted(p.name for p in host.rglob("*")) for host in hosts] == [["run"], []]
 
 
@@ -177,17 +191,30 @@ def test_processes_started_differently_are_refused_naming_the_difference(tmp_pat
         with open(host1 / "vit_jax" / "train.py", "a") as f:
             f.write("# A local edit on one host.\n")
     procs = _launch(tmp_path, str(tmp_path / "run"), cwds=(REPO, host1), own_flags=own_flags)
-    try:
-        outputs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
     difference = "config model.depth: 1 -> 2" if differs_in == "config" else "vit_jax source: "
-    for p, (_, stderr) in zip(procs, outputs, strict=True):
-        assert p.returncode == 2, stderr[-3000:]
-        refusal = stderr.strip().splitlines()[-1]
+    for refusal in _refusals(procs):
         assert refusal.startswith(
             "vit-train: The processes of this run were started differently: 1 of 2 differ "
             f"from process 0; process 1 in {difference}"
-        ), stderr[-3000:]
+        ), refusal
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_processes_that_read_other_copies_of_the_dataset_are_refused(tmp_path):
+    """Each process keeps an image folder's manifest in its own data_dir, and process 1's
+    is an earlier run's, from before an image was added: it read that listing and trained
+    on other examples than process 0's, and nothing said so."""
+    root = tmp_path / "images"
+    make_folder(root, {"train": {"a": 6, "b": 6}, "test": {"a": 2, "b": 2}})
+    FolderSource(str(root), str(tmp_path / "tfds1"))  # The earlier run's manifest.
+    shutil.copy(root / "train" / "a" / "img0.png", root / "train" / "a" / "added.png")
+    procs = _launch(tmp_path, str(tmp_path / "run"), f"--config.dataset=folder:{root}")
+    for refusal in _refusals(procs):
+        assert re.fullmatch(
+            "vit-train: The processes of this run read different copies of the dataset: 1 of "
+            "2 differ from process 0; process 1 in dataset records: \\w+ -> \\w+; dataset "
+            "train examples: 13 -> 12. Every process must read the same records: .*",
+            refusal,
+        ), refusal
     assert not (tmp_path / "run").exists()

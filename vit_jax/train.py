@@ -41,6 +41,7 @@ from vit_jax.trainer import (
 from vit_jax.workdir import (
     check_config,
     check_processes_agree,
+    check_processes_read_the_same_data,
     claim,
     record_config,
     restore_newest_readable,
@@ -190,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Before the data is opened (a folder's first opening writes its manifest).
         build_model(config.model, num_classes=1).check_image_size(config.image_size)
         info = data.get_dataset_info(config.dataset, config.data_dir)
+        check_processes_read_the_same_data(info)
         steps = total_steps(config, data.num_train_examples(config))
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
         trainer = Trainer(config, mesh, info.num_classes, steps)

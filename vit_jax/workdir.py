@@ -32,7 +32,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -48,6 +48,9 @@ from vit_jax.checkpoint.manager import (
     error_summary,
     saved_steps,
 )
+
+if TYPE_CHECKING:
+    from vit_jax.data import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ PER_PROCESS = ("data_dir", "compilation_cache_dir")
 
 
 class ProcessesDisagreeError(ValueError):
-    """Processes of one run were started with different configs, code or JAX."""
+    """Processes of one run were started with different configs, code or JAX, or opened
+    different copies of the dataset."""
 
 
 class WorkdirLockedError(RuntimeError):
@@ -169,7 +173,48 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
         return
     fields = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     mine = {f"config {k}": v for k, v in fields.items() if k not in PER_PROCESS}
-    mine |= _code_identity()
+    _refuse_differences(
+        mine | _code_identity(),
+        "were started differently",
+        "Every process of one run must run the same code, JAX and config (but "
+        f"{', '.join(PER_PROCESS)}): update or reinstall the hosts that differ and start "
+        "them with the same flags.",
+    )
+
+
+def check_processes_read_the_same_data(info: DatasetInfo) -> None:
+    """Refuses a multi-process run whose processes opened different copies of the training
+    dataset: each host's own `data_dir` holding another tfds version or build, or an image
+    folder's manifest left there by an earlier run. Each process reads its share of the
+    records by position, so such copies would train on other examples than the run names,
+    or build another head. One exchange, after the dataset is opened.
+
+    Raises:
+      ProcessesDisagreeError: on every process, naming the first process that differs
+        from process 0 and each difference (class names, split sizes, `info.fingerprint`).
+    """
+    if jax.process_count() == 1:
+        return
+    names = hashlib.sha256("\n".join(info.class_names).encode()).hexdigest()[:12]
+    mine = {
+        "dataset classes": f"{info.num_classes} (names {names})",
+        **{f"dataset {split} examples": n for split, n in info.split_sizes.items()},
+        "dataset records": info.fingerprint,
+    }
+    _refuse_differences(
+        mine,
+        "read different copies of the dataset",
+        "Every process must read the same records: copy one host's prepared tfds dataset "
+        "to the others' data_dir (or share one, e.g. on gs://); for an image folder, give "
+        "every host the same files and let them read the manifest process 0 writes (in "
+        "the folder, or in a data_dir every process shares).",
+    )
+
+
+def _refuse_differences(mine: dict[str, Any], what: str, advice: str) -> None:
+    """Exchanges every process's `mine` and, where any differs from process 0's, raises
+    ProcessesDisagreeError on every process: `what` they did, the first such process, each
+    difference, then `advice`."""
     everyone = [json.loads(text) for text in _allgather_text(json.dumps(mine, sort_keys=True))]
     other = next((i for i, theirs in enumerate(everyone) if theirs != everyone[0]), None)
     if other is None:
@@ -180,13 +225,10 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
     ]
     count = sum(theirs != everyone[0] for theirs in everyone)
     raise ProcessesDisagreeError(
-        f"The processes of this run were started differently: {count} of "
-        f"{jax.process_count()} differ from process 0; process {other} in "
-        f"{'; '.join(differences[:8])}"
+        f"The processes of this run {what}: {count} of {jax.process_count()} differ from "
+        f"process 0; process {other} in {'; '.join(differences[:8])}"
         + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
-        + ". Every process of one run must run the same code, JAX and config (but "
-        f"{', '.join(PER_PROCESS)}): update or reinstall the hosts that differ and start "
-        "them with the same flags."
+        + f". {advice}"
     )
 
 

@@ -98,11 +98,23 @@ class FolderSource:
             num_classes=len(class_names),
             class_names=class_names,
             split_sizes={s: len(paths) for s, (paths, _) in self._files.items()},
+            fingerprint=self._listing_digest(),
         )
         self._split_infos = {
             s: tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0)
             for s, n in self.info.split_sizes.items()
         }
+
+    def _listing_digest(self, chunk: int = 100_000) -> str:
+        """A digest of every split's files and labels in their order (in chunks: a folder
+        may hold millions)."""
+        digest = hashlib.sha256()
+        for split, (paths, labels) in sorted(self._files.items()):
+            digest.update(f"{split} {len(paths)}".encode())
+            for start in range(0, len(paths), chunk):
+                digest.update(paths[start : start + chunk].tobytes())
+            digest.update(labels.tobytes())
+        return digest.hexdigest()[:12]
 
     def _split_files(self, split: str, classes: Images) -> tuple[np.ndarray, np.ndarray]:
         """(paths, int64 labels) of a split's images in their fixed order."""

@@ -201,20 +201,28 @@ def test_processes_started_differently_are_refused_naming_the_difference(tmp_pat
 
 
 @pytest.mark.slow
-def test_processes_that_read_other_copies_of_the_dataset_are_refused(tmp_path):
+@pytest.mark.parametrize("read_for", ["training", "fewshot"])
+def test_processes_that_read_other_copies_of_a_dataset_are_refused(tmp_path, read_for):
     """Each process keeps an image folder's manifest in its own data_dir, and process 1's
     is an earlier run's, from before an image was added: it read that listing and trained
-    on other examples than process 0's, and nothing said so."""
+    on other examples than process 0's, and nothing said so. The same for a dataset the
+    few-shot probe reads (the training data, digits, is the same copy on both)."""
     root = tmp_path / "images"
     make_folder(root, {"train": {"a": 6, "b": 6}, "test": {"a": 2, "b": 2}})
     FolderSource(str(root), str(tmp_path / "tfds1"))  # The earlier run's manifest.
     shutil.copy(root / "train" / "a" / "img0.png", root / "train" / "a" / "added.png")
-    procs = _launch(tmp_path, str(tmp_path / "run"), f"--config.dataset=folder:{root}")
-    for refusal in _refusals(procs):
+    dataset = f"folder:{root}"
+    flags = [f"--config.dataset={dataset}"]
+    if read_for == "fewshot":
+        flags = [
+            f"--config.fewshot.datasets.digits=('{dataset}', 'train', 'test')",
+            "--config.fewshot.shots=(1,)",
+        ]
+    for refusal in _refusals(_launch(tmp_path, str(tmp_path / "run"), *flags)):
         assert re.fullmatch(
-            "vit-train: The processes of this run read different copies of the dataset: 1 of "
-            "2 differ from process 0; process 1 in dataset records: \\w+ -> \\w+; dataset "
-            "train examples: 13 -> 12. Every process must read the same records: .*",
+            f"vit-train: The processes of this run read different copies of {dataset}: 1 of "
+            f"2 differ from process 0; process 1 in {dataset} records: \\w+ -> \\w+; "
+            f"{dataset} train examples: 13 -> 12. Every process must read the same records: .*",
             refusal,
         ), refusal
     assert not (tmp_path / "run").exists()

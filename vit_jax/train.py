@@ -29,6 +29,7 @@ from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import build_model
 from vit_jax.peaks import peak_tflops
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
+from vit_jax.processes import check_processes_agree, check_processes_read_the_same_data
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import (
     NONFINITE,
@@ -40,8 +41,6 @@ from vit_jax.trainer import (
 )
 from vit_jax.workdir import (
     check_config,
-    check_processes_agree,
-    check_processes_read_the_same_data,
     claim,
     record_config,
     restore_newest_readable,
@@ -191,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Before the data is opened (a folder's first opening writes its manifest).
         build_model(config.model, num_classes=1).check_image_size(config.image_size)
         info = data.get_dataset_info(config.dataset, config.data_dir)
-        check_processes_read_the_same_data(info)
+        check_processes_read_the_same_data(config.dataset, info)
         steps = total_steps(config, data.num_train_examples(config))
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
         trainer = Trainer(config, mesh, info.num_classes, steps)

@@ -6,9 +6,6 @@
   Every process of a multi-process run must read that lock as process 0 wrote it: a
   workdir on each host's own disk is refused before anything else is written (Orbax then
   waited forever for the other hosts' shards of the first checkpoint).
-- `check_processes_agree`: the processes of a multi-process run were started with the same
-  config (but `PER_PROCESS` fields), vit_jax code and JAX: a host left on other code or
-  flags ran other programs, and the run crashed or hung in its first collective.
 - `check_config`: on resume, the fields that decide the run's trajectory are compared with
   those saved in `config.json` (and the process count, in `run.json`); a difference is an
   error listing `field: saved -> now` unless `config.allow_config_change` names the field.
@@ -25,14 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import ml_collections
@@ -48,9 +44,7 @@ from vit_jax.checkpoint.manager import (
     error_summary,
     saved_steps,
 )
-
-if TYPE_CHECKING:
-    from vit_jax.data import DatasetInfo
+from vit_jax.processes import allgather_text, differences
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +77,6 @@ BOOKKEEPING = (
 )
 
 
-# Fields each process of one run may set for itself: where it finds the same data, and its
-# own compilation cache.
-PER_PROCESS = ("data_dir", "compilation_cache_dir")
-
-
-class ProcessesDisagreeError(ValueError):
-    """Processes of one run were started with different configs, code or JAX, or opened
-    different copies of the dataset."""
-
-
 class WorkdirLockedError(RuntimeError):
     """Another run holds the workdir."""
 
@@ -120,116 +104,6 @@ def _all_processes_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
-
-
-def _differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple]:
-    """{key: (before's, after's)} for each key whose value differs, "(absent)" for a key one
-    of them lacks, in key order."""
-    absent = "(absent)"
-    return {
-        key: (before.get(key, absent), after.get(key, absent))
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key, absent) != after.get(key, absent)
-    }
-
-
-def _allgather_text(text: str) -> list[str]:
-    """Every process's `text`, in process order (two all-gathers: lengths, then bytes)."""
-    data = np.frombuffer(text.encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.array(len(data), np.int64)).tolist()
-    padded = np.zeros(max(lengths), np.uint8)
-    padded[: len(data)] = data
-    rows = multihost_utils.process_allgather(padded)
-    return [bytes(row[:length]).decode() for row, length in zip(rows, lengths, strict=True)]
-
-
-def _code_identity() -> dict[str, str]:
-    """What decides the programs a process builds besides its config: vit_jax's source
-    (a digest of its files), JAX and jaxlib."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(package)):
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, package).encode())
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return {
-        "vit_jax source": digest.hexdigest()[:12],
-        "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__,
-    }
-
-
-def check_processes_agree(config: ml_collections.ConfigDict) -> None:
-    """Refuses a multi-process run whose processes were started with different config
-    fields (but `PER_PROCESS`), vit_jax code or JAX versions. One exchange at start-up.
-
-    Raises:
-      ProcessesDisagreeError: on every process, naming the first process that differs
-        from process 0 and each difference (`field: process 0's -> theirs`).
-    """
-    if jax.process_count() == 1:
-        return
-    fields = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
-    mine = {f"config {k}": v for k, v in fields.items() if k not in PER_PROCESS}
-    _refuse_differences(
-        mine | _code_identity(),
-        "were started differently",
-        "Every process of one run must run the same code, JAX and config (but "
-        f"{', '.join(PER_PROCESS)}): update or reinstall the hosts that differ and start "
-        "them with the same flags.",
-    )
-
-
-def check_processes_read_the_same_data(info: DatasetInfo) -> None:
-    """Refuses a multi-process run whose processes opened different copies of the training
-    dataset: each host's own `data_dir` holding another tfds version or build, or an image
-    folder's manifest left there by an earlier run. Each process reads its share of the
-    records by position, so such copies would train on other examples than the run names,
-    or build another head. One exchange, after the dataset is opened.
-
-    Raises:
-      ProcessesDisagreeError: on every process, naming the first process that differs
-        from process 0 and each difference (class names, split sizes, `info.fingerprint`).
-    """
-    if jax.process_count() == 1:
-        return
-    names = hashlib.sha256("\n".join(info.class_names).encode()).hexdigest()[:12]
-    mine = {
-        "dataset classes": f"{info.num_classes} (names {names})",
-        **{f"dataset {split} examples": n for split, n in info.split_sizes.items()},
-        "dataset records": info.fingerprint,
-    }
-    _refuse_differences(
-        mine,
-        "read different copies of the dataset",
-        "Every process must read the same records: copy one host's prepared tfds dataset "
-        "to the others' data_dir (or share one, e.g. on gs://); for an image folder, give "
-        "every host the same files and let them read the manifest process 0 writes (in "
-        "the folder, or in a data_dir every process shares).",
-    )
-
-
-def _refuse_differences(mine: dict[str, Any], what: str, advice: str) -> None:
-    """Exchanges every process's `mine` and, where any differs from process 0's, raises
-    ProcessesDisagreeError on every process: `what` they did, the first such process, each
-    difference, then `advice`."""
-    everyone = [json.loads(text) for text in _allgather_text(json.dumps(mine, sort_keys=True))]
-    other = next((i for i, theirs in enumerate(everyone) if theirs != everyone[0]), None)
-    if other is None:
-        return
-    differences = [
-        f"{key}: {first} -> {theirs}"
-        for key, (first, theirs) in _differences(everyone[0], everyone[other]).items()
-    ]
-    count = sum(theirs != everyone[0] for theirs in everyone)
-    raise ProcessesDisagreeError(
-        f"The processes of this run {what}: {count} of {jax.process_count()} differ from "
-        f"process 0; process {other} in {'; '.join(differences[:8])}"
-        + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
-        + f". {advice}"
-    )
 
 
 # ---- lock ----------------------------------------------------------------------------------
@@ -370,7 +244,7 @@ _SHARED_READS, _SHARED_READ_INTERVAL_S = 10, 0.5
 
 def _check_shared(workdir: str, lock_path: str) -> None:
     """Refuses a workdir that is not one storage for every process: each reads the lock
-    process 0 wrote and all compare what they read (`_allgather_text`, at start-up).
+    process 0 wrote and all compare what they read (`allgather_text`, at start-up).
 
     Raises:
       WorkdirNotSharedError: naming the processes that read something else or nothing.
@@ -386,7 +260,7 @@ def _check_shared(workdir: str, lock_path: str) -> None:
             break
         except tf.errors.NotFoundError:
             time.sleep(_SHARED_READ_INTERVAL_S)
-    everyone = _allgather_text(seen)
+    everyone = allgather_text(seen)
     blind = [index for index, text in enumerate(everyone) if text != everyone[0]]
     if blind:
         raise WorkdirNotSharedError(
@@ -464,7 +338,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool
     run = _read_json(os.path.join(workdir, RUN_FILE)) or {}
     saved = _contract(saved_config, run.get("process_count"))
     now = _contract(now_config, jax.process_count() if "process_count" in run else None)
-    changed = _differences(saved, now)
+    changed = differences(saved, now)
     allowed = {f.strip() for f in config.allow_config_change.split(",") if f.strip()}
     refused = [k for k in changed if k not in allowed]
     if refused:

@@ -38,6 +38,7 @@ from vit_jax.data.pipeline import open_source
 from vit_jax.metrics import fewshot_metric
 from vit_jax.models import scale_images
 from vit_jax.preemption import StopRequests
+from vit_jax.processes import check_processes_read_the_same_data
 
 # L2 strengths tried, relative to the mean squared norm of the centred train features, so
 # one grid serves features of any scale.
@@ -196,7 +197,9 @@ class FewShotEvaluator:
         needed = max(self.shots) + holdout
         self.num_classes = {}
         for name, (dataset, train_split, test_split) in self.entries.items():
-            self.num_classes[name] = data.get_dataset_info(dataset, config.data_dir).num_classes
+            info = data.get_dataset_info(dataset, config.data_dir)
+            check_processes_read_the_same_data(dataset, info)
+            self.num_classes[name] = info.num_classes
             for split in (train_split, test_split):  # An unknown split, named as given.
                 open_source(dataset, config.data_dir).num_examples(split)
             if short := data.short_classes(dataset, config.data_dir, train_split, needed):

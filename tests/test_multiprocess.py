@@ -18,13 +18,15 @@ from helpers import (
     free_port,
     load_recipe,
     make_folder,
+    random_params,
     wait_until_paused,
 )
 
-from vit_jax.checkpoint import load_params
+from vit_jax.checkpoint import load_params, save_npz
 from vit_jax.data.folder import FolderSource
 from vit_jax.evaluators.classification import ClassificationEvaluator
 from vit_jax.metrics import read_records
+from vit_jax.models import build_model
 from vit_jax.parallel import make_mesh
 from vit_jax.preemption import PREEMPTED_EXIT_STATUS, StopRequests
 from vit_jax.trainer import Trainer
@@ -196,6 +198,30 @@ def test_processes_started_differently_are_refused_naming_the_difference(tmp_pat
         assert refusal.startswith(
             "vit-train: The processes of this run were started differently: 1 of 2 differ "
             f"from process 0; process 1 in {difference}"
+        ), refusal
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_processes_that_read_other_model_init_files_are_refused(tmp_path):
+    """Each host's own copy of the pretrained file at one path, and process 1's holds other
+    weights (another release): each process places its shards and replicas of the
+    parameters from its own copy. JAX's `device_put` stopped that with an AssertionError
+    that printed the arrays, naming neither the file nor the host (status 1). Here
+    /proc/self/cwd is each process's own working directory."""
+    config = load_recipe(RECIPE.split(":")[0], RECIPE.split(":")[1])
+    config.update_from_flattened_dict(TINY)
+    model = build_model(config.model, num_classes=10)
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for seed, host in enumerate(hosts):
+        host.mkdir()
+        save_npz(random_params(model, (8, 8), seed=seed), host / "init.npz")
+    flag = "--config.model_init=/proc/self/cwd/init.npz"
+    for refusal in _refusals(_launch(tmp_path, str(tmp_path / "run"), flag, cwds=tuple(hosts))):
+        assert re.fullmatch(
+            "vit-train: The processes of this run were started differently: 1 of 2 differ "
+            "from process 0; process 1 in model_init weights: \\w+ -> \\w+. .*",
+            refusal,
         ), refusal
     assert not (tmp_path / "run").exists()
 

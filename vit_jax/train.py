@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         weights = None
         if config.model_init:  # The model takes the checkpoint's architecture.
             config, weights = _with_model_init(config, workdir)
-        check_processes_agree(config)
+        check_processes_agree(config, weights)
         # Before the data is opened (a folder's first opening writes its manifest).
         build_model(config.model, num_classes=1).check_image_size(config.image_size)
         info = data.get_dataset_info(config.dataset, config.data_dir)

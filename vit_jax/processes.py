@@ -34,8 +34,8 @@ PER_PROCESS = ("data_dir", "compilation_cache_dir")
 
 
 class ProcessesDisagreeError(ValueError):
-    """Processes of one run were started with different configs, code or JAX, or opened
-    different copies of the dataset."""
+    """Processes of one run were started with different configs, code, JAX or `model_init`
+    weights, or opened different copies of a dataset."""
 
 
 def differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple]:

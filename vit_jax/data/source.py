@@ -26,8 +26,8 @@ SPLIT_FLAGS = (
 class DatasetInfo:
     """What a trainer must know before it sees data: head size, names, split sizes, and a
     `fingerprint` of the records the splits hold, which two copies of a dataset share only
-    when they hold the same records in the same order (tfds: `name/version` and a digest of
-    the shard lengths; an image folder: a digest of its splits' ordered files and labels)."""
+    when they hold the same records in the same order (tfds: `name[/config]/version`; an
+    image folder: a digest of its splits' ordered files and labels)."""
 
     num_classes: int
     class_names: tuple[str, ...]

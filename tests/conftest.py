@@ -17,7 +17,8 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
     + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.environ.get("JAX_PLATFORMS"):  # Unset or empty (JAX reads both as "all").
+    os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # The tests compile the same tiny programs many times over: in each new Trainer, in every

@@ -123,4 +123,4 @@ def test_a_stated_normalisation_that_cannot_be_is_refused_naming_the_file(tmp_pa
 def test_class_names_come_from_the_saved_id2label(tmp_path):
     names = {i: f"name {i}" for i in range(10)}
     _, path = save_hf(ViTForImageClassification, tmp_path, id2label=names)
-    assert hub.class_names(path) == [names[i] for i in range(10)]
+    assert hub.described_run(path, 10)["class_names"] == [names[i] for i in range(10)]

@@ -87,11 +87,28 @@ def model_fields(path: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(_unknown_layout(path, entries))
 
 
-def class_names(path: str | os.PathLike) -> list[str] | None:
-    """What the hub `config.json` beside `path` names its head's outputs, in order:
-    transformers' `id2label`, or timm's `label_names` (ImageNet's synsets, say) with the
-    `label_descriptions` it gives them ("tench, Tinca tinca"); None when it names none."""
+def described_run(path: str | os.PathLike, num_classes: int) -> dict[str, Any]:
+    """What the hub `config.json` beside `path` says of the run that evaluates it, read
+    once: `class_names`, when it names each of the head's `num_classes` outputs (see
+    `_class_names`), and `eval_crop_fraction`, timm's central crop (`pretrained_cfg.crop_pct`:
+    0.9 keeps the central 90% of the shorter side, as "resize to size / 0.9, crop size"
+    does) when it states one of that mode."""
     config = _hub_config(path)
+    described: dict[str, Any] = {}
+    names = _class_names(config)
+    if names is not None and len(names) == num_classes:
+        described["class_names"] = names
+    pretrained = config.get("pretrained_cfg", {})
+    if pretrained.get("crop_mode", "center") == "center" and "crop_pct" in pretrained:
+        if 0.0 < (fraction := float(pretrained["crop_pct"])) <= 1.0:
+            described["eval_crop_fraction"] = fraction
+    return described
+
+
+def _class_names(config: dict[str, Any]) -> list[str] | None:
+    """What a hub `config.json` names its head's outputs, in order: transformers'
+    `id2label`, or timm's `label_names` (ImageNet's synsets, say) with the
+    `label_descriptions` it gives them ("tench, Tinca tinca"); None when it names none."""
     timm_names = config.get("label_names", config.get("pretrained_cfg", {}).get("label_names"))
     if "id2label" in config:
         labels = config["id2label"]
@@ -105,17 +122,6 @@ def class_names(path: str | os.PathLike) -> list[str] | None:
     return (
         [labels[i] for i in range(len(labels))] if set(labels) == set(range(len(labels))) else None
     )
-
-
-def eval_crop_fraction(path: str | os.PathLike) -> float | None:
-    """The central crop timm evaluates the checkpoint at `path` with (`pretrained_cfg.crop_pct`
-    in the `config.json` beside it: 0.9 keeps the central 90% of the shorter side, as
-    "resize to size / 0.9, crop size" does); None when it states none or another crop mode."""
-    pretrained = _hub_config(path).get("pretrained_cfg", {})
-    if pretrained.get("crop_mode", "center") != "center" or "crop_pct" not in pretrained:
-        return None
-    fraction = float(pretrained["crop_pct"])
-    return fraction if 0.0 < fraction <= 1.0 else None
 
 
 def _hub_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dic
     what its weights imply (`describe_checkpoint`: sizes, pooling, representation layer,
     activation of hub layouts, class count, and for plain ViTs resolution), read once for
     both, and a hub file's class names and evaluation crop by the `config.json` beside it
-    (`hub.class_names`, `hub.eval_crop_fraction`).
+    (`hub.described_run`).
     `overrides` (None: keep) replace the description's fields; `model` the model's name
     only, keeping those implied fields. What this machine's platform cannot compute is
     replaced (`runnable_on`: float16 by float32, cuDNN attention by XLA's).
@@ -74,7 +74,7 @@ def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dic
         if implied.image_size:
             run["image_size"] = implied.image_size
         if hub.is_safetensors(path):
-            run |= _hub_description(path, implied.num_classes)
+            run |= hub.described_run(path, implied.num_classes)
     if overrides.get("model"):
         overrides["model"] = run.get("model", {}) | {"name": overrides["model"]}
     run |= {key: value for key, value in overrides.items() if value is not None}
@@ -91,15 +91,3 @@ def load_model(path: str, **overrides: Any) -> tuple[VisionTransformer, Any, dic
     model = build_model(runnable_on(run["model"], jax.default_backend()), run["num_classes"])
     init = abstract_params(model, run["image_size"])
     return model, load_pretrained(weights or path, init_params=init), run
-
-
-def _hub_description(path: str, num_classes: int) -> dict[str, Any]:
-    """What the hub `config.json` beside a bare file says of its run: the class names, when
-    they name each of the head's `num_classes` outputs, and the evaluation crop."""
-    described: dict[str, Any] = {}
-    names = hub.class_names(path)
-    if names is not None and len(names) == num_classes:
-        described["class_names"] = names
-    if fraction := hub.eval_crop_fraction(path):
-        described["eval_crop_fraction"] = fraction
-    return described

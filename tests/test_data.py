@@ -258,13 +258,6 @@ def _copy_to(url_root: str, local_root) -> None:
             tf.io.gfile.copy(os.path.join(directory, name), f"{target}/{name}")
 
 
-def test_an_embedded_dataset_prepared_on_two_hosts_has_one_fingerprint(data_dir, tmp_path):
-    """What lets the processes of a run, each with its own data_dir, agree that they read
-    the same records (workdir.check_processes_read_the_same_data)."""
-    here = data.get_dataset_info("digits", data_dir).fingerprint
-    assert data.get_dataset_info("digits", str(tmp_path / "other_host")).fingerprint == here
-
-
 def test_a_folder_fingerprint_tells_other_files_apart(tmp_path):
     """Same counts and classes, other records: the digest of the ordered listing differs."""
     root = tmp_path / "images"

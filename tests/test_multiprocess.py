@@ -209,7 +209,7 @@ def test_processes_that_read_other_model_init_files_are_refused(tmp_path):
     parameters from its own copy. JAX's `device_put` stopped that with an AssertionError
     that printed the arrays, naming neither the file nor the host (status 1). Here
     /proc/self/cwd is each process's own working directory."""
-    config = load_recipe(RECIPE.split(":")[0], RECIPE.split(":")[1])
+    config = load_recipe(*RECIPE.split(":"))
     config.update_from_flattened_dict(TINY)
     model = build_model(config.model, num_classes=10)
     hosts = [tmp_path / "host0", tmp_path / "host1"]

@@ -227,6 +227,46 @@ def test_processes_that_read_other_model_init_files_are_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lacks", ["model_init", "image folder"])
+def test_an_error_on_one_process_at_start_up_ends_every_process_saying_which(tmp_path, lacks):
+    """One host lacks the pretrained file, or the image folder, the other has at the same
+    path (/proc/self/cwd is each process's own working directory). Its process failed in
+    one line, but the other waited in a collective: the first exchange, which on this CPU
+    failed after 30 s with a traceback of Gloo's ("context initialization failed"), or the
+    folder manifest's barrier, where both waited until JAX's shutdown barrier gave up
+    (300 s) and aborted (status -6) with a C++ stack trace."""
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for host in hosts:
+        host.mkdir()
+    if lacks == "model_init":
+        config = load_recipe(*RECIPE.split(":"))
+        config.update_from_flattened_dict(TINY)
+        save_npz(random_params(build_model(config.model, 10), (8, 8)), hosts[0] / "init.npz")
+        flag = "--config.model_init=/proc/self/cwd/init.npz"
+        said = "No checkpoint at /proc/self/cwd/init.npz: expected a vit_jax workdir, .*"
+    else:
+        make_folder(hosts[0] / "images", {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}})
+        flag = "--config.dataset=folder:/proc/self/cwd/images"
+        said = "Image-folder root '/proc/self/cwd/images' is not a directory; expected .*"
+    procs = _launch(tmp_path, str(tmp_path / "run"), flag, cwds=tuple(hosts))
+    try:
+        errors = [p.communicate(timeout=600)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 2], errors[0][-3000:] + errors[1][-3000:]
+    told, failed = (e.strip().splitlines()[-1] for e in errors)
+    assert re.fullmatch(f"vit-train: {said}", failed), failed
+    assert re.fullmatch(
+        "vit-train: Process 1 of 2 stopped at start-up, so this one stops too. Process 1: "
+        f"FileNotFoundError: {said}",
+        told,
+    ), told
+    assert "Shutdown barrier" not in errors[0] + errors[1]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("read_for", ["training", "fewshot"])
 def test_processes_that_read_other_copies_of_a_dataset_are_refused(tmp_path, read_for):
     """Each process keeps an image folder's manifest in its own data_dir, and process 1's

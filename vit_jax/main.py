@@ -119,6 +119,7 @@ def _main(argv: list[str]) -> int:
 
     from vit_jax.checkpoint.manager import CheckpointNotSavedError
     from vit_jax.data.folder_manifest import FolderUnreadableError
+    from vit_jax.processes import AnotherProcessFailedError
     from vit_jax.train import OutOfDeviceMemoryError, train_and_evaluate
     from vit_jax.workdir import (
         UnreadableCheckpointsError,
@@ -141,6 +142,7 @@ def _main(argv: list[str]) -> int:
         FolderUnreadableError,
         CheckpointNotSavedError,
         OutOfDeviceMemoryError,
+        AnotherProcessFailedError,
     ) as e:
         # The run failed, for a reason the message gives; not a bug.
         print(f"vit-train: {e}", file=sys.stderr)

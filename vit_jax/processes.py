@@ -9,20 +9,30 @@ hang in the first collective, or a run that computes something else:
 - `check_processes_read_the_same_data`: the same copy of each dataset the run reads, by
   class names, split sizes and a fingerprint of the records: each process reads its share
   of its own copy by position.
+
+Start-up's exchanges (`allgather_text`, `barrier`, `all_agree`) go through the
+coordination service's key-value store, not device collectives, and watch for a process
+that failed on its own (`failures_told`): an error on one host (a file it lacks, a folder
+it cannot read) ends every process within a second of that error, saying which and why. Waiting in a
+collective instead, the other processes hung until JAX's shutdown barrier gave up (300 s)
+and aborted every process with a C++ stack trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
-from jax.experimental import multihost_utils
+from jax._src import distributed  # The coordination service's client, where Orbax reads it.
 
 if TYPE_CHECKING:
     from vit_jax.checkpoint import PretrainedWeights
@@ -49,14 +59,81 @@ def differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tupl
     }
 
 
+class AnotherProcessFailedError(RuntimeError):
+    """Another process of this run failed at start-up; its error is in this one's message."""
+
+
+_KEYS = "vit_jax/start-up"
+_WAIT_MS = 1000  # How often a waiting process looks for another's failure.
+_exchange_numbers = itertools.count()
+
+
 def allgather_text(text: str) -> list[str]:
-    """Every process's `text`, in process order (two all-gathers: lengths, then bytes)."""
-    data = np.frombuffer(text.encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.array(len(data), np.int64)).tolist()
-    padded = np.zeros(max(lengths), np.uint8)
-    padded[: len(data)] = data
-    rows = multihost_utils.process_allgather(padded)
-    return [bytes(row[:length]).decode() for row, length in zip(rows, lengths, strict=True)]
+    """Every process's `text`, in process order: one exchange of start-up through the
+    coordination service's key-value store. Every process makes the same exchanges in the
+    same order, so the n-th call of each is one exchange.
+
+    Raises:
+      AnotherProcessFailedError: a process announced its failure (`failures_told`) before
+        every process arrived.
+    """
+    if jax.process_count() == 1:
+        return [text]
+    client = distributed.global_state.client
+    exchange = f"{_KEYS}/{next(_exchange_numbers)}"
+    client.key_value_set(f"{exchange}/text/{jax.process_index()}", text)
+    if client.key_value_increment(f"{exchange}/arrived", 1) == jax.process_count():
+        client.key_value_set(f"{exchange}/done", "")
+    while True:
+        try:
+            client.blocking_key_value_get(f"{exchange}/done", _WAIT_MS)
+            break
+        except jax.errors.JaxRuntimeError as e:  # DEADLINE_EXCEEDED: not everyone yet.
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+            _raise_if_another_failed(client)
+    texts = dict(client.key_value_dir_get(f"{exchange}/text/"))
+    return [texts[f"{exchange}/text/{i}"] for i in range(jax.process_count())]
+
+
+def barrier() -> None:
+    """Returns once every process has called it (`allgather_text`'s errors)."""
+    allgather_text("")
+
+
+def all_agree(ok: bool) -> bool:
+    """True when `ok` holds on every process (`allgather_text`'s errors)."""
+    return all(text == "ok" for text in allgather_text("ok" if ok else "not ok"))
+
+
+def _raise_if_another_failed(client: Any) -> None:
+    failed = [
+        (int(key.rsplit("/", 1)[1]), message)
+        for key, message in client.key_value_dir_get(f"{_KEYS}/failed/")
+    ]
+    if failed:
+        process, message = min(failed)
+        raise AnotherProcessFailedError(
+            f"Process {process} of {jax.process_count()} stopped at start-up, so this one "
+            f"stops too. Process {process}: {message}"
+        )
+
+
+@contextlib.contextmanager
+def failures_told() -> Iterator[None]:
+    """Announces an error that leaves this context to the other processes of the run, whose
+    start-up exchanges then raise AnotherProcessFailedError instead of waiting for this
+    process (only start-up waits look: a step's collectives cannot)."""
+    try:
+        yield
+    except Exception as e:
+        if jax.process_count() > 1 and not isinstance(e, AnotherProcessFailedError):
+            first_line = (str(e).strip() or repr(e)).splitlines()[0][:2000]
+            with contextlib.suppress(jax.errors.JaxRuntimeError):  # Best effort.
+                distributed.global_state.client.key_value_set(
+                    f"{_KEYS}/failed/{jax.process_index()}", f"{type(e).__name__}: {first_line}"
+                )
+        raise
 
 
 def _code_identity() -> dict[str, str]:

@@ -29,7 +29,11 @@ from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import build_model
 from vit_jax.peaks import peak_tflops
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
-from vit_jax.processes import check_processes_agree, check_processes_read_the_same_data
+from vit_jax.processes import (
+    check_processes_agree,
+    check_processes_read_the_same_data,
+    failures_told,
+)
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import (
     NONFINITE,
@@ -172,17 +176,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints already started are completed, the metrics written and the workdir's lock
     released; the input pipelines are closed in the background, never holding the exit.
     """
-    check_run_fields(config)
-    root = data.folder_root(config.dataset)
-    if root is not None and f"{workdir.rstrip('/')}/".startswith(f"{root}/"):
-        raise ValueError(
-            f"The workdir {workdir} is inside the image folder {root}: its files would be "
-            "listed as a split of the dataset at the next start. Use a workdir outside it."
-        )
     # Stop requests count from the start: one during start-up ends the run with status 75
-    # before its first step.
-    with StopRequests() as stop_requests:
+    # before its first step. An error on one process ends the others' start-up too.
+    with StopRequests() as stop_requests, failures_told():
         # Everything a config can get wrong is refused here, before the workdir is touched.
+        check_run_fields(config)
+        root = data.folder_root(config.dataset)
+        if root is not None and f"{workdir.rstrip('/')}/".startswith(f"{root}/"):
+            raise ValueError(
+                f"The workdir {workdir} is inside the image folder {root}: its files would "
+                "be listed as a split of the dataset at the next start. Use a workdir "
+                "outside it."
+            )
         weights = None
         if config.model_init:  # The model takes the checkpoint's architecture.
             config, weights = _with_model_init(config, workdir)

@@ -32,10 +32,8 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import tensorflow as tf
 from flax import traverse_util
-from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
 from vit_jax.checkpoint.manager import (
@@ -44,7 +42,7 @@ from vit_jax.checkpoint.manager import (
     error_summary,
     saved_steps,
 )
-from vit_jax.processes import allgather_text, differences
+from vit_jax.processes import all_agree, allgather_text, barrier, differences
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +95,6 @@ class ConfigChangedError(ValueError):
 
 class UnreadableCheckpointsError(RuntimeError):
     """The workdir holds checkpoints but none of them can be read."""
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True when `ok` holds on every process: one tiny all-gather, used only at start-up."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 # ---- lock ----------------------------------------------------------------------------------
@@ -229,7 +220,7 @@ def claim(workdir: str) -> Iterator[None]:
                 f"Cannot create the workdir {workdir} ({e.message.splitlines()[0]}): {hint}, "
                 "or use another --workdir."
             )
-    if not _all_processes_agree(error is None):
+    if not all_agree(error is None):
         raise error or WorkdirLockedError(f"Process 0 could not lock {workdir}; see its log.")
     try:
         _check_shared(workdir, path)
@@ -372,8 +363,7 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, accepted: dic
     """Records this run's config and the `accepted` changes (`check_config`) in the
     workdir: called once the run has restored its state, so that a change the state
     refuses leaves the saved config as it was."""
-    if jax.process_count() > 1:  # Every process has read the saved files before they change.
-        multihost_utils.sync_global_devices("vit_jax config checked")
+    barrier()  # Every process has read the saved files before they change.
     if jax.process_index() == 0:
         run = _read_json(os.path.join(workdir, RUN_FILE)) or {"changes": []}
         if accepted:
@@ -403,7 +393,7 @@ def restore_newest_readable(checkpointer: Checkpointer, abstract_state: Any) -> 
             raise
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
             reason = error_summary(e)
-        if _all_processes_agree(not reason):
+        if all_agree(not reason):
             for bad, _ in unreadable:
                 path = checkpointer.step_path(bad)
                 log.warning(

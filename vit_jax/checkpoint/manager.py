@@ -24,9 +24,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
 from vit_jax.cli import absolute_path, is_local_file  # Orbax refuses relative paths.
+from vit_jax.processes import barrier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,7 +154,7 @@ class Checkpointer:
         target = source.parent / f"{step}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
         if jax.process_index() == 0:
             source.rename(target)
-        multihost_utils.sync_global_devices(f"vit_jax set aside checkpoint {step}")
+        barrier()
         self._manager.reload()
         return target
 

@@ -128,6 +128,18 @@ def _subdirs(path: str) -> list[str]:
     return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(f"{path}/{n}"))
 
 
+def _require_directory(root: str) -> str:
+    """The layout an image folder must have, once `root` is found to be a directory.
+
+    Raises:
+      FileNotFoundError: `root` is no directory.
+    """
+    layout = f"expected {root}/<split>/<class>/<image>.jpg|.jpeg|.png"
+    if not tf.io.gfile.isdir(root):
+        raise FileNotFoundError(f"Image-folder root {root!r} is not a directory; {layout}")
+    return layout
+
+
 def list_folder(root: str) -> Images:
     """Image files by extension (any case) under `root/<split>/<class>/`, unchecked; other
     entries of the class folders (another format, a subfolder) are named in a warning.
@@ -136,9 +148,7 @@ def list_folder(root: str) -> Images:
       FileNotFoundError: `root` is no directory or has no split subdirectories.
       FolderUnreadableError: a directory that cannot be listed (`_listdir`).
     """
-    layout = f"expected {root}/<split>/<class>/<image>.jpg|.jpeg|.png"
-    if not tf.io.gfile.isdir(root):
-        raise FileNotFoundError(f"Image-folder root {root!r} is not a directory; {layout}")
+    layout = _require_directory(root)
     splits = _subdirs(root)
     if not splits:
         raise FileNotFoundError(f"{root} has no split subdirectories; {layout}")
@@ -267,6 +277,8 @@ def validated_listing(
         cannot write the manifest.
     """
     path = manifest_path(root, manifest_dir)
+    if not writer:  # It reads the images the writer lists: a host without them fails here.
+        _require_directory(root)
     if writer:
         known = _read(path, root)
         listed = list_folder(root)
@@ -301,6 +313,11 @@ def validated_listing(
     if not writer:
         manifest = _read(path, root)
         if manifest is None:
-            raise FileNotFoundError(f"Process 0 left no manifest of image folder {root} at {path}")
+            raise FileNotFoundError(
+                f"Process 0 left no manifest of image folder {root} at {path}: the other "
+                "processes read it where process 0 writes it, so that place must be one "
+                "storage for all: the folder itself (config.data_dir unset), or a data_dir "
+                "every process shares (e.g. on gs://)."
+            )
         images, rejected = manifest
     return images, rejected

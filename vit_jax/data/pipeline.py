@@ -57,8 +57,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from jax.experimental import multihost_utils
 
+from vit_jax import processes
 from vit_jax.config import check_preprocessing
 from vit_jax.data import preprocess
 from vit_jax.data.folder import FolderSource
@@ -93,7 +93,7 @@ def open_source(dataset: str, data_dir: str | None) -> Source:
     if dataset.startswith(FOLDER_PREFIX):
         barrier = None
         if jax.process_count() > 1:
-            barrier = functools.partial(multihost_utils.sync_global_devices, "folder manifest")
+            barrier = processes.barrier
         return FolderSource(
             dataset.removeprefix(FOLDER_PREFIX),
             data_dir,

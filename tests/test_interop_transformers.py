@@ -33,7 +33,7 @@ from vit_jax.models import scale_images
 pytestmark = pytest.mark.interop
 
 
-def save_hf(module_class, directory, **config) -> tuple:
+def save_hf(module_class, directory, max_shard_size="5GB", **config) -> tuple:
     options = dict(
         hidden_size=TINY["width"],
         num_hidden_layers=TINY["depth"],
@@ -44,7 +44,7 @@ def save_hf(module_class, directory, **config) -> tuple:
         num_labels=10,
     )
     module = randomize(lambda: module_class(ViTConfig(**(options | config))))
-    module.save_pretrained(str(directory))
+    module.save_pretrained(str(directory), max_shard_size=max_shard_size)
     return module, str(directory / "model.safetensors")
 
 
@@ -61,6 +61,29 @@ def test_vit_for_image_classification_imports_with_its_logits(config, tmp_path):
     tanh_model, _ = import_model(path, activation="gelu_tanh")
     with pytest.raises(AssertionError):
         assert_same_logits(our_logits(tanh_model, params), torch_forward(source).logits)
+
+
+def test_a_sharded_checkpoint_imports_through_its_index_with_its_logits(tmp_path):
+    """transformers splits a checkpoint above its max_shard_size (ViT-g's 4 GB of float32
+    weights, say) into shards and an index naming each tensor's shard. One shard read
+    alone failed with a KeyError for the tensors in the others."""
+    source, _ = save_hf(ViTForImageClassification, tmp_path, max_shard_size="40KB")
+    index = tmp_path / "model.safetensors.index.json"
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert index.exists() and len(shards) >= 3, sorted(tmp_path.iterdir())
+    assert checkpoint.describe_checkpoint(str(index)).source == "transformers ViT layout"
+    model, params = import_model(str(index))
+    assert_same_logits(our_logits(model, params), torch_forward(source).logits)
+
+    with pytest.raises(ValueError, match=f"is shard 2 of {len(shards)} of a sharded checkpoint: "
+                       f"give its index, {index}, which names every shard"):  # fmt: skip
+        checkpoint.read_weights(str(shards[1]))
+    with pytest.raises(FileNotFoundError, match=f"No checkpoint found in '{tmp_path}'.*name the "
+                       f"file: {index}\\.$"):  # fmt: skip
+        checkpoint.read_weights(str(tmp_path))
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shards[-1]} is missing: the index"):
+        checkpoint.read_weights(str(index))
 
 
 def test_vit_model_pooler_is_the_representation_layer(tmp_path):

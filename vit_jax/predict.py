@@ -6,15 +6,16 @@
 The checkpoint is a vit-train workdir (its latest step), a file with the `.json` that
 vit-export writes next to it, or a bare published file: an `.npz` in any Google layout
 (the i21k ones with their representation layer too) or a `.safetensors` in timm's or
-transformers' ViT layout. A bare file's class count, pooling, representation layer,
-activation and, for plain ViTs, size and resolution are read from its weights; pass
---model (hybrids), --image_size (hybrids) when it cannot tell, and classes are printed as
-indices. These flags also override what the run says (e.g. --image_size, with the
-position embedding resampled). Images are preprocessed
-as evaluation does (vit_jax.data.preprocess: decode to RGB, resize / central crop by the
-run's `pp.eval_crop_fraction`, values in [-1, 1]). Folders are searched recursively for
-.jpg/.jpeg/.png files. A file that cannot be read is reported on stderr and the others
-are still classified; the exit code is non-zero only when no image could be classified.
+transformers' ViT layout (a sharded one: its `.safetensors.index.json`). A bare file's
+class count, pooling, representation layer, activation and, for plain ViTs, size and
+resolution are read from its weights; pass --model (hybrids), --image_size (hybrids)
+when it cannot tell, and classes are printed as indices. These flags also override what
+the run says (e.g. --image_size, with the position embedding resampled). Images are
+preprocessed as evaluation does (vit_jax.data.preprocess: decode to RGB, resize /
+central crop by the run's `pp.eval_crop_fraction`, values in [-1, 1]). Folders are
+searched recursively for .jpg/.jpeg/.png files. A file that cannot be read is reported
+on stderr and the others are still classified; the exit code is non-zero only when no
+image could be classified.
 
 Output, per image: its path, then one line per class, most probable first:
 
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         required=True,
         type=cli.absolute_path,
-        help="A vit-train workdir, an .npz or a .safetensors (local or gs://).",
+        help="A vit-train workdir, an .npz or a .safetensors, or a sharded checkpoint's "
+        ".safetensors.index.json (local or gs://).",
     )
     parser.add_argument(
         "--top_k", type=cli.positive_int, default=5, help="Classes printed per image."

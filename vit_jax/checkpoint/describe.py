@@ -65,7 +65,8 @@ def read_weights(path: str | os.PathLike) -> PretrainedWeights:
     """
     if not epath.Path(path).exists():
         raise FileNotFoundError(
-            f"No checkpoint at {path}: expected a vit_jax workdir, an .npz or a .safetensors file."
+            f"No checkpoint at {path}: expected a vit_jax workdir, an .npz or a .safetensors "
+            "file (or a sharded checkpoint's .safetensors.index.json)."
         )
     kind = _kind(path)
     if kind == "hub":

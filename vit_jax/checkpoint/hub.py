@@ -1,4 +1,5 @@
-"""Hugging Face hub weights (`.safetensors`) in timm's or transformers' ViT layout.
+"""Hugging Face hub weights (`.safetensors`, or a sharded checkpoint's
+`.safetensors.index.json`) in timm's or transformers' ViT layout.
 
 The layout is recognised from the tensor names. Besides the weights, a hub checkpoint
 implies how the model computes (timm and transformers use PyTorch's exact GELU, timm's
@@ -18,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from vit_jax.checkpoint import input_normalization, timm_layout, transformers_layout
-from vit_jax.checkpoint.safetensors_file import read_header, read_safetensors
+from vit_jax.checkpoint.safetensors_file import INDEX_SUFFIX, read_header, read_safetensors
 
 SUFFIX = ".safetensors"
 # Metadata key under which vit-export records the model fields of the exported model.
@@ -31,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
-    return str(path).endswith(SUFFIX)
+    """A `.safetensors` file, or the index of a sharded checkpoint of such files."""
+    return str(path).endswith((SUFFIX, INDEX_SUFFIX))
 
 
 def read_params(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:

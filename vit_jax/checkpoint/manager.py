@@ -338,10 +338,13 @@ def _newest_readable(path: str, read: Callable[[ocp.CheckpointManager, int], T])
     if not steps:
         found = sorted(manager.all_steps())
         numeric = f" (its numeric folders {found[:5]} hold no '{STATE_ITEM}')" if found else ""
-        files = sorted(
-            str(f) for suffix in ("*.safetensors", "*.npz") for f in epath.Path(path).glob(suffix)
+        # A hub download (model.safetensors, config.json; a sharded checkpoint is read
+        # through its index) or a folder of .npz files.
+        folder = epath.Path(path)
+        files = sorted(map(str, folder.glob("*.safetensors.index.json"))) or sorted(
+            str(f) for suffix in ("*.safetensors", "*.npz") for f in folder.glob(suffix)
         )
-        if files:  # A hub download (model.safetensors, config.json) or a folder of .npz files.
+        if files:
             expected += f"; to read a weights file in it, name the file: {', '.join(files[:3])}"
         raise FileNotFoundError(f"No checkpoint found in {path!r}{numeric}: {expected}.")
     unreadable = []

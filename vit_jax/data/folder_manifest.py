@@ -277,8 +277,6 @@ def validated_listing(
         cannot write the manifest.
     """
     path = manifest_path(root, manifest_dir)
-    if not writer:  # It reads the images the writer lists: a host without them fails here.
-        _require_directory(root)
     if writer:
         known = _read(path, root)
         listed = list_folder(root)
@@ -308,6 +306,8 @@ def validated_listing(
                         "writable directory (local or gs://) to keep it there instead."
                     ) from e
                 log.warning("Cannot write %s (%s): the next run checks the folder again.", path, e)
+    else:  # It reads the images the writer lists: a host without them fails at start-up.
+        _require_directory(root)
     if barrier is not None:
         barrier()
     if not writer:

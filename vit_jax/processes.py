@@ -12,10 +12,11 @@ hang in the first collective, or a run that computes something else:
 
 Start-up's exchanges (`allgather_text`, `barrier`, `all_agree`) go through the
 coordination service's key-value store, not device collectives, and watch for a process
-that failed on its own (`failures_told`): an error on one host (a file it lacks, a folder
-it cannot read) ends every process within a second of that error, saying which and why. Waiting in a
-collective instead, the other processes hung until JAX's shutdown barrier gave up (300 s)
-and aborted every process with a C++ stack trace.
+that failed on its own (`failures_told`): an error on one host (a file it lacks, a
+folder it cannot read) ends every other process at its next exchange, within a second,
+saying which process failed and why. Waiting in a collective instead, the other
+processes hung until JAX's shutdown barrier gave up (300 s) and aborted every process
+with a C++ stack trace.
 """
 
 from __future__ import annotations

@@ -227,16 +227,23 @@ def check_processes_read_the_same_data(dataset: str, info: DatasetInfo) -> None:
 def _refuse_differences(mine: dict[str, Any], what: str, advice: str) -> None:
     """Exchanges every process's `mine` and, where any differs from process 0's, raises
     ProcessesDisagreeError on every process: `what` they did, the first such process, each
-    difference, then `advice`."""
-    everyone = [json.loads(text) for text in allgather_text(json.dumps(mine, sort_keys=True))]
-    other = next((i for i, theirs in enumerate(everyone) if theirs != everyone[0]), None)
-    if other is None:
+    difference, then `advice`.
+
+    Every process reads every other's text from the coordination service, so the texts
+    (a config's is about 3 KB) travel only when their digests differ: the processes of a
+    1,024-host run that agree read 64 KB each from it, not 3 MB (3 GB in all).
+    """
+    text = json.dumps(mine, sort_keys=True)
+    digests = allgather_text(hashlib.sha256(text.encode()).hexdigest())
+    if len(set(digests)) == 1:
         return
+    everyone = [json.loads(theirs) for theirs in allgather_text(text)]
+    other = next(i for i, digest in enumerate(digests) if digest != digests[0])
     listed = [
         f"{key}: {first} -> {theirs}"
         for key, (first, theirs) in differences(everyone[0], everyone[other]).items()
     ]
-    count = sum(theirs != everyone[0] for theirs in everyone)
+    count = sum(digest != digests[0] for digest in digests)
     raise ProcessesDisagreeError(
         f"The processes of this run {what}: {count} of {jax.process_count()} differ from "
         f"process 0; process {other} in {'; '.join(listed[:8])}"

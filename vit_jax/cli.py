@@ -234,6 +234,13 @@ def _raised_here(error: BaseException) -> bool:
     return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_PACKAGE)
 
 
+def error_summary(error: Exception) -> str:
+    """The first line of an error with its type, short: TensorStore errors carry pages of
+    spec."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:300]}"
+
+
 def _message(error: BaseException) -> str:
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     return text.strip() or type(error).__name__

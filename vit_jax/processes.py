@@ -35,6 +35,8 @@ import numpy as np
 from flax import traverse_util
 from jax._src import distributed  # The coordination service's client, where Orbax reads it.
 
+from vit_jax.cli import error_summary
+
 if TYPE_CHECKING:
     from vit_jax.checkpoint import PretrainedWeights
     from vit_jax.data import DatasetInfo
@@ -129,10 +131,9 @@ def failures_told() -> Iterator[None]:
         yield
     except Exception as e:
         if jax.process_count() > 1 and not isinstance(e, AnotherProcessFailedError):
-            first_line = (str(e).strip() or repr(e)).splitlines()[0][:2000]
             with contextlib.suppress(jax.errors.JaxRuntimeError):  # Best effort.
                 distributed.global_state.client.key_value_set(
-                    f"{_KEYS}/failed/{jax.process_index()}", f"{type(e).__name__}: {first_line}"
+                    f"{_KEYS}/failed/{jax.process_index()}", error_summary(e)
                 )
         raise
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vit_jax.checkpoint.manager import error_summary
+from vit_jax.cli import error_summary
 from vit_jax.metrics import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)

@@ -36,12 +36,8 @@ import tensorflow as tf
 from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
-from vit_jax.checkpoint.manager import (
-    Checkpointer,
-    CheckpointMismatchError,
-    error_summary,
-    saved_steps,
-)
+from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError, saved_steps
+from vit_jax.cli import error_summary
 from vit_jax.processes import all_agree, allgather_text, barrier, differences
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vit_jax.cli import absolute_path, is_local_file  # Orbax refuses relative paths.
+from vit_jax.cli import (  # Orbax refuses relative paths.
+    absolute_path,
+    error_summary,
+    is_local_file,
+)
 from vit_jax.processes import barrier
 
 log = logging.getLogger(__name__)
@@ -304,12 +308,6 @@ def _find_manager_dir(path: str) -> str:
     """Accepts a workdir or its `checkpoints/` directory, local or `gs://`."""
     candidate = checkpoint_dir(path)
     return candidate if epath.Path(candidate).is_dir() else path
-
-
-def error_summary(error: Exception) -> str:
-    """The first line of an error, short: TensorStore errors carry pages of spec."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:300]}"
 
 
 def _newest_readable(path: str, read: Callable[[ocp.CheckpointManager, int], T]) -> T:

@@ -79,17 +79,38 @@ def _launch(
     return procs
 
 
-def _refusals(procs: list[subprocess.Popen]) -> list[str]:
-    """Each process's last line once both have ended, which must be with status 2 (both
-    are killed if they have not ended in 600 s: such runs never ended before a refusal)."""
+def _ended(procs: list[subprocess.Popen], statuses: tuple = (2, 2)) -> list[str]:
+    """Each process's stderr once both have ended, which must be with `statuses` (a
+    refusal's by default; both are killed if they have not ended in 600 s: such runs never
+    ended before the refusal)."""
     try:
         outputs = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    for p, (_, stderr) in zip(procs, outputs, strict=True):
-        assert p.returncode == 2, stderr[-3000:]
-    return [stderr.strip().splitlines()[-1] for _, stderr in outputs]
+    stderrs = [stderr for _, stderr in outputs]
+    assert tuple(p.returncode for p in procs) == statuses, stderrs[0][-3000:] + stderrs[1][-3000:]
+    return stderrs
+
+
+def _last_lines(procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's last line once both have been refused (`_ended`)."""
+    return [stderr.strip().splitlines()[-1] for stderr in _ended(procs)]
+
+
+def _hosts(tmp_path) -> tuple:
+    """Two hosts' own directories, which each process starts in (its /proc/self/cwd)."""
+    hosts = (tmp_path / "host0", tmp_path / "host1")
+    for host in hosts:
+        host.mkdir()
+    return hosts
+
+
+def _save_init(path, seed: int = 0) -> None:
+    """Random weights of the recipe's tiny model at `path`, for `model_init`."""
+    config = load_recipe(*RECIPE.split(":"))
+    config.update_from_flattened_dict(TINY)
+    save_npz(random_params(build_model(config.model, 10), (8, 8), seed=seed), path)
 
 
 def _wait_for_line(process: subprocess.Popen, text: str) -> str:
@@ -165,10 +186,8 @@ def test_a_workdir_on_each_hosts_own_disk_is_refused_before_anything_is_written(
     checkpoint on its own disk, and the run waited forever for the others' at the first
     save. Here the same path is another directory for each process: /proc/self/cwd is the
     process's own working directory, and each starts in its own."""
-    hosts = [tmp_path / "host0", tmp_path / "host1"]
-    for host in hosts:
-        host.mkdir()
-    for refusal in _refusals(_launch(tmp_path, "/proc/self/cwd/run", cwds=tuple(hosts))):
+    hosts = _hosts(tmp_path)
+    for refusal in _last_lines(_launch(tmp_path, "/proc/self/cwd/run", cwds=hosts)):
         assert refusal.startswith(
             "vit-train: The workdir /proc/self/cwd/run is not one storage for every process: "
             "process(es) 1 of 2 do not see the lock file process 0 wrote there"
@@ -194,7 +213,7 @@ def test_processes_started_differently_are_refused_naming_the_difference(tmp_pat
             f.write("# A local edit on one host.\n")
     procs = _launch(tmp_path, str(tmp_path / "run"), cwds=(REPO, host1), own_flags=own_flags)
     difference = "config model.depth: 1 -> 2" if differs_in == "config" else "vit_jax source: "
-    for refusal in _refusals(procs):
+    for refusal in _last_lines(procs):
         assert refusal.startswith(
             "vit-train: The processes of this run were started differently: 1 of 2 differ "
             f"from process 0; process 1 in {difference}"
@@ -209,15 +228,11 @@ def test_processes_that_read_other_model_init_files_are_refused(tmp_path):
     parameters from its own copy. JAX's `device_put` stopped that with an AssertionError
     that printed the arrays, naming neither the file nor the host (status 1). Here
     /proc/self/cwd is each process's own working directory."""
-    config = load_recipe(*RECIPE.split(":"))
-    config.update_from_flattened_dict(TINY)
-    model = build_model(config.model, num_classes=10)
-    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    hosts = _hosts(tmp_path)
     for seed, host in enumerate(hosts):
-        host.mkdir()
-        save_npz(random_params(model, (8, 8), seed=seed), host / "init.npz")
+        _save_init(host / "init.npz", seed)
     flag = "--config.model_init=/proc/self/cwd/init.npz"
-    for refusal in _refusals(_launch(tmp_path, str(tmp_path / "run"), flag, cwds=tuple(hosts))):
+    for refusal in _last_lines(_launch(tmp_path, str(tmp_path / "run"), flag, cwds=hosts)):
         assert re.fullmatch(
             "vit-train: The processes of this run were started differently: 1 of 2 differ "
             "from process 0; process 1 in model_init weights: \\w+ -> \\w+. .*",
@@ -235,26 +250,17 @@ def test_an_error_on_one_process_at_start_up_ends_every_process_saying_which(tmp
     failed after 30 s with a traceback of Gloo's ("context initialization failed"), or the
     folder manifest's barrier, where both waited until JAX's shutdown barrier gave up
     (300 s) and aborted (status -6) with a C++ stack trace."""
-    hosts = [tmp_path / "host0", tmp_path / "host1"]
-    for host in hosts:
-        host.mkdir()
+    hosts = _hosts(tmp_path)
     if lacks == "model_init":
-        config = load_recipe(*RECIPE.split(":"))
-        config.update_from_flattened_dict(TINY)
-        save_npz(random_params(build_model(config.model, 10), (8, 8)), hosts[0] / "init.npz")
+        _save_init(hosts[0] / "init.npz")
         flag = "--config.model_init=/proc/self/cwd/init.npz"
         said = "No checkpoint at /proc/self/cwd/init.npz: expected a vit_jax workdir, .*"
     else:
         make_folder(hosts[0] / "images", {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}})
         flag = "--config.dataset=folder:/proc/self/cwd/images"
         said = "Image-folder root '/proc/self/cwd/images' is not a directory; expected .*"
-    procs = _launch(tmp_path, str(tmp_path / "run"), flag, cwds=tuple(hosts))
-    try:
-        errors = [p.communicate(timeout=600)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [1, 2], errors[0][-3000:] + errors[1][-3000:]
+    procs = _launch(tmp_path, str(tmp_path / "run"), flag, cwds=hosts)
+    errors = _ended(procs, statuses=(1, 2))
     told, failed = (e.strip().splitlines()[-1] for e in errors)
     assert re.fullmatch(f"vit-train: {said}", failed), failed
     assert re.fullmatch(
@@ -284,7 +290,7 @@ def test_processes_that_read_other_copies_of_a_dataset_are_refused(tmp_path, rea
             f"--config.fewshot.datasets.digits=('{dataset}', 'train', 'test')",
             "--config.fewshot.shots=(1,)",
         ]
-    for refusal in _refusals(_launch(tmp_path, str(tmp_path / "run"), *flags)):
+    for refusal in _last_lines(_launch(tmp_path, str(tmp_path / "run"), *flags)):
         assert re.fullmatch(
             f"vit-train: The processes of this run read different copies of {dataset}: 1 of "
             f"2 differ from process 0; process 1 in {dataset} records: \\w+ -> \\w+; "

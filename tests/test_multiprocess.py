@@ -264,12 +264,48 @@ def test_an_error_on_one_process_at_start_up_ends_every_process_saying_which(tmp
     told, failed = (e.strip().splitlines()[-1] for e in errors)
     assert re.fullmatch(f"vit-train: {said}", failed), failed
     assert re.fullmatch(
-        "vit-train: Process 1 of 2 stopped at start-up, so this one stops too. Process 1: "
+        "vit-train: Process 1 of 2 failed, so this one stops too. Process 1: "
         f"FileNotFoundError: {said}",
         told,
     ), told
     assert "Shutdown barrier" not in errors[0] + errors[1]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_error_on_one_process_mid_run_ends_every_process_saying_which(tmp_path):
+    """Process 1's copy of the image folder (each host has its own, with one manifest in a
+    shared data_dir) changes during the run: its next read fails. Its process ended in its
+    own line, then waited in JAX's shutdown barrier while process 0 waited in the step's
+    collectives (on a CPU too: Gloo did not give up); after 300 s both aborted (status -6)
+    with a C++ stack trace about the barrier."""
+    hosts = _hosts(tmp_path)
+    for host in hosts:
+        make_folder(host / "images", {"train": {"a": 8, "b": 8}, "test": {"a": 2, "b": 2}})
+    procs = _launch(
+        tmp_path, str(tmp_path / "run"), "--config.dataset=folder:/proc/self/cwd/images",
+        f"--config.data_dir={tmp_path}/shared", "--config.batch_size=8",
+        "--config.fewshot.datasets={}", "--config.total_steps=100000", "--heartbeat_timeout=5",
+        pause_at=3, cwds=hosts,
+    )  # fmt: skip
+    assert all(wait_until_paused(p, 3) for p in procs), [p.communicate()[1][-1500:] for p in procs]
+    for path in (hosts[1] / "images" / "train").rglob("*.*"):
+        path.write_bytes(b"garbage")
+    for p in procs:
+        p.stdin.write("\n")
+        p.stdin.flush()
+    errors = _ended(procs, statuses=(1, 1))
+    told, failed = (e.strip().splitlines()[-1] for e in errors)
+    undecodable = "Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, BMP, WebP required."
+    assert failed.startswith(
+        "vit-train: a file of the image folder /proc/self/cwd/images no longer reads as an "
+        f"image ({undecodable}): it changed since"
+    ), failed
+    assert told == (
+        "vit-train: Process 1 of 2 failed, so this one stops too. Process 1: "
+        f"InvalidArgumentError: {undecodable}"
+    ), told
+    assert "Shutdown barrier" not in errors[0] + errors[1]
 
 
 @pytest.mark.slow

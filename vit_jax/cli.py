@@ -234,11 +234,16 @@ def _raised_here(error: BaseException) -> bool:
     return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_PACKAGE)
 
 
+def error_line(error: Exception) -> str:
+    """An error's first line, without the op and function names TensorFlow puts around it
+    (in {{...}} and [Op:...]), which are not the user's concern."""
+    lines = str(getattr(error, "message", error)).strip().splitlines()
+    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", lines[0] if lines else "")
+
+
 def error_summary(error: Exception) -> str:
-    """The first line of an error with its type, short: TensorStore errors carry pages of
-    spec."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:300]}"
+    """`error_line` with the error's type, short: TensorStore errors carry pages of spec."""
+    return f"{type(error).__name__}: {error_line(error)[:300]}"
 
 
 def _message(error: BaseException) -> str:

@@ -47,8 +47,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", 
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout",
     100,
-    "Multi-process runs: seconds without a heartbeat after which a process counts as dead "
-    "and the others stop with an error instead of waiting in a collective.",
+    "Multi-process runs: seconds without a heartbeat after which a process counts as dead, "
+    "or after another process's error, after which the others stop with an error instead "
+    "of waiting in a collective.",
     lower_bound=1,
 )
 flags.mark_flags_as_required(["config", "workdir"])
@@ -119,7 +120,7 @@ def _main(argv: list[str]) -> int:
 
     from vit_jax.checkpoint.manager import CheckpointNotSavedError
     from vit_jax.data.folder_manifest import FolderUnreadableError
-    from vit_jax.processes import AnotherProcessFailedError
+    from vit_jax.processes import AnotherProcessFailedError, exit_when_another_fails
     from vit_jax.train import OutOfDeviceMemoryError, train_and_evaluate
     from vit_jax.workdir import (
         UnreadableCheckpointsError,
@@ -129,7 +130,8 @@ def _main(argv: list[str]) -> int:
     )
 
     try:
-        final = train_and_evaluate(config, workdir)
+        with exit_when_another_fails("vit-train", grace_s=_HEARTBEAT_TIMEOUT.value):
+            final = train_and_evaluate(config, workdir)
     except Preempted as e:
         log.warning("%s Exit status %d.", e, PREEMPTED_EXIT_STATUS)
         return PREEMPTED_EXIT_STATUS
@@ -161,7 +163,7 @@ def _folder_changed(config: ml_collections.ConfigDict, error: Exception) -> str 
     reads or decodes as it did when the manifest was written (edited, replaced or deleted
     since: the manifest keeps its verdicts by name); None for any other error."""
     from vit_jax.data import folder_root
-    from vit_jax.data.folder_manifest import manifest_path, tf_error_message
+    from vit_jax.data.folder_manifest import manifest_path
 
     root = folder_root(config.dataset)
     message = str(getattr(error, "message", error))
@@ -170,7 +172,7 @@ def _folder_changed(config: ml_collections.ConfigDict, error: Exception) -> str 
     manifest = manifest_path(root, config.get("data_dir"))
     return (
         f"a file of the image folder {root} no longer reads as an image "
-        f"({tf_error_message(error)}): it "
+        f"({cli.error_line(error)}): it "
         f"changed since {manifest} was written. Delete the manifest so that the next start "
         "checks every file again, then rerun the same command to resume."
     )

@@ -75,7 +75,6 @@ def find_images(paths: Sequence[str]) -> Iterator[str]:
     import tensorflow as tf
 
     from vit_jax.data.folder import IMAGE_EXTENSIONS
-    from vit_jax.data.folder_manifest import tf_error_message
 
     seen = set()
 
@@ -87,7 +86,7 @@ def find_images(paths: Sequence[str]) -> Iterator[str]:
         try:
             names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(folder))
         except tf.errors.OpError as e:
-            print(f"vit-predict: cannot list {tf_error_message(e)}", file=sys.stderr)  # Named.
+            print(f"vit-predict: cannot list {cli.error_line(e)}", file=sys.stderr)  # Named.
             return
         children = [os.path.join(folder, name) for name in names]
         folders = [child for child in children if tf.io.gfile.isdir(child)]
@@ -121,13 +120,11 @@ def readable_images(
     unreadable, no image) is named on stderr as `prog: cannot read PATH: why` and skipped."""
     import tensorflow as tf
 
-    from vit_jax.data.folder_manifest import tf_error_message
-
     for path in paths:
         try:
             yield path, load_image(path, size, crop_fraction)
         except (OSError, tf.errors.OpError) as e:
-            print(f"{prog}: cannot read {path}: {tf_error_message(e)}", file=sys.stderr)
+            print(f"{prog}: cannot read {path}: {cli.error_line(e)}", file=sys.stderr)
 
 
 def _batches(files: Iterator[T], batch_size: int) -> Iterator[list[T]]:

@@ -14,7 +14,9 @@ Start-up's exchanges (`allgather_text`, `barrier`, `all_agree`) go through the
 coordination service's key-value store, not device collectives, and watch for a process
 that failed on its own (`failures_told`): an error on one host (a file it lacks, a
 folder it cannot read) ends every other process at its next exchange, within a second,
-saying which process failed and why. Waiting in a collective instead, the other
+saying which process failed and why. After start-up the others wait in a step's
+collectives, which cannot look: `exit_when_another_fails` ends them from a thread once
+the failed process has announced its error. Waiting in a collective instead, the other
 processes hung until JAX's shutdown barrier gave up (300 s) and aborted every process
 with a C++ stack trace.
 """
@@ -26,6 +28,8 @@ import hashlib
 import itertools
 import json
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +40,7 @@ from flax import traverse_util
 from jax._src import distributed  # The coordination service's client, where Orbax reads it.
 
 from vit_jax.cli import error_summary
+from vit_jax.preemption import Preempted
 
 if TYPE_CHECKING:
     from vit_jax.checkpoint import PretrainedWeights
@@ -63,11 +68,14 @@ def differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tupl
 
 
 class AnotherProcessFailedError(RuntimeError):
-    """Another process of this run failed at start-up; its error is in this one's message."""
+    """Another process of this run failed first; its error is in this one's message."""
 
 
-_KEYS = "vit_jax/start-up"
+_EXCHANGES = "vit_jax/start-up"
+_FAILED = "vit_jax/failed"  # failed/<process>: that process's error, once announced.
+_WAKE = "vit_jax/wake"  # wake/<process>: wakes that process's `exit_when_another_fails`.
 _WAIT_MS = 1000  # How often a waiting process looks for another's failure.
+_DAY_MS = 24 * 3600 * 1000
 _exchange_numbers = itertools.count()
 
 
@@ -83,7 +91,7 @@ def allgather_text(text: str) -> list[str]:
     if jax.process_count() == 1:
         return [text]
     client = distributed.global_state.client
-    exchange = f"{_KEYS}/{next(_exchange_numbers)}"
+    exchange = f"{_EXCHANGES}/{next(_exchange_numbers)}"
     client.key_value_set(f"{exchange}/text/{jax.process_index()}", text)
     if client.key_value_increment(f"{exchange}/arrived", 1) == jax.process_count():
         client.key_value_set(f"{exchange}/done", "")
@@ -110,32 +118,93 @@ def all_agree(ok: bool) -> bool:
 
 
 def _raise_if_another_failed(client: Any) -> None:
-    failed = [
-        (int(key.rsplit("/", 1)[1]), message)
-        for key, message in client.key_value_dir_get(f"{_KEYS}/failed/")
-    ]
-    if failed:
-        process, message = min(failed)
-        raise AnotherProcessFailedError(
-            f"Process {process} of {jax.process_count()} stopped at start-up, so this one "
-            f"stops too. Process {process}: {message}"
-        )
+    if message := _another_failed(client):
+        raise AnotherProcessFailedError(message)
+
+
+def _another_failed(client: Any) -> str | None:
+    """What to say when another process announced its failure (`failures_told`): the
+    lowest-numbered one's error; None when none did."""
+    announced = client.key_value_dir_get(f"{_FAILED}/")
+    failed = [(int(key.rsplit("/", 1)[1]), message) for key, message in announced]
+    failed = [(process, message) for process, message in failed if process != jax.process_index()]
+    if not failed:
+        return None
+    process, message = min(failed)
+    return (
+        f"Process {process} of {jax.process_count()} failed, so this one stops too. "
+        f"Process {process}: {message}"
+    )
 
 
 @contextlib.contextmanager
 def failures_told() -> Iterator[None]:
-    """Announces an error that leaves this context to the other processes of the run, whose
-    start-up exchanges then raise AnotherProcessFailedError instead of waiting for this
-    process (only start-up waits look: a step's collectives cannot)."""
+    """Announces an error that leaves this context to the other processes of the run: their
+    start-up exchanges raise AnotherProcessFailedError instead of waiting for this process,
+    and `exit_when_another_fails` ends them if they wait in a step's collectives. A stop
+    request (`Preempted`), which every process obeys at the same step, is not a failure.
+    """
     try:
         yield
     except Exception as e:
-        if jax.process_count() > 1 and not isinstance(e, AnotherProcessFailedError):
-            with contextlib.suppress(jax.errors.JaxRuntimeError):  # Best effort.
-                distributed.global_state.client.key_value_set(
-                    f"{_KEYS}/failed/{jax.process_index()}", error_summary(e)
-                )
+        if jax.process_count() == 1 or isinstance(e, (AnotherProcessFailedError, Preempted)):
+            raise
+        client = distributed.global_state.client
+        with contextlib.suppress(jax.errors.JaxRuntimeError):  # Best effort.
+            client.key_value_set(f"{_FAILED}/{jax.process_index()}", error_summary(e))
+            for process in set(range(jax.process_count())) - {jax.process_index()}:
+                client.key_value_set(f"{_WAKE}/{process}", "failed", allow_overwrite=True)
         raise
+
+
+@contextlib.contextmanager
+def exit_when_another_fails(prog: str, grace_s: float) -> Iterator[None]:
+    """Ends this process, status 1, when another process of the run announces its failure
+    (`failures_told`) and this one has not left the context `grace_s` seconds later: it
+    waits in a collective the failed process will never join (on TPUs and GPUs for ever).
+    Prints `prog: Process P of N failed, so this one stops too. Process P: <its error>`,
+    passes JAX's shutdown barrier with the failed process (which waits there on its way
+    out), then `os._exit(1)`. The grace lets a process that fails the same way (a
+    non-finite loss, a checkpoint the shared disk refuses) end in its own words.
+
+    A thread waits on this process's wake key in the coordination service (no polling);
+    leaving the context wakes it and waits for it: a wait still pending when the client
+    shuts down aborts the process. No thread in a single-process run.
+    """
+    if jax.process_count() == 1:
+        yield
+        return
+    client = distributed.global_state.client
+    me = jax.process_index()
+    left = threading.Event()
+
+    def watch() -> None:
+        while True:
+            try:
+                client.blocking_key_value_get(f"{_WAKE}/{me}", _DAY_MS)
+                message = _another_failed(client)
+                break
+            except jax.errors.JaxRuntimeError as e:
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    return  # The service is gone: JAX's heartbeat ends this process.
+        if message is None or left.wait(grace_s):
+            return
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        try:
+            jax.distributed.shutdown()
+        finally:
+            os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="exit_when_another_fails", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        left.set()
+        with contextlib.suppress(jax.errors.JaxRuntimeError):
+            client.key_value_set(f"{_WAKE}/{me}", "left", allow_overwrite=True)
+        watcher.join()
 
 
 def _code_identity() -> dict[str, str]:

@@ -25,12 +25,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import Callable
 
 import tensorflow as tf
+
+from vit_jax.cli import error_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MANIFEST_FORMAT = 1
@@ -86,15 +87,8 @@ def undecodable(path: str) -> str | None:
     try:
         tf.io.decode_image(encoded, channels=3, expand_animations=False)
     except tf.errors.InvalidArgumentError as e:
-        return f"does not decode: {tf_error_message(e)}"
+        return f"does not decode: {error_line(e)}"
     return None
-
-
-def tf_error_message(error: Exception) -> str:
-    """A TensorFlow error's first line without the op and function names around it (in
-    {{...}} and [Op:...]), which are not the user's concern."""
-    lines = str(getattr(error, "message", error)).strip().splitlines()
-    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", lines[0] if lines else "")
 
 
 def _is_special(mode: int) -> bool:
@@ -118,7 +112,7 @@ def _listdir(path: str) -> list[str]:
         ) from None
     except tf.errors.OpError as e:
         raise FolderUnreadableError(
-            f"Cannot list {path} ({tf_error_message(e)}). Every process of a run must "
+            f"Cannot list {path} ({error_line(e)}). Every process of a run must "
             "see the same images: make it readable, or retry if the storage had a passing error."
         ) from None
 

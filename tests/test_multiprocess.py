@@ -278,15 +278,16 @@ def test_an_error_on_one_process_mid_run_ends_every_process_saying_which(tmp_pat
     shared data_dir) changes during the run: its next read fails. Its process ended in its
     own line, then waited in JAX's shutdown barrier while process 0 waited in the step's
     collectives (on a CPU too: Gloo did not give up); after 300 s both aborted (status -6)
-    with a C++ stack trace about the barrier."""
+    with a C++ stack trace about the barrier. In that shared data_dir both processes also
+    prepared the few-shot probe's digits at once and one crashed at start-up ("Destination
+    ... already exists"): process 0 prepares it first now."""
     hosts = _hosts(tmp_path)
     for host in hosts:
         make_folder(host / "images", {"train": {"a": 8, "b": 8}, "test": {"a": 2, "b": 2}})
     procs = _launch(
         tmp_path, str(tmp_path / "run"), "--config.dataset=folder:/proc/self/cwd/images",
         f"--config.data_dir={tmp_path}/shared", "--config.batch_size=8",
-        "--config.fewshot.datasets={}", "--config.total_steps=100000", "--heartbeat_timeout=5",
-        pause_at=3, cwds=hosts,
+        "--config.total_steps=100000", "--heartbeat_timeout=5", pause_at=3, cwds=hosts,
     )  # fmt: skip
     assert all(wait_until_paused(p, 3) for p in procs), [p.communicate()[1][-1500:] for p in procs]
     for path in (hosts[1] / "images" / "train").rglob("*.*"):

@@ -84,16 +84,15 @@ def open_source(dataset: str, data_dir: str | None) -> Source:
 
     Cached because opening lists folders or reads tfds metadata, possibly on GCS. For an
     image folder, `data_dir` (if set) is where its manifest is kept; process 0 writes it
-    and the others wait for it at a barrier, so every process of a run opens the source.
+    and the others wait for it at a barrier, as they wait for process 0 to prepare an
+    embedded dataset, so every process of a run opens the source.
 
     Raises:
       ValueError: a path given without `folder:` (and `FolderSource`'s and `TfdsSource`'s
         errors for what they cannot open).
     """
+    barrier = processes.barrier if jax.process_count() > 1 else None
     if dataset.startswith(FOLDER_PREFIX):
-        barrier = None
-        if jax.process_count() > 1:
-            barrier = processes.barrier
         return FolderSource(
             dataset.removeprefix(FOLDER_PREFIX),
             data_dir,
@@ -106,7 +105,7 @@ def open_source(dataset: str, data_dir: str | None) -> Source:
             f"'{FOLDER_PREFIX}{dataset}': its split folders (train/, test/) hold a folder of "
             "images per class."
         )
-    return TfdsSource(dataset, data_dir)
+    return TfdsSource(dataset, data_dir, writer=jax.process_index() == 0, barrier=barrier)
 
 
 def get_dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:

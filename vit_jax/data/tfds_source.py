@@ -9,6 +9,7 @@ dataset other than the embedded ones must already be prepared in `data_dir` (loc
 import contextlib
 import io
 import logging
+from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -32,31 +33,29 @@ log = logging.getLogger(__name__)
 
 
 class TfdsSource:
-    """A prepared tfds dataset with an Image feature "image" and a ClassLabel "label"."""
+    """A prepared tfds dataset with an Image feature "image" and a ClassLabel "label".
 
-    def __init__(self, name: str, data_dir: str | None):
-        try:
-            self._builder = tfds.builder(name, data_dir=data_dir)
-        except tfds.core.DatasetNotFoundError as e:
-            raise ValueError(
-                f"Unknown dataset {name!r}: it is neither a tfds dataset, one of the embedded "
-                f"datasets {embedded.EMBEDDED_DATASETS}, nor prepared in data_dir={data_dir!r}. "
-                "Image folders are given as 'folder:/path/to/root'."
-            ) from e
-        builder = self._builder
-        if builder.name in embedded.EMBEDDED_DATASETS and not builder.is_prepared():
-            log.info(
-                "Preparing the embedded dataset %r once, offline (its arrays ship with the "
-                "installed packages), as tfds records in %s.",
-                name,
-                builder.data_dir,
-            )
-            tfds.disable_progress_bar()  # Our line above instead of tfds's "Downloading ...".
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    builder.download_and_prepare()
-            finally:
-                tfds.enable_progress_bar()  # tfds's default, for the user's own tfds calls.
+    An embedded dataset is prepared on first use. In a multi-process run (`barrier` given)
+    the `writer` (process 0) prepares it first and the others after the barrier: in a
+    `data_dir` they share they then find it prepared, where all at once they raced to move
+    their copies into one place ("Destination ... already exists").
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | None,
+        writer: bool = True,
+        barrier: Callable[[], None] | None = None,
+    ):
+        builder = _builder(name, data_dir)
+        if builder.name in embedded.EMBEDDED_DATASETS:
+            if barrier is not None:
+                if writer:
+                    _prepare_embedded(builder)
+                barrier()
+                builder = _builder(name, data_dir)  # Its info as the writer prepared it.
+            _prepare_embedded(builder)
         elif not builder.is_prepared():
             root = data_dir or str(builder.data_dir_root)
             raise FileNotFoundError(
@@ -66,6 +65,7 @@ class TfdsSource:
                 "(datasets that need a manual download also take --manual_dir), or point "
                 "config.data_dir at the directory (local or gs://) that holds it."
             )
+        self._builder = builder
         features = builder.info.features
         image, label = (features[k] if k in features.keys() else None for k in ("image", "label"))
         if not isinstance(image, tfds.features.Image) or not isinstance(
@@ -102,3 +102,32 @@ class TfdsSource:
 
     def read(self, record: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         return record["image"], record["label"]
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError as e:
+        raise ValueError(
+            f"Unknown dataset {name!r}: it is neither a tfds dataset, one of the embedded "
+            f"datasets {embedded.EMBEDDED_DATASETS}, nor prepared in data_dir={data_dir!r}. "
+            "Image folders are given as 'folder:/path/to/root'."
+        ) from e
+
+
+def _prepare_embedded(builder: tfds.core.DatasetBuilder) -> None:
+    """Writes an embedded dataset's records into its `data_dir`, unless they are there."""
+    if builder.is_prepared():
+        return
+    log.info(
+        "Preparing the embedded dataset %r once, offline (its arrays ship with the installed "
+        "packages), as tfds records in %s.",
+        builder.name,
+        builder.data_dir,
+    )
+    tfds.disable_progress_bar()  # Our line above instead of tfds's "Downloading ...".
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare()
+    finally:
+        tfds.enable_progress_bar()  # tfds's default, for the user's own tfds calls.

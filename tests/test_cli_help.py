@@ -4,12 +4,13 @@ and user errors (one line on stderr, status 2, no traceback), as real processes.
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, free_port
 
 from vit_jax import cli, export
 
@@ -19,6 +20,7 @@ HELP = {
         ("--config.KEY=VALUE", None),
         ("--workdir", None),
         ("--heartbeat_timeout", "100"),
+        ("--initialization_timeout", "300"),
     ],
     "vit-predict": [("--checkpoint", None), ("--top_k", "5"), ("--batch_size", "32")],
     "vit-export": [("--workdir", None), ("--out", None), ("timm_safetensors", None)],
@@ -142,6 +144,28 @@ USER_ERRORS = {
         "jax.distributed.initialize: coordinator_address should be defined. Pass "
         "--coordinator_address, --num_processes and --process_id, or start the run where JAX",
     ),
+    # Processes that do not meet: JAX aborted each after 300 s saying "another task died".
+    "a coordinator nothing answers at": (
+        (
+            *TRAIN,
+            "--coordinator_address=localhost:1",
+            "--num_processes=2",
+            "--process_id=1",
+            "--initialization_timeout=2",
+        ),
+        "vit-train: Nothing answered at --coordinator_address localhost:1 within 2 s: process 0 "
+        "serves the run's coordination service there once it starts.",
+    ),  # fmt: skip
+    "a process that never connects": (
+        (
+            *TRAIN,
+            f"--coordinator_address=localhost:{free_port()}",
+            "--num_processes=2",
+            "--process_id=0",
+            "--initialization_timeout=2",
+        ),
+        "within 2 s (--num_processes 2). Start every process, each with its own --process_id",
+    ),  # fmt: skip
     "no heartbeat": ((*TRAIN, "--heartbeat_timeout", "0"), "flag --heartbeat_timeout=0: 0 is"),
     "no process": ((*TRAIN, "--num_processes", "0"), "flag --num_processes=0: 0 is not a"),
     "stray argument": ((*TRAIN, "run2"), "unexpected arguments ['run2']"),
@@ -260,6 +284,8 @@ USER_ERRORS = {
 # These load a model or a checkpoint library before the mistake shows: full suite only.
 NEEDS_JAX = (
     "distributed run that JAX cannot place",
+    "a coordinator nothing answers at",
+    "a process that never connects",
     "predict, missing checkpoint",
     "visualize, not a workdir",
     "visualize, a file that is no image",
@@ -289,6 +315,28 @@ def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
     assert re.match(rf"{name}( \w+)?: ", line), line  # The command (and its subcommand).
     assert message.format(tmp=tmp_path) in line, line
     assert not (tmp_path / "run").exists()  # Refused before anything was written.
+
+
+@pytest.mark.slow
+def test_a_coordinator_port_another_program_holds_is_refused_in_one_line(tmp_path):
+    """JAX's coordination service could not bind the port (gRPC: "Failed to add port to
+    server") and process 0 crashed with SIGSEGV."""
+    with socket.create_server(("localhost", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [script(TRAIN[0]), *TRAIN[1:4], str(tmp_path / "run")]
+        result = subprocess.run(
+            [*command, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+             "--process_id=0"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ours(result.stderr) == [
+        f"vit-train: --coordinator_address localhost:{port}: port {port} on this host (process "
+        "0's, where the coordination service listens) is taken by another program, perhaps an "
+        f"earlier run still going (`ss -ltnp 'sport = :{port}'` names it). Stop it, or start "
+        "every process of the run with another port."
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -52,6 +52,13 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "of waiting in a collective.",
     lower_bound=1,
 )
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout",
+    300,
+    "Multi-process runs: seconds a process waits at start for every other to connect to "
+    "the coordinator before it stops, saying what to check.",
+    lower_bound=1,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 log = logging.getLogger("vit_jax.main")
 
@@ -91,13 +98,19 @@ def _main(argv: list[str]) -> int:
     import jax  # After parsing: --help and flag errors answer without loading JAX.
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
+        from vit_jax import processes
+
         try:
-            jax.distributed.initialize(
+            processes.initialize(
+                "vit-train",
                 _COORDINATOR.value,
                 _NUM_PROCESSES.value,
                 _PROCESS_ID.value,
-                heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+                _HEARTBEAT_TIMEOUT.value,
+                _INITIALIZATION_TIMEOUT.value,
             )
+        except processes.CoordinatorPortTakenError as e:
+            raise cli.UsageError(str(e)) from None
         except ValueError as e:  # What JAX could not find out from the flags and environment.
             raise cli.UsageError(
                 f"jax.distributed.initialize: {e} Pass --coordinator_address, --num_processes "

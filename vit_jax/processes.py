@@ -1,4 +1,6 @@
-"""What the processes of a multi-process run must agree on, checked at start-up in one
+"""The processes of a multi-process run: how they meet (`initialize`: JAX's distributed
+start, with a coordinator nobody answers at, a process that never connects and a port
+already taken said in one line), and what they must agree on, checked at start-up in one
 exchange each, so that a difference ends every process in one line instead of a crash or
 hang in the first collective, or a run that computes something else:
 
@@ -24,10 +26,12 @@ with a C++ stack trace.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -69,6 +73,111 @@ def differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tupl
 
 class AnotherProcessFailedError(RuntimeError):
     """Another process of this run failed first; its error is in this one's message."""
+
+
+class CoordinatorPortTakenError(ValueError):
+    """Process 0's host already has a listener on the coordinator's port."""
+
+
+def initialize(
+    prog: str,
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    heartbeat_timeout_s: int,
+    initialization_timeout_s: int,
+) -> None:
+    """`jax.distributed.initialize`, with what goes wrong when a run's processes meet said
+    in one line instead of a crash.
+
+    Process 0 (when `process_id` is given as 0) first checks that its host's port is free:
+    JAX's coordination service could not bind it and the process crashed (SIGSEGV). A
+    process that has not met every other within `initialization_timeout_s` prints
+    `prog: ...` saying whether anything answers at the coordinator's address, and what to
+    check, then exits with status 2: JAX aborted it (SIGABRT) a little later, saying that
+    "another task died", which none had.
+
+    Raises:
+      CoordinatorPortTakenError: as above.
+      ValueError: what JAX cannot detect (no coordinator address outside a cluster).
+    """
+    if coordinator_address and process_id == 0:
+        _refuse_a_taken_port(coordinator_address)
+    watchdog = threading.Timer(
+        initialization_timeout_s,
+        _not_met,
+        (prog, coordinator_address, num_processes, process_id, initialization_timeout_s),
+    )
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            initialization_timeout=initialization_timeout_s + 60,  # JAX's abort: after ours.
+        )
+    finally:
+        watchdog.cancel()
+
+
+def _refuse_a_taken_port(coordinator_address: str) -> None:
+    """Binds the coordinator's port on every address, as JAX's service does, and lets go."""
+    port = int(coordinator_address.rpartition(":")[2])
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As gRPC's.
+                probe.bind((address, port))
+            return
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise CoordinatorPortTakenError(
+                    f"--coordinator_address {coordinator_address}: port {port} on this host "
+                    "(process 0's, where the coordination service listens) is taken by "
+                    "another program, perhaps an earlier run still going (`ss -ltnp 'sport = "
+                    f":{port}'` names it). Stop it, or start every process of the run with "
+                    "another port."
+                ) from None
+            # Another errno: no IPv6 on this host; IPv4 next.
+
+
+def _can_connect(coordinator_address: str) -> bool:
+    host, _, port = coordinator_address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _not_met(
+    prog: str,
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    timeout_s: int,
+) -> None:
+    """Ends a process that has not met the others within `timeout_s` (`initialize`)."""
+    if coordinator_address and process_id != 0 and not _can_connect(coordinator_address):
+        message = (
+            f"Nothing answered at --coordinator_address {coordinator_address} within "
+            f"{timeout_s} s: process 0 serves the run's coordination service there once it "
+            "starts. Start process 0 with the same --coordinator_address (its host and a "
+            "free port), and check that this host reaches that port (firewall rules)."
+        )
+    else:
+        count = f" (--num_processes {num_processes})" if num_processes else ""
+        message = (
+            f"Not every process of the run connected to the coordination service at "
+            f"{coordinator_address or 'the address JAX detected'} within {timeout_s} s"
+            f"{count}. Start every process, each with its own --process_id from 0, the same "
+            "--coordinator_address and --num_processes; give a slow start more time with "
+            "--initialization_timeout."
+        )
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 _EXCHANGES = "vit_jax/start-up"

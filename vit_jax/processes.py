@@ -117,6 +117,9 @@ def initialize(
             process_id,
             heartbeat_timeout_seconds=heartbeat_timeout_s,
             initialization_timeout=initialization_timeout_s + 60,  # JAX's abort: after ours.
+            # A failed process waits in the shutdown barrier for the others, which leave
+            # their collectives `heartbeat_timeout_s` later (`exit_when_another_fails`).
+            shutdown_timeout_seconds=heartbeat_timeout_s + 300,
         )
     finally:
         watchdog.cancel()

@@ -47,9 +47,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", 
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout",
     100,
-    "Multi-process runs: seconds without a heartbeat after which a process counts as dead, "
-    "or after another process's error, after which the others stop with an error instead "
-    "of waiting in a collective.",
+    "Multi-process runs: seconds after a process stops sending heartbeats (it died) or "
+    "announces its error, after which the others stop with an error instead of waiting in "
+    "a collective.",
     lower_bound=1,
 )
 _INITIALIZATION_TIMEOUT = flags.DEFINE_integer(

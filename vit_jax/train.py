@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint, data, parallel
+from vit_jax.agreement import check_processes_agree, check_processes_read_the_same_data
 from vit_jax.checkpoint.manager import Checkpointer
 from vit_jax.chrono import Chrono
 from vit_jax.config import check_run_fields
@@ -29,11 +30,7 @@ from vit_jax.metrics import MetricWriter, log_progress
 from vit_jax.models import build_model
 from vit_jax.peaks import peak_tflops
 from vit_jax.preemption import Preempted, StopRequested, StopRequests, close_in_background
-from vit_jax.processes import (
-    check_processes_agree,
-    check_processes_read_the_same_data,
-    failures_told,
-)
+from vit_jax.processes import failures_told
 from vit_jax.profiling import ProfileWindow
 from vit_jax.trainer import (
     NONFINITE,

@@ -36,9 +36,10 @@ import tensorflow as tf
 from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
+from vit_jax.agreement import differences
 from vit_jax.checkpoint.manager import Checkpointer, CheckpointMismatchError, saved_steps
 from vit_jax.cli import error_summary
-from vit_jax.processes import all_agree, allgather_text, barrier, differences
+from vit_jax.processes import all_agree, allgather_text, barrier
 
 log = logging.getLogger(__name__)
 

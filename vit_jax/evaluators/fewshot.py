@@ -34,11 +34,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import data, parallel
+from vit_jax.agreement import check_processes_read_the_same_data
 from vit_jax.data.pipeline import open_source
 from vit_jax.metrics import fewshot_metric
 from vit_jax.models import scale_images
 from vit_jax.preemption import StopRequests
-from vit_jax.processes import check_processes_read_the_same_data
 
 # L2 strengths tried, relative to the mean squared norm of the centred train features, so
 # one grid serves features of any scale.

@@ -273,6 +273,23 @@ def test_an_error_on_one_process_at_start_up_ends_every_process_saying_which(tmp
 
 
 @pytest.mark.slow
+def test_an_error_on_one_process_before_the_run_starts_ends_the_other(tmp_path):
+    """Process 1's host cannot import TensorFlow (a module of that name in its working
+    directory raises), which vit-train imports once the processes have met, as it checks
+    the accelerator: it failed before the run's start-up exchanges and never said so, and
+    process 0 waited in the first of them until JAX's shutdown barrier gave up."""
+    hosts = _hosts(tmp_path)
+    broken = "a broken TensorFlow install on this host"
+    (hosts[1] / "tensorflow.py").write_text(f"raise ImportError({broken!r})\n")
+    errors = _ended(_launch(tmp_path, str(tmp_path / "run"), cwds=hosts), statuses=(1, 1))
+    told, failed = (e.strip().splitlines()[-1] for e in errors)
+    assert failed == f"ImportError: {broken}", errors[1][-3000:]
+    assert told == (
+        f"vit-train: Process 1 of 2 failed, so this one stops too. Process 1: ImportError: {broken}"
+    ), told
+
+
+@pytest.mark.slow
 def test_an_error_on_one_process_mid_run_ends_every_process_saying_which(tmp_path):
     """Process 1's copy of the image folder (each host has its own, with one manifest in a
     shared data_dir) changes during the run: its next read fails. Its process ended in its

@@ -95,11 +95,9 @@ def _main(argv: list[str]) -> int:
     config = _CONFIG.value
     cli.absolute_config_paths(config)
     _check_distributed_flags()
-    import jax  # After parsing: --help and flag errors answer without loading JAX.
+    from vit_jax import processes  # After parsing: --help and flag errors answer without JAX.
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
-        from vit_jax import processes
-
         try:
             processes.initialize(
                 "vit-train",
@@ -116,6 +114,16 @@ def _main(argv: list[str]) -> int:
                 f"jax.distributed.initialize: {e} Pass --coordinator_address, --num_processes "
                 "and --process_id, or start the run where JAX detects them (SLURM, Cloud TPU)."
             ) from None
+    # From here on an error on this process ends the others too, and one on another this.
+    with processes.failures_told():
+        with processes.exit_when_another_fails("vit-train", _HEARTBEAT_TIMEOUT.value):
+            return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """The run, once its processes have met: its exit status."""
+    import jax
+
     # Our progress lines on process 0; only warnings from libraries (Orbax, tfds, absl).
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
@@ -133,7 +141,7 @@ def _main(argv: list[str]) -> int:
 
     from vit_jax.checkpoint.manager import CheckpointNotSavedError
     from vit_jax.data.folder_manifest import FolderUnreadableError
-    from vit_jax.processes import AnotherProcessFailedError, exit_when_another_fails
+    from vit_jax.processes import AnotherProcessFailedError
     from vit_jax.train import OutOfDeviceMemoryError, train_and_evaluate
     from vit_jax.workdir import (
         UnreadableCheckpointsError,
@@ -143,8 +151,7 @@ def _main(argv: list[str]) -> int:
     )
 
     try:
-        with exit_when_another_fails("vit-train", grace_s=_HEARTBEAT_TIMEOUT.value):
-            final = train_and_evaluate(config, workdir)
+        final = train_and_evaluate(config, workdir)
     except Preempted as e:
         log.warning("%s Exit status %d.", e, PREEMPTED_EXIT_STATUS)
         return PREEMPTED_EXIT_STATUS

@@ -226,7 +226,9 @@ def failures_told() -> Iterator[None]:
         if jax.process_count() == 1 or isinstance(e, (AnotherProcessFailedError, Preempted)):
             raise
         client = distributed.global_state.client
-        with contextlib.suppress(jax.errors.JaxRuntimeError):  # Best effort.
+        # The first announcement stands (ALREADY_EXISTS after it): an error of
+        # `train_and_evaluate` leaves vit-train's context too, maybe as another error.
+        with contextlib.suppress(jax.errors.JaxRuntimeError):  # Or the service is gone.
             client.key_value_set(f"{_FAILED}/{jax.process_index()}", error_summary(e))
             for process in set(range(jax.process_count())) - {jax.process_index()}:
                 client.key_value_set(f"{_WAKE}/{process}", "failed", allow_overwrite=True)

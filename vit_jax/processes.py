@@ -223,9 +223,9 @@ def failures_told() -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if jax.process_count() == 1 or isinstance(e, (AnotherProcessFailedError, Preempted)):
+        client = distributed.global_state.client  # None: one process.
+        if client is None or isinstance(e, (AnotherProcessFailedError, Preempted)):
             raise
-        client = distributed.global_state.client
         # The first announcement stands (ALREADY_EXISTS after it): an error of
         # `train_and_evaluate` leaves vit-train's context too, maybe as another error.
         with contextlib.suppress(jax.errors.JaxRuntimeError):  # Or the service is gone.
@@ -249,10 +249,10 @@ def exit_when_another_fails(prog: str, grace_s: float) -> Iterator[None]:
     leaving the context wakes it and waits for it: a wait still pending when the client
     shuts down aborts the process. No thread in a single-process run.
     """
-    if jax.process_count() == 1:
+    client = distributed.global_state.client
+    if client is None:  # One process (asking JAX would start its backends here, early).
         yield
         return
-    client = distributed.global_state.client
     me = jax.process_index()
     left = threading.Event()
 

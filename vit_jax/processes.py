@@ -171,14 +171,9 @@ def allgather_text(text: str) -> list[str]:
     client.key_value_set(f"{exchange}/text/{jax.process_index()}", text)
     if client.key_value_increment(f"{exchange}/arrived", 1) == jax.process_count():
         client.key_value_set(f"{exchange}/done", "")
-    while True:
-        try:
-            client.blocking_key_value_get(f"{exchange}/done", _WAIT_MS)
-            break
-        except jax.errors.JaxRuntimeError as e:  # DEADLINE_EXCEEDED: not everyone yet.
-            if "DEADLINE_EXCEEDED" not in str(e):
-                raise
-            _raise_if_another_failed(client)
+    while not _set_within(client, f"{exchange}/done", _WAIT_MS):  # Not everyone yet.
+        if message := _another_failed(client):
+            raise AnotherProcessFailedError(message)
     texts = dict(client.key_value_dir_get(f"{exchange}/text/"))
     return [texts[f"{exchange}/text/{i}"] for i in range(jax.process_count())]
 
@@ -193,17 +188,29 @@ def all_agree(ok: bool) -> bool:
     return all(text == "ok" for text in allgather_text("ok" if ok else "not ok"))
 
 
-def _raise_if_another_failed(client: Any) -> None:
-    if message := _another_failed(client):
-        raise AnotherProcessFailedError(message)
+def _set_within(client: Any, key: str, timeout_ms: int) -> bool:
+    """Whether `key` is set in the coordination service, waiting `timeout_ms` at most.
+
+    Raises:
+      jax.errors.JaxRuntimeError: the service cannot answer (it is gone).
+    """
+    try:
+        client.blocking_key_value_get(key, timeout_ms)
+        return True
+    except jax.errors.JaxRuntimeError as e:
+        if "DEADLINE_EXCEEDED" not in str(e):
+            raise
+        return False
 
 
 def _another_failed(client: Any) -> str | None:
     """What to say when another process announced its failure (`failures_told`): the
     lowest-numbered one's error; None when none did."""
-    announced = client.key_value_dir_get(f"{_FAILED}/")
-    failed = [(int(key.rsplit("/", 1)[1]), message) for key, message in announced]
-    failed = [(process, message) for process, message in failed if process != jax.process_index()]
+    failed = [
+        (process, message)
+        for key, message in client.key_value_dir_get(f"{_FAILED}/")
+        if (process := int(key.rsplit("/", 1)[1])) != jax.process_index()
+    ]
     if not failed:
         return None
     process, message = min(failed)
@@ -257,14 +264,12 @@ def exit_when_another_fails(prog: str, grace_s: float) -> Iterator[None]:
     left = threading.Event()
 
     def watch() -> None:
-        while True:
-            try:
-                client.blocking_key_value_get(f"{_WAKE}/{me}", _DAY_MS)
-                message = _another_failed(client)
-                break
-            except jax.errors.JaxRuntimeError as e:
-                if "DEADLINE_EXCEEDED" not in str(e):
-                    return  # The service is gone: JAX's heartbeat ends this process.
+        try:
+            while not _set_within(client, f"{_WAKE}/{me}", _DAY_MS):
+                pass
+            message = _another_failed(client)
+        except jax.errors.JaxRuntimeError:  # The service is gone: JAX's heartbeat ends us.
+            return
         if message is None or left.wait(grace_s):
             return
         print(f"{prog}: {message}", file=sys.stderr, flush=True)

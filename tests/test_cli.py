@@ -23,6 +23,9 @@ from vit_jax.data.embedded import load_digits_arrays
 from vit_jax.models import build_model, create_model, scale_images
 from vit_jax.train import train_and_evaluate
 
+# One worker runs the module, so its shared runs below are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("cli")
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

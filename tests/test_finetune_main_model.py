@@ -22,6 +22,8 @@ from vit_jax.train import train_and_evaluate
 ARCHITECTURE = dict(name="Ti/4", width=32, depth=1, mlp_dim=64, num_heads=2)
 FINETUNE_STEPS = 3
 POSEMB = "Transformer/posembed_input/pos_embedding"
+# One worker runs the module, so its main job below is trained once, not once per worker.
+pytestmark = pytest.mark.xdist_group("finetune_main_model")
 
 
 @pytest.fixture(scope="module")

@@ -583,10 +583,16 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("pool, representation_size", [("token", None), ("gap", 16)])
+# Each family with both heads; the two deeper ResNet stems with one each (the head reads
+# the blocks' output, whatever stem made their tokens).
+HEADS = [("token", None), ("gap", 16)]
+DEEP_STEMS = {"R50+": ("token", None), "R26+": ("gap", 16)}
+
+
 @pytest.mark.parametrize(
-    "family",
-    [pytest.param(f, marks=pytest.mark.slow) if f in ("R50+", "R26+") else f for f in FAMILIES],
+    "family, pool, representation_size",
+    [(f, *head) for f in FAMILIES if f not in DEEP_STEMS for head in HEADS]
+    + [pytest.param(f, *head, marks=pytest.mark.slow) for f, head in DEEP_STEMS.items()],
 )
 def test_logits_match_the_float64_reference(tmp_path, family, pool, representation_size):
     """Every family against the independent numpy model on the same exported weights."""

@@ -511,9 +511,6 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     assert len({f["eval_program"] for f in ranked}) == 1
     assert sum(f["eval_compile_s"] is not None for f in ranked) == 1, ranked
     assert len({f["eval_total_bytes"] for f in ranked}) == 1
-    refused = run([*command, "--config.accum_steps=3", "--sweep"])
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert "accum_steps=3 must be at least 1 and divide batch_size 2" in refused.stderr
     cached = list((tmp_path / "cache").glob("*step*")) if (tmp_path / "cache").exists() else []
     assert not cached and "persistent compilation cache" not in result.stderr, cached
 

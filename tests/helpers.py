@@ -112,19 +112,19 @@ TINY = {
     "eval_batch_size": 128,
     "transfer_guard": "disallow",  # An implicit host<->device copy in the loop fails a test.
 }
+# The recipe's few-shot probe off, as flattened config keys (or --config flags): it costs
+# more than the tests' runs train, and only the tests that assert on it keep it.
+NO_PROBE = {"fewshot.datasets": {}}
 
 
 def small_local_config(data_root, **changes) -> ml_collections.ConfigDict:
     """The local recipe on `digits` at 8 px, shrunk to seconds, data in `data_root/tfds`."""
     config = load_recipe("local.py", "steps=12,dataset=digits,batch=32")
     config.data_dir = str(data_root / "tfds")
-    config.update_from_flattened_dict(TINY)
+    config.update_from_flattened_dict(TINY | NO_PROBE)
     config.log_every = 4
     config.eval_every = 6
     config.checkpoint_every = 6
-    # The recipe's few-shot probe costs more than these runs train: only the test of the
-    # main job's metrics keeps it.
-    config.fewshot.datasets = {}
     config.update(changes)
     return config
 

@@ -9,15 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, TINY, parse_predictions, write_image
+from helpers import NO_PROBE, REPO, TINY, parse_predictions, write_image
 
 from vit_jax import cli
 from vit_jax.data.embedded import load_digits_arrays
 from vit_jax.preemption import PREEMPTED_EXIT_STATUS
 
 RECIPE = f"{REPO}/configs/local.py:steps=12,dataset=digits,batch=32"
-# The recipe's few-shot probe, which nothing here asserts on, off.
-SETTINGS = TINY | {"log_every": 1, "eval_every": 12, "checkpoint_every": 6, "fewshot.datasets": {}}
+SETTINGS = TINY | NO_PROBE | {"log_every": 1, "eval_every": 12, "checkpoint_every": 6}
 
 
 def command(name: str, *args: str) -> list[str]:

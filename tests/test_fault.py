@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    NO_PROBE,
     PAUSED_TRAIN,
     REPO,
     TINY,
@@ -44,8 +45,6 @@ SETTINGS = TINY | {
     "pp.mixup_alpha": 0.2,
     "model.dropout": 0.1,
 }
-# The recipe's few-shot probe, which no test here asserts on, off.
-NO_PROBE = {"fewshot.datasets": {}}
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,14 @@ USER_ERRORS = {
         "config.mesh.fsdp=0: an axis size must be a whole number >= 1, or -1",
     ),
     "unknown flag": ((*TRAIN, "--stepz=3"), "Unknown command line flag 'stepz'"),
+    "None for a field that needs a value": (
+        (*TRAIN, "--config.batch_size=None"),
+        "--config.batch_size=None: batch_size needs a value (None is for the fields whose",
+    ),
+    "None for a field the recipe lacks": (
+        (*TRAIN, "--config.model.representation_sise=None"),
+        "--config.model.representation_sise: the recipe has no field 'representation_sise'.",
+    ),
     # An unset shell variable: the run went into the current directory.
     "empty workdir": (
         ("vit-train", "--config", RECIPE, "--workdir", ""),
@@ -315,6 +323,40 @@ def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
     assert re.match(rf"{name}( \w+)?: ", line), line  # The command (and its subcommand).
     assert message.format(tmp=tmp_path) in line, line
     assert not (tmp_path / "run").exists()  # Refused before anything was written.
+
+
+# A command whose main prints the recipe's fields that its arguments name, as JSON.
+SHOW_FIELDS = """
+import json, sys
+from ml_collections import config_flags
+from vit_jax import cli
+CONFIG = config_flags.DEFINE_config_file("config", None, "", lock_config=True)
+def main(argv):
+    config = CONFIG.value
+    print(json.dumps([config.model.representation_size, config.model_init, config.batch_size]))
+cli.run_with_flags("show", "", main)
+"""
+
+
+@pytest.mark.parametrize(
+    "overrides, fields",
+    [
+        # An int field a recipe set, a str field (ml_collections read "None" as a string).
+        (["--config.model.representation_size=None", "--config.model_init=None"], [None, None]),
+        (["--config.model.representation_size=None", "--config.model.representation_size=8"],
+         [8, None]),
+        (["--config.model.representation_size=8", "--config.model.representation_size=None"],
+         [None, None]),
+    ],
+)  # fmt: skip
+def test_none_gives_a_field_whose_default_is_none_that_default_again(overrides, fields):
+    recipe = f"{REPO}/configs/pretrain.py:variant=B/16"
+    command = [sys.executable, "-c", SHOW_FIELDS, "--config", recipe, *overrides]
+    result = subprocess.run(
+        [*command, "--config.batch_size=64"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [*fields, 64]
 
 
 @pytest.mark.slow

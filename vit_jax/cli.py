@@ -272,8 +272,9 @@ def run_with_flags(
         sys.exit(0)
 
     def parse_and_run() -> int | None:
+        parsed, nones = _without_none_overrides(argv, module)
         try:
-            rest = flags.FLAGS(argv)
+            rest = flags.FLAGS(parsed)
         except flags.Error as e:
             raise UsageError(_flag_error(str(e))) from None
         except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY not in the recipe.
@@ -281,6 +282,8 @@ def run_with_flags(
         except OSError as e:  # A --config.KEY applied to a recipe that failed to load.
             raise _recipe_not_loaded("config", e) from None
         _check_recipes(module)
+        for flag, key in nones:
+            _set_none(flag, key, argv)
         return main(rest)
 
     try:
@@ -289,6 +292,67 @@ def run_with_flags(
         traceback.print_exc()
         status = 1
     sys.exit(finish(status))
+
+
+# `--config.KEY=VALUE` as ml_collections reads it: VALUE is parsed by the field's type.
+_OVERRIDE = re.compile(r"--(\w+)\.([\w.]+)=(.*)", re.DOTALL)
+
+
+def _without_none_overrides(
+    argv: Sequence[str], module: str
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """`argv` without its `--FLAG.KEY=None` arguments for the module's config flags, and
+    those as (FLAG, KEY) where None is the last value given for the field.
+
+    ml_collections parses an override by the field's type, so "None" was an error for an
+    int field and the string "None" for a str field: a field whose default is None could
+    not be given None again once a recipe set it (`_set_none` does, after parsing).
+    """
+    module_flags = flags.FLAGS.get_flags_for_module(module)
+    names = {f.name for f in module_flags if f.flag_type() == "config object"}
+    rest, nones = [], []
+    for arg in argv:
+        found = _OVERRIDE.fullmatch(arg)
+        if found and found[1] in names:
+            nones = [n for n in nones if n != (found[1], found[2])]  # The last value wins.
+            if found[3] == "None":
+                nones.append((found[1], found[2]))
+                continue
+        rest.append(arg)
+    return rest, nones
+
+
+def _set_none(flag: str, key: str, argv: Sequence[str]) -> None:
+    """Sets `--FLAG.KEY=None` on the parsed recipe, for a field whose default in
+    vit_jax/config.py is None; raises UsageError for a field the recipe lacks or one that
+    needs a value."""
+    *parents, leaf = key.split(".")
+    try:
+        holder = flags.FLAGS[flag].value
+        for name in parents:
+            holder = getattr(holder, name)
+        getattr(holder, leaf)
+    except AttributeError as e:
+        raise UsageError(_unknown_field(e, argv)) from None
+    if not _default_is_none(key):
+        raise UsageError(
+            f"--{flag}.{key}=None: {key} needs a value (None is for the fields whose "
+            "default is None in vit_jax/config.py)."
+        )
+    setattr(holder, leaf, None)
+
+
+def _default_is_none(key: str) -> bool:
+    """Whether the field `key` ("model.representation_size") defaults to None in
+    vit_jax/config.py."""
+    from vit_jax.config import base_config  # vit_jax.config imports this module.
+
+    field = base_config()
+    for name in key.split("."):
+        if not isinstance(field, ml_collections.ConfigDict) or name not in field:
+            return False
+        field = field[name]
+    return field is None
 
 
 def _flags_help(module: str) -> str:
@@ -302,7 +366,9 @@ def _flags_help(module: str) -> str:
                 (
                     f"--{flag.name}.KEY=VALUE",
                     "Overrides one field of the recipe, e.g. --config.batch_size=64 "
-                    "(vit_jax/config.py lists every field with its default).",
+                    "(vit_jax/config.py lists every field with its default); None gives "
+                    "a field whose default is None that default again, e.g. "
+                    "--config.model.representation_size=None.",
                 )
             )
     return "\n".join(

@@ -261,9 +261,11 @@ def run_with_flags(
     """Parses absl flags (`--config` recipes included) and exits with `main(rest)`'s status.
 
     `--help` prints `doc` and the flags the calling module defines, with their defaults.
-    Flag errors (unknown flag, bad value, a `--config.KEY` the recipe lacks, a recipe that
-    fails to load) are user errors. `finish(status)` is the exit status, whichever way
-    `main` ended: its status, a user error's, or a bug's (1, after its traceback).
+    `--config.KEY=None` sets a field whose default is None to None (`_set_none`). Flag
+    errors (unknown flag, bad value, a `--config.KEY` the recipe lacks, a recipe that fails
+    to load, None for a field that needs a value) are user errors. `finish(status)` is the
+    exit status, whichever way `main` ended: its status, a user error's, or a bug's (1,
+    after its traceback).
     """
     argv = list(sys.argv if argv is None else argv)
     module = sys._getframe(1).f_globals["__name__"]  # The command's module defines its flags.

@@ -117,6 +117,11 @@ TINY = {
 NO_PROBE = {"fewshot.datasets": {}}
 
 
+def config_flags(fields: dict) -> list[str]:
+    """`--config.KEY=VALUE` arguments of flattened config fields, for a command line."""
+    return [f"--config.{key}={value}" for key, value in fields.items()]
+
+
 def small_local_config(data_root, **changes) -> ml_collections.ConfigDict:
     """The local recipe on `digits` at 8 px, shrunk to seconds, data in `data_root/tfds`."""
     config = load_recipe("local.py", "steps=12,dataset=digits,batch=32")

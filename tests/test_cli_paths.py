@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import NO_PROBE, REPO, TINY, parse_predictions, write_image
+from helpers import NO_PROBE, REPO, TINY, config_flags, parse_predictions, write_image
 
 from vit_jax import cli
 from vit_jax.data.embedded import load_digits_arrays
@@ -30,7 +30,7 @@ def train(cwd) -> subprocess.Popen:
         command(
             "vit-train", "--config", RECIPE, "--workdir", "runs/digits",
             "--config.data_dir=data/tfds",
-            *(f"--config.{key}={value}" for key, value in SETTINGS.items()),
+            *config_flags(SETTINGS),
         ),
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

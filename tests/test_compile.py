@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import BLOCK_TENSORFLOW, REPO
+from helpers import BLOCK_TENSORFLOW, REPO, config_flags
 
 from vit_jax import parallel
 from vit_jax.bench import hlo, sweep
@@ -362,7 +362,7 @@ def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_
     command = [
         sys.executable, "-c", run_cli, "compile", "--target", "h100x8", "--json",
         "--config", f"{REPO}/configs/local.py", "--config.batch_size=8",
-        "--config.eval_batch_size=8", *(f"--config.{k}={v}" for k, v in HUGE.items()),
+        "--config.eval_batch_size=8", *config_flags(HUGE),
         "--config.model.depth=6",  # ~54 GiB of state: beyond JAX's 75% of an H100's 80 GB.
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -19,6 +19,7 @@ from helpers import (
     PAUSED_TRAIN,
     REPO,
     TINY,
+    config_flags,
     load_recipe,
     one_cpu_device_env,
     run_limited,
@@ -66,7 +67,7 @@ def _command(digits, workdir, pause_at: int | None = None) -> list[str]:
     return [
         sys.executable, *main, "--config", f"configs/local.py:{RECIPE_ARG}",
         f"--config.data_dir={digits / 'tfds'}", "--workdir", str(workdir),
-        *(f"--config.{key}={value}" for key, value in (SETTINGS | NO_PROBE).items()),
+        *config_flags(SETTINGS | NO_PROBE),
     ]  # fmt: skip
 
 
@@ -337,7 +338,7 @@ def test_a_run_resumed_on_half_the_devices_ends_where_it_would_have(tmp_path, di
             sys.executable, "-m", "vit_jax.main",
             "--config", "configs/local.py:steps=12,dataset=digits,batch=32",
             f"--config.data_dir={digits / 'tfds'}", "--workdir", str(workdir),
-            *(f"--config.{key}={value}" for key, value in settings.items()),
+            *config_flags(settings),
         ]  # fmt: skip
         env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         result = subprocess.run(

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 from evaluator_support import EVALUATION_RUNNING
-from helpers import REPO, TINY, free_port
+from helpers import REPO, TINY, config_flags, free_port
 
 from vit_jax import metrics
 from vit_jax.preemption import PREEMPTED_EXIT_STATUS
@@ -47,7 +47,7 @@ def _start(data_dir, workdir, evaluators, *flags, before_main="", env=None) -> s
     command = [
         sys.executable, "-c", f"{before_main}\nfrom vit_jax.main import main\nmain()",
         "--config", RECIPE, "--workdir", str(workdir),
-        *(f"--config.{key}={value}" for key, value in settings.items()), *flags,
+        *config_flags(settings), *flags,
     ]  # fmt: skip
     env = dict(env or os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]))
     return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)

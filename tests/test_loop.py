@@ -15,7 +15,15 @@ import evaluator_support
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, TINY, load_recipe, small_local_config, vit_forward_flops
+from helpers import (
+    NO_PROBE,
+    REPO,
+    TINY,
+    config_flags,
+    load_recipe,
+    small_local_config,
+    vit_forward_flops,
+)
 
 from vit_jax import train
 from vit_jax.bench.steps import benchmark_steps
@@ -223,8 +231,7 @@ def test_a_profile_the_file_system_refuses_does_not_end_the_run(data_root):
         [
             os.path.join(os.path.dirname(sys.executable), "vit-train"),
             "--config", f"{REPO}/configs/local.py:steps=6,dataset=digits,batch=32",
-            "--workdir", str(workdir), "--config.fewshot.datasets={}",
-            *(f"--config.{key}={value}" for key, value in fields.items()),
+            "--workdir", str(workdir), *config_flags(NO_PROBE | fields),
         ],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

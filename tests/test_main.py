@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, TINY, load_recipe, make_folder, small_local_config
+from helpers import REPO, TINY, config_flags, load_recipe, make_folder, small_local_config
 
 from vit_jax.checkpoint import load_params
 from vit_jax.config import parse_args
@@ -238,7 +238,7 @@ def test_console_shows_our_lines_only(tmp_path):
             sys.executable, "-m", "vit_jax.main",
             "--config", "configs/local.py:steps=4,dataset=digits,batch=32",
             "--workdir", str(tmp_path / "run"),
-            *(f"--config.{key}={value}" for key, value in settings.items()),
+            *config_flags(settings),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},

@@ -15,6 +15,7 @@ from helpers import (
     PAUSED_TRAIN,
     REPO,
     TINY,
+    config_flags,
     free_port,
     load_recipe,
     make_folder,
@@ -53,7 +54,7 @@ def _launch(
     and their `own_flags`; paused before step `pause_at` + 1 (tests/paused_train.py) until a
     line arrives on their stdin."""
     port = free_port()
-    overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    overrides = config_flags(OVERRIDES)
     xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
     env = dict(os.environ, XLA_FLAGS=xla_flags)
     main = ["-m", "vit_jax.main"] if pause_at is None else [PAUSED_TRAIN, str(pause_at)]

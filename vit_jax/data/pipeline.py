@@ -141,6 +141,17 @@ def host_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _unconverted(fn: Callable) -> Callable:
+    """`fn` traced for `Dataset.map` as written, without AutoGraph's rewrite of its Python.
+
+    The per-example ops branch and loop on tensors through `tf.cond`, `tf.switch_case` and
+    `tf.while_loop` (preprocess.py, randaugment.py); their Python `if`s read config values.
+    AutoGraph has nothing to convert there, and parsing and rewriting their source cost
+    1-2 s of CPU per stream opened (with RandAugment, 2 s of a tiny run's 3 s to its first
+    batch)."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
     options = tf.data.Options()
     options.deterministic = True  # Needed for the bit-exact resume.
@@ -272,7 +283,7 @@ def train_batches(
     first = start_step * local_batch
     ds = tf.data.Dataset.counter(first // size).flat_map(epoch).skip(first % size)
     ds = ds.enumerate(first).map(
-        lambda i, record: example(record, fold_in(example_key, i)),
+        _unconverted(lambda i, record: example(record, fold_in(example_key, i))),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return _as_numpy(ds.batch(local_batch, drop_remainder=True))
@@ -331,6 +342,6 @@ def eval_batches(
         "mask": tf.constant(0.0),
     }
     num_padding = num_batches * local_batch - source.num_examples(split)
-    ds = source.records(split).map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = source.records(split).map(_unconverted(example), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
     return _as_numpy(ds.batch(local_batch))

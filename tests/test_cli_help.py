@@ -296,7 +296,6 @@ NEEDS_JAX = (
     "a process that never connects",
     "predict, missing checkpoint",
     "visualize, not a workdir",
-    "visualize, a file that is no image",
     "bench, a head of classes no one named",
     "train, a model_init on a file system TensorFlow lacks",
     "train, a model_init in a bucket out of reach",

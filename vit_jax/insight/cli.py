@@ -163,9 +163,11 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
 
     def draw() -> int:
         from vit_jax.insight import plots
+
+        # Before JAX and TensorFlow are loaded, and the checkpoint and the data read.
+        plots.check_path(args.out)
         from vit_jax.insight.figures import DRAW
 
-        plots.check_path(args.out)  # Before the checkpoint and the data are read.
         DRAW[args.figure](args)
         print(f"Wrote {args.out}.")
         return 0

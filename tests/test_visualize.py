@@ -2,11 +2,15 @@
 
 import argparse
 import json
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from helpers import BLOCK_TENSORFLOW
+from matplotlib.figure import Figure
 from PIL import Image
 
 from vit_jax import checkpoint
@@ -275,3 +279,22 @@ def test_named_images_that_cannot_be_read_are_named_and_the_rest_drawn(tmp_path,
     args.images = [str(tmp_path / "bad.png")]
     with pytest.raises(ValueError, match="^None of the images named could be read: "):
         _images(args, {"image_size": 8})
+
+
+def test_an_output_name_no_format_matches_is_refused_before_jax_or_tensorflow_loads(tmp_path):
+    """The refusal comes at once: with TensorFlow's import blocked, as the figures would
+    need it, the command still ends in its one line (status 2) and neither library loaded."""
+    loaded = "import sys; print(sorted({'jax', 'tensorflow'} & set(sys.modules)))"
+    code = (
+        f"{BLOCK_TENSORFLOW}\nimport atexit\natexit.register(lambda: exec({loaded!r}))\n"
+        "from vit_jax.insight.cli import visualize_main\nraise SystemExit(visualize_main())"
+    )
+    command = [sys.executable, "-c", code, "curves", "--workdir", ".", "--out", "curves.txt"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        "vit-visualize: --out curves.txt: name an image file, e.g. figure.png; the formats are "
+        + ", ".join(sorted(Figure().canvas.get_supported_filetypes()))
+        + "."
+    )
+    assert result.stdout.strip() == "[]"

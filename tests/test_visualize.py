@@ -284,10 +284,11 @@ def test_named_images_that_cannot_be_read_are_named_and_the_rest_drawn(tmp_path,
 def test_an_output_name_no_format_matches_is_refused_before_jax_or_tensorflow_loads(tmp_path):
     """The refusal comes at once: with TensorFlow's import blocked, as the figures would
     need it, the command still ends in its one line (status 2) and neither library loaded."""
-    loaded = "import sys; print(sorted({'jax', 'tensorflow'} & set(sys.modules)))"
-    code = (
-        f"{BLOCK_TENSORFLOW}\nimport atexit\natexit.register(lambda: exec({loaded!r}))\n"
-        "from vit_jax.insight.cli import visualize_main\nraise SystemExit(visualize_main())"
+    code = BLOCK_TENSORFLOW + (
+        "from vit_jax.insight.cli import visualize_main\n"
+        "status = visualize_main()\n"
+        "print(sorted({'jax', 'tensorflow'} & set(sys.modules)))\n"
+        "raise SystemExit(status)"
     )
     command = [sys.executable, "-c", code, "curves", "--workdir", ".", "--out", "curves.txt"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)

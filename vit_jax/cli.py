@@ -8,9 +8,10 @@
   TensorFlow is imported: commands import those after parsing.
 - On a Linux machine with no accelerator, JAX runs on the CPU without first asking the
   `compile` extra's plugins (libtpu, CUDA) for their devices
-  (`accelerators.skip_absent_accelerators`), TensorFlow loads without Keras
-  (`skip_keras`): vit_jax uses tf.data alone, and Python's garbage collector does not walk
-  the libraries' objects over and over (`spare_the_garbage_collector`).
+  (`accelerators.skip_absent_accelerators`).
+- TensorFlow loads without Keras (`skip_keras`; vit_jax uses tf.data alone), and Python's
+  garbage collector does not walk the libraries' objects over and over
+  (`spare_the_garbage_collector`).
 - A user error (a bad flag value, a config field that does not exist, a missing file, a
   checkpoint of another model, a path its file system refuses) ends the command with one
   line, `PROG: what was wrong and how to fix it`, on stderr and exit status `USAGE_ERROR`

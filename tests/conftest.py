@@ -38,10 +38,6 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # TensorFlow loads without Keras here too, as in the commands (vit_jax.cli.skip_keras): the
 # tests' own processes and helper scripts import it outside a command.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-# Python's garbage collector spares the libraries' objects here too, as in the commands.
-from vit_jax.cli import spare_the_garbage_collector  # noqa: E402
-
-spare_the_garbage_collector()
 
 # The interop extra's torch build brings triton (a GPU kernel compiler), which crashes the
 # process when loaded after TensorFlow; torch on CPU never needs it, so it is kept out.

@@ -52,7 +52,7 @@ import ml_collections
 
 from vit_jax import parallel
 from vit_jax.bench.targets import Target
-from vit_jax.cli import spare_the_garbage_collector
+from vit_jax.cli import skip_garbage_collection_at_exit
 from vit_jax.models import build_model, vit
 
 # Cheapest first: "selective" recomputes only the attention weights, "dots" all but the
@@ -406,7 +406,7 @@ class _Pool:
 
     def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            self._workers, mp_context=self._context, initializer=spare_the_garbage_collector
+            self._workers, mp_context=self._context, initializer=skip_garbage_collection_at_exit
         )
 
     def submit(self, *args: Any) -> concurrent.futures.Future:

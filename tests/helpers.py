@@ -268,6 +268,27 @@ def parse_predictions(stdout: str) -> dict[str, list[tuple[float, str]]]:
     return result
 
 
+# The libraries a command must not import before it needs them (`--help`, user errors).
+HEAVY = ("jax", "tensorflow", "keras", "flax", "orbax")
+
+# Code for `python -c CODE NAME ARGS...`: runs console script NAME's entry point with ARGS in
+# that interpreter; reports its exit status and which HEAVY libraries it imported, as JSON on
+# the last line of stderr.
+COMMAND_PROBE = f"""
+import json, sys
+from importlib.metadata import entry_points
+name, *args = sys.argv[1:]
+sys.argv = [name, *args]
+(entry,) = entry_points(group="console_scripts", name=name)
+try:
+    status = entry.load()()
+except SystemExit as e:
+    status = e.code
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+print(json.dumps(dict(status=status, heavy=heavy)), file=sys.stderr)
+"""
+
+
 # Prepended to a subprocess's code: any import of TensorFlow fails, to show a path needs none.
 BLOCK_TENSORFLOW = """
 import importlib.abc, sys

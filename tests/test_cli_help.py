@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, free_port
+from helpers import COMMAND_PROBE, REPO, free_port
 
 from vit_jax import cli, export
 
@@ -30,23 +30,6 @@ HELP = {
     "vit-bench": [(mode, None) for mode in ("train", "infer", "input", "photos", "compile")]
     + [("--steps", "10"), ("--count", "1000")],
 }
-HEAVY = ("jax", "tensorflow", "keras", "flax", "orbax")
-
-# Runs a console script's entry point in this interpreter; reports its exit status and which
-# heavy libraries it imported, as JSON on the last line of stderr.
-PROBE = f"""
-import json, sys
-from importlib.metadata import entry_points
-name, *args = sys.argv[1:]
-sys.argv = [name, *args]
-(entry,) = entry_points(group="console_scripts", name=name)
-try:
-    status = entry.load()()
-except SystemExit as e:
-    status = e.code
-heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
-print(json.dumps(dict(status=status, heavy=heavy)), file=sys.stderr)
-"""
 
 
 def script(name: str) -> str:
@@ -57,7 +40,7 @@ def script(name: str) -> str:
 def test_help_lists_the_command_s_own_flags_with_defaults_and_imports_nothing_heavy(command):
     name, *subcommand = command.split()
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, name, *subcommand, "--help"],
+        [sys.executable, "-c", COMMAND_PROBE, name, *subcommand, "--help"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     report = json.loads(result.stderr.strip().splitlines()[-1])
@@ -388,7 +371,7 @@ def test_a_command_loads_tensorflow_without_keras(tmp_path):
     # Refused once the data is opened, after TensorFlow loaded.
     command = [*TRAIN, "--config.dataset=no_such_dataset"]
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, *(arg.format(tmp=tmp_path) for arg in command)],
+        [sys.executable, "-c", COMMAND_PROBE, *(arg.format(tmp=tmp_path) for arg in command)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     report = json.loads(result.stderr.strip().splitlines()[-1])
@@ -396,14 +379,14 @@ def test_a_command_loads_tensorflow_without_keras(tmp_path):
     assert "keras" not in report["heavy"], report
 
 
-# The command's process as PROBE runs it, reading how many objects the garbage collector
-# holds frozen once every atexit handler of the command has run. (atexit runs its handlers
+# The command's process as COMMAND_PROBE runs it, reading how many objects the garbage
+# collector holds frozen once every atexit handler of the command has run. (atexit runs its handlers
 # last-registered first: this one, registered before the command starts, runs after the
 # command's.)
 FREEZE_PROBE = f"""
 import atexit, gc, json, sys
 atexit.register(lambda: print(json.dumps(dict(frozen=gc.get_freeze_count())), file=sys.stderr))
-{PROBE}
+{COMMAND_PROBE}
 """
 
 

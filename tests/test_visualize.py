@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from helpers import BLOCK_TENSORFLOW
+from helpers import BLOCK_TENSORFLOW, COMMAND_PROBE
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -284,18 +284,17 @@ def test_named_images_that_cannot_be_read_are_named_and_the_rest_drawn(tmp_path,
 def test_an_output_name_no_format_matches_is_refused_before_jax_or_tensorflow_loads(tmp_path):
     """The refusal comes at once: with TensorFlow's import blocked, as the figures would
     need it, the command still ends in its one line (status 2) and neither library loaded."""
-    code = BLOCK_TENSORFLOW + (
-        "from vit_jax.insight.cli import visualize_main\n"
-        "status = visualize_main()\n"
-        "print(sorted({'jax', 'tensorflow'} & set(sys.modules)))\n"
-        "raise SystemExit(status)"
-    )
-    command = [sys.executable, "-c", code, "curves", "--workdir", ".", "--out", "curves.txt"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip() == (
+    command = ["curves", "--workdir", ".", "--out", "curves.txt"]
+    code = BLOCK_TENSORFLOW + COMMAND_PROBE
+    result = subprocess.run(
+        [sys.executable, "-c", code, "vit-visualize", *command],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]  # The probe got the command's status.
+    *said, report = result.stderr.strip().splitlines()
+    assert json.loads(report) == {"status": 2, "heavy": []}, result.stderr[-3000:]
+    assert said == [
         "vit-visualize: --out curves.txt: name an image file, e.g. figure.png; the formats are "
         + ", ".join(sorted(Figure().canvas.get_supported_filetypes()))
         + "."
-    )
-    assert result.stdout.strip() == "[]"
+    ]

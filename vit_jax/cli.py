@@ -277,7 +277,6 @@ def run_with_flags(
     prog: str,
     doc: str,
     main: Callable[[list[str]], int | None],
-    argv: Sequence[str] | None = None,
     finish: Callable[[int], int] = int,
 ) -> NoReturn:
     """Parses absl flags (`--config` recipes included) and exits with `main(rest)`'s status.
@@ -289,33 +288,43 @@ def run_with_flags(
     exit status, whichever way `main` ended: its status, a user error's, or a bug's (1,
     after its traceback).
     """
-    argv = list(sys.argv if argv is None else argv)
     module = sys._getframe(1).f_globals["__name__"]  # The command's module defines its flags.
-    if any(arg in HELP for arg in argv[1:]):
+    if any(arg in HELP for arg in sys.argv[1:]):
         print(f"{doc.strip()}\n\nflags:\n{_flags_help(module)}")
         sys.exit(0)
 
-    def parse_and_run() -> int | None:
-        parsed, nones = _without_none_overrides(argv, module)
-        try:
-            rest = flags.FLAGS(parsed)
-        except flags.Error as e:
-            raise UsageError(_flag_error(str(e))) from None
-        except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY not in the recipe.
-            raise UsageError(_unknown_field(e, argv)) from None
-        except OSError as e:  # A --config.KEY applied to a recipe that failed to load.
-            raise _recipe_not_loaded("config", e) from None
-        _check_recipes(module)
-        for flag, key in nones:
-            _set_none(flag, key, argv)
-        return main(rest)
-
     try:
-        status = run(prog, parse_and_run)
+        status = run(prog, lambda: main(parse_flags(module)))
     except Exception:  # A bug: its traceback and status, as Python's own exit gives them.
         traceback.print_exc()
         status = 1
     sys.exit(finish(status))
+
+
+def parse_flags(module: str) -> list[str]:
+    """Parses `sys.argv` into absl's flags, those of the command whose flags `module`
+    defines, and returns the arguments that are not flags: what `run_with_flags` does
+    before the command's body runs. (ml_collections finds a recipe's `--config.KEY=VALUE`
+    overrides in `sys.argv` itself.)
+
+    Raises:
+      UsageError: an unknown flag, a bad value, a `--config.KEY` the recipe lacks, a recipe
+        that fails to load, None for a field that needs a value.
+    """
+    argv = list(sys.argv)
+    parsed, nones = _without_none_overrides(argv, module)
+    try:
+        rest = flags.FLAGS(parsed)
+    except flags.Error as e:
+        raise UsageError(_flag_error(str(e))) from None
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY not in the recipe.
+        raise UsageError(_unknown_field(e, argv)) from None
+    except OSError as e:  # A --config.KEY applied to a recipe that failed to load.
+        raise _recipe_not_loaded("config", e) from None
+    _check_recipes(module)
+    for flag, key in nones:
+        _set_none(flag, key, argv)
+    return rest
 
 
 # `--config.KEY=VALUE` as ml_collections reads it: VALUE is parsed by the field's type.

@@ -9,7 +9,8 @@ its arguments, every `--config.KEY=VALUE`), the run's field checks
 `vit-predict`, `vit-export`, `vit-fewshot` and `vit-visualize` line through its argparse
 parser. Lines with placeholders (`...`, `[optional flags]`, `a|b`, `<url>`, an upper-case
 name such as TARGET, DIR or `depth=D`) are templates and are left out. Nothing runs: no JAX
-is loaded, no data or checkpoint read.
+is loaded, no data or checkpoint read. And every config field the pages name in prose, or
+the commands' messages name as a flag, is one of vit_jax/config.py's.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 from vit_jax import cli
+from vit_jax.config import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pages, and the recipes' and modules' docstrings (a command's --help prints its own).
@@ -169,3 +172,32 @@ def test_each_documented_checkpoint_command_parses_as_its_command_parses_it(monk
 
     refused = _refusals(commands, check)
     assert not refused, "\n".join(refused)
+
+
+# A config field as the pages name it (`config.batch_size`, `--config.model.dtype=...`); the
+# recipes and modules are read for `--config.KEY` alone (their code reads `config.KEY` too).
+_FIELD = re.compile(r"(?<![\w./-])(--)?config\.([a-z_][\w.]*\w)")
+
+
+def test_each_config_field_the_pages_and_messages_name_exists():
+    fields = base_config()
+
+    def exists(key: str) -> bool:
+        field = fields
+        for name in key.split("."):
+            if not isinstance(field, ml_collections.ConfigDict) or name not in field:
+                return False
+            field = field[name]
+        return True
+
+    named = [
+        (page, found[2])
+        for page in PAGES
+        for found in _FIELD.finditer(page.read_text())
+        if (found[1] or page.suffix == ".md") and found[2] != "json"  # A hub's config.json.
+    ]
+    assert len(named) > 100, named  # The pages' fields were found.
+    missing = sorted(
+        {f"{page.relative_to(ROOT)}: config.{key}" for page, key in named if not exists(key)}
+    )
+    assert not missing, "\n".join(missing)

@@ -1,4 +1,4 @@
-"""`vit-bench MODE --config RECIPE[:args] [--config.key=value ...] [--json]`.
+"""`vit-bench MODE --config RECIPE[:args] [--config.KEY=VALUE ...] [--json]`.
 
 Modes: train | infer | input | photos | compile (see `vit_jax.bench`). Prints one
 `name value` line per figure, or with --json a single JSON object holding every figure.

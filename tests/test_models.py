@@ -385,17 +385,19 @@ def test_gradients_reach_every_parameter():
 
 @pytest.mark.parametrize("remat_policy", ["none", "selective", "full"])
 def test_ordered_backward_barriers_each_layer_and_gives_the_same_gradients(remat_policy):
-    """Unrolled, each block and, without block remat, its attention and MLP layer hand
-    their input's gradient on through one optimization barrier with their parameters'."""
+    """Unrolled, each block and, without block remat, its attention and MLP layer (the MLP
+    unless `ordered_mlp` is off) hand their input's gradient on through one optimization
+    barrier with their parameters'."""
     variables, images = _init(create_model("Ti/8", num_classes=5, **TINY))
     params = _randomize(variables["params"])
 
-    def gradient(ordered_backward):
+    def gradient(ordered_backward, ordered_mlp=True):
         model = create_model(
             "Ti/8",
             num_classes=5,
             remat_policy=remat_policy,
             ordered_backward=ordered_backward,
+            ordered_mlp=ordered_mlp,
             dropout=0.1,
             attention_dropout=0.1,
             stochastic_depth=0.2,
@@ -414,10 +416,14 @@ def test_ordered_backward_barriers_each_layer_and_gives_the_same_gradients(remat
 
     barriers, expected = gradient(False)
     ordered_barriers, grads = gradient(True)
+    mlp_unordered_barriers, mlp_unordered_grads = gradient(True, ordered_mlp=False)
     per_block = 1 if remat_policy == "full" else 3  # The block; its attention and MLP.
     assert ordered_barriers - barriers == per_block * TINY["depth"]
+    layers = 0 if remat_policy == "full" else 1  # The MLP's barrier, where layers have one.
+    assert ordered_barriers - mlp_unordered_barriers == layers * TINY["depth"]
     close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
     jax.tree.map(close, grads, expected)
+    jax.tree.map(close, mlp_unordered_grads, expected)
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -178,7 +178,9 @@ class Trainer:
         # are materialised (pooled barrier, as for every program on one slice); on one
         # slice the weights are also gathered where they are used, so each gradient is
         # reduced whole over ICI before each chip keeps its shard (across slices that
-        # needed more; the compiler places the collectives there). Every GPU program keeps
+        # needed more; the compiler places the collectives there), and the MLP layers go
+        # unordered (at the edge of HBM their order cost FSDP a fit that data parallelism
+        # had: `ordered_mlp` in models/vit.py). Every GPU program keeps
         # the ordered backward; TPU data parallelism needed more with it, and across slices
         # with the pooled barrier. CPU programs (tests, local runs) go without: there it
         # saved nothing and moved the float32 rounding.
@@ -191,6 +193,7 @@ class Trainer:
         self.gathers_weights = fsdp_on_tpu and one_slice
         self.model = model.clone(
             ordered_backward=fsdp_on_tpu or platform == "gpu",
+            ordered_mlp=not self.gathers_weights,
             pooled_barrier=fsdp_on_tpu or (tpu and one_slice),
         )
         frozen_paths(config, abstract_params)  # Fails early on a pattern matching nothing.

@@ -267,9 +267,10 @@ class Encoder1DBlock(nn.Module):
     attention_impl: str = "xla"
     activation: str = "gelu_tanh"
     recompute_attention: bool = False
-    # The attention and the MLP layer each finish their parameter gradients before the
-    # layers below start their backward pass (`_in_order`).
+    # The attention and (with `ordered_mlp`) the MLP layer each finish their parameter
+    # gradients before the layers below start their backward pass (`_in_order`).
     ordered_backward: bool = False
+    ordered_mlp: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, drop_path: float | jnp.ndarray, train: bool):
@@ -290,7 +291,8 @@ class Encoder1DBlock(nn.Module):
 
         y = _layer_norm("LayerNorm_1", self.dtype)(x)
         mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="MlpBlock_0")
-        y = _maybe_in_order(self.ordered_backward, lambda m, y: m(y, train), mlp, y)
+        ordered = self.ordered_backward and self.ordered_mlp
+        y = _maybe_in_order(ordered, lambda m, y: m(y, train), mlp, y)
         x = x + DropPath()(y, drop_path, train)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         self.sow("intermediates", "out", x)
@@ -351,6 +353,7 @@ class Encoder(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     ordered_backward: bool = True
+    ordered_mlp: bool = True
     activation: str = "gelu_tanh"
     final_norm: bool = True
 
@@ -392,6 +395,7 @@ class Encoder(nn.Module):
             # rematerialised block only the block is ordered: flax's custom_vjp under
             # nn.remat leaks the dropout key's tracer.
             ordered_backward=self.ordered_backward and not self.scan and remat is None,
+            ordered_mlp=self.ordered_mlp,
         )
         # Stochastic depth grows linearly from 0 at the first block to its maximum at the last.
         rates = np.linspace(0.0, self.stochastic_depth, self.depth)
@@ -472,6 +476,13 @@ class VisionTransformer(nn.Module):
     # and, without block remat, their attention and MLP layers too (`_in_order`); on TPUs
     # the Trainer keeps it for FSDP only.
     ordered_backward: bool = True
+    # With `ordered_backward`, the MLP layers too. On one TPU slice, where FSDP's weights
+    # are gathered where used, the MLP's barrier raised the backward pass's peak: one
+    # bfloat16 B/16 block at 2,048 images per v5e chip needed 17.22 GB with it, 15.97
+    # without, against data parallelism's 16.03 (HBM 16.91), so the Trainer turns it off
+    # there. Across slices the layers' order is what brought FSDP below data parallelism
+    # (docs/fsdp-on-tpu.md).
+    ordered_mlp: bool = True
     # Materialises the pooled features ([n, width]) behind an optimisation barrier. Without
     # it the TPU compiler fused the final norm's recomputation of them into the next layer's
     # weight-gradient matmul, which then kept two residual-stream-sized inputs of the norm
@@ -640,6 +651,7 @@ class VisionTransformer(nn.Module):
             scan=self.scan,
             remat_policy=self.remat_policy,
             ordered_backward=self.ordered_backward,
+            ordered_mlp=self.ordered_mlp,
             activation=self.activation,
             final_norm=not self.fc_norm,
             name="Transformer",

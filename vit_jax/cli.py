@@ -378,14 +378,12 @@ def _set_none(flag: str, key: str, argv: Sequence[str]) -> None:
 def _default_is_none(key: str) -> bool:
     """Whether the field `key` ("model.representation_size") defaults to None in
     vit_jax/config.py."""
-    from vit_jax.config import base_config  # vit_jax.config imports this module.
+    from vit_jax.config import field_default  # vit_jax.config imports this module.
 
-    field = base_config()
-    for name in key.split("."):
-        if not isinstance(field, ml_collections.ConfigDict) or name not in field:
-            return False
-        field = field[name]
-    return field is None
+    try:
+        return field_default(key) is None
+    except KeyError:
+        return False
 
 
 def _flags_help(module: str) -> str:

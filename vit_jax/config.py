@@ -141,6 +141,20 @@ TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explici
 TRAIN_CROPS = ("inception", "shift", "resize")
 
 
+def field_default(key: str) -> Any:
+    """The default of the field `key` ("model.representation_size") in `base_config`.
+
+    Raises:
+      KeyError: `key` names no field.
+    """
+    field = base_config()
+    for name in key.split("."):
+        if not isinstance(field, ml_collections.ConfigDict) or name not in field:
+            raise KeyError(f"config.{key} is no field of vit_jax/config.py.")
+        field = field[name]
+    return field
+
+
 def check_run_fields(config: ml_collections.ConfigDict) -> None:
     """Refuses the fields of a run that neither the model, the optimizer nor the `Trainer`
     checks: its step intervals and length, the few-shot subset, the compilation cache, the

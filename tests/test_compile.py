@@ -71,7 +71,6 @@ def tiny(rules="dp", **changes):
 # (pyproject.toml) runs a group in one worker process.
 ONE_SLICE_GROUP = pytest.mark.xdist_group("tiny_one_v5e4")
 TWO_SLICES_GROUP = pytest.mark.xdist_group("tiny_two_v5e4")
-VIT_B_BFLOAT16_GROUP = pytest.mark.xdist_group("vit_b_bfloat16_v5e4")
 
 
 @functools.cache
@@ -196,24 +195,6 @@ def test_fsdps_forward_pass_needs_no_more_memory_than_data_parallels_at_vit_b_wi
     assert step_bytes("fsdp", "eval", 64) <= step_bytes("dp", "eval", 64)
 
 
-# Two bfloat16 ViT-B blocks (64 images per chip below): data parallelism's step is
-# compiled once for the two tests of VIT_B_BFLOAT16_GROUP.
-VIT_B_BFLOAT16 = {"dtype": "bfloat16", "depth": 2}
-
-
-@TPU
-@pytest.mark.slow
-@VIT_B_BFLOAT16_GROUP
-def test_fsdps_train_step_needs_no_more_memory_than_data_parallels_at_vit_b_width():
-    """Left to place FSDP's gathers, gradient reductions and backward order, the TPU
-    compiler's step needed 1.11 GB against data parallelism's 1.05 (one float32 block at
-    128 images per chip: 1.77 against 1.53 GB, copies of the block's inputs kept for its
-    reduce-scatter windowed einsums). Weights gathered where they are used, each gradient
-    reduced whole (parallel.gathered_shardings, Trainer) and the backward ordered: 0.99."""
-    fsdp = step_bytes("fsdp", "train", 64, **VIT_B_BFLOAT16)
-    assert fsdp <= step_bytes("dp", "train", 64, **VIT_B_BFLOAT16)
-
-
 @TPU
 @pytest.mark.slow
 def test_fsdp_fits_where_data_parallelism_fits_at_the_edge_of_hbm():
@@ -221,7 +202,11 @@ def test_fsdp_fits_where_data_parallelism_fits_at_the_edge_of_hbm():
     v5e chip's HBM (16.03 of 16.91 GB) as written. With each MLP layer's backward ordered
     too, FSDP's did not (17.22 GB: one more buffer the size of the layer's activations live
     at the backward pass's peak); with the MLP layers unordered on one slice
-    (`ordered_mlp`, models/vit.py), 15.97."""
+    (`ordered_mlp`, models/vit.py), 15.97. Without the weights gathered where they are used
+    and each gradient reduced whole (parallel.gathered_shardings, Trainer) it did not fit
+    either: left to place FSDP's gathers and gradient reductions, the TPU compiler kept
+    copies of the block's inputs for its reduce-scatter windowed einsums (two blocks at 64
+    images per chip: 1.11 against data parallelism's 1.05 GB; gathered, 0.99)."""
     hbm = parse_target("v5e-4").device.memory_bytes
     dp = step_bytes("dp", "train", 2048, dtype="bfloat16")
     assert 0.9 * hbm < dp <= hbm  # At the edge.
@@ -244,7 +229,6 @@ def test_fsdps_train_step_across_slices_needs_no_more_than_data_parallels_at_vit
 
 @TPU
 @pytest.mark.slow
-@VIT_B_BFLOAT16_GROUP
 def test_selective_remat_leaves_the_attention_weights_out_of_the_compiled_train_step():
     """Two bfloat16 ViT-B blocks at 64 images per chip: the first block's float32 attention
     weights, [64, 12, 197, 197] per chip, are not kept through the second block (1.05 GB
@@ -252,8 +236,9 @@ def test_selective_remat_leaves_the_attention_weights_out_of_the_compiled_train_
     before the recomputation, XLA merged it back into the forward pass: at 256 images per
     chip both then needed 4.45 GB, against 3.82 GB with it."""
     weights = 64 * 12 * 197 * 197 * 4
-    kept = step_bytes("dp", "train", 64, **VIT_B_BFLOAT16)
-    recomputed = step_bytes("dp", "train", 64, remat_policy="selective", **VIT_B_BFLOAT16)
+    two_blocks = {"dtype": "bfloat16", "depth": 2}
+    kept = step_bytes("dp", "train", 64, **two_blocks)
+    recomputed = step_bytes("dp", "train", 64, remat_policy="selective", **two_blocks)
     assert kept - recomputed >= weights // 2, (kept, recomputed, weights)
 
 
@@ -472,12 +457,15 @@ def test_the_ranking_marks_a_fit_that_needs_the_compilers_recomputation(capsys):
 @pytest.mark.slow
 @GPU
 def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
-    """The ranked table and the flags of the best, which reproduce its figures.
+    """A field given on the command line keeps its value, and the flags of the best
+    reproduce its figures.
 
     No JAX_PLATFORMS set, as users run it: the sweep's worker processes must still keep off
     the local backends, or the CUDA plugin refuses a machine without a GPU. A persistent
     cache in the environment gets none of the compile-only programs (they cannot be loaded
-    back: JAX warns on reading them)."""
+    back: JAX warns on reading them). (The table the sweep prints without --json:
+    test_a_sweep_records_a_compile_that_fails_or_whose_worker_dies_and_goes_on; its search
+    of scanned, then unrolled blocks: test_a_mesh_search_compiles_every_policy_from_...)"""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "cache")
     command = [
@@ -488,43 +476,32 @@ def test_vit_bench_compile_sweeps_from_a_plain_shell(tmp_path):
     run = functools.partial(
         subprocess.run, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
     )
-    result = run([*command, "--sweep"])
+    result = run([*command, "--config.model.scan=true", "--sweep", "--json"])
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    header = lines.index(next(line for line in lines if line.startswith("rules")))
-    best = lines.index(next(line for line in lines if line.startswith("best: vit-train ... ")))
-    rows = [line.split() for line in lines[header + 1 : best]]
-    # rules fsdp tp blocks remat accum GiB/dev fits img/s MFU bound: one GPU's one mesh
-    # (which meshes a node gets: test_sweep_candidates_...) compiled scanned at every
-    # policy (all fit), then unrolled without remat on a GPU target, and no more
-    # accumulation than fitting needs there, though the step is bound by HBM traffic.
-    settings = sorted(tuple(row[:6]) for row in rows)
-    scanned = [("dp", "1", "1", "scanned", p, "1") for p in REMAT_POLICIES]
-    assert settings == sorted([*scanned, ("dp", "1", "1", "unrolled", "none", "1")])
-    assert all(row[7] == "true" for row in rows) and rows[0][10] == "memory", rows
-    # What it searches came first, then each candidate's outcome as it was compiled.
-    assert result.stderr.count("sweep: 1 mesh(es) (dp), scanned, then unrolled blocks,") == 1
-    progress = [line for line in result.stderr.splitlines() if line.startswith("compiled ")]
-    assert len(progress) == len(rows) and all(": fits: " in line for line in progress), progress
-    speeds = [float(row[8]) for row in rows]
-    assert speeds == sorted(speeds, reverse=True)
-    flags = lines[best].removeprefix("best: vit-train ... ").split()
-    assert f"--config.sharding_rules={rows[0][0]}" in flags, flags
-    again = run([*command, *flags, "--json"])
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout)["estimate_img_per_s"] == pytest.approx(speeds[0], abs=0.5)
-    # A field given on the command line keeps its value: scanned blocks only, no unrolled
-    # ones after the fits. Their eval step, the same program for every policy, is compiled
-    # for the first and its figures serve the others.
-    kept = run([*command, "--config.model.scan=true", "--sweep", "--json"])
-    assert kept.returncode == 0, kept.stderr[-3000:]
-    assert "sweep keeps --config.model.scan=true: 1 mesh(es) (dp), scanned blocks," in kept.stderr
-    ranked = json.loads(kept.stdout)
+    # What it searches came first, then each candidate's outcome as it was compiled: one
+    # GPU's one mesh (which meshes a node gets: test_sweep_candidates_...), scanned blocks
+    # only, at every policy (all fit), and no more accumulation than fitting needs there,
+    # though the step is bound by HBM traffic.
+    keeps = "sweep keeps --config.model.scan=true: 1 mesh(es) (dp), scanned blocks,"
+    assert result.stderr.count(keeps) == 1, result.stderr[-3000:]
+    ranked = json.loads(result.stdout)
     settings = sorted((f["remat_policy"], f["scan"], f["accum_steps"]) for f in ranked)
     assert settings == sorted((p, True, 1) for p in REMAT_POLICIES), settings
+    assert all(f["fits"] for f in ranked) and ranked[0]["estimate_bound"] == "memory", ranked
+    progress = [line for line in result.stderr.splitlines() if line.startswith("compiled ")]
+    assert len(progress) == len(ranked) and all(": fits: " in line for line in progress)
+    speeds = [f["estimate_img_per_s"] for f in ranked]
+    assert speeds == sorted(speeds, reverse=True)
+    # Their eval step, the same program for every policy, is compiled for the first and
+    # its figures serve the others.
     assert len({f["eval_program"] for f in ranked}) == 1
     assert sum(f["eval_compile_s"] is not None for f in ranked) == 1, ranked
     assert len({f["eval_total_bytes"] for f in ranked}) == 1
+    flags = ranked[0]["flags"].split()
+    assert {"--config.sharding_rules=dp", "--config.model.scan=true"} <= set(flags), flags
+    again = run([*command, *flags, "--json"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["estimate_img_per_s"] == pytest.approx(speeds[0], abs=0.5)
     cached = list((tmp_path / "cache").glob("*step*")) if (tmp_path / "cache").exists() else []
     assert not cached and "persistent compilation cache" not in result.stderr, cached
 
@@ -1249,6 +1226,10 @@ def test_a_sweep_records_a_compile_that_fails_or_whose_worker_dies_and_goes_on(m
     assert by_policy["none"]["fits"] and by_policy["full"]["fits"]  # "full" compiled again.
     assert not by_policy["selective"]["fits"] and not by_policy["dots"]["fits"]
     assert by_policy["selective"]["failed"] == sweep.DIED
+    # The eval step, one program for every policy, compiled once: the others take its figures.
+    fitting = [f for f in ranked if f["fits"]]
+    assert sum(f["eval_compile_s"] is not None for f in fitting) == 1, fitting
+    assert fitting[0]["eval_total_bytes"] == fitting[1]["eval_total_bytes"] > 0
     refusal = "JaxRuntimeError: INVALID_ARGUMENT: No such compile option: 'xla_no_such_option'"
     assert by_policy["dots"]["failed"] == refusal
     said = {line.split("remat_policy=")[1].split()[0]: line for line in err.splitlines()

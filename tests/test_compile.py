@@ -72,6 +72,7 @@ def tiny(rules="dp", **changes):
 # (pyproject.toml) runs a group in one worker process.
 ONE_SLICE_GROUP = pytest.mark.xdist_group("tiny_one_v5e4")
 TWO_SLICES_GROUP = pytest.mark.xdist_group("tiny_two_v5e4")
+GPU_NODE_GROUP = pytest.mark.xdist_group("tiny_h100x8")
 
 
 @functools.cache
@@ -98,7 +99,7 @@ def hand_count_forward(batch: int, width: int) -> int:
     "target, slices",
     [pytest.param("v5e-4", 1, marks=[TPU, ONE_SLICE_GROUP]),
      pytest.param("v5e-4", 2, marks=[TPU, TWO_SLICES_GROUP]),
-     pytest.param("h100x8", 1, marks=GPU)],
+     pytest.param("h100x8", 1, marks=[GPU, GPU_NODE_GROUP])],
 )  # fmt: skip
 def test_fsdp_splits_the_train_state_and_never_needs_more_than_data_parallel(target, slices):
     dp, fsdp = figures(target, slices, "dp"), figures(target, slices, "fsdp")
@@ -120,17 +121,17 @@ def test_fsdp_splits_the_train_state_and_never_needs_more_than_data_parallel(tar
 
 
 @pytest.mark.slow
-@TPU
-@ONE_SLICE_GROUP
+@GPU
+@GPU_NODE_GROUP
 def test_candidates_that_share_an_eval_step_take_its_figures_from_one_compile():
     """Remat and accumulation change only the train step: compiled with them, the eval step
     is the program compiled before (the same digest of its lowered text), and its figures
     are that compile's. Scanned blocks are another program, compiled anew."""
-    first = figures("v5e-4", 1, "dp")
+    first = figures("h100x8", 1, "dp")
     known = {first["eval_program"]: {"eval_total_bytes": first["eval_total_bytes"]}}
     wide = {"model.width": STATE_WIDTH, "model.mlp_dim": 4 * STATE_WIDTH}
     config = tiny("dp", **wide, **{"model.remat_policy": "full", "accum_steps": 2})
-    target = parse_target("v5e-4")
+    target = parse_target("h100x8")
     served = compile_recipe(config, target, eval_programs=known)
     assert served["eval_program"] == first["eval_program"] and served["eval_compile_s"] is None
     assert served["eval_total_bytes"] == first["eval_total_bytes"] > 0

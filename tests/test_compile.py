@@ -68,7 +68,7 @@ def tiny(rules="dp", **changes):
     return c
 
 
-# Tests that share a cached compile (`figures`, `step_bytes`): `--dist loadgroup`
+# Tests that share a cached compile (`figures`): `--dist loadgroup`
 # (pyproject.toml) runs a group in one worker process.
 ONE_SLICE_GROUP = pytest.mark.xdist_group("tiny_one_v5e4")
 TWO_SLICES_GROUP = pytest.mark.xdist_group("tiny_two_v5e4")
@@ -166,7 +166,6 @@ def test_across_slices_only_the_gradient_reduction_travels(target, slices):
     assert f["param_bytes"] <= cross <= 8 * f["param_bytes"]
 
 
-@functools.cache
 def step_bytes(
     rules: str,
     step: str,

@@ -18,11 +18,11 @@ from helpers import BLOCK_TENSORFLOW, REPO, config_flags
 from vit_jax import parallel
 from vit_jax.bench import hlo, sweep
 from vit_jax.bench.compile import (
-    GPU_COMPILER_OPTIONS,
     REMAT_TARGET_FLAG,
     abstract_batch,
     compile_recipe,
     summarize,
+    target_compiler_options,
     topology_devices,
 )
 from vit_jax.bench.sweep import (
@@ -182,13 +182,13 @@ def step_bytes(
     config.model.update(model)
     if rules == "fsdp":
         config.mesh.update(data=1, fsdp=-1)
-    target = parse_target(target, slices)
-    devices = topology_devices(target)
+    slices_of_target = parse_target(target, slices)
+    devices = topology_devices(slices_of_target)
     mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, devices)
     trainer = Trainer(config, mesh, num_classes=num_classes, total_steps=100)
     batch = abstract_batch(config, trainer, len(devices) * per_chip, eval_mask=step == "eval")
     state = trainer.abstract_state()
-    options = GPU_COMPILER_OPTIONS if target.platform == "cuda" else None
+    options = target_compiler_options(slices_of_target)
     if step == "eval":
         compiled = trainer.compile_eval_step(state.params, batch, options)
     else:

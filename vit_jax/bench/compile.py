@@ -44,9 +44,14 @@ AS_WRITTEN = {REMAT_TARGET_FLAG: 1000}
 # A step that needs more than this share of HBM as written is compiled again with the
 # compiler's defaults, which may recompute to fit it.
 AS_WRITTEN_SHARE = 0.9
-# Without a device XLA cannot autotune Triton's GEMM tiling, and a bf16 ViT step fails
-# there ("Couldn't find output tile sizes"); cuBLAS GEMMs compile for any target.
-GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def target_compiler_options(target: Target) -> dict[str, Any] | None:
+    """The options a compile for `target`'s compile-only devices needs beyond the
+    `Trainer`'s own: on a GPU target Triton's GEMMs off. Without a device XLA cannot
+    autotune their tiling, and a bf16 ViT step failed there ("Couldn't find output tile
+    sizes"); cuBLAS GEMMs compile for any target."""
+    return {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else None
 
 
 def abstract_batch(config, trainer: Trainer, size: int, eval_mask: bool) -> dict:
@@ -178,7 +183,7 @@ def compile_recipe(
     n = len(devices)
 
     hardware = trainer.train_step_flops(state, train_batch)
-    options = GPU_COMPILER_OPTIONS if target.platform == "cuda" else None
+    options = target_compiler_options(target)
     device = target.device
     param_bytes = _bytes_per_device(state.params)
     optimizer_bytes = _bytes_per_device(state.opt_state)

@@ -25,6 +25,7 @@ from vit_jax.bench.compile import (
     target_compiler_options,
     topology_devices,
 )
+from vit_jax.bench.steps import num_classes_of
 from vit_jax.bench.sweep import (
     REMAT_POLICIES,
     Setting,
@@ -166,6 +167,31 @@ def test_across_slices_only_the_gradient_reduction_travels(target, slices):
     assert f["param_bytes"] <= cross <= 8 * f["param_bytes"]
 
 
+def step_memory(
+    config,
+    target: str,
+    per_device: int,
+    slices: int = 1,
+    step: str = "train",
+    num_classes: int | None = None,
+) -> dict[str, int]:
+    """`compiled_memory` of `config`'s train or eval step alone (none of `compile_recipe`'s
+    other figures) at `per_device` images per device on `slices` of `target`."""
+    slices_of_target = parse_target(target, slices)
+    devices = topology_devices(slices_of_target)
+    mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, devices)
+    trainer = Trainer(config, mesh, num_classes_of(config, num_classes), total_steps=100)
+    size = len(devices) * per_device
+    batch = abstract_batch(config, trainer, size, eval_mask=step == "eval")
+    state = trainer.abstract_state()
+    options = target_compiler_options(slices_of_target)
+    if step == "eval":
+        compiled = trainer.compile_eval_step(state.params, batch, options)
+    else:
+        compiled = trainer.compile_train_step(state, batch, options)
+    return compiled_memory(compiled)
+
+
 def step_bytes(
     rules: str,
     step: str,
@@ -182,18 +208,7 @@ def step_bytes(
     config.model.update(model)
     if rules == "fsdp":
         config.mesh.update(data=1, fsdp=-1)
-    slices_of_target = parse_target(target, slices)
-    devices = topology_devices(slices_of_target)
-    mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, devices)
-    trainer = Trainer(config, mesh, num_classes=num_classes, total_steps=100)
-    batch = abstract_batch(config, trainer, len(devices) * per_chip, eval_mask=step == "eval")
-    state = trainer.abstract_state()
-    options = target_compiler_options(slices_of_target)
-    if step == "eval":
-        compiled = trainer.compile_eval_step(state.params, batch, options)
-    else:
-        compiled = trainer.compile_train_step(state, batch, options)
-    return compiled_memory(compiled)["total_bytes"]
+    return step_memory(config, target, per_chip, slices, step, num_classes)["total_bytes"]
 
 
 @TPU
@@ -257,11 +272,10 @@ def test_unrolled_blocks_with_remat_need_no_more_than_scanned_ones_on_a_gpu_node
     finishes each block's parameter gradients first (models/vit.py) the unrolled step
     kept every block's recomputed activations and needed 1.55x the scanned step's
     temporaries (77 against 50 MB); with it, 47 MB."""
-    sizes = {"model.depth": 4, "model.width": 256, "model.mlp_dim": 1024, "batch_size": 512}
+    sizes = {"model.depth": 4, "model.width": 256, "model.mlp_dim": 1024}
     temp_bytes = {
-        scan: compile_recipe(
-            tiny(**sizes, **{"model.scan": scan, "model.remat_policy": "full"}),
-            parse_target("h100x8"),
+        scan: step_memory(
+            tiny(**sizes, **{"model.scan": scan, "model.remat_policy": "full"}), "h100x8", 64
         )["temp_bytes"]
         for scan in (False, True)
     }

@@ -23,9 +23,9 @@ from vit_jax.bench.compile import (
     compile_recipe,
     summarize,
     target_compiler_options,
+    target_trainer,
     topology_devices,
 )
-from vit_jax.bench.steps import num_classes_of
 from vit_jax.bench.sweep import (
     REMAT_POLICIES,
     Setting,
@@ -43,7 +43,7 @@ from vit_jax.bench.targets import (
 )
 from vit_jax.config import base_config
 from vit_jax.train import out_of_device_memory
-from vit_jax.trainer import Trainer, compiled_memory, device_memory_refusal
+from vit_jax.trainer import compiled_memory, device_memory_refusal
 
 TPU = pytest.mark.compile
 GPU = pytest.mark.compile("jax_plugins.xla_cuda12")
@@ -178,10 +178,8 @@ def step_memory(
     """`compiled_memory` of `config`'s train or eval step alone (none of `compile_recipe`'s
     other figures) at `per_device` images per device on `slices` of `target`."""
     slices_of_target = parse_target(target, slices)
-    devices = topology_devices(slices_of_target)
-    mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, devices)
-    trainer = Trainer(config, mesh, num_classes_of(config, num_classes), total_steps=100)
-    size = len(devices) * per_device
+    trainer = target_trainer(config, slices_of_target, num_classes)
+    size = trainer.mesh.devices.size * per_device
     batch = abstract_batch(config, trainer, size, eval_mask=step == "eval")
     state = trainer.abstract_state()
     options = target_compiler_options(slices_of_target)
@@ -311,8 +309,7 @@ def test_vit_train_says_what_to_change_when_the_tpu_compiler_runs_out_of_hbm():
     """The error vit-train's first step meets on a TPU slice the step does not fit: the TPU
     compiler's own, as `Trainer.compile_train_step` raises it there."""
     config = tiny(batch_size=8, eval_batch_size=8, **HUGE)
-    devices = topology_devices(parse_target("v5e-4"))
-    trainer = Trainer(config, parallel.make_mesh(config.mesh, config.dcn_mesh, devices), 10, 100)
+    trainer = target_trainer(config, parse_target("v5e-4"))
     batch = abstract_batch(config, trainer, 8, eval_mask=False)
     with pytest.raises(jax.errors.JaxRuntimeError) as refusal:
         trainer.compile_train_step(trainer.abstract_state(), batch)

@@ -54,6 +54,21 @@ def target_compiler_options(target: Target) -> dict[str, Any] | None:
     return {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else None
 
 
+def target_trainer(
+    config: ml_collections.ConfigDict, target: Target, num_classes: int | None = None
+) -> Trainer:
+    """The `Trainer` of `config` on `target`'s compile-only devices (its mesh from
+    `config.mesh` and `config.dcn_mesh`), as `vit-train` would build it there.
+
+    Raises:
+      ValueError: a mesh the target cannot hold, or no known class count (`num_classes_of`).
+      RuntimeError: the target's compiler is not installed.
+    """
+    mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, topology_devices(target))
+    total_steps = config.get("total_steps") or config.optim.warmup_steps + 1000
+    return Trainer(config, mesh, num_classes_of(config, num_classes), total_steps)
+
+
 def abstract_batch(config, trainer: Trainer, size: int, eval_mask: bool) -> dict:
     """A batch of `size` as sharded `ShapeDtypeStruct`s: uint8 images, int32 labels and, for
     evaluation, the float32 mask."""
@@ -173,14 +188,12 @@ def compile_recipe(
       ValueError: a config that cannot run on the target (mesh, batch sizes, ...).
       RuntimeError: the target's compiler is not installed.
     """
-    devices = topology_devices(target)
-    mesh = parallel.make_mesh(config.mesh, config.dcn_mesh, devices)
-    total_steps = config.get("total_steps") or config.optim.warmup_steps + 1000
-    trainer = Trainer(config, mesh, num_classes_of(config, num_classes), total_steps)
+    trainer = target_trainer(config, target, num_classes)
+    mesh = trainer.mesh
     state = trainer.abstract_state()
     train_batch = abstract_batch(config, trainer, config.batch_size, eval_mask=False)
     eval_batch = abstract_batch(config, trainer, config.eval_batch_size, eval_mask=True)
-    n = len(devices)
+    n = mesh.devices.size
 
     hardware = trainer.train_step_flops(state, train_batch)
     options = target_compiler_options(target)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -65,26 +66,30 @@ def require_extra(name: str, modules: tuple[str, ...], install: str) -> None:
 PAUSED_TRAIN = os.path.join(REPO, "tests", "paused_train.py")
 
 
-def one_cpu_device_env() -> dict[str, str]:
-    """This process's environment without the simulated devices: a run under a memory limit
-    gets one CPU device, since of several sharing the limit, those whose allocations
-    succeeded would wait in the step's collectives for the one whose allocation failed."""
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def simulated_devices_env(count: int) -> dict[str, str]:
+    """This process's environment with `count` simulated CPU devices instead of
+    tests/conftest.py's 8, its other XLA flags kept."""
+    flag = "--xla_force_host_platform_device_count="
+    xla_flags = re.sub(re.escape(flag) + r"\d+", f"{flag}{count}", os.environ["XLA_FLAGS"])
+    return os.environ | {"XLA_FLAGS": xla_flags}
 
 
 def run_limited(
-    limit: int, resource_name: str, command: list[str], env: dict | None = None
+    limit: int, resource_name: str, command: list[str], devices: int = 8
 ) -> subprocess.CompletedProcess:
     """`command` (its first item the interpreter) run from the repository under the rlimit
     `resource.<resource_name>` = `limit`, set by a process of its own that then becomes the
-    command (no preexec_fn: a fork of the multithreaded test process must exec at once)."""
+    command (no preexec_fn: a fork of the multithreaded test process must exec at once),
+    on `devices` simulated CPU devices. Under a memory limit give it one: of several
+    sharing the limit, those whose allocations succeeded would wait in the step's
+    collectives for the one whose allocation failed."""
     set_limit = (
         f"import os, resource, sys; resource.setrlimit(resource.{resource_name}, "
         "(int(sys.argv[1]),) * 2); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
     )
     return subprocess.run(
         [sys.executable, "-c", set_limit, str(limit), *command[1:]],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=simulated_devices_env(devices),
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import BLOCK_TENSORFLOW, REPO, one_cpu_device_env, run_limited, vit_forward_flops
+from helpers import BLOCK_TENSORFLOW, REPO, run_limited, vit_forward_flops
 from PIL import Image
 
 from vit_jax.bench.photos import make_photo_folder
@@ -27,9 +27,8 @@ def bench(*args: str, prelude: str = "") -> dict:
         "import sys\nfrom vit_jax.bench.cli import main\n"
         f"sys.argv = ['vit-bench', *{list(args)!r}, '--json']\nmain()\n"
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -165,7 +164,7 @@ def test_a_step_that_does_not_fit_ends_with_status_3_saying_what_to_change():
         sys.executable, "-m", "vit_jax.bench.cli", "train",
         "--config", f"{REPO}/configs/local.py:batch=32768", "--steps", "2",
     ]  # fmt: skip
-    result = run_limited(12 * 2**30, "RLIMIT_AS", command, one_cpu_device_env())
+    result = run_limited(12 * 2**30, "RLIMIT_AS", command, devices=1)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stdout == ""

@@ -10,7 +10,6 @@ import ml_collections
 import numpy as np
 import pytest
 from helpers import (
-    one_cpu_device_env,
     parse_predictions,
     random_params,
     run_limited,
@@ -156,7 +155,7 @@ def test_a_forward_pass_the_device_memory_cannot_hold_ends_in_one_line_naming_th
         sys.executable, "-c", f"import sys, {module} as m; sys.exit(m.{function}())",
         *[arg.format(**where) for arg in args], "--checkpoint", workdir,
     ]  # fmt: skip
-    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, one_cpu_device_env())
+    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, devices=1)
     assert limited.returncode == 1, limited.stderr[-3000:]
     assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
     (line,) = [x for x in limited.stderr.splitlines() if "does not fit" in x]

@@ -21,8 +21,8 @@ from helpers import (
     TINY,
     config_flags,
     load_recipe,
-    one_cpu_device_env,
     run_limited,
+    simulated_devices_env,
     small_local_config,
     wait_until_paused,
 )
@@ -270,7 +270,7 @@ def test_a_step_the_device_memory_cannot_hold_ends_the_run_saying_what_to_change
     ]  # fmt: skip
     # The step needs about 17 GiB of temporaries: beyond 12 GiB of address space, which
     # holds the rest of the run (Python, TensorFlow, JAX and the input pipeline).
-    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, one_cpu_device_env())
+    limited = run_limited(12 * 2**30, "RLIMIT_AS", command, devices=1)
     assert limited.returncode == 1, limited.stderr[-3000:]
     assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
     (line,) = [x for x in limited.stderr.splitlines() if x.startswith("vit-train: ")]
@@ -340,10 +340,10 @@ def test_a_run_resumed_on_half_the_devices_ends_where_it_would_have(tmp_path, di
             f"--config.data_dir={digits / 'tfds'}", "--workdir", str(workdir),
             *config_flags(settings),
         ]  # fmt: skip
-        env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         result = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env
-        )
+            command, cwd=REPO, capture_output=True, text=True, timeout=300,
+            env=simulated_devices_env(devices),
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 from evaluator_support import EVALUATION_RUNNING
-from helpers import REPO, TINY, config_flags, free_port
+from helpers import REPO, TINY, config_flags, free_port, simulated_devices_env
 
 from vit_jax import metrics
 from vit_jax.preemption import PREEMPTED_EXIT_STATUS
@@ -165,7 +165,6 @@ def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir):
     """
     workdir = tmp_path / "run"
     port = free_port()
-    xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
     runs = [
         _start(
             tmp_path / f"tfds{i}",  # Each process prepares its own copy.
@@ -175,7 +174,7 @@ def test_two_processes_abandon_the_evaluation_together(tmp_path, data_dir):
             "--num_processes=2",
             f"--process_id={i}",
             before_main=BLOCK_TRAIN_STREAM_TEARDOWN,
-            env=dict(os.environ, XLA_FLAGS=xla_flags),
+            env=simulated_devices_env(4),
         )  # fmt: skip
         for i in range(2)
     ]

@@ -20,6 +20,7 @@ from helpers import (
     load_recipe,
     make_folder,
     random_params,
+    simulated_devices_env,
     wait_until_paused,
 )
 
@@ -55,8 +56,7 @@ def _launch(
     line arrives on their stdin."""
     port = free_port()
     overrides = config_flags(OVERRIDES)
-    xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
-    env = dict(os.environ, XLA_FLAGS=xla_flags)
+    env = simulated_devices_env(4)
     main = ["-m", "vit_jax.main"] if pause_at is None else [PAUSED_TRAIN, str(pause_at)]
     procs = []
     for i in range(2):

@@ -75,21 +75,22 @@ def simulated_devices_env(count: int) -> dict[str, str]:
 
 
 def run_limited(
-    limit: int, resource_name: str, command: list[str], devices: int = 8
+    limit: int, resource_name: str, command: list[str], devices: int | None = None
 ) -> subprocess.CompletedProcess:
     """`command` (its first item the interpreter) run from the repository under the rlimit
     `resource.<resource_name>` = `limit`, set by a process of its own that then becomes the
     command (no preexec_fn: a fork of the multithreaded test process must exec at once),
-    on `devices` simulated CPU devices. Under a memory limit give it one: of several
-    sharing the limit, those whose allocations succeeded would wait in the step's
-    collectives for the one whose allocation failed."""
+    on `devices` simulated CPU devices (None: as many as this process). Under a memory
+    limit give it one: of several sharing the limit, those whose allocations succeeded
+    would wait in the step's collectives for the one whose allocation failed."""
     set_limit = (
         f"import os, resource, sys; resource.setrlimit(resource.{resource_name}, "
         "(int(sys.argv[1]),) * 2); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
     )
     return subprocess.run(
         [sys.executable, "-c", set_limit, str(limit), *command[1:]],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=simulated_devices_env(devices),
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=None if devices is None else simulated_devices_env(devices),
     )  # fmt: skip
 
 

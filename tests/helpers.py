@@ -34,6 +34,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(script: str, *args: str) -> list[subprocess.CompletedProcess]:
+    """`python -c script coordinator index *args` as processes 0 and 1 of one
+    jax.distributed run, from the repository, both at once; each one's exit status and
+    output once both have ended."""
+    coordinator = f"localhost:{free_port()}"
+    command = [sys.executable, "-c", script, coordinator]
+    procs = [
+        subprocess.Popen(
+            [*command, str(i), *args],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        for p, (out, err) in zip(procs, outputs, strict=True)
+    ]
+
+
 # The optional dependencies some tests need, by the marker those tests carry, with the
 # command that installs them. Without them such a test is skipped, or fails under CI.
 EXTRAS = {

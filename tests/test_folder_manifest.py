@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, free_port, small_local_config, write_image
+from helpers import REPO, run_two_processes, small_local_config, write_image
 
 from vit_jax.data import folder_manifest
 from vit_jax.data.folder import FolderSource
@@ -329,21 +329,10 @@ print(json.dumps({
 def test_two_processes_share_one_check_and_see_the_same_splits(tmp_path):
     make_photos(tmp_path, per_class=3)
     cut_in_half(tmp_path / "test" / "b" / "02.jpg")
-    coordinator = f"localhost:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", OPEN_FOLDER, coordinator, str(i), str(tmp_path)],
-            cwd=REPO,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
-    first, second = (json.loads(out.splitlines()[-1]) for out, _ in outputs)
+    runs = run_two_processes(OPEN_FOLDER, str(tmp_path))
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-3000:] for r in runs]
+    first, second = (json.loads(r.stdout.splitlines()[-1]) for r in runs)
     assert first["decoded"] == 12 and second["decoded"] == 0  # Process 0 checked for both.
     assert first["sizes"] == second["sizes"] == {"train": 6, "test": 5}
     assert first["test"] == second["test"] and f"{tmp_path}/test/b/02.jpg" not in first["test"]
-    assert "Skipping 1 file(s)" in outputs[1][1]  # Every process names the file.
+    assert "Skipping 1 file(s)" in runs[1].stderr  # Every process names the file.

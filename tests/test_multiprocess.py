@@ -20,6 +20,7 @@ from helpers import (
     load_recipe,
     make_folder,
     random_params,
+    run_two_processes,
     simulated_devices_env,
     wait_until_paused,
 )
@@ -194,6 +195,43 @@ def test_a_workdir_on_each_hosts_own_disk_is_refused_before_anything_is_written(
             "process(es) 1 of 2 do not see the lock file process 0 wrote there"
         ), refusal
     assert [sorted(p.name for p in host.rglob("*")) for host in hosts] == [["run"], []]
+
+
+# One process of two making one start-up exchange. Process 1 arrives once process 0 has
+# waited past its first look and fails right after the exchange; process 0 looks for
+# failures only once that failure is announced: the moment a loaded machine once chose.
+EXCHANGE_THEN_FAIL = """
+import sys, time
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jax._src import distributed
+from vit_jax import processes
+client = distributed.global_state.client
+if jax.process_index() == 0:
+    look = processes._another_failed
+    def late_look(client):
+        client.blocking_key_value_get(processes._FAILED + "/1", 60_000)
+        return look(client)
+    processes._another_failed = late_look
+    print(processes.allgather_text("zero"))
+else:
+    client.blocking_key_value_get(processes._EXCHANGES + "/0/text/0", 60_000)
+    time.sleep(3 * processes._WAIT_MS / 1000)
+    with processes.failures_told():
+        processes.allgather_text("one")
+        raise RuntimeError("a refusal of its own after the exchange")
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_fails_right_after_an_exchange_leaves_the_others_their_own_verdict():
+    """The workdir refusal once ended process 0 with "process 1 failed" (status 1) instead
+    of its own refusal (status 2): process 1 completed the exchange of what each saw and
+    raised before process 0 noticed the exchange was complete."""
+    first, second = run_two_processes(EXCHANGE_THEN_FAIL)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.strip() == "['zero', 'one']"
+    assert "a refusal of its own after the exchange" in second.stderr
 
 
 @pytest.mark.slow

@@ -171,8 +171,12 @@ def allgather_text(text: str) -> list[str]:
     client.key_value_set(f"{exchange}/text/{jax.process_index()}", text)
     if client.key_value_increment(f"{exchange}/arrived", 1) == jax.process_count():
         client.key_value_set(f"{exchange}/done", "")
-    while not _set_within(client, f"{exchange}/done", _WAIT_MS):  # Not everyone yet.
-        if message := _another_failed(client):
+    done = f"{exchange}/done"
+    while not _set_within(client, done, _WAIT_MS):  # Not everyone yet.
+        # A process may complete the exchange and fail right after, between the wait and
+        # the look: the exchange is done then, and this process goes on to its own verdict
+        # (often the same refusal).
+        if (message := _another_failed(client)) and not _is_set(client, done):
             raise AnotherProcessFailedError(message)
     texts = dict(client.key_value_dir_get(f"{exchange}/text/"))
     return [texts[f"{exchange}/text/{i}"] for i in range(jax.process_count())]
@@ -199,6 +203,21 @@ def _set_within(client: Any, key: str, timeout_ms: int) -> bool:
         return True
     except jax.errors.JaxRuntimeError as e:
         if "DEADLINE_EXCEEDED" not in str(e):
+            raise
+        return False
+
+
+def _is_set(client: Any, key: str) -> bool:
+    """Whether `key` is set in the coordination service now.
+
+    Raises:
+      jax.errors.JaxRuntimeError: the service cannot answer (it is gone).
+    """
+    try:
+        client.key_value_try_get(key)
+        return True
+    except jax.errors.JaxRuntimeError as e:
+        if "NOT_FOUND" not in str(e):
             raise
         return False
 

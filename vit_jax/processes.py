@@ -168,10 +168,10 @@ def allgather_text(text: str) -> list[str]:
         return [text]
     client = distributed.global_state.client
     exchange = f"{_EXCHANGES}/{next(_exchange_numbers)}"
+    done = f"{exchange}/done"
     client.key_value_set(f"{exchange}/text/{jax.process_index()}", text)
     if client.key_value_increment(f"{exchange}/arrived", 1) == jax.process_count():
-        client.key_value_set(f"{exchange}/done", "")
-    done = f"{exchange}/done"
+        client.key_value_set(done, "")
     while not _set_within(client, done, _WAIT_MS):  # Not everyone yet.
         # A process may complete the exchange and fail right after, between the wait and
         # the look: the exchange is done then, and this process goes on to its own verdict

@@ -198,8 +198,9 @@ def test_a_workdir_on_each_hosts_own_disk_is_refused_before_anything_is_written(
 
 
 # One process of two making one start-up exchange. Process 1 arrives once process 0 has
-# waited past its first look and fails right after the exchange; process 0 looks for
-# failures only once that failure is announced: the moment a loaded machine once chose.
+# waited a whole round (`_WAIT_MS`) and fails right after the exchange; process 0's look for
+# failures returns only once that failure is announced: the moment a loaded machine once
+# chose, where a look after a wait that ran out gave up on a completed exchange.
 EXCHANGE_THEN_FAIL = """
 import sys, time
 import jax

@@ -8,7 +8,7 @@ Start-up's exchanges (`allgather_text`, `barrier`, `all_agree`: the agreement ch
 `vit_jax/agreement.py`, the folder manifest's barrier, the workdir's lock) go through the
 coordination service's key-value store, not device collectives, and watch for a process
 that failed on its own (`failures_told`): an error on one host (a file it lacks, a
-folder it cannot read) ends every other process at its next exchange, within a second,
+folder it cannot read) ends every other process at its next exchange, within two seconds,
 saying which process failed and why. After start-up the others wait in a step's
 collectives, which cannot look: `exit_when_another_fails` ends them from a thread once
 the failed process has announced its error. Waiting in a collective instead, the other
@@ -172,12 +172,16 @@ def allgather_text(text: str) -> list[str]:
     client.key_value_set(f"{exchange}/text/{jax.process_index()}", text)
     if client.key_value_increment(f"{exchange}/arrived", 1) == jax.process_count():
         client.key_value_set(done, "")
-    while not _set_within(client, done, _WAIT_MS):  # Not everyone yet.
-        # A process may complete the exchange and fail right after, between the wait and
-        # the look: the exchange is done then, and this process goes on to its own verdict
-        # (often the same refusal).
-        if (message := _another_failed(client)) and not _is_set(client, done):
-            raise AnotherProcessFailedError(message)
+    # Look for a failure, then wait: a failure counts only when the wait after it runs out.
+    # A process that completed the exchange and failed right after set `done` before it
+    # announced its failure, so this process goes on to its own verdict (often the same
+    # refusal) instead of stopping on the other's.
+    while True:
+        failure = _another_failed(client)
+        if _set_within(client, done, _WAIT_MS):
+            break
+        if failure:
+            raise AnotherProcessFailedError(failure)
     texts = dict(client.key_value_dir_get(f"{exchange}/text/"))
     return [texts[f"{exchange}/text/{i}"] for i in range(jax.process_count())]
 
@@ -203,21 +207,6 @@ def _set_within(client: Any, key: str, timeout_ms: int) -> bool:
         return True
     except jax.errors.JaxRuntimeError as e:
         if "DEADLINE_EXCEEDED" not in str(e):
-            raise
-        return False
-
-
-def _is_set(client: Any, key: str) -> bool:
-    """Whether `key` is set in the coordination service now.
-
-    Raises:
-      jax.errors.JaxRuntimeError: the service cannot answer (it is gone).
-    """
-    try:
-        client.key_value_try_get(key)
-        return True
-    except jax.errors.JaxRuntimeError as e:
-        if "NOT_FOUND" not in str(e):
             raise
         return False
 

@@ -108,6 +108,9 @@ def test_train_runs_tensor_parallel_meshes():
         ("NVIDIA H100 80GB HBM3", "float32", 494.7),  # TF32, JAX's default for float32
         ("NVIDIA H100 PCIe", "bfloat16", 756.5),
         ("NVIDIA H200", "bfloat16", 989.4),
+        ("NVIDIA B200", "bfloat16", 2250.0),
+        ("NVIDIA B200", "float32", 1125.0),
+        ("NVIDIA GB200", "bfloat16", 2500.0),  # Must not match "B200".
         ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
         ("NVIDIA A100-SXM4-40GB", "float32", 156.0),
     ],

@@ -42,6 +42,7 @@ from vit_jax.bench.targets import (
     parse_target,
 )
 from vit_jax.config import base_config
+from vit_jax.peaks import peak_tflops
 from vit_jax.train import out_of_device_memory
 from vit_jax.trainer import compiled_memory, device_memory_refusal
 
@@ -570,8 +571,30 @@ def test_a_gpu_target_holds_the_share_of_memory_jax_takes_in_the_run(monkeypatch
 # FP32 (non-tensor) peak TFLOP/s as NVIDIA publishes it, at the boost clock: "NVIDIA A100
 # Tensor Core GPU" datasheet (A100 80GB SXM, FP32 19.5 TFLOPS); "NVIDIA H100 Tensor Core
 # GPU" datasheet (H100 SXM, FP32 67 teraFLOPS); NVIDIA H200 product page,
-# https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM, FP32 67 TFLOPS).
-PUBLISHED_FP32_TFLOPS = {"a100": 19.5, "h100": 67.0, "h200": 67.0}
+# https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM, FP32 67 TFLOPS); NVIDIA HGX
+# page, https://www.nvidia.com/en-us/data-center/hgx/ (HGX B200, FP32 600 TFLOPS per 8 GPUs).
+PUBLISHED_FP32_TFLOPS = {"a100": 19.5, "h100": 67.0, "h200": 67.0, "b200": 75.0}
+
+
+@GPU
+@pytest.mark.parametrize("kind", sorted(GPUS))
+def test_each_gpu_targets_devices_report_the_kind_its_figures_and_peak_are_under(kind):
+    """The shipped description parses, and the compile-only devices report the device kind
+    a run on that GPU reports: the one `targets.GPUS` and `peaks.py` know it by."""
+    devices = topology_devices(parse_target(f"{kind}x8"))
+    assert {d.device_kind for d in devices} == {GPUS[kind].kind}
+    assert peak_tflops(GPUS[kind].kind, "bfloat16") is not None
+
+
+@GPU
+def test_a_b200_node_compiles_with_its_peak_in_the_estimate():
+    """B200 is compute capability 10.0, the one GPU kind no other test compiles for: XLA
+    writes `.target sm_100a` PTX for it (seen with --xla_dump_to) and ptxas, from CUDA 12.8
+    on, assembles it."""
+    figures = compile_recipe(tiny(), parse_target("b200x8"))
+    assert figures["fits"] and figures["device_kind"] == "NVIDIA B200"
+    assert figures["peak_tflops_per_device"] == 1125.0  # TF32: JAX's float32 matmuls.
+    assert figures["estimate_img_per_s"] > 0
 
 
 @pytest.mark.parametrize("kind", sorted(GPUS))

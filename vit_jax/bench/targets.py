@@ -3,14 +3,15 @@
 TPU slices go by Cloud TPU accelerator type (`v5e-16` = `v5litepod-16`, `v5p-128`,
 `v6e-64`; the number counts chips for v5e/v6e and TensorCores, two per chip, for v5p),
 `--slices N` for multi-slice. GPU nodes go by `<kind>x<gpus per node>[x<nodes>]`
-(`h100x8`, `h200x8`, `a100x8`, `h100x8x4`). `topology_devices` gives JAX's compile-only
+(`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`). `topology_devices` gives JAX's compile-only
 devices of the target (libtpu for TPUs, the CUDA plugin with our target description for
 GPUs): `jit(...).lower(...).compile()` on them runs the real compiler, no device needed.
 
 Device figures (per chip or GPU, one direction of traffic) come from the vendors'
 published specifications: Cloud TPU's system-architecture pages for v5e, v5p and v6e;
-NVIDIA's H100, H200 and A100 SXM datasheets (NVLink: half the quoted bidirectional
-figure). Data-center network (DCN) bandwidth per TPU chip is Google's, from the same
+NVIDIA's H100, H200 and A100 SXM datasheets and its HGX B200 specifications (NVLink: half
+the quoted bidirectional figure); a GPU's memory is what `nvidia-smi` reports as its total
+(B200: 183,359 MiB). Data-center network (DCN) bandwidth per TPU chip is Google's, from the same
 pages: "TPU v5p" (https://cloud.google.com/tpu/docs/v5p) gives it per chip, "Data center
 network (DCN) bandwidth per chip (Gbps) 50": 6.25 GB/s. "TPU v5e"
 (https://cloud.google.com/tpu/docs/v5e) and "TPU v6e" (https://cloud.google.com/tpu/docs/v6e)
@@ -18,7 +19,7 @@ give it per host of 8 chips and per Pod of 256: v5e "Per-host NIC configuration 
 Gbps NIC", "Data center network bandwidth per Pod 6.4 Tbps", both 25 Gb/s per chip
 (3.125 GB/s); v6e "4 x 200 Gbps NIC", "25.6 Tbps", both 100 Gb/s per chip (12.5 GB/s).
 The pages name no direction for it; a NIC's rate is each direction's. GPU nodes are taken
-as one 400 Gb/s (A100: 200 Gb/s) InfiniBand adapter per GPU, as in DGX systems.
+as one 400 Gb/s (A100: 200 Gb/s) InfiniBand adapter per GPU, as in DGX and HGX systems.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ TPUS = {  # family -> (topology prefix, chips per counted unit, figures)
 GPUS = {
     "h100": Device("NVIDIA H100 80GB HBM3", 85520809984, 3.35e12, 450e9, 50e9),
     "h200": Device("NVIDIA H200", 150754820096, 4.8e12, 450e9, 50e9),
+    "b200": Device("NVIDIA B200", 192265846784, 8e12, 900e9, 50e9),
     "a100": Device("NVIDIA A100-SXM4-80GB", 85899345920, 2.039e12, 300e9, 25e9),
 }
 # Two-dimensional slices (v5e, v6e) by chip count.
@@ -167,7 +169,7 @@ def parse_target(name: str, slices: int = 1) -> Target:
             "while JAX on a v4 slice runs one device per chip (both cores as one, megacore): "
             "the program compiled would not be the one that runs. Known: " + known_targets()
         )
-    gpu = re.fullmatch(r"(h100|h200|a100)x(\d+)(?:x(\d+))?", name)
+    gpu = re.fullmatch(rf"({'|'.join(GPUS)})x(\d+)(?:x(\d+))?", name)
     if gpu:
         if slices != 1:
             raise UnknownTargetError(

@@ -3,17 +3,18 @@
 TPU slices go by Cloud TPU accelerator type (`v5e-16` = `v5litepod-16`, `v5p-128`,
 `v6e-64`; the number counts chips for v5e/v6e and TensorCores, two per chip, for v5p),
 `--slices N` for multi-slice. GPU nodes go by `<kind>x<gpus per node>[x<nodes>]`
-(`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`). `topology_devices` gives JAX's compile-only
-devices of the target (libtpu for TPUs, the CUDA plugin with our target description for
-GPUs): `jit(...).lower(...).compile()` on them runs the real compiler, no device needed.
+(`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`). `topology_devices` gives JAX's
+compile-only devices of the target (libtpu for TPUs, the CUDA plugin with our target
+description for GPUs): `jit(...).lower(...).compile()` on them runs the real compiler, no
+device needed.
 
 Device figures (per chip or GPU, one direction of traffic) come from the vendors'
 published specifications: Cloud TPU's system-architecture pages for v5e, v5p and v6e;
 NVIDIA's H100, H200 and A100 SXM datasheets and its HGX B200 specifications (NVLink: half
 the quoted bidirectional figure); a GPU's memory is what `nvidia-smi` reports as its total
-(B200: 183,359 MiB). Data-center network (DCN) bandwidth per TPU chip is Google's, from the same
-pages: "TPU v5p" (https://cloud.google.com/tpu/docs/v5p) gives it per chip, "Data center
-network (DCN) bandwidth per chip (Gbps) 50": 6.25 GB/s. "TPU v5e"
+(B200: 183,359 MiB). Data-center network (DCN) bandwidth per TPU chip is Google's, from
+the same pages: "TPU v5p" (https://cloud.google.com/tpu/docs/v5p) gives it per chip,
+"Data center network (DCN) bandwidth per chip (Gbps) 50": 6.25 GB/s. "TPU v5e"
 (https://cloud.google.com/tpu/docs/v5e) and "TPU v6e" (https://cloud.google.com/tpu/docs/v6e)
 give it per host of 8 chips and per Pod of 256: v5e "Per-host NIC configuration 2 x 100
 Gbps NIC", "Data center network bandwidth per Pod 6.4 Tbps", both 25 Gb/s per chip

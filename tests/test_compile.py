@@ -549,7 +549,7 @@ def test_targets_by_the_names_users_rent():
     assert parse_target("v5p-128").topology == "v5p:4x4x4"  # 128 TensorCores, 64 chips.
     assert parse_target("v6e-64", slices=4).slices == 4
     h100 = parse_target("h100x8x4")
-    assert (h100.topology, h100.slices, h100.platform) == ("1x4x8", 4, "cuda")
+    assert (h100.topology, h100.slices, h100.platform) == ("4x1x8", 4, "cuda")
 
 
 def test_a_gpu_target_holds_the_share_of_memory_jax_takes_in_the_run(monkeypatch):

@@ -1,5 +1,7 @@
 """Meshes over one or several TPU slices / GPU nodes: layout, errors, and training on them."""
 
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -91,8 +93,45 @@ def test_axis_sizes_name_every_size_they_refuse():
 
 
 def test_devices_group_by_process_without_slice_index():
-    # CPU devices have no slice_index: one process is one group (a GPU node).
+    # CPU devices have no slice_index: one process is one group.
     assert device_slices(jax.devices()) == [jax.devices()]
+
+
+@pytest.mark.compile("jax_plugins.xla_cuda12")
+@pytest.mark.parametrize(
+    "topology, groups",
+    [("4x1x8", [8] * 4),  # Four 8-GPU nodes, one process each (vit-bench's h100x8x4).
+     ("1x8x1", [8]),  # One node, one process per GPU (SLURM's default for JAX).
+     ("2x18x4", [72] * 2)],  # Two GB200 NVL72 racks: 18 hosts of 4 GPUs share NVLink.
+)  # fmt: skip
+def test_gpus_group_by_nvlink_partition_whatever_the_processes(topology, groups):
+    from jax.experimental import topologies
+
+    from vit_jax.bench.targets import gpu_target_config, parse_target
+
+    config = gpu_target_config(parse_target("h100x8"))
+    devices = topologies.get_topology_desc(
+        platform="cuda", target_config=config, topology=topology
+    ).devices
+    found = device_slices(devices)
+    assert [len(g) for g in found] == groups
+    assert [d.id for g in found for d in g] == sorted(d.id for d in devices)
+
+
+def test_running_gpus_group_by_the_partition_xla_gave_them():
+    """As XLA describes running GPUs: `partition_index` per host (boot id) or NVLink
+    domain, coords the GPU's ordinal in its process; older releases name it `slice_index`."""
+
+    def gpu(id, process, partition, name="partition_index"):
+        return SimpleNamespace(
+            id=id, platform="gpu", process_index=process, coords=[id % 2], **{name: partition}
+        )
+
+    # Two hosts of 4 GPUs, one process per pair of GPUs.
+    devices = [gpu(i, i // 2, i // 4) for i in range(8)]
+    assert device_slices(devices) == [devices[:4], devices[4:]]
+    older = [gpu(i, i // 2, i // 4, name="slice_index") for i in range(8)]
+    assert device_slices(older) == [older[:4], older[4:]]
 
 
 @pytest.mark.slow

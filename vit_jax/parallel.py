@@ -53,21 +53,30 @@ def resolve_rules(rules: str | Rules) -> tuple:
 def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
     """Devices grouped by what joins them with fast links, in a stable order.
 
-    A TPU slice (devices share `slice_index`, linked by ICI) or, elsewhere, a process (one
-    GPU node, linked by NVLink; GPUs report `slice_index` 0 on every node); between groups
-    runs the data-center network (DCN).
+    A TPU slice (devices share `slice_index`, linked by ICI); a GPU partition (devices
+    share `partition_index`: those of one host, linked by NVLink, or of one multi-node
+    NVLink domain such as a GB200 NVL72 rack; one process per GPU or per host alike); on
+    other platforms (CPU) a process. Between groups runs the data-center network (DCN).
     """
-
-    def key(device: Any) -> int:
-        # A single slice's devices may lack `slice_index`.
-        return (
-            getattr(device, "slice_index", 0) if device.platform == "tpu" else device.process_index
-        )
-
     groups: dict[int, list[Any]] = collections.defaultdict(list)
     for device in devices:
-        groups[key(device)].append(device)
+        groups[_fast_link_group(device)].append(device)
     return [groups[k] for k in sorted(groups)]
+
+
+def _fast_link_group(device: Any) -> int:
+    if device.platform == "tpu":
+        return getattr(device, "slice_index", 0)  # A single slice's devices may lack it.
+    if device.platform == "gpu":
+        coords = getattr(device, "coords", ())
+        if len(coords) == 3:
+            # Compile-only GPUs (`get_topology_desc`) report `partition_index` 0 whatever
+            # their topology; their coords are (partition, process in it, GPU in process).
+            return coords[0]
+        # XLA gives each NVLink domain (NVML's fabric cluster) or else each host (its
+        # boot id) a partition; the older name is `slice_index`.
+        return getattr(device, "partition_index", getattr(device, "slice_index", 0))
+    return device.process_index
 
 
 def check_axis_sizes(axes: Mapping[str, int], field: str) -> None:

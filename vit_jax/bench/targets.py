@@ -79,7 +79,9 @@ TORUS_2D = {
 class Target:
     name: str
     platform: str  # "tpu" | "cuda"
-    topology: str  # As `get_topology_desc` takes it.
+    # As `get_topology_desc` takes it; for GPUs <partitions>x<processes each>x<GPUs each>,
+    # a node being one NVLink partition of one process (`parallel.device_slices`).
+    topology: str
     slices: int  # TPU slices, or GPU nodes.
     device: Device
 
@@ -186,7 +188,7 @@ def parse_target(name: str, slices: int = 1) -> Target:
         share = dataclasses.replace(
             device, memory_bytes=int(device.memory_bytes * gpu_memory_fraction())
         )
-        return Target(name, "cuda", f"1x{nodes}x{gpus}", nodes, share)
+        return Target(name, "cuda", f"{nodes}x1x{gpus}", nodes, share)
     raise UnknownTargetError(f"Unknown target {name!r}. Known: {known_targets()}.")
 
 

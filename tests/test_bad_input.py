@@ -333,7 +333,7 @@ def test_folder_files_that_are_no_images_are_skipped_and_reported(tmp_path, capl
     assert "dog/page.png (not a JPEG or PNG file)" in caplog.text
     # The rest decode: the whole split passes through the pipeline.
     config = data_config(None, dataset=dataset, eval_split="train", image_size=7, eval_batch_size=4)
-    batches = list(data.eval_batches(config, process_index=0, process_count=1))
+    batches = list(data.eval_batches(config, share_index=0, share_count=1))
     assert sum(int(b["mask"].sum()) for b in batches) == 5
 
 

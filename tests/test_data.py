@@ -111,7 +111,7 @@ def test_embedded_builders_prepare_offline_with_documented_splits(data_dir, name
 @pytest.mark.parametrize("crop", ["inception", "shift", "resize"])
 def test_train_batches_are_uint8_images_and_integer_labels(data_dir, crop):
     config = data_config(data_dir, image_size=12, pp_train_crop=crop, pp_flip=True)
-    batch = next(data.train_batches(config, process_index=0, process_count=1))
+    batch = next(data.train_batches(config, share_index=0, share_count=1))
     assert batch["image"].shape == (6, 12, 12, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
     assert batch["image"].min() == 0 and batch["image"].max() > 200  # Black background, ink.
@@ -127,7 +127,7 @@ def test_train_shards_partition_the_split_and_repeat(data_dir, process_count):
     union = collections.Counter()
     shard = 60 // process_count
     for index in range(process_count):
-        batches = data.train_batches(config, process_index=index, process_count=process_count)
+        batches = data.train_batches(config, share_index=index, share_count=process_count)
         two_epochs = take_examples(batches, 2 * shard)
         first, second = (
             keys(*(a[:shard] for a in two_epochs)),
@@ -141,7 +141,7 @@ def test_train_shards_partition_the_split_and_repeat(data_dir, process_count):
 
 def test_train_batch_must_divide_across_processes(data_dir):
     with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple"):
-        data.train_batches(data_config(data_dir), process_index=0, process_count=4)
+        data.train_batches(data_config(data_dir), share_index=0, share_count=4)
 
 
 @pytest.mark.slow
@@ -158,11 +158,11 @@ def test_resume_is_bit_exact_with_all_augmentations(data_dir):
         pp_randaugment_magnitude=15,
     )
     config = data_config(data_dir, **settings)
-    stream = data.train_batches(config, process_index=1, process_count=2)  # 25 examples, B=4
+    stream = data.train_batches(config, share_index=1, share_count=2)  # 25 examples, B=4
     reference = [next(stream) for _ in range(16)]
     # Step 3: mid epoch 0; 6: a batch straddling epochs 0 and 1 (examples 24..27); 13: epoch 2.
     for start in (3, 6, 13):
-        resumed = data.train_batches(config, start_step=start, process_index=1, process_count=2)
+        resumed = data.train_batches(config, start_step=start, share_index=1, share_count=2)
         for step in range(start, start + 3):
             batch = next(resumed)
             for key in ("image", "label"):
@@ -170,9 +170,9 @@ def test_resume_is_bit_exact_with_all_augmentations(data_dir):
     # The stream is really random: epochs differ, and so do other seeds and processes.
     assert not np.array_equal(reference[0]["image"], reference[7]["image"])
     other_seed = data_config(data_dir, **{**settings, "seed": 8})
-    batch = next(data.train_batches(other_seed, process_index=1, process_count=2))
+    batch = next(data.train_batches(other_seed, share_index=1, share_count=2))
     assert not np.array_equal(batch["image"], reference[0]["image"])
-    batch = next(data.train_batches(config, process_index=0, process_count=2))
+    batch = next(data.train_batches(config, share_index=0, share_count=2))
     assert not np.array_equal(batch["image"], reference[0]["image"])
 
 
@@ -184,7 +184,7 @@ def test_eval_covers_the_split_exactly_once_with_equal_batch_counts(data_dir, pr
     assert num_batches == math.ceil(largest_shard / (12 // process_count))
     union = collections.Counter()
     for index in range(process_count):
-        batches = list(data.eval_batches(config, process_index=index, process_count=process_count))
+        batches = list(data.eval_batches(config, share_index=index, share_count=process_count))
         assert len(batches) == num_batches
         image = np.concatenate([b["image"] for b in batches])
         labels = np.concatenate([b["label"] for b in batches])
@@ -199,7 +199,7 @@ def test_eval_covers_the_split_exactly_once_with_equal_batch_counts(data_dir, pr
 
 def test_eval_central_crop(data_dir):
     config = data_config(data_dir, image_size=6, pp_eval_crop_fraction=0.75)
-    batch = next(data.eval_batches(config, process_index=0, process_count=1))
+    batch = next(data.eval_batches(config, share_index=0, share_count=1))
     image, _ = stored_split("digits", data_dir, "test[:12]")
     # Shorter side to 6 / 0.75 = 8 (the native size), then the central 6x6.
     np.testing.assert_array_equal(batch["image"], image[:, 1:7, 1:7])
@@ -210,11 +210,11 @@ def test_few_shot_keeps_the_first_examples_of_each_class(data_dir):
     images, labels = stored_split("digits", data_dir, "train")
     first = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(10)])
     want = keys(images[first], labels[first])
-    got = keys(*take_examples(data.train_batches(config, process_index=0, process_count=1), 30))
+    got = keys(*take_examples(data.train_batches(config, share_index=0, share_count=1), 30))
     assert got == want
     assert np.bincount([label for label, _ in got.elements()]).tolist() == [3] * 10
     shards = [
-        keys(*take_examples(data.train_batches(config, process_index=i, process_count=2), 15))
+        keys(*take_examples(data.train_batches(config, share_index=i, share_count=2), 15))
         for i in range(2)
     ]
     assert shards[0] + shards[1] == want
@@ -223,7 +223,7 @@ def test_few_shot_keeps_the_first_examples_of_each_class(data_dir):
 def test_few_shot_needs_enough_examples_per_class(data_dir):
     config = data_config(data_dir, train_split="train[:20]", train_examples_per_class=5)
     with pytest.raises(ValueError, match="train_examples_per_class=5.*fewer examples of classes"):
-        data.train_batches(config, process_index=0, process_count=1)
+        data.train_batches(config, share_index=0, share_count=1)
 
 
 def test_unprepared_tfds_dataset_is_a_clear_error_not_a_download(tmp_path):
@@ -231,7 +231,7 @@ def test_unprepared_tfds_dataset_is_a_clear_error_not_a_download(tmp_path):
         data.get_dataset_info("cifar10", str(tmp_path))
     message = f"tfds build cifar10 --data_dir {tmp_path}"
     with pytest.raises(FileNotFoundError, match=message):
-        data.train_batches(data_config(str(tmp_path), dataset="cifar10"), process_count=1)
+        data.train_batches(data_config(str(tmp_path), dataset="cifar10"), share_count=1)
     assert not any(tmp_path.iterdir())  # Nothing was downloaded or written.
     with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'"):
         data.get_dataset_info("no_such_dataset", str(tmp_path))
@@ -305,13 +305,13 @@ def test_image_folder_round_trip(tmp_path, url):
         assert [where[lv] for lv in found] == [(split, info.class_names[c]) for c in labels]
         return sorted(found)
 
-    batches = list(data.eval_batches(config, process_index=0, process_count=1))
+    batches = list(data.eval_batches(config, share_index=0, share_count=1))
     assert len(batches) == 2
     mask = np.concatenate([b["mask"] for b in batches]) == 1
     images = np.concatenate([b["image"] for b in batches])[mask]
     labels = np.concatenate([b["label"] for b in batches])[mask]
     assert check(images, labels, "test") == sorted(lv for lv, w in where.items() if w[0] == "test")
-    stream = data.train_batches(config, process_index=0, process_count=1)
+    stream = data.train_batches(config, share_index=0, share_count=1)
     train = check(*take_examples(stream, 7), "train")
     assert train == sorted(lv for lv, w in where.items() if w[0] == "train")
 
@@ -370,10 +370,10 @@ def test_mocked_tfds_dataset_flows_through_both_streams(tmp_path):
             "train": 20,
             "test": 20,
         }
-        batch = next(data.train_batches(config, process_index=0, process_count=1))
+        batch = next(data.train_batches(config, share_index=0, share_count=1))
         assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
         assert batch["image"].std() > 10  # Random colour pixels, not a constant.
-        batches = list(data.eval_batches(config, process_index=0, process_count=1))
+        batches = list(data.eval_batches(config, share_index=0, share_count=1))
     assert len(batches) == data.num_eval_batches(config, 1) == 4
     assert all(b["image"].shape == (6, 16, 16, 3) for b in batches)
     assert sum(b["mask"].sum() for b in batches) == 20

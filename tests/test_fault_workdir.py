@@ -189,10 +189,16 @@ def test_a_lock_file_of_another_shape_is_an_unknown_holder(tmp_path):
             pass
 
 
-def test_process_count_is_part_of_the_contract(tmp_path):
+@pytest.mark.parametrize("field", ["process_count", "batch_shares"])
+def test_the_processes_and_the_batch_shares_they_load_are_part_of_the_contract(tmp_path, field):
+    """The train stream is a function of the share each process loads, of how many."""
     workdir = str(tmp_path)
     _record(workdir, small_local_config(tmp_path), resuming=False)
     run = json.loads((tmp_path / "run.json").read_text())
-    (tmp_path / "run.json").write_text(json.dumps(run | {"process_count": 4}))
-    with pytest.raises(ConfigChangedError, match="process_count: 4 -> 1"):
+    assert run["process_count"] == run["batch_shares"] == 1
+    (tmp_path / "run.json").write_text(json.dumps(run | {field: 4}))
+    with pytest.raises(ConfigChangedError, match=f"{field}: 4 -> 1"):
         check_config(workdir, small_local_config(tmp_path), resuming=True)
+    del run[field]  # As an older run.json: not compared.
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    _record(workdir, small_local_config(tmp_path), resuming=True)

@@ -124,13 +124,13 @@ def test_every_example_counted_once_over_processes(data_dir, processes):
     """Simulated processes: every step's global batch is the processes' batches stacked, in
     any device order; `split_order` recovers the split, each example once, in order."""
     reference = eval_config(data_dir, "test", 364)
-    expected = next(data.eval_batches(reference, process_index=0, process_count=1))
+    expected = next(data.eval_batches(reference, share_index=0, share_count=1))
     config = eval_config(data_dir, "test", 48)
     num_batches = data.num_eval_batches(config, processes)
     streams = [
         list(
             fewshot.numbered_batches(
-                data.eval_batches(config, process_index=p, process_count=processes),
+                data.eval_batches(config, share_index=p, share_count=processes),
                 p,
                 num_batches,
             )
@@ -164,7 +164,7 @@ def plain_accuracies(model, params, data_dir, shots, holdout_per_class=5):
     features_model = model.clone(num_classes=0)
 
     def features(split, size):
-        batch = next(data.eval_batches(eval_config(data_dir, split, size), process_count=1))
+        batch = next(data.eval_batches(eval_config(data_dir, split, size), share_count=1))
         x = features_model.apply({"params": params}, scale_images(batch["image"]), train=False)
         return np.asarray(x, np.float64), batch["label"].astype(np.int64)
 

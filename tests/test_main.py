@@ -249,7 +249,7 @@ def test_console_shows_our_lines_only(tmp_path):
     # Library log records get the same timestamp: what follows it must be one of ours.
     ours = (
         r"\d\d:\d\d:\d\d "
-        r"(\d+ process\(es\), |Compiled the train step |step \d+/4( \||$)|Final: )"
+        r"(\d+ process\(es\), |Mesh \{|Compiled the train step |step \d+/4( \||$)|Final: )"
     )
     # Native libraries log before Python starts (the compile extra's CUDA plugin on a machine
     # with no GPU): not a Python log record, and not something vit_jax can silence.

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from helpers import SGD, run_steps, tiny_config
 
-from vit_jax.parallel import _axis_sizes, check_axis_sizes, device_slices, make_mesh
+from vit_jax.parallel import (
+    _axis_sizes,
+    batch_sharding,
+    batch_share,
+    batch_shares,
+    check_axis_sizes,
+    device_slices,
+    make_mesh,
+    resolve_rules,
+)
 
 AXES = {"data": -1, "fsdp": 1, "tensor": 1}
 
@@ -145,3 +154,23 @@ def test_training_over_two_slices_follows_the_data_parallel_loss_curve():
     kernel = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
     assert tuple(kernel.sharding.spec) == ("fsdp", None)
     assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("tensor, shares", [(1, 16), (2, 16), (4, 8)])
+def test_hosts_that_hold_the_same_batch_rows_load_the_same_share(tensor, shares):
+    """A v6e-64 (16 hosts of 4 chips): a tensor axis of 4 spans two hosts, which then hold
+    the same rows of each batch; each pair loads one share."""
+    from vit_jax.bench.targets import parse_target, topology_devices
+
+    devices = topology_devices(parse_target("v6e-64"))
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": tensor}, devices=devices)
+    assert batch_share(batch_sharding(mesh, resolve_rules("tp"))) == (0, shares)
+
+
+def test_processes_that_hold_overlapping_batch_rows_are_refused_naming_them():
+    paired = {0: {(0, 4)}, 1: {(0, 4)}, 2: {(4, 8)}, 3: {(4, 8)}}
+    assert batch_shares(paired) == [frozenset({(0, 4)}), frozenset({(4, 8)})]
+    overlapping = {0: {(0, 4), (4, 8)}, 1: {(4, 8), (8, 12)}, 2: {(0, 4), (4, 8)}}
+    with pytest.raises(ValueError, match=r"^Processes 0 and 1 hold some of the same batch rows"):
+        batch_shares(overlapping)

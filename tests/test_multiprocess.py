@@ -170,6 +170,38 @@ def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tm
 
 
 @pytest.mark.slow
+def test_tensor_parallelism_across_processes_trains_as_it_does_inside_one(tmp_path):
+    # Tensor parallelism over the two processes (as over two TPU hosts): both hold every
+    # row of each batch, so both must load the same rows, with the same augmentation.
+    tensor = ("--config.sharding_rules=tp", "--config.total_steps=6", "--config.log_every=2",
+              "--config.eval_every=6", "--config.checkpoint_every=6")  # fmt: skip
+    across = str(tmp_path / "across")
+    procs = _launch(tmp_path, across, *tensor, "--config.dcn_mesh.data=1",
+                    "--config.dcn_mesh.tensor=2")  # fmt: skip
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    shares = "over 2 slice(s) or node(s); the processes load each batch in 1 share(s)."
+    assert shares in errors[0]
+    inside = str(tmp_path / "inside")
+    command = [
+        sys.executable, "-m", "vit_jax.main", "--config", f"{REPO}/configs/{RECIPE}",
+        f"--config.data_dir={tmp_path}/tfds0", "--workdir", inside,
+        *config_flags(OVERRIDES), *tensor, "--config.mesh.tensor=2",
+    ]  # fmt: skip
+    one = subprocess.run(
+        command, cwd=REPO, env=simulated_devices_env(8), text=True, capture_output=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_processes, one_process = read_records(across), read_records(inside)
+    assert [r["step"] for r in two_processes] == [r["step"] for r in one_process] == [2, 4, 6]
+    learnt = ("train/loss", "train/grad_norm", "eval/loss", "eval/top1", "fewshot/digits_5shot")
+    for two, one in zip(two_processes, one_process, strict=True):
+        got, expected = ({k: r[k] for k in learnt if k in r} for r in (two, one))
+        assert got == pytest.approx(expected, rel=1e-4), one["step"]  # Up to float32 sums.
+    assert "eval/top1" in one_process[-1]
+
+
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other_with_a_clear_error(tmp_path):
     workdir = str(tmp_path / "run")
     procs = _launch(tmp_path, workdir, "--config.total_steps=100000", "--heartbeat_timeout=5")

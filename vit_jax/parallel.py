@@ -222,6 +222,49 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def batch_share(sharding: NamedSharding) -> tuple[int, int]:
+    """(index, count): which share of each global batch this process loads, of how many.
+
+    Each process loads its own share, except processes whose devices hold the same rows
+    of the batch (a mesh axis the batch is not split over, such as tensor parallelism,
+    spanning processes): they load the same share, with the same augmentation. This is
+    what `data.train_batches` and `data.eval_batches` take as `share_index`/`share_count`.
+
+    Raises:
+      ValueError: a process holding some of another's rows but not all of them, which no
+        share of the batch can feed.
+    """
+    size = sharding.mesh.devices.size  # Any length the batch axes divide.
+    rows: dict[int, set] = collections.defaultdict(set)
+    for device, index in sharding.devices_indices_map((size,)).items():
+        rows[device.process_index].add(index[0].indices(size)[:2])
+    shares = batch_shares(rows)
+    mine = frozenset(rows[jax.process_index()])
+    return shares.index(mine), len(shares)
+
+
+def batch_shares(rows: Mapping[int, set]) -> list[frozenset]:
+    """The distinct sets of batch rows that processes hold (`rows`: process -> (start,
+    stop) ranges of its devices' rows), in row order.
+
+    Raises:
+      ValueError: naming two processes whose rows overlap without being the same.
+    """
+    shares = sorted({frozenset(r) for r in rows.values()}, key=min)
+    for i, share in enumerate(shares):
+        for other in shares[i + 1 :]:
+            if share & other:
+                a = min(p for p, r in rows.items() if frozenset(r) == share)
+                b = min(p for p, r in rows.items() if frozenset(r) == other)
+                raise ValueError(
+                    f"Processes {a} and {b} hold some of the same batch rows but not all: "
+                    "neither can load a share of each batch the other loads too. Keep the "
+                    "mesh axes the batch is not split over (tensor) inside one process, or "
+                    "within groups of processes that hold the same rows."
+                )
+    return shares
+
+
 def batch_size_per_shard(
     global_batch: int, mesh: Mesh, rules: Rules, field: str = "batch_size"
 ) -> int:

@@ -196,6 +196,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         steps = total_steps(config, data.num_train_examples(config))
         mesh = parallel.make_mesh(config.mesh, config.dcn_mesh)
         trainer = Trainer(config, mesh, info.num_classes, steps)
+        log.info(
+            "Mesh %s over %d slice(s) or node(s); the processes load each batch in %d share(s).",
+            dict(mesh.shape),
+            len(parallel.device_slices(mesh.devices.flat)),
+            trainer.batch_share[1],
+        )
         pretrained = None
         if weights is not None:  # A first start: read before the workdir is claimed.
             pretrained = checkpoint.load_pretrained(
@@ -218,9 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
             writer = None
             try:
-                accepted = check_config(workdir, config, resuming=bool(checkpointer.steps()))
+                shares = trainer.batch_share[1]
+                resuming = bool(checkpointer.steps())
+                accepted = check_config(workdir, config, resuming, batch_shares=shares)
                 state = _initial_state(trainer, checkpointer, pretrained, metadata["class_names"])
-                record_config(workdir, config, accepted)
+                record_config(workdir, config, accepted, batch_shares=shares)
                 del pretrained  # Host copies: the state holds the parameters now.
                 writer = MetricWriter(workdir, resumed_step=int(jax.device_get(state.step)))
                 # The loop reads from the host only where it means to (jax.device_get).
@@ -349,8 +357,12 @@ def _train_loop(
     final: dict[str, float] = {}
     if stop_requests.reached():  # Requested during start-up: nothing new to save.
         raise Preempted(start)
+    share_index, share_count = trainer.batch_share
     batches = parallel.prefetch_to_devices(
-        data.train_batches(config, start_step=start), trainer.batch_sharding
+        data.train_batches(
+            config, start_step=start, share_index=share_index, share_count=share_count
+        ),
+        trainer.batch_sharding,
     )
     pending = checkpointer.restore_metadata(start).get(UNLOGGED, []) if start else []
     logged_at = start - len(pending)

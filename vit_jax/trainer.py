@@ -130,8 +130,9 @@ class Trainer:
         Raises:
           ValueError: a batch size the mesh's batch shards or `accum_steps` do not divide,
             `accum_steps` below 1, an unknown loss, label smoothing outside [0, 1), a
-            negative mixup alpha, or a `model` that `build_model` refuses for the mesh's
-            platform (its dtype, cuDNN attention).
+            negative mixup alpha, a `model` that `build_model` refuses for the mesh's
+            platform (its dtype, cuDNN attention), or a mesh on which processes hold
+            overlapping batch rows (`parallel.batch_share`).
         """
         self.config = config
         model = build_model(config.model, num_classes, parallel.platform(mesh))
@@ -139,6 +140,8 @@ class Trainer:
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
+        # (index, count): the share of each batch this process loads.
+        self.batch_share = parallel.batch_share(self.batch_sharding)
         for field in ("batch_size", "eval_batch_size"):
             parallel.batch_size_per_shard(config[field], self.mesh, self.rules, field)
         if config.accum_steps < 1:

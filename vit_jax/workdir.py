@@ -7,7 +7,8 @@
   workdir on each host's own disk is refused before anything else is written (Orbax then
   waited forever for the other hosts' shards of the first checkpoint).
 - `check_config`: on resume, the fields that decide the run's trajectory are compared with
-  those saved in `config.json` (and the process count, in `run.json`); a difference is an
+  those saved in `config.json` (and the process count and the shares each batch is
+  loaded in, in `run.json`); a difference is an
   error listing `field: saved -> now` unless `config.allow_config_change` names the field.
   Bookkeeping fields (`BOOKKEEPING`) change freely.
 - `resumed_model`: the architecture saved with a workdir's checkpoints, for a resume whose
@@ -45,7 +46,11 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "lock.json"
 CONFIG_FILE = "config.json"
-RUN_FILE = "run.json"  # What the config cannot say: process count, accepted changes.
+RUN_FILE = "run.json"  # What the config cannot say: processes, batch shares, changes.
+# Trajectory fields of run.json: the processes, and the shares they load each batch in
+# (`parallel.batch_share`: the train stream is a function of both). An older run.json
+# may lack one; it is then not compared.
+RUN_FIELDS = ("process_count", "batch_shares")
 
 # Fields that say how the run is computed or reported, not what it computes: they may
 # change between restarts. A field not listed here (including any added later) is part
@@ -268,14 +273,12 @@ def _is_bookkeeping(field: str) -> bool:
     return any(field == b or field.startswith(b + ".") for b in BOOKKEEPING)
 
 
-def _contract(config_json: dict, process_count: int | None) -> dict[str, Any]:
-    """The fields a resume must keep; the process count only when it is known.
+def _contract(config_json: dict, run_fields: dict[str, int]) -> dict[str, Any]:
+    """The fields a resume must keep: the config's and `run_fields` (of `RUN_FIELDS`).
 
     A field left None is one the run does not set, as a config of older code lacks it.
     """
-    fields = traverse_util.flatten_dict(config_json, sep=".")
-    if process_count is not None:
-        fields["process_count"] = process_count
+    fields = traverse_util.flatten_dict(config_json, sep=".") | run_fields
     return {k: v for k, v in fields.items() if v is not None and not _is_bookkeeping(k)}
 
 
@@ -311,10 +314,17 @@ def _write_json(path: str, value: dict) -> None:
     tf.io.gfile.rename(partial, path, overwrite=True)
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> dict:
+def check_config(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    resuming: bool,
+    batch_shares: int | None = None,
+) -> dict:
     """Refuses to resume with changed trajectory fields; returns the changes
-    `config.allow_config_change` ("field,field", dotted names; "process_count" too) accepts,
-    as {field: (saved, now)}, for `record_config` once the run has its state.
+    `config.allow_config_change` ("field,field", dotted names; "process_count" and
+    "batch_shares" too) accepts, as {field: (saved, now)}, for `record_config` once the
+    run has its state. `batch_shares`: the Trainer's `batch_share` count (default: one
+    share per process).
     """
     if not resuming:
         return {}
@@ -324,8 +334,9 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, resuming: bool
         log.warning("%s has checkpoints but no %s: resuming unchecked.", workdir, CONFIG_FILE)
         return {}
     run = _read_json(os.path.join(workdir, RUN_FILE)) or {}
-    saved = _contract(saved_config, run.get("process_count"))
-    now = _contract(now_config, jax.process_count() if "process_count" in run else None)
+    current = _run_fields(batch_shares)
+    saved = _contract(saved_config, {k: run[k] for k in RUN_FIELDS if k in run})
+    now = _contract(now_config, {k: current[k] for k in RUN_FIELDS if k in run})
     changed = differences(saved, now)
     allowed = {f.strip() for f in config.allow_config_change.split(",") if f.strip()}
     refused = [k for k in changed if k not in allowed]
@@ -356,17 +367,27 @@ def resumed_model(workdir: str) -> dict | None:
     return None if saved is None else saved.get("model")
 
 
-def record_config(workdir: str, config: ml_collections.ConfigDict, accepted: dict) -> None:
-    """Records this run's config and the `accepted` changes (`check_config`) in the
-    workdir: called once the run has restored its state, so that a change the state
-    refuses leaves the saved config as it was."""
+def _run_fields(batch_shares: int | None) -> dict[str, int]:
+    processes = jax.process_count()
+    return {"process_count": processes, "batch_shares": batch_shares or processes}
+
+
+def record_config(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    accepted: dict,
+    batch_shares: int | None = None,
+) -> None:
+    """Records this run's config, `_run_fields` and the `accepted` changes
+    (`check_config`) in the workdir: called once the run has restored its state, so that a
+    change the state refuses leaves the saved config as it was."""
     barrier()  # Every process has read the saved files before they change.
     if jax.process_index() == 0:
         run = _read_json(os.path.join(workdir, RUN_FILE)) or {"changes": []}
         if accepted:
             when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             run["changes"].append({"time": when, "fields": accepted})
-        run["process_count"] = jax.process_count()
+        run.update(_run_fields(batch_shares))
         _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
         _write_json(os.path.join(workdir, RUN_FILE), run)
 

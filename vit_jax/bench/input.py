@@ -15,10 +15,10 @@ def benchmark_input(
 ) -> dict[str, Any]:
     """img/s of `data.train_batches` (or `eval_batches`) after `warmup` batches."""
     if split == "train":
-        stream = data.train_batches(config, process_index=0, process_count=1)
+        stream = data.train_batches(config, share_index=0, share_count=1)
         batch_size = config.batch_size
     elif split == "eval":
-        stream = data.eval_batches(config, process_index=0, process_count=1)
+        stream = data.eval_batches(config, share_index=0, share_count=1)
         batch_size = config.eval_batch_size
         batches = min(batches, data.num_eval_batches(config, 1) - warmup)
         if batches < 1:

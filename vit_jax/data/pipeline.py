@@ -12,7 +12,7 @@ Config fields read (an `ml_collections.ConfigDict`):
     train_examples_per_class     int | None: few-shot, keep the first N examples of each class
                                  of train_split in its stored order (deterministic)
     image_size                   output images are image_size x image_size
-    batch_size, eval_batch_size  global batch sizes; each process yields batch // processes
+    batch_size, eval_batch_size  global batch sizes; each share yields batch // shares
     shuffle_buffer, seed         train shuffling and all train randomness
     pp.train_crop                "inception" (random resized crop, area pp.crop_area_min..1,
                                  aspect 3/4..4/3) | "shift" (resize, pad pp.shift_pixels,
@@ -34,10 +34,14 @@ RAM budget for autotuning; see `_as_numpy`. (Intra-op parallelism 1, often advis
 tf.data, is not set: in a process that also runs XLA's CPU collectives, as the tests with
 simulated devices do, it stalls those collectives until XLA aborts.)
 
-Resumable training stream. Process p of P reads its own shard of the train split
+Shares: each global batch is loaded in P shares, one per process, except where processes
+hold the same rows of the batch (tensor parallelism across hosts): those load the same
+share (`parallel.batch_share` says which). Share p defaults to the process index.
+
+Resumable training stream. Share p of P reads its own part of the train split
 (`tfds.even_splits` semantics) and the stream is a pure function of (seed, p, P, step):
-  * epoch e is the shard shuffled with a seed derived from (seed, p, e), so position i of
-    the infinite stream is example i % n of epoch i // n (n = shard size);
+  * epoch e is the part shuffled with a seed derived from (seed, p, e), so position i of
+    the infinite stream is example i % n of epoch i // n (n = part size);
   * example i is augmented with stateless ops seeded by (seed, p, i);
   * mixup of step s is seeded on the device by (seed, s).
 `train_batches(config, start_step=s)` therefore starts at epoch (s * B) // n and drops the
@@ -113,21 +117,21 @@ def get_dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
     return open_source(dataset, data_dir).info
 
 
-def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
+def _share(share_index: int | None, share_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if share_index is None else share_index
+    count = jax.process_count() if share_count is None else share_count
     if not 0 <= index < count:
-        raise ValueError(f"process_index {index} is not in [0, process_count={count})")
+        raise ValueError(f"share_index {index} is not in [0, share_count={count})")
     return index, count
 
 
-def _local_batch_size(global_batch: int, process_count: int, field: str) -> int:
-    if global_batch <= 0 or global_batch % process_count:
+def _local_batch_size(global_batch: int, share_count: int, field: str) -> int:
+    if global_batch <= 0 or global_batch % share_count:
         raise ValueError(
             f"config.{field}={global_batch} must be a positive multiple of the number of "
-            f"processes ({process_count}): every process loads an equal share of each batch."
+            f"shares processes load it in ({share_count}): every share is the same size."
         )
-    return global_batch // process_count
+    return global_batch // share_count
 
 
 # Autotuning may use this much host RAM for buffers (prefetch, parallel map outputs).
@@ -194,12 +198,12 @@ def short_classes(dataset: str, data_dir: str | None, split: str, per_class: int
 
 
 def _train_shard(
-    source: Source, config: ml_collections.ConfigDict, process_index: int, process_count: int
+    source: Source, config: ml_collections.ConfigDict, share_index: int, share_count: int
 ) -> tuple[tf.data.Dataset, int]:
-    """This process's train records in their fixed order, and how many there are."""
+    """The share's train records in their fixed order, and how many there are."""
     per_class = config.train_examples_per_class
     if per_class is None:
-        split = tfds.even_splits(config.train_split, process_count)[process_index]
+        split = tfds.even_splits(config.train_split, share_count)[share_index]
         records, size = source.records(split), source.num_examples(split)
     else:
         kept, short = _first_per_class(source, config.train_split, per_class)
@@ -208,12 +212,12 @@ def _train_shard(
                 f"config.train_examples_per_class={per_class}, but split "
                 f"{config.train_split!r} has fewer examples of classes {short}"
             )
-        mine = np.array_split(np.arange(len(kept["label"])), process_count)[process_index]
+        mine = np.array_split(np.arange(len(kept["label"])), share_count)[share_index]
         records = tf.data.Dataset.from_tensor_slices({k: v[mine] for k, v in kept.items()})
         size = len(mine)
     if size == 0:
         raise ValueError(
-            f"Process {process_index} of {process_count} got no examples of train split "
+            f"Share {share_index} of {share_count} got no examples of train split "
             f"{config.train_split!r}; use a larger split or fewer processes."
         )
     return records, size
@@ -253,23 +257,24 @@ def train_batches(
     config: ml_collections.ConfigDict,
     *,
     start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    share_index: int | None = None,
+    share_count: int | None = None,
 ) -> Iterator[Batch]:
-    """Endless augmented batches of this process's train shard, starting at `start_step`.
+    """Endless augmented batches of one share of the train split, starting at `start_step`.
 
-    Yields {"image": uint8 [B, H, W, 3], "label": int32 [B]} with B = batch_size // process_count;
+    Yields {"image": uint8 [B, H, W, 3], "label": int32 [B]} with B = batch_size // share_count;
     batch s is the same whatever `start_step` the stream began at (see module docstring).
-    Process index/count default to `jax.process_index()` / `jax.process_count()`.
+    The share (`parallel.batch_share`) defaults to `jax.process_index()` of
+    `jax.process_count()`.
     """
-    process_index, process_count = _processes(process_index, process_count)
-    local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
+    share_index, share_count = _share(share_index, share_count)
+    local_batch = _local_batch_size(config.batch_size, share_count, "batch_size")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     source = open_source(config.dataset, config.data_dir)
-    records, size = _train_shard(source, config, process_index, process_count)
+    records, size = _train_shard(source, config, share_index, share_count)
     example = _train_example_fn(source, config)
-    base = tf.constant([config.seed, process_index], tf.int64)
+    base = tf.constant([config.seed, share_index], tf.int64)
     shuffle_key, example_key = tf.unstack(tf.random.experimental.stateless_split(base, 2))
     fold_in = tf.random.experimental.stateless_fold_in
     buffer = max(1, min(config.shuffle_buffer, size))
@@ -297,36 +302,37 @@ def num_train_examples(config: ml_collections.ConfigDict) -> int:
     return source.num_examples(config.train_split)
 
 
-def num_eval_batches(config: ml_collections.ConfigDict, process_count: int | None = None) -> int:
-    """Batches every process yields from `eval_batches` (the same on all of them)."""
-    process_count = jax.process_count() if process_count is None else process_count
-    local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
+def num_eval_batches(config: ml_collections.ConfigDict, share_count: int | None = None) -> int:
+    """Batches every share of `eval_batches` yields (the same for all of them)."""
+    share_count = jax.process_count() if share_count is None else share_count
+    local_batch = _local_batch_size(config.eval_batch_size, share_count, "eval_batch_size")
     source = open_source(config.dataset, config.data_dir)
     # The whole split first: an unknown or empty one is named as the config gives it, not
-    # as one process's shard of it.
+    # as one share of it.
     if not source.num_examples(config.eval_split):
         raise ValueError(f"Eval split {config.eval_split!r} of {config.dataset!r} is empty")
-    shards = tfds.even_splits(config.eval_split, process_count)
+    shards = tfds.even_splits(config.eval_split, share_count)
     return -(-max(source.num_examples(s) for s in shards) // local_batch)
 
 
 def eval_batches(
     config: ml_collections.ConfigDict,
     *,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    share_index: int | None = None,
+    share_count: int | None = None,
 ) -> Iterator[Batch]:
-    """This process's share of the eval split, once, padded to `num_eval_batches` batches.
+    """One share of the eval split, once, padded to `num_eval_batches` batches.
 
     Yields {"image", "label", "mask"}; mask is 1 for real examples and 0 for padding. All
-    processes together cover the split exactly once, and each yields the same number of
-    batches, as building global arrays needs every process at every step.
+    shares together cover the split exactly once, and each yields the same number of
+    batches, as building global arrays needs every process at every step. The share
+    defaults to `jax.process_index()` of `jax.process_count()`.
     """
-    process_index, process_count = _processes(process_index, process_count)
-    local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
-    num_batches = num_eval_batches(config, process_count)
+    share_index, share_count = _share(share_index, share_count)
+    local_batch = _local_batch_size(config.eval_batch_size, share_count, "eval_batch_size")
+    num_batches = num_eval_batches(config, share_count)
     source = open_source(config.dataset, config.data_dir)
-    split = tfds.even_splits(config.eval_split, process_count)[process_index]
+    split = tfds.even_splits(config.eval_split, share_count)[share_index]
     check_preprocessing(config.pp)
     size, fraction = config.image_size, config.pp.eval_crop_fraction
     antialias = config.pp.antialias

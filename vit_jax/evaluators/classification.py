@@ -23,13 +23,19 @@ class ClassificationEvaluator:
     def __init__(self, trainer: Any):
         self.trainer = trainer
         self.every = int(trainer.config.eval_every)
-        data.num_eval_batches(trainer.config)  # An unknown or empty split stops the start-up.
+        # An unknown or empty split stops the start-up.
+        data.num_eval_batches(trainer.config, trainer.batch_share[1])
 
     def run(self, params: Any, stop: StopRequests) -> dict[str, float]:
         """Raises `StopRequested` when a stop is requested before the split is done."""
         totals, dispatched = None, parallel.DispatchWindow()
         batches = parallel.prefetch_to_devices(
-            data.eval_batches(self.trainer.config), self.trainer.batch_sharding
+            data.eval_batches(
+                self.trainer.config,
+                share_index=self.trainer.batch_share[0],
+                share_count=self.trainer.batch_share[1],
+            ),
+            self.trainer.batch_sharding,
         )
         for batch in stop.watch(batches):
             sums = self.trainer.eval_step(params, batch)

@@ -129,7 +129,7 @@ def too_few_per_class(
 def split_order(index: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Rows of gathered eval batches that hold real examples, in the split's order.
 
-    `index` numbers every row as (process, position in that process's stream), which
+    `index` numbers every row as (share, position in that share's stream), which
     `even_splits` maps to consecutive parts of the split; padding rows have mask 0.
     """
     real = np.flatnonzero(mask > 0)
@@ -137,13 +137,13 @@ def split_order(index: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def numbered_batches(
-    batches: Iterable[dict[str, np.ndarray]], process_index: int, num_batches: int
+    batches: Iterable[dict[str, np.ndarray]], share_index: int, num_batches: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Adds "index" = process_index * rows_per_process + row number in this process's stream."""
+    """Adds "index" = share_index * rows_per_share + row number in this share's stream."""
     position = 0
     for batch in batches:
         size = len(batch["mask"])
-        base = process_index * num_batches * size + position
+        base = share_index * num_batches * size + position
         yield {**batch, "index": np.arange(base, base + size, dtype=np.int32)}
         position += size
 
@@ -207,6 +207,7 @@ class FewShotEvaluator:
         self.features_model = model.clone(num_classes=0)
         self.mesh, self.rules, self.param_shardings = mesh, rules, param_shardings
         self.batch_sharding = parallel.batch_sharding(mesh, rules)
+        self.batch_share = parallel.batch_share(self.batch_sharding)
         parallel.batch_size_per_shard(config.eval_batch_size, mesh, rules)
         self._embed = jax.jit(
             self._embed_batch,
@@ -234,8 +235,11 @@ class FewShotEvaluator:
         Raises `StopRequested` when a stop is requested before the split is done.
         """
         config = self.split_config(dataset, split)
+        share_index, share_count = self.batch_share
         batches = numbered_batches(
-            data.eval_batches(config), jax.process_index(), data.num_eval_batches(config)
+            data.eval_batches(config, share_index=share_index, share_count=share_count),
+            share_index,
+            data.num_eval_batches(config, share_count),
         )
         gathered = []
         with parallel.activate(self.mesh, self.rules):

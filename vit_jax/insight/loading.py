@@ -53,5 +53,5 @@ def dataset_images(
     if count < 1:
         raise ValueError(f"Asked for {count} images; ask for at least one.")
     config = eval_config(run, dataset, f"{split}[:{count}]", count, data_dir)
-    batch = next(data.eval_batches(config, process_index=0, process_count=1))
+    batch = next(data.eval_batches(config, share_index=0, share_count=1))
     return batch["image"][batch["mask"] > 0]

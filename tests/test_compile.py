@@ -550,6 +550,9 @@ def test_targets_by_the_names_users_rent():
     assert parse_target("v6e-64", slices=4).slices == 4
     h100 = parse_target("h100x8x4")
     assert (h100.topology, h100.slices, h100.platform) == ("4x1x8", 4, "cuda")
+    # A GB200 NVL72 rack is one NVLink domain of 18 hosts (compute trays) of 4 GPUs.
+    assert parse_target("gb200x72x2").topology == "2x18x4"
+    assert parse_target("gb200x8").topology == "1x2x4"
 
 
 def test_a_gpu_target_holds_the_share_of_memory_jax_takes_in_the_run(monkeypatch):
@@ -572,8 +575,9 @@ def test_a_gpu_target_holds_the_share_of_memory_jax_takes_in_the_run(monkeypatch
 # Tensor Core GPU" datasheet (A100 80GB SXM, FP32 19.5 TFLOPS); "NVIDIA H100 Tensor Core
 # GPU" datasheet (H100 SXM, FP32 67 teraFLOPS); NVIDIA H200 product page,
 # https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM, FP32 67 TFLOPS); NVIDIA HGX
-# page, https://www.nvidia.com/en-us/data-center/hgx/ (HGX B200, FP32 600 TFLOPS per 8 GPUs).
-PUBLISHED_FP32_TFLOPS = {"a100": 19.5, "h100": 67.0, "h200": 67.0, "b200": 75.0}
+# page, https://www.nvidia.com/en-us/data-center/hgx/ (HGX B200, FP32 600 TFLOPS per 8 GPUs);
+# NVIDIA Blackwell architecture technical brief (GB200 at 1,200 W, FP32 90 TFLOPS).
+PUBLISHED_FP32_TFLOPS = {"a100": 19.5, "h100": 67.0, "h200": 67.0, "b200": 75.0, "gb200": 90.0}
 
 
 @GPU
@@ -584,6 +588,18 @@ def test_each_gpu_targets_devices_report_the_kind_its_figures_and_peak_are_under
     devices = topology_devices(parse_target(f"{kind}x8"))
     assert {d.device_kind for d in devices} == {GPUS[kind].kind}
     assert peak_tflops(GPUS[kind].kind, "bfloat16") is not None
+
+
+@GPU
+def test_fsdp_over_a_gb200_nvlink_domain_spans_its_hosts_and_crosses_no_network():
+    """Two GB200 compute trays of one NVL72 rack (`gb200x8`: 2 hosts of 4 GPUs): FSDP spans
+    all 8 GPUs, over NVLink, so no collective counts as crossing nodes. Grouped by process,
+    as before, the trays were two nodes: FSDP over 4, gradients reduced across them."""
+    result = figures("gb200x8", 1, "fsdp")
+    assert result["fits"] and result["device_kind"] == "NVIDIA GB200"
+    assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert result["collectives"]["all-gather"]["bytes"] > 0
+    assert all(c["cross_slice_bytes"] == 0 for c in result["collectives"].values())
 
 
 @GPU
@@ -632,12 +648,18 @@ def test_tpu_dcn_bandwidth_per_chip_is_googles(family, published_bits_per_s):
 
 
 @pytest.mark.parametrize(
-    "name", ["v9-8", "v5e-12", "h100", "tpu", "v4-32", "v5e-0", "v5p-0", "h100x0", "h100x8x0"]
-)
+    "name",
+    ["v9-8", "v5e-12", "h100", "tpu", "v4-32", "v5e-0", "v5p-0", "h100x0", "h100x8x0", "gb200x6",
+     "gb200x76"],
+)  # fmt: skip
 def test_an_unknown_target_names_the_known_ones(name):
     with pytest.raises(UnknownTargetError) as error:
         parse_target(name)
-    assert "v5e-16" in str(error.value) or "chips" in str(error.value)
+    assert (
+        "v5e-16" in str(error.value)
+        or "chips" in str(error.value)
+        or "gb200x72" in str(error.value)
+    )
     if name == "v4-32":  # Compile-only v4 devices are TensorCores, not what JAX runs on.
         assert "megacore" in str(error.value)
     if name in ("v9-8", "tpu"):

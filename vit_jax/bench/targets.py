@@ -3,24 +3,27 @@
 TPU slices go by Cloud TPU accelerator type (`v5e-16` = `v5litepod-16`, `v5p-128`,
 `v6e-64`; the number counts chips for v5e/v6e and TensorCores, two per chip, for v5p),
 `--slices N` for multi-slice. GPU nodes go by `<kind>x<gpus per node>[x<nodes>]`
-(`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`). `topology_devices` gives JAX's
+(`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`), a node being one NVLink domain: one
+host, or a GB200 NVL72 rack (`gb200x72`: 18 hosts of 4 GPUs). `topology_devices` gives JAX's
 compile-only devices of the target (libtpu for TPUs, the CUDA plugin with our target
 description for GPUs): `jit(...).lower(...).compile()` on them runs the real compiler, no
 device needed.
 
 Device figures (per chip or GPU, one direction of traffic) come from the vendors'
 published specifications: Cloud TPU's system-architecture pages for v5e, v5p and v6e;
-NVIDIA's H100, H200 and A100 SXM datasheets and its HGX B200 specifications (NVLink: half
-the quoted bidirectional figure); a GPU's memory is what `nvidia-smi` reports as its total
-(B200: 183,359 MiB). Data-center network (DCN) bandwidth per TPU chip is Google's, from
-the same pages: "TPU v5p" (https://cloud.google.com/tpu/docs/v5p) gives it per chip,
-"Data center network (DCN) bandwidth per chip (Gbps) 50": 6.25 GB/s. "TPU v5e"
+NVIDIA's H100, H200 and A100 SXM datasheets, its HGX B200 specifications and its GB200
+NVL72 specifications (NVLink: half the quoted bidirectional figure); a GPU's memory is what
+`nvidia-smi` reports as its total (B200: 183,359 MiB; GB200: 189,471 MiB). Data-center
+network (DCN) bandwidth per TPU chip is Google's, from the same pages: "TPU v5p"
+(https://cloud.google.com/tpu/docs/v5p) gives it per chip, "Data center network (DCN)
+bandwidth per chip (Gbps) 50": 6.25 GB/s. "TPU v5e"
 (https://cloud.google.com/tpu/docs/v5e) and "TPU v6e" (https://cloud.google.com/tpu/docs/v6e)
 give it per host of 8 chips and per Pod of 256: v5e "Per-host NIC configuration 2 x 100
 Gbps NIC", "Data center network bandwidth per Pod 6.4 Tbps", both 25 Gb/s per chip
 (3.125 GB/s); v6e "4 x 200 Gbps NIC", "25.6 Tbps", both 100 Gb/s per chip (12.5 GB/s).
 The pages name no direction for it; a NIC's rate is each direction's. GPU nodes are taken
-as one 400 Gb/s (A100: 200 Gb/s) InfiniBand adapter per GPU, as in DGX and HGX systems.
+as one 400 Gb/s (A100: 200 Gb/s) InfiniBand adapter per GPU, as in DGX and HGX systems
+and in DGX GB200 (four ConnectX-7 adapters per compute tray of 4 GPUs).
 """
 
 from __future__ import annotations
@@ -61,7 +64,12 @@ GPUS = {
     "h200": Device("NVIDIA H200", 150754820096, 4.8e12, 450e9, 50e9),
     "b200": Device("NVIDIA B200", 192265846784, 8e12, 900e9, 50e9),
     "a100": Device("NVIDIA A100-SXM4-80GB", 85899345920, 2.039e12, 300e9, 25e9),
+    "gb200": Device("NVIDIA GB200", 198675808256, 8e12, 900e9, 50e9),
 }
+# Kinds whose NVLink domain spans hosts: name -> (GPUs per host, most GPUs per domain). A
+# GB200 NVL72 rack joins 18 compute trays (hosts) of 4 GPUs; elsewhere (HGX, DGX) one host
+# is one NVLink domain.
+MULTI_HOST_NVLINK = {"gb200": (4, 72)}
 # Two-dimensional slices (v5e, v6e) by chip count.
 TORUS_2D = {
     1: "1x1",
@@ -79,15 +87,11 @@ TORUS_2D = {
 class Target:
     name: str
     platform: str  # "tpu" | "cuda"
-    # As `get_topology_desc` takes it; for GPUs <partitions>x<processes each>x<GPUs each>,
-    # a node being one NVLink partition of one process (`parallel.device_slices`).
+    # As `get_topology_desc` takes it; for GPUs <nodes>x<hosts per node>x<GPUs per host>, a
+    # node being one NVLink domain (a partition, `parallel.device_slices`), a host a process.
     topology: str
     slices: int  # TPU slices, or GPU nodes.
     device: Device
-
-    @property
-    def slice_word(self) -> str:
-        return "slice" if self.platform == "tpu" else "node"
 
 
 class UnknownTargetError(ValueError):
@@ -102,7 +106,8 @@ def known_targets() -> str:
     tpus = ", ".join(f"{f}-N" for f in TPUS)
     return (
         f"TPU slices {tpus} (e.g. v5e-16, v5p-128, v6e-64; with --slices N for multi-slice); "
-        f"GPU nodes {', '.join(f'{g}xG[xNODES]' for g in GPUS)} (e.g. h100x8, h100x8x4)"
+        f"GPU nodes {', '.join(f'{g}xG[xNODES]' for g in GPUS)} (e.g. h100x8, h100x8x4; "
+        "a GB200 node is an NVL72 rack's NVLink domain: gb200x72, two racks gb200x72x2)"
     )
 
 
@@ -184,11 +189,18 @@ def parse_target(name: str, slices: int = 1) -> Target:
                 f"{name}: a node has at least one GPU, a target at least one node. "
                 f"Known: {known_targets()}."
             )
-        device = GPUS[gpu.group(1)]
+        kind = gpu.group(1)
+        per_host, most = MULTI_HOST_NVLINK.get(kind, (gpus, gpus))
+        if gpus % per_host or gpus > most:
+            raise UnknownTargetError(
+                f"{name}: a {kind} node (one NVLink domain) is whole hosts of {per_host} GPUs, "
+                f"at most {most}: {kind}x{per_host} ... {kind}x{most}."
+            )
+        device = GPUS[kind]
         share = dataclasses.replace(
             device, memory_bytes=int(device.memory_bytes * gpu_memory_fraction())
         )
-        return Target(name, "cuda", f"{nodes}x1x{gpus}", nodes, share)
+        return Target(name, "cuda", f"{nodes}x{gpus // per_host}x{per_host}", nodes, share)
     raise UnknownTargetError(f"Unknown target {name!r}. Known: {known_targets()}.")
 
 

@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     # an error (the tests run so); "log" reports them; "allow" is free.
     c.transfer_guard = "allow"
     # Resuming checks that the fields deciding the trajectory are unchanged; name the ones
-    # you change deliberately, e.g. "batch_size,optim.lr" ("process_count" too).
+    # you change deliberately, e.g. "batch_size,optim.lr" ("process_count", "batch_shares" too).
     c.allow_config_change = ""
     return c
 

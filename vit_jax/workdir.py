@@ -7,10 +7,10 @@
   workdir on each host's own disk is refused before anything else is written (Orbax then
   waited forever for the other hosts' shards of the first checkpoint).
 - `check_config`: on resume, the fields that decide the run's trajectory are compared with
-  those saved in `config.json` (and the process count and the shares each batch is
-  loaded in, in `run.json`); a difference is an
-  error listing `field: saved -> now` unless `config.allow_config_change` names the field.
-  Bookkeeping fields (`BOOKKEEPING`) change freely.
+  those saved in `config.json` (and the process count and the shares each batch is loaded
+  in, in `run.json`); a difference is an error listing `field: saved -> now` unless
+  `config.allow_config_change` names the field. Bookkeeping fields (`BOOKKEEPING`) change
+  freely.
 - `resumed_model`: the architecture saved with a workdir's checkpoints, for a resume whose
   `model_init` file is gone.
 - `restore_newest_readable`: the newest checkpoint that can be read; damaged newer ones

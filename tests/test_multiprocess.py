@@ -169,36 +169,67 @@ def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tm
     assert local["eval/loss"] == pytest.approx(lines[-1]["eval/loss"], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_tensor_parallelism_across_processes_trains_as_it_does_inside_one(tmp_path):
-    # Tensor parallelism over the two processes (as over two TPU hosts): both hold every
-    # row of each batch, so both must load the same rows, with the same augmentation.
-    tensor = ("--config.sharding_rules=tp", "--config.total_steps=6", "--config.log_every=2",
-              "--config.eval_every=6", "--config.checkpoint_every=6")  # fmt: skip
-    across = str(tmp_path / "across")
-    procs = _launch(tmp_path, across, *tensor, "--config.dcn_mesh.data=1",
-                    "--config.dcn_mesh.tensor=2")  # fmt: skip
-    errors = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
-    shares = "over 2 slice(s) or node(s); the processes load each batch in 1 share(s)."
-    assert shares in errors[0]
-    inside = str(tmp_path / "inside")
+def _train(tmp_path, workdir: str, processes: int, devices: int, *flags: str) -> str:
+    """One run of `processes` processes with `devices` simulated devices each, to its end;
+    process 0's stderr."""
+    port = free_port()
     command = [
         sys.executable, "-m", "vit_jax.main", "--config", f"{REPO}/configs/{RECIPE}",
-        f"--config.data_dir={tmp_path}/tfds0", "--workdir", inside,
-        *config_flags(OVERRIDES), *tensor, "--config.mesh.tensor=2",
+        "--workdir", workdir, *config_flags(OVERRIDES), *flags,
     ]  # fmt: skip
-    one = subprocess.run(
-        command, cwd=REPO, env=simulated_devices_env(8), text=True, capture_output=True
+    if processes > 1:
+        command += ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes)]
+    procs = [
+        subprocess.Popen(
+            [*command, f"--config.data_dir={tmp_path}/tfds{i}"]
+            + (["--process_id", str(i)] if processes > 1 else []),
+            cwd=REPO,
+            env=simulated_devices_env(devices),
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(processes)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * processes, errors[0][-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "across, inside, shares",
+    [
+        # Tensor over two processes: both hold every row of each batch.
+        ((2, 4, "--config.dcn_mesh.data=1", "--config.dcn_mesh.tensor=2"),
+         (1, 8, "--config.mesh.tensor=2"), 1),
+        # Tensor over pairs of four processes, as over pairs of TPU hosts on a v6e-64 with
+        # tensor 4: each pair holds a part of each batch's rows of its own.
+        ((4, 2, "--config.mesh.data=2", "--config.dcn_mesh.data=2", "--config.dcn_mesh.tensor=2"),
+         (2, 4, "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.dcn_mesh.data=2"), 2),
+    ],
+)  # fmt: skip
+def test_tensor_parallelism_across_processes_trains_as_it_does_inside_them(
+    tmp_path, across, inside, shares
+):
+    """Processes that hold the same rows of each batch load the same rows, with the same
+    augmentation: the run learns what the same mesh learns with tensor parallelism inside
+    each process, where as many processes load the same shares."""
+    tensor = ("--config.sharding_rules=tp", "--config.total_steps=6", "--config.log_every=2",
+              "--config.eval_every=6", "--config.checkpoint_every=6")  # fmt: skip
+    log = _train(tmp_path, str(tmp_path / "across"), *across, *tensor)
+    assert f"the processes load each batch in {shares} share(s)." in log
+    _train(tmp_path, str(tmp_path / "inside"), *inside, *tensor)
+    spanning, contained = (
+        read_records(str(tmp_path / "across")),
+        read_records(str(tmp_path / "inside")),
     )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two_processes, one_process = read_records(across), read_records(inside)
-    assert [r["step"] for r in two_processes] == [r["step"] for r in one_process] == [2, 4, 6]
+    assert [r["step"] for r in spanning] == [r["step"] for r in contained] == [2, 4, 6]
     learnt = ("train/loss", "train/grad_norm", "eval/loss", "eval/top1", "fewshot/digits_5shot")
-    for two, one in zip(two_processes, one_process, strict=True):
-        got, expected = ({k: r[k] for k in learnt if k in r} for r in (two, one))
-        assert got == pytest.approx(expected, rel=1e-4), one["step"]  # Up to float32 sums.
-    assert "eval/top1" in one_process[-1]
+    for a, b in zip(spanning, contained, strict=True):
+        got, expected = ({k: r[k] for k in learnt if k in r} for r in (a, b))
+        assert got == pytest.approx(expected, rel=1e-4), b["step"]  # Up to float32 sums.
+    assert "eval/top1" in contained[-1]
 
 
 @pytest.mark.slow

@@ -51,21 +51,28 @@ def _launch(
     pause_at: int | None = None,
     cwds: tuple = (REPO, REPO),
     own_flags: tuple = ((), ()),
+    processes: int = 2,
+    devices: int = 4,
 ) -> list[subprocess.Popen]:
-    """Two processes of one run, 4 simulated devices each, started in `cwds` with `flags`
-    and their `own_flags`; paused before step `pause_at` + 1 (tests/paused_train.py) until a
-    line arrives on their stdin."""
+    """`processes` processes of one run (one alone runs without a coordinator), `devices`
+    simulated devices each, started in `cwds` with `flags` and their `own_flags`; paused
+    before step `pause_at` + 1 (tests/paused_train.py) until a line arrives on their stdin."""
     port = free_port()
     overrides = config_flags(OVERRIDES)
-    env = simulated_devices_env(4)
+    env = simulated_devices_env(devices)
     main = ["-m", "vit_jax.main"] if pause_at is None else [PAUSED_TRAIN, str(pause_at)]
+    cwds = cwds + (REPO,) * (processes - len(cwds))
+    own_flags = own_flags + ((),) * (processes - len(own_flags))
     procs = []
-    for i in range(2):
+    for i in range(processes):
+        distributed = [
+            "--coordinator_address", f"localhost:{port}", "--num_processes", str(processes),
+            "--process_id", str(i),
+        ] if processes > 1 else []  # fmt: skip
         command = [
             sys.executable, *main, "--config", f"{REPO}/configs/{RECIPE}",
             f"--config.data_dir={tmp_path}/tfds{i}", "--workdir", workdir,
-            "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-            "--process_id", str(i), *overrides, *flags, *own_flags[i],
+            *distributed, *overrides, *flags, *own_flags[i],
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(
@@ -172,25 +179,7 @@ def test_two_processes_stop_together_resume_and_evaluate_the_whole_split_once(tm
 def _train(tmp_path, workdir: str, processes: int, devices: int, *flags: str) -> str:
     """One run of `processes` processes with `devices` simulated devices each, to its end;
     process 0's stderr."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "vit_jax.main", "--config", f"{REPO}/configs/{RECIPE}",
-        "--workdir", workdir, *config_flags(OVERRIDES), *flags,
-    ]  # fmt: skip
-    if processes > 1:
-        command += ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes)]
-    procs = [
-        subprocess.Popen(
-            [*command, f"--config.data_dir={tmp_path}/tfds{i}"]
-            + (["--process_id", str(i)] if processes > 1 else []),
-            cwd=REPO,
-            env=simulated_devices_env(devices),
-            text=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(processes)
-    ]
+    procs = _launch(tmp_path, workdir, *flags, processes=processes, devices=devices)
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * processes, errors[0][-3000:]
     return errors[0]

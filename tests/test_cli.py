@@ -61,7 +61,7 @@ def softmax_of_eval_pipeline(config, folder, params) -> dict[str, np.ndarray]:
     source = data.pipeline.open_source(config.dataset, None)
     paths = [record["image"].decode() for record in source.records("test").as_numpy_iterator()]
     model = build_model(config.model, num_classes=10)
-    batch = next(data.eval_batches(config))
+    batch = next(data.eval_batches(config, share_index=0, share_count=1))
     images = scale_images(batch["image"])
     probs = jax.nn.softmax(model.apply({"params": params}, images, train=False))
     return dict(zip(paths, np.asarray(probs), strict=False))
@@ -91,7 +91,7 @@ def test_predict_preprocessing_is_the_evaluation_pipeline(run, images):
     config.dataset, config.eval_split = f"folder:{images}", "test"
     source = data.pipeline.open_source(config.dataset, None)
     records = list(source.records("test").as_numpy_iterator())
-    expected = next(data.eval_batches(config))["image"]
+    expected = next(data.eval_batches(config, share_index=0, share_count=1))["image"]
     assert len(records) == 6
     for record, image in zip(records, expected, strict=False):
         path = record["image"].decode()

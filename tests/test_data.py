@@ -231,7 +231,9 @@ def test_unprepared_tfds_dataset_is_a_clear_error_not_a_download(tmp_path):
         data.get_dataset_info("cifar10", str(tmp_path))
     message = f"tfds build cifar10 --data_dir {tmp_path}"
     with pytest.raises(FileNotFoundError, match=message):
-        data.train_batches(data_config(str(tmp_path), dataset="cifar10"), share_count=1)
+        data.train_batches(
+            data_config(str(tmp_path), dataset="cifar10"), share_index=0, share_count=1
+        )
     assert not any(tmp_path.iterdir())  # Nothing was downloaded or written.
     with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'"):
         data.get_dataset_info("no_such_dataset", str(tmp_path))

@@ -164,7 +164,9 @@ def plain_accuracies(model, params, data_dir, shots, holdout_per_class=5):
     features_model = model.clone(num_classes=0)
 
     def features(split, size):
-        batch = next(data.eval_batches(eval_config(data_dir, split, size), share_count=1))
+        batch = next(
+            data.eval_batches(eval_config(data_dir, split, size), share_index=0, share_count=1)
+        )
         x = features_model.apply({"params": params}, scale_images(batch["image"]), train=False)
         return np.asarray(x, np.float64), batch["label"].astype(np.int64)
 

@@ -36,7 +36,7 @@ simulated devices do, it stalls those collectives until XLA aborts.)
 
 Shares: each global batch is loaded in P shares, one per process, except where processes
 hold the same rows of the batch (tensor parallelism across hosts): those load the same
-share (`parallel.batch_share` says which). Share p defaults to the process index.
+share (`parallel.batch_share` says which; every stream takes it).
 
 Resumable training stream. Share p of P reads its own part of the train split
 (`tfds.even_splits` semantics) and the stream is a pure function of (seed, p, P, step):
@@ -117,12 +117,9 @@ def get_dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
     return open_source(dataset, data_dir).info
 
 
-def _share(share_index: int | None, share_count: int | None) -> tuple[int, int]:
-    index = jax.process_index() if share_index is None else share_index
-    count = jax.process_count() if share_count is None else share_count
-    if not 0 <= index < count:
-        raise ValueError(f"share_index {index} is not in [0, share_count={count})")
-    return index, count
+def _check_share(share_index: int, share_count: int) -> None:
+    if not 0 <= share_index < share_count:
+        raise ValueError(f"share_index {share_index} is not in [0, share_count={share_count})")
 
 
 def _local_batch_size(global_batch: int, share_count: int, field: str) -> int:
@@ -257,17 +254,16 @@ def train_batches(
     config: ml_collections.ConfigDict,
     *,
     start_step: int = 0,
-    share_index: int | None = None,
-    share_count: int | None = None,
+    share_index: int,
+    share_count: int,
 ) -> Iterator[Batch]:
     """Endless augmented batches of one share of the train split, starting at `start_step`.
 
     Yields {"image": uint8 [B, H, W, 3], "label": int32 [B]} with B = batch_size // share_count;
     batch s is the same whatever `start_step` the stream began at (see module docstring).
-    The share (`parallel.batch_share`) defaults to `jax.process_index()` of
-    `jax.process_count()`.
+    The share is `parallel.batch_share`'s (one process alone: 0 of 1).
     """
-    share_index, share_count = _share(share_index, share_count)
+    _check_share(share_index, share_count)
     local_batch = _local_batch_size(config.batch_size, share_count, "batch_size")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
@@ -302,9 +298,8 @@ def num_train_examples(config: ml_collections.ConfigDict) -> int:
     return source.num_examples(config.train_split)
 
 
-def num_eval_batches(config: ml_collections.ConfigDict, share_count: int | None = None) -> int:
+def num_eval_batches(config: ml_collections.ConfigDict, share_count: int) -> int:
     """Batches every share of `eval_batches` yields (the same for all of them)."""
-    share_count = jax.process_count() if share_count is None else share_count
     local_batch = _local_batch_size(config.eval_batch_size, share_count, "eval_batch_size")
     source = open_source(config.dataset, config.data_dir)
     # The whole split first: an unknown or empty one is named as the config gives it, not
@@ -318,17 +313,17 @@ def num_eval_batches(config: ml_collections.ConfigDict, share_count: int | None 
 def eval_batches(
     config: ml_collections.ConfigDict,
     *,
-    share_index: int | None = None,
-    share_count: int | None = None,
+    share_index: int,
+    share_count: int,
 ) -> Iterator[Batch]:
     """One share of the eval split, once, padded to `num_eval_batches` batches.
 
     Yields {"image", "label", "mask"}; mask is 1 for real examples and 0 for padding. All
     shares together cover the split exactly once, and each yields the same number of
-    batches, as building global arrays needs every process at every step. The share
-    defaults to `jax.process_index()` of `jax.process_count()`.
+    batches, as building global arrays needs every process at every step. The share is
+    `parallel.batch_share`'s (one process alone: 0 of 1).
     """
-    share_index, share_count = _share(share_index, share_count)
+    _check_share(share_index, share_count)
     local_batch = _local_batch_size(config.eval_batch_size, share_count, "eval_batch_size")
     num_batches = num_eval_batches(config, share_count)
     source = open_source(config.dataset, config.data_dir)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice (v4/v5e/v5p, any size): create the slice with a queued
-# resource, install vit_jax on every worker, run the same vit-train on all of them with
-# their logs streamed here, then delete the slice. If the slice is preempted (vit-train
-# exits 75 after saving, or the slice is gone, while installing too), a new one is
-# created and the run resumes.
+# Train on a Cloud TPU VM slice (v4, v5e, v5p, v6e, TPU7x; any size): create the slice
+# with a queued resource, install vit_jax on every worker, run the same vit-train on all of
+# them with their logs streamed here, then delete the slice. If the slice is preempted
+# (vit-train exits 75 after saving, or the slice is gone, while installing too), a new one
+# is created and the run resumes.
 #
 #   export TPU_NAME=vit ZONE=us-central1-a ACCELERATOR_TYPE=v5litepod-16 \
 #          RUNTIME_VERSION=v2-alpha-tpuv5-lite REPO=https://github.com/you/vit_jax.git
@@ -13,8 +13,8 @@
 # Optional: BRANCH (default main), SPOT=1 (spot capacity), MAX_ATTEMPTS (default 10),
 # NUM_SLICES=N for a multi-slice run (N slices of ACCELERATOR_TYPE joined by the data-center
 # network; config.dcn_mesh puts data parallelism across them), CHECK_FIT=1 to compile the
-# recipe for the target here first (vit-bench compile, the compile extra; v5e, v5p and v6e)
-# and stop if it does not fit. LIBTPU_INIT_ARGS, when set, reaches vit-train on every
+# recipe for the target here first (vit-bench compile, the compile extra; v5e, v5p, v6e,
+# TPU7x) and stop if it does not fit. LIBTPU_INIT_ARGS, when set, reaches vit-train on every
 # worker: the TPU compiler flags the fit check compiled with are the ones the slice runs with,
 # and the workers install the libtpu release it compiled with (the tpu extra).
 # The workdir and any data_dir must be on GCS: every worker writes there and a new slice

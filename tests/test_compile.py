@@ -36,6 +36,7 @@ from vit_jax.bench.sweep import (
 )
 from vit_jax.bench.targets import (
     GPUS,
+    TPUS,
     UnknownTargetError,
     compiler_version,
     gpu_target_config,
@@ -548,6 +549,7 @@ def test_targets_by_the_names_users_rent():
     assert parse_target("v5litepod-16").topology == "v5e:4x4"
     assert parse_target("v5p-128").topology == "v5p:4x4x4"  # 128 TensorCores, 64 chips.
     assert parse_target("v6e-64", slices=4).slices == 4
+    assert parse_target("tpu7x-128").topology == "tpu7x:4x4x4"  # 128 TensorCores, 64 chips.
     h100 = parse_target("h100x8x4")
     assert (h100.topology, h100.slices, h100.platform) == ("4x1x8", 4, "cuda")
     # A GB200 NVL72 rack is one NVLink domain of 18 hosts (compute trays) of 4 GPUs.
@@ -588,6 +590,26 @@ def test_each_gpu_targets_devices_report_the_kind_its_figures_and_peak_are_under
     devices = topology_devices(parse_target(f"{kind}x8"))
     assert {d.device_kind for d in devices} == {GPUS[kind].kind}
     assert peak_tflops(GPUS[kind].kind, "bfloat16") is not None
+
+
+@TPU
+@pytest.mark.parametrize("family", sorted(TPUS))
+def test_each_tpu_targets_devices_report_the_kind_and_the_hbm_its_figures_hold(family):
+    """The compile-only devices of a 4-chip slice report the device kind `targets.TPUS` and
+    `peaks.py` know them by, one device per chip but on TPU7x, whose two TensorCores JAX
+    runs as two devices; and the HBM a device offers is the compiler's own: its refusal of
+    a program twice that size names it ("exceeds available HBM (94.75G)", in GiB)."""
+    _, per_chip, device = TPUS[family]
+    devices = topology_devices(parse_target(f"{family}-{4 * per_chip}"))
+    assert {d.device_kind for d in devices} == {device.kind}
+    assert len(devices) == (8 if family == "tpu7x" else 4)
+    assert peak_tflops(device.kind, "bfloat16") is not None
+    one = jax.sharding.SingleDeviceSharding(devices[0])
+    half = jax.ShapeDtypeStruct((device.memory_bytes // 4,), np.float32, sharding=one)
+    with pytest.raises(Exception, match="exceeds available HBM") as refusal:
+        jax.jit(lambda x: x + 1, out_shardings=one).lower(half).compile()  # In and out.
+    available = re.search(r"exceeds available HBM \(([\d.]+)G\)", str(refusal.value))
+    assert device.memory_bytes / 2**30 == pytest.approx(float(available.group(1)), abs=0.005)
 
 
 @GPU
@@ -635,22 +657,23 @@ def test_each_gpu_target_reaches_the_devices_published_fp32_peak(kind):
     [
         # Cloud TPU's system-architecture pages (vit_jax/bench/targets.py): v5p per chip,
         # v5e and v6e per 256-chip Pod (6.4 and 25.6 Tbps; 2 x 100 and 4 x 200 Gbps NICs
-        # per host of 8 chips).
+        # per host of 8 chips), TPU7x per chip, shared by its two devices.
         ("v5p", 50e9),
         ("v5e", 6.4e12 / 256),
         ("v5litepod", 2 * 100e9 / 8),
         ("v6e", 25.6e12 / 256),
+        ("tpu7x", 100e9 / 2),
     ],
 )
-def test_tpu_dcn_bandwidth_per_chip_is_googles(family, published_bits_per_s):
-    target = parse_target(f"{family}-{8 if family == 'v5p' else 4}", slices=2)
+def test_tpu_dcn_bandwidth_per_device_is_googles(family, published_bits_per_s):
+    target = parse_target(f"{family}-{4 * TPUS[family][1]}", slices=2)
     assert target.device.dcn_bytes_per_s == pytest.approx(published_bits_per_s / 8)
 
 
 @pytest.mark.parametrize(
     "name",
-    ["v9-8", "v5e-12", "h100", "tpu", "v4-32", "v5e-0", "v5p-0", "h100x0", "h100x8x0", "gb200x6",
-     "gb200x76"],
+    ["v9-8", "v5e-12", "h100", "tpu", "v4-32", "v5e-0", "v5p-0", "tpu7x-12", "tpu7x-7", "h100x0",
+     "h100x8x0", "gb200x6", "gb200x76"],
 )  # fmt: skip
 def test_an_unknown_target_names_the_known_ones(name):
     with pytest.raises(UnknownTargetError) as error:

@@ -1,13 +1,14 @@
 """Peak dense matmul TFLOP/s per device, by the device kinds JAX reports, for MFU.
 
 Keys are `jax.devices()[0].device_kind` as JAX reports it ("TPU v5 lite" is v5e, "TPU v5"
-is v5p, "TPU v6 lite" is v6e / Trillium); NVIDIA kinds are matched by the model in the
-name ("NVIDIA H100 80GB HBM3" is the SXM part). float32 figures are what a float32 matmul
-runs at with JAX's default precision: TF32 tensor cores on NVIDIA (A100 and later), and
-single-pass bfloat16 on TPUs, so there it equals the bfloat16 peak. NVIDIA publishes
-Blackwell's tensor-core peaks with sparsity (HGX B200: BF16 36 and TF32 18 PFLOPS per 8
-GPUs; GB200 NVL72: 360 and 180 PFLOPS per 72 GPUs); the dense peaks here are half of
-those, per GPU.
+is v5p, "TPU v6 lite" is v6e / Trillium, "TPU7x" is Ironwood, whose two TensorCores per
+chip JAX runs as two devices: half the chip's published 2,307 TFLOP/s each); NVIDIA kinds
+are matched by the model in the name ("NVIDIA H100 80GB HBM3" is the SXM part). float32
+figures are what a float32 matmul runs at with JAX's default precision: TF32 tensor cores
+on NVIDIA (A100 and later), and single-pass bfloat16 on TPUs, so there it equals the
+bfloat16 peak. NVIDIA publishes Blackwell's tensor-core peaks with sparsity (HGX B200:
+BF16 36 and TF32 18 PFLOPS per 8 GPUs; GB200 NVL72: 360 and 180 PFLOPS per 72 GPUs); the
+dense peaks here are half of those, per GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ TPU_PEAKS: dict[str, dict[str, float]] = {
     "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
     "TPU v5": {"bfloat16": 459.0, "float32": 459.0},
     "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+    "TPU7x": {"bfloat16": 1153.5, "float32": 1153.5},
 }
 # (substring of the device kind, {dtype: peak}); the first match wins, so more specific
 # names (PCIe, NVL, GB200) come before the SXM default.

@@ -51,8 +51,9 @@ _COUNT = flags.DEFINE_integer("count", 1000, "photos: number of JPEGs.", lower_b
 _TARGET = flags.DEFINE_string(
     "target",
     None,
-    "compile: v5e-16, v5litepod-16, v5p-128, v6e-64, h100x8, h200x8, b200x8, a100x8, h100x8x4, "
-    "gb200x72 (one NVL72 rack: an NVLink domain of 18 hosts of 4 GPUs).",
+    "compile: v5e-16, v5litepod-16, v5p-128, v6e-64, tpu7x-128 (64 chips, 128 devices), "
+    "h100x8, h200x8, b200x8, a100x8, h100x8x4, gb200x72 (one NVL72 rack: an NVLink domain "
+    "of 18 hosts of 4 GPUs).",
 )
 _SLICES = flags.DEFINE_integer("slices", 1, "compile: TPU slices (multi-slice over DCN).")
 _NUM_CLASSES = flags.DEFINE_integer(

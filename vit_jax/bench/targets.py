@@ -1,8 +1,8 @@
 """What users rent, by the names they rent it under, as compile-only devices and figures.
 
 TPU slices go by Cloud TPU accelerator type (`v5e-16` = `v5litepod-16`, `v5p-128`,
-`v6e-64`; the number counts chips for v5e/v6e and TensorCores, two per chip, for v5p),
-`--slices N` for multi-slice. GPU nodes go by `<kind>x<gpus per node>[x<nodes>]`
+`v6e-64`, `tpu7x-128`; the number counts chips for v5e/v6e and TensorCores, two per chip,
+for v5p and TPU7x), `--slices N` for multi-slice. GPU nodes go by `<kind>x<gpus per node>[x<nodes>]`
 (`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`), a node being one NVLink domain: one
 host, or a GB200 NVL72 rack (`gb200x72`: 18 hosts of 4 GPUs). `topology_devices` gives JAX's
 compile-only devices of the target (libtpu for TPUs, the CUDA plugin with our target
@@ -10,7 +10,12 @@ description for GPUs): `jit(...).lower(...).compile()` on them runs the real com
 device needed.
 
 Device figures (per chip or GPU, one direction of traffic) come from the vendors'
-published specifications: Cloud TPU's system-architecture pages for v5e, v5p and v6e;
+published specifications: Cloud TPU's system-architecture pages for v5e, v5p, v6e and
+TPU7x (Ironwood, https://cloud.google.com/tpu/docs/tpu7x: per chip 7,380 GB/s of HBM, 1,200
+GB/s of ICI both ways, 100 Gb/s of DCN; JAX runs each of its two TensorCores as a device,
+so a device has half of each). A TPU device's memory is the HBM libtpu's compiler gives a
+program on it, as its refusals name it: v5e 15.75 GiB, v5p 95.74, v6e 31.25, TPU7x 94.75
+(half the chip's 192 GiB, less what the runtime keeps);
 NVIDIA's H100, H200 and A100 SXM datasheets, its HGX B200 specifications and its GB200
 NVL72 specifications (NVLink: half the quoted bidirectional figure); a GPU's memory is what
 `nvidia-smi` reports as its total (B200: 183,359 MiB; GB200: 189,471 MiB). Data-center
@@ -51,12 +56,15 @@ class Device:
     dcn_bytes_per_s: float  # Between slices or nodes.
 
 
-TPUS = {  # family -> (topology prefix, chips per counted unit, figures)
+TPUS = {  # family -> (topology prefix, counted units per chip, figures per JAX device)
     "v5e": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),
     "v5litepod": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),
-    "v5p": ("v5p", 2, Device("TPU v5", 95 * GIB, 2765e9, 600e9, 6.25e9)),
+    "v5p": ("v5p", 2, Device("TPU v5", int(95.74 * GIB), 2765e9, 600e9, 6.25e9)),
     "v6e": ("v6e", 1, Device("TPU v6 lite", int(31.25 * GIB), 1640e9, 448e9, 12.5e9)),
+    "tpu7x": ("tpu7x", 2, Device("TPU7x", int(94.75 * GIB), 3690e9, 300e9, 6.25e9)),
 }
+# Families whose slices are 3D tori (4-chip cubes and up); the others are 2D.
+TORUS_3D_FAMILIES = {"v5p", "tpu7x"}
 # name -> figures, memory_bytes all of the GPU's (a target takes JAX's share of it:
 # gpu_memory_fraction); the target description ships as gpu_targets/<name>.txtpb.
 GPUS = {
@@ -105,20 +113,21 @@ class CompilerMissingError(RuntimeError):
 def known_targets() -> str:
     tpus = ", ".join(f"{f}-N" for f in TPUS)
     return (
-        f"TPU slices {tpus} (e.g. v5e-16, v5p-128, v6e-64; with --slices N for multi-slice); "
+        f"TPU slices {tpus} (e.g. v5e-16, v5p-128, v6e-64, tpu7x-128; with --slices N for "
+        "multi-slice); "
         f"GPU nodes {', '.join(f'{g}xG[xNODES]' for g in GPUS)} (e.g. h100x8, h100x8x4; "
         "a GB200 node is an NVL72 rack's NVLink domain: gb200x72, two racks gb200x72x2)"
     )
 
 
-def _torus_3d(chips: int) -> str:
-    """v5p slice shapes: from 2x2x1, double the last of the smallest dimensions."""
+def _torus_3d(family: str, chips: int) -> str:
+    """v5p and TPU7x slice shapes: from 2x2x1, double the last of the smallest dimensions."""
     dims = [2, 2, 1]
     while dims[0] * dims[1] * dims[2] < chips:
         smallest = min(dims)
         dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
     if dims[0] * dims[1] * dims[2] != chips:
-        raise UnknownTargetError(f"No v5p slice has {chips} chips: use a power of two >= 4.")
+        raise UnknownTargetError(f"No {family} slice has {chips} chips: use a power of two >= 4.")
     return "x".join(map(str, dims))
 
 
@@ -157,15 +166,17 @@ def parse_target(name: str, slices: int = 1) -> Target:
     """
     if slices < 1:
         raise UnknownTargetError(f"--slices {slices}: must be >= 1.")
-    tpu = re.fullmatch(r"(v5e|v5litepod|v5p|v6e)-(\d+)", name)
+    tpu = re.fullmatch(rf"({'|'.join(TPUS)})-(\d+)", name)
     if tpu:
         prefix, per_chip, device = TPUS[tpu.group(1)]
         count = int(tpu.group(2))
         if count % per_chip:
-            raise UnknownTargetError(f"{name}: {tpu.group(1)} counts TensorCores, two per chip.")
+            raise UnknownTargetError(
+                f"{name}: {tpu.group(1)} counts TensorCores, two per chip ({prefix}-8 is 4 chips)."
+            )
         chips = count // per_chip
-        if prefix == "v5p":
-            shape = _torus_3d(chips)
+        if prefix in TORUS_3D_FAMILIES:
+            shape = _torus_3d(prefix, chips)
         elif chips in TORUS_2D:
             shape = TORUS_2D[chips]
         else:

@@ -2,23 +2,23 @@
 
 TPU slices go by Cloud TPU accelerator type (`v5e-16` = `v5litepod-16`, `v5p-128`,
 `v6e-64`, `tpu7x-128`; the number counts chips for v5e/v6e and TensorCores, two per chip,
-for v5p and TPU7x), `--slices N` for multi-slice. GPU nodes go by `<kind>x<gpus per node>[x<nodes>]`
-(`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`), a node being one NVLink domain: one
-host, or a GB200 NVL72 rack (`gb200x72`: 18 hosts of 4 GPUs). `topology_devices` gives JAX's
-compile-only devices of the target (libtpu for TPUs, the CUDA plugin with our target
-description for GPUs): `jit(...).lower(...).compile()` on them runs the real compiler, no
-device needed.
+for v5p and TPU7x), `--slices N` for multi-slice. GPU nodes go by
+`<kind>x<gpus per node>[x<nodes>]` (`h100x8`, `h200x8`, `b200x8`, `a100x8`, `h100x8x4`), a
+node being one NVLink domain: one host, or a GB200 NVL72 rack (`gb200x72`: 18 hosts of 4
+GPUs). `topology_devices` gives JAX's compile-only devices of the target (libtpu for TPUs,
+the CUDA plugin with our target description for GPUs): `jit(...).lower(...).compile()` on
+them runs the real compiler, no device needed.
 
-Device figures (per chip or GPU, one direction of traffic) come from the vendors'
-published specifications: Cloud TPU's system-architecture pages for v5e, v5p, v6e and
-TPU7x (Ironwood, https://cloud.google.com/tpu/docs/tpu7x: per chip 7,380 GB/s of HBM, 1,200
-GB/s of ICI both ways, 100 Gb/s of DCN; JAX runs each of its two TensorCores as a device,
-so a device has half of each). A TPU device's memory is the HBM libtpu's compiler gives a
-program on it, as its refusals name it: v5e 15.75 GiB, v5p 95.74, v6e 31.25, TPU7x 94.75
-(half the chip's 192 GiB, less what the runtime keeps);
-NVIDIA's H100, H200 and A100 SXM datasheets, its HGX B200 specifications and its GB200
-NVL72 specifications (NVLink: half the quoted bidirectional figure); a GPU's memory is what
-`nvidia-smi` reports as its total (B200: 183,359 MiB; GB200: 189,471 MiB). Data-center
+Device figures are per JAX device (a TPU chip, a GPU; half a TPU7x chip, whose two
+TensorCores JAX runs as two devices), one direction of traffic, from the vendors'
+published specifications: Cloud TPU's system-architecture pages for v5e, v5p, v6e and TPU7x
+(Ironwood, https://cloud.google.com/tpu/docs/tpu7x, per chip: 7,380 GB/s of HBM, 1,200 GB/s
+of ICI both ways, 100 Gb/s of DCN); NVIDIA's H100, H200 and A100 SXM datasheets, its HGX
+B200 specifications and its GB200 NVL72 specifications (NVLink: half the quoted
+bidirectional figure). A TPU device's memory is the HBM libtpu's compiler gives a program
+on it, as its refusals name it: v5e 15.75 GiB, v5p 95.74, v6e 31.25, TPU7x 94.75 (half the
+chip's 192 GiB, less what the runtime keeps); a GPU's is what `nvidia-smi` reports as its
+total (B200: 183,359 MiB; GB200: 189,471 MiB). Data-center
 network (DCN) bandwidth per TPU chip is Google's, from the same pages: "TPU v5p"
 (https://cloud.google.com/tpu/docs/v5p) gives it per chip, "Data center network (DCN)
 bandwidth per chip (Gbps) 50": 6.25 GB/s. "TPU v5e"

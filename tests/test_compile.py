@@ -599,15 +599,15 @@ def test_each_tpu_targets_devices_report_the_kind_and_the_hbm_its_figures_hold(f
     `peaks.py` know them by, one device per chip but on TPU7x, whose two TensorCores JAX
     runs as two devices; and the HBM a device offers is the compiler's own: its refusal of
     a program twice that size names it ("exceeds available HBM (94.75G)", in GiB)."""
-    _, per_chip, device = TPUS[family]
-    devices = topology_devices(parse_target(f"{family}-{4 * per_chip}"))
+    device = TPUS[family].device
+    devices = topology_devices(parse_target(f"{family}-{4 * TPUS[family].units_per_chip}"))
     assert {d.device_kind for d in devices} == {device.kind}
     assert len(devices) == (8 if family == "tpu7x" else 4)
     assert peak_tflops(device.kind, "bfloat16") is not None
     one = jax.sharding.SingleDeviceSharding(devices[0])
-    half = jax.ShapeDtypeStruct((device.memory_bytes // 4,), np.float32, sharding=one)
+    hbm_sized = jax.ShapeDtypeStruct((device.memory_bytes // 4,), np.float32, sharding=one)
     with pytest.raises(Exception, match="exceeds available HBM") as refusal:
-        jax.jit(lambda x: x + 1, out_shardings=one).lower(half).compile()  # In and out.
+        jax.jit(lambda x: x + 1, out_shardings=one).lower(hbm_sized).compile()  # In and out.
     available = re.search(r"exceeds available HBM \(([\d.]+)G\)", str(refusal.value))
     assert device.memory_bytes / 2**30 == pytest.approx(float(available.group(1)), abs=0.005)
 
@@ -666,7 +666,7 @@ def test_each_gpu_target_reaches_the_devices_published_fp32_peak(kind):
     ],
 )
 def test_tpu_dcn_bandwidth_per_device_is_googles(family, published_bits_per_s):
-    target = parse_target(f"{family}-{4 * TPUS[family][1]}", slices=2)
+    target = parse_target(f"{family}-{4 * TPUS[family].units_per_chip}", slices=2)
     assert target.device.dcn_bytes_per_s == pytest.approx(published_bits_per_s / 8)
 
 

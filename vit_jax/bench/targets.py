@@ -38,6 +38,7 @@ import importlib.metadata
 import importlib.resources
 import os
 import re
+from typing import NamedTuple
 
 GIB = 1024**3
 
@@ -56,15 +57,27 @@ class Device:
     dcn_bytes_per_s: float  # Between slices or nodes.
 
 
-TPUS = {  # family -> (topology prefix, counted units per chip, figures per JAX device)
-    "v5e": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),
-    "v5litepod": ("v5e", 1, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9)),
-    "v5p": ("v5p", 2, Device("TPU v5", int(95.74 * GIB), 2765e9, 600e9, 6.25e9)),
-    "v6e": ("v6e", 1, Device("TPU v6 lite", int(31.25 * GIB), 1640e9, 448e9, 12.5e9)),
-    "tpu7x": ("tpu7x", 2, Device("TPU7x", int(94.75 * GIB), 3690e9, 300e9, 6.25e9)),
+class TpuFamily(NamedTuple):
+    """What a Cloud TPU accelerator type's family says: its topology prefix, how many units
+    of the type's count make a chip (TensorCores for v5p and TPU7x, else chips), whether
+    its slices are 3D tori (4-chip cubes and up) or 2D, and the figures per JAX device."""
+
+    prefix: str
+    units_per_chip: int
+    torus_3d: bool
+    device: Device
+
+
+_V5E = TpuFamily("v5e", 1, False, Device("TPU v5 lite", int(15.75 * GIB), 819e9, 200e9, 3.125e9))
+TPUS = {
+    "v5e": _V5E,
+    "v5litepod": _V5E,
+    "v5p": TpuFamily("v5p", 2, True, Device("TPU v5", int(95.74 * GIB), 2765e9, 600e9, 6.25e9)),
+    "v6e": TpuFamily(
+        "v6e", 1, False, Device("TPU v6 lite", int(31.25 * GIB), 1640e9, 448e9, 12.5e9)
+    ),
+    "tpu7x": TpuFamily("tpu7x", 2, True, Device("TPU7x", int(94.75 * GIB), 3690e9, 300e9, 6.25e9)),
 }
-# Families whose slices are 3D tori (4-chip cubes and up); the others are 2D.
-TORUS_3D_FAMILIES = {"v5p", "tpu7x"}
 # name -> figures, memory_bytes all of the GPU's (a target takes JAX's share of it:
 # gpu_memory_fraction); the target description ships as gpu_targets/<name>.txtpb.
 GPUS = {
@@ -168,14 +181,14 @@ def parse_target(name: str, slices: int = 1) -> Target:
         raise UnknownTargetError(f"--slices {slices}: must be >= 1.")
     tpu = re.fullmatch(rf"({'|'.join(TPUS)})-(\d+)", name)
     if tpu:
-        prefix, per_chip, device = TPUS[tpu.group(1)]
+        prefix, per_chip, torus_3d, device = TPUS[tpu.group(1)]
         count = int(tpu.group(2))
         if count % per_chip:
             raise UnknownTargetError(
                 f"{name}: {tpu.group(1)} counts TensorCores, two per chip ({prefix}-8 is 4 chips)."
             )
         chips = count // per_chip
-        if prefix in TORUS_3D_FAMILIES:
+        if torus_3d:
             shape = _torus_3d(prefix, chips)
         elif chips in TORUS_2D:
             shape = TORUS_2D[chips]

@@ -207,19 +207,24 @@ class Trainer:
             params=self.param_shardings,
             opt_state=parallel.optimizer_shardings(abstract_opt, self.param_shardings, self.mesh),
         )
-        options = parallel.compiler_options(mesh)
+        # Unrolled, these programs gather every weight before the first layer; scanned, the
+        # blocks' weights are gathered in the loop, where overlapping each gather with the
+        # layer before it is worth keeping (parallel.UP_FRONT_GATHER_OPTIONS).
+        self.compiler_options = parallel.compiler_options(
+            mesh, gathers_up_front=self.gathers_weights and not config.model.scan
+        )
         self._jit_train_step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
-            compiler_options=options,
+            compiler_options=self.compiler_options,
         )
         self._jit_eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=replicated,
-            compiler_options=options,
+            compiler_options=self.compiler_options,
         )
 
     # ---- state ---------------------------------------------------------------------------

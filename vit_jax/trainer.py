@@ -207,9 +207,10 @@ class Trainer:
             params=self.param_shardings,
             opt_state=parallel.optimizer_shardings(abstract_opt, self.param_shardings, self.mesh),
         )
-        # Unrolled, these programs gather every weight before the first layer; scanned, the
-        # blocks' weights are gathered in the loop, where overlapping each gather with the
-        # layer before it is worth keeping (parallel.UP_FRONT_GATHER_OPTIONS).
+        # Where the weights are gathered where used, an unrolled program gathers every weight
+        # before its first layer; a scanned one gathers the blocks' weights in the loop, where
+        # overlapping each gather with the layer before it is worth keeping
+        # (parallel.UP_FRONT_GATHER_OPTIONS). The train and eval steps' `jax.jit` options.
         self.compiler_options = parallel.compiler_options(
             mesh, gathers_up_front=self.gathers_weights and not config.model.scan
         )

@@ -297,6 +297,10 @@ def test_tpu_compiler_options_yield_to_the_users_libtpu_flags(monkeypatch):
     assert parallel.compiler_options(mesh, gathers_up_front=True) == (
         parallel.UP_FRONT_GATHER_OPTIONS
     )
+    fused = "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", fused)
+    kept = parallel.compiler_options(mesh, gathers_up_front=True)
+    assert kept == parallel.TPU_COMPILER_OPTIONS
     assert parallel.compiler_options(parallel.make_mesh({"data": -1})) is None  # CPU devices.
 
 

@@ -404,6 +404,27 @@ def test_a_step_that_fits_only_as_the_compiler_recomputes_says_what_it_needs_as_
 
 
 @pytest.mark.slow
+@TPU
+@ONE_SLICE_GROUP
+def test_a_step_refused_as_written_counts_its_arguments_once():
+    """A tiny ViT under a head of millions of classes on a v5e-4: the parameters and Adam's
+    state are most of what a chip holds, and the step's one large temporary is the head's
+    float32 gradient (at 3M classes, compiled as written: 3.10 GB of temporaries, 3.09 GB of
+    parameters). At 4.2M classes the compiler refuses the step as written, naming 16.11 GiB
+    of "HLO temporaries": 17.30 GB, the arguments and that gradient. Added to the arguments
+    again, the figure read 30.27 GB."""
+    wide = {"model.width": 256, "model.mlp_dim": 1024}
+    target = parse_target("v5e-4")
+    fits = compile_recipe(tiny(batch_size=16, **wide), target, num_classes=3_000_000)
+    assert fits["as_written_total_bytes"] == fits["total_bytes"]
+    assert fits["temp_bytes"] == pytest.approx(fits["param_bytes"], rel=0.05)
+    f = compile_recipe(tiny(batch_size=16, **wide), target, num_classes=4_200_000)
+    assert f["fits"] is False and "HLO temporaries" in f["compiler_message"]
+    arguments = f["param_bytes"] + f["optimizer_bytes"] + f["batch_bytes"]
+    assert f["as_written_total_bytes"] == pytest.approx(arguments + f["param_bytes"], rel=0.02)
+
+
+@pytest.mark.slow
 @GPU
 def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_path):
     # TensorFlow blocked: compiling a recipe never needs the input pipeline.

@@ -124,15 +124,17 @@ def _eval_step_figures(
     return figures | {"eval_total_bytes": compiled_memory(compiled)["total_bytes"]}
 
 
-def _refused_temporaries(message: str) -> int | None:
-    """Bytes of temporaries a TPU compiler's out-of-memory refusal names, if it names them
-    ("... required for HLO temporaries (23.86G) exceeds ...": GiB)."""
+def _refused_bytes(message: str) -> int | None:
+    """Bytes per device a TPU compiler's out-of-memory refusal names, if it names them
+    ("... required for HLO temporaries (23.86G) exceeds ...": GiB). Despite its wording the
+    figure counts the program's arguments too: it is the total of the compiler's buffer
+    assignment (its memory-usage report, `XLA_FLAGS=--xla_dump_to`), which holds them."""
     found = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
     return round(float(found.group(1)) * GIB) if found else None
 
 
 def _compile_tpu_train_step(
-    trainer: Trainer, state, batch, arguments: int, device_memory: int
+    trainer: Trainer, state, batch, device_memory: int
 ) -> tuple[jax.stages.Compiled | None, str | None, float, int | None]:
     """(compiled, refusal, seconds) as `_compile` gives them for the program a TPU slice
     runs, and the bytes per device the step needs as written (None where not known).
@@ -147,8 +149,7 @@ def _compile_tpu_train_step(
         if as_written <= AS_WRITTEN_SHARE * device_memory:
             return compiled, None, seconds, as_written
     else:
-        temporaries = _refused_temporaries(refusal)
-        as_written = None if temporaries is None else arguments + temporaries
+        as_written = _refused_bytes(refusal)
     return *_compile(trainer.compile_train_step, state, batch, None), as_written
 
 
@@ -203,9 +204,8 @@ def compile_recipe(
     batch_bytes = _bytes_per_device(train_batch)
     if target.platform == "tpu":
         compiled, oom, compile_s, as_written = _compile_tpu_train_step(
-            trainer, state, train_batch, param_bytes + optimizer_bytes + batch_bytes,
-            device.memory_bytes,
-        )  # fmt: skip
+            trainer, state, train_batch, device.memory_bytes
+        )
     else:
         compiled, oom, compile_s = _compile(trainer.compile_train_step, state, train_batch, options)
         as_written = None

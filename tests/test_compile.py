@@ -405,7 +405,6 @@ def test_a_step_that_fits_only_as_the_compiler_recomputes_says_what_it_needs_as_
 
 @pytest.mark.slow
 @TPU
-@ONE_SLICE_GROUP
 def test_a_step_refused_as_written_counts_its_arguments_once():
     """A tiny ViT under a head of millions of classes on a v5e-4: the parameters and Adam's
     state are most of what a chip holds, and the step's one large temporary is the head's

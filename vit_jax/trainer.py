@@ -311,7 +311,9 @@ class Trainer:
         """Model FLOPs of a step on a global batch of `batch_size` images: the forward
         pass's matmuls and convolutions, counted from its jaxpr, x3 for a train step (the
         backward pass is twice the forward). Remat's recomputation is not model work: MFU's
-        numerator (Chowdhery et al., 2022, "PaLM", appendix B). `params` may be abstract."""
+        numerator (Chowdhery et al., 2022, "PaLM", appendix B). By that convention it counts
+        the patch embedding's input gradient, which no step computes, so a step without
+        remat has fewer hardware FLOPs (`train_step_flops`). `params` may be abstract."""
         size = self.config.image_size
         images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
         with parallel.activate(self.mesh, self.rules):

@@ -416,9 +416,11 @@ def test_a_step_refused_as_written_counts_its_arguments_once():
     target = parse_target("v5e-4")
     fits = compile_recipe(tiny(batch_size=16, **wide), target, num_classes=3_000_000)
     assert fits["as_written_total_bytes"] == fits["total_bytes"]
+    assert fits["tpu_compiler_accepts"] is True
     assert fits["temp_bytes"] == pytest.approx(fits["param_bytes"], rel=0.05)
     f = compile_recipe(tiny(batch_size=16, **wide), target, num_classes=4_200_000)
     assert f["fits"] is False and "HLO temporaries" in f["compiler_message"]
+    assert f["tpu_compiler_accepts"] is False
     arguments = f["param_bytes"] + f["optimizer_bytes"] + f["batch_bytes"]
     assert f["as_written_total_bytes"] == pytest.approx(arguments + f["param_bytes"], rel=0.02)
 
@@ -438,6 +440,7 @@ def test_vit_bench_compile_exits_3_with_fits_false_when_the_memory_is_short(tmp_
     assert result.returncode == 3, result.stderr[-3000:]
     f = json.loads(result.stdout)
     assert f["fits"] is False and f["total_bytes"] > f["device_memory_bytes"]
+    assert f["tpu_compiler_accepts"] is None  # A GPU's compiler does not check the memory.
     assert "Traceback" not in result.stderr
     assert summarize(f).startswith("does not fit: train step ")
 
@@ -487,6 +490,13 @@ def test_the_summary_gives_gib_per_device_the_estimate_and_what_to_change():
     short = f | {"fits": False, "total_bytes": 20 * gib, "eval_total_bytes": None}
     assert summarize(short).startswith("does not fit: train step 20.00 of 16.00 GiB")
     assert "eval step does not fit; " in summarize(short) and "--sweep" in summarize(short)
+    # Above HBM by memory_analysis() though the TPU compiler accepted the step: both said.
+    accepted = short | {"tpu_compiler_accepts": True, "headroom_bytes": -4 * gib}
+    assert "; the TPU compiler accepted this train step (under HBM by its own count)" in (
+        summarize(accepted)
+    )
+    assert summarize(accepted).startswith("does not fit: train step 20.00 of 16.00 GiB")
+    assert "accepted" not in summarize(accepted | {"tpu_compiler_accepts": None})
 
 
 @TPU

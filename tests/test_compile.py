@@ -509,7 +509,7 @@ def test_a_users_own_rematerialisation_target_is_kept(monkeypatch):
     assert f["compiler_recomputes"] is False
 
 
-def test_the_ranking_marks_a_fit_that_needs_the_compilers_recomputation(capsys):
+def test_the_ranking_marks_a_fit_by_recomputation_and_a_step_only_the_compiler_accepts(capsys):
     from absl import flags
 
     from vit_jax.bench import cli
@@ -526,12 +526,21 @@ def test_the_ranking_marks_a_fit_that_needs_the_compilers_recomputation(capsys):
                  "compiler_recomputes": True},
         plain | {"setting": Setting("fsdp", 4, 1, "full", 1), "flags": "--b"},
     ]  # fmt: skip
-    cli._show_ranking(ranked)
+    # Above HBM by memory_analysis() though the TPU compiler accepted it (docs/fsdp-on-tpu.md).
+    accepted = plain | {
+        "setting": Setting("fsdp", 4, 1, "none", 1, scan=False),
+        "flags": "--c",
+        "fits": False,
+        "tpu_compiler_accepts": True,
+        "headroom_bytes": -gib,
+    }
+    cli._show_ranking([*ranked, accepted])
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[7] for line in lines[1:3]] == ["true*", "true"]
-    assert lines[3].startswith("* fits only as the compiler recomputes parts of the step")
+    assert [line.split()[7] for line in lines[1:4]] == ["true*", "true", "false?"]
+    assert lines[4].startswith("* fits only as the compiler recomputes parts of the step")
+    assert lines[5].startswith("? above HBM by memory_analysis(), though the TPU compiler")
     cli._show_ranking(ranked[1:])
-    assert not any(line.startswith("*") for line in capsys.readouterr().out.splitlines())
+    assert not any(line[0] in "*?" for line in capsys.readouterr().out.splitlines())
 
 
 @pytest.mark.slow

@@ -192,13 +192,8 @@ def _compile(config) -> int:
 
 
 def _fits(figures: dict) -> str:
-    """The ranking's fits column: true, false, true* for a step that fits only as the TPU
-    compiler recomputes parts of it, false? for one the compiler accepted that
-    `memory_analysis()` counts above HBM."""
-    from vit_jax.bench.compile import accepted_over_hbm
-
-    if accepted_over_hbm(figures):
-        return "false?"
+    """The ranking's fits column: true, false, or true* for a step that fits only as the
+    TPU compiler recomputes parts of it."""
     return str(figures["fits"]).lower() + ("*" if figures.get("compiler_recomputes") else "")
 
 
@@ -215,10 +210,12 @@ def _show_ranking(ranked: list[dict]) -> None:
         s = f["setting"]
         total = f.get("total_bytes")
         blocks = "scanned" if s.scan else "unrolled"
+        # false?: the TPU compiler accepted a step memory_analysis() counts above HBM.
+        fits = "false?" if accepted_over_hbm(f) else _fits(f)
         print(
             f"{s.rules:6} {s.fsdp:>4} {s.tensor:>3} {blocks:8} {s.remat_policy:9} "
             f"{s.accum_steps:>5} "
-            f"{total / gib if total else float('nan'):>8.2f} {_fits(f):6} "
+            f"{total / gib if total else float('nan'):>8.2f} {fits:6} "
             f"{f.get('estimate_img_per_s') or float('nan'):>10.0f} "
             f"{f.get('estimate_mfu') or float('nan'):>8.1%} {f.get('estimate_bound', '-')}"
             + (f"  failed: {f['failed']}" if f.get("failed") else "")
